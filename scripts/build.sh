@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up dependencies (scripts/setup.sh), configures with CMake + Ninja + ccache, and builds.
+#   VIMO_BUILD_DIR  build directory (default: build)       VIMO_CUDA  AUTO | ON | OFF (default AUTO)
+#   VIMO_TARGETS    targets to build (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build_dir="${VIMO_BUILD_DIR:-build}"
+
+eval "$(bash scripts/setup.sh)"
+export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vimo/ccache}"
+export CCACHE_MAXSIZE="${CCACHE_MAXSIZE:-5G}"
+# Precompiled headers and ccache work together only when ccache may trust the PCH's timestamps.
+export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
+
+if [ ! -f "$build_dir/build.ninja" ] || [ "$build_dir/.vimo-torch" -ot scripts/setup.sh ] \
+    || [ "$(cat "$build_dir/.vimo-torch" 2>/dev/null)" != "$VIMO_TORCH_PREFIX" ]; then
+  cmake -S . -B "$build_dir" -G Ninja \
+    -DVIMO_TORCH_PREFIX="$VIMO_TORCH_PREFIX" -DVIMO_TORCH_CXX11_ABI="$VIMO_TORCH_CXX11_ABI" \
+    -DVIMO_TORCH_CUDA="$VIMO_TORCH_CUDA" -DVIMO_CUDA="${VIMO_CUDA:-AUTO}"
+  echo "$VIMO_TORCH_PREFIX" > "$build_dir/.vimo-torch"
+fi
+# shellcheck disable=SC2086
+cmake --build "$build_dir" -j "$(nproc)" ${VIMO_TARGETS:+--target $VIMO_TARGETS}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs everything vimo needs on a fresh Debian machine, idempotently.
+#   - Debian packages (skipped when all are already installed)
+#   - LibTorch from the pinned PyPI `torch` wheel, into a cache outside the checkout keyed by version
+# Prints the lines `VIMO_TORCH_PREFIX=...` for the build to consume (scripts/build.sh sources this).
+set -euo pipefail
+
+# Note [Torch pin]: torch 2.14.1's wheel requires nvidia-cuda-runtime 13.0.x (read from the wheel's
+# metadata with `pip install --dry-run --report`), which matches the CUDA 13.0 toolkit (nvcc) that builds our
+# kernels: the CUDA major (and here also the minor) of our kernels equals LibTorch's. 2.15.0 moved to 13.2.
+VIMO_TORCH_VERSION="${VIMO_TORCH_VERSION:-2.14.1}"
+VIMO_CACHE="${VIMO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vimo}"
+TORCH_VENV="$VIMO_CACHE/torch-$VIMO_TORCH_VERSION"
+
+DEBIAN_PACKAGES=(
+  build-essential cmake ninja-build ccache pkg-config git python3-venv
+  openmpi-bin libopenmpi-dev
+  libyaml-cpp-dev libboost-dev libboost-system-dev
+  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
+  libxxhash-dev libzstd-dev libsentencepiece-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+
+log() { echo "[setup] $*" >&2; }
+
+missing=()
+for p in "${DEBIAN_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages present"
+fi
+
+# LibTorch from the wheel. The marker file is written only after a complete install, so an interrupted
+# install is redone rather than trusted.
+if [ ! -f "$TORCH_VENV/.vimo-complete" ]; then
+  log "installing torch==$VIMO_TORCH_VERSION from PyPI into $TORCH_VENV (one time, several GB)"
+  rm -rf "$TORCH_VENV"
+  mkdir -p "$VIMO_CACHE"
+  python3 -m venv "$TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$VIMO_TORCH_VERSION"
+  touch "$TORCH_VENV/.vimo-complete"
+else
+  log "torch $VIMO_TORCH_VERSION present in $TORCH_VENV"
+fi
+
+TORCH_DIR=$("$TORCH_VENV/bin/python" -W ignore -c 'import torch, os; print(os.path.dirname(torch.__file__))')
+TORCH_ABI=$("$TORCH_VENV/bin/python" -W ignore -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+TORCH_CUDA=$("$TORCH_VENV/bin/python" -W ignore -c 'import torch; print(torch.version.cuda or "")')
+echo "VIMO_TORCH_PREFIX=$TORCH_DIR/share/cmake"
+echo "VIMO_TORCH_LIB=$TORCH_DIR/lib"
+echo "VIMO_TORCH_CXX11_ABI=$TORCH_ABI"
+echo "VIMO_TORCH_CUDA=$TORCH_CUDA"

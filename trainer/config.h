@@ -1,0 +1,88 @@
+// Defines the typed training configuration, its YAML loader with validation and `key.path=value`
+// overrides, and its YAML rendering (printed at start, saved next to checkpoints).
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace vimo::trainer {
+
+// Sizes of the Gemini-MVR model (DESIGN.md, "Models"). Tiny in configs/demo, paper-scale elsewhere.
+struct ModelConfig {
+  int64_t vocab_size = 64;          // text vocabulary (must cover the dataset's vocab.txt)
+  int64_t max_text_len = 12;        // L
+  int64_t frames = 16;              // F, max frames per video
+  int64_t feature_dim = 32;         // Dv, per-frame visual feature size
+  int64_t joints = 17;              // keypoint joints (H36M-17)
+  int64_t embed_dim = 64;           // D, joint embedding space
+  int64_t width = 64;               // transformer width of text and object-video encoders
+  int64_t heads = 4;                // attention heads (must divide width and keypoint_width)
+  int64_t text_layers = 2;
+  int64_t video_layers = 2;         // object branch temporal transformer
+  int64_t keypoint_width = 32;      // action branch spatio-temporal width (512 in the paper)
+  int64_t spatio_temporal_layers = 1;  // pairs of (joint attention, frame attention) blocks
+  int64_t temporal_layers = 2;      // action branch temporal transformer after flattening joints (4 in the paper)
+  double action_scale = 100.0;      // fixed scale of s_act
+  double logit_scale_init = 2.659260036932778;  // ln(1/0.07)
+  double logit_scale_max = 4.605170185988092;   // ln(100)
+};
+
+struct DataConfig {
+  std::string dir = "data/demo";  // dataset directory (train/, test/, vocab.txt)
+  int64_t global_batch = 64;      // samples per optimizer step across all DP ranks
+  uint64_t seed = 1234;           // sample order
+};
+
+struct OptimConfig {
+  double lr = 1e-3;
+  double min_lr_ratio = 0.1;    // cosine decays to lr * min_lr_ratio
+  int64_t warmup_steps = 20;
+  double weight_decay = 0.01;
+  double beta1 = 0.9;
+  double beta2 = 0.98;
+  double eps = 1e-8;
+  double grad_clip = 1.0;       // max global gradient L2 norm; 0 disables
+};
+
+struct TrainConfig {
+  std::string stage = "action";   // "action", "object" or "router" (DESIGN.md: which parameters train)
+  int64_t steps = 200;            // total optimizer steps of this stage
+  int64_t log_every = 10;
+  int64_t eval_every = 0;         // held-out retrieval metrics every N steps; 0 = only at the end
+  int64_t checkpoint_every = 100;
+  int64_t keep_checkpoints = 2;   // newest N checkpoints retained
+  int64_t stop_after = 0;         // stop (after saving) at this step, as if interrupted; 0 = never
+  std::string out_dir = "runs/demo";
+  std::string init_from;          // checkpoint directory whose model weights initialize this stage
+  int64_t threads = 1;            // intra-op CPU threads per rank (fixed, for reproducibility)
+  uint64_t seed = 42;             // parameter initialization
+};
+
+struct Config {
+  ModelConfig model;
+  DataConfig data;
+  OptimConfig optim;
+  TrainConfig train;
+};
+
+// A user error in a config: message names the file, the key path and the line, e.g.
+//   configs/demo/x.yaml:12: optim.lr: expected a number > 0, found '-1'
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Loads `path` (YAML), applies `overrides` ("key.path=value", value parsed as YAML scalar), validates.
+// Keys absent from the file keep their defaults. Unknown keys, wrong types, out-of-range values and
+// malformed overrides throw ConfigError.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// Validates cross-field rules (e.g. heads divides width, stage is known); throws ConfigError.
+void validate(const Config& config, const std::string& source);
+
+// The whole resolved config as YAML (every key, including defaults); load_config of it gives it back.
+std::string to_yaml(const Config& config);
+
+}  // namespace vimo::trainer
