@@ -30,7 +30,7 @@ struct ModelConfig {
 };
 
 struct DataConfig {
-  std::string dir = "data/demo";  // dataset directory (train/, test/, vocab.txt)
+  std::string dir = "runs/data/demo";  // dataset directory (train/, test/, vocab.txt)
   int64_t global_batch = 64;      // samples per optimizer step across all DP ranks
   uint64_t seed = 1234;           // sample order
 };
