@@ -31,7 +31,7 @@ if(NOT VIMO_CUDA STREQUAL "OFF")
 endif()
 
 if(VIMO_HAVE_CUDA)
-  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD 17)  # .cu files include no LibTorch headers; CMake 3.25 knows no CUDA20 flags for nvcc
   find_package(CUDAToolkit REQUIRED)
   # LibTorch's CMake config looks for the CUDA libraries the wheel ships under site-packages/nvidia.
   # LibTorch's CMake ignores CMAKE_CUDA_ARCHITECTURES and adds -gencode flags from TORCH_CUDA_ARCH_LIST.
