@@ -1,1 +1,194 @@
-// (being written)
+// Atomic checkpoint directories (see checkpoint.h and its Note [Atomic checkpoint directories]).
+#include "checkpoints/checkpoint.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <stdexcept>
+
+namespace vimo::checkpoints {
+namespace fs = std::filesystem;
+namespace {
+
+constexpr const char* kManifest = "manifest.json";
+constexpr const char* kStateFile = "rank_00000.safetensors";
+constexpr int kFormatVersion = 1;
+
+void fsync_path(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw std::runtime_error("cannot open " + path.string() + " to fsync: " + std::strerror(errno));
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) throw std::runtime_error("fsync " + path.string() + " failed: " + std::strerror(errno));
+}
+
+void write_text_file(const fs::path& path, const std::string& text) {
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out << text;
+    if (!out.flush()) throw std::runtime_error("writing " + path.string() + " failed (disk full?)");
+  }
+  fsync_path(path);
+}
+
+std::string read_text_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path.string());
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+std::string file_checksum(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path.string());
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_64bits_reset(state);
+  std::vector<char> chunk(1 << 20);
+  while (in) {
+    in.read(chunk.data(), chunk.size());
+    XXH3_64bits_update(state, chunk.data(), in.gcount());
+  }
+  const uint64_t digest = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return fmt::format("{:016x}", digest);
+}
+
+std::string step_name(int64_t step) { return fmt::format("step_{:08d}", step); }
+
+// Throws std::runtime_error naming the file that does not match the manifest.
+nlohmann::json verify(const fs::path& directory) {
+  const fs::path manifest_path = directory / kManifest;
+  if (!fs::exists(manifest_path)) throw std::runtime_error(manifest_path.string() + " is missing (incomplete save)");
+  nlohmann::json manifest;
+  try {
+    manifest = nlohmann::json::parse(read_text_file(manifest_path));
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(manifest_path.string() + " is malformed: " + e.what());
+  }
+  if (manifest.value("version", 0) != kFormatVersion) {
+    throw std::runtime_error(manifest_path.string() + ": unsupported checkpoint version " +
+                             manifest.value("version", nlohmann::json(0)).dump());
+  }
+  for (const auto& [name, entry] : manifest.at("files").items()) {
+    const fs::path file = directory / name;
+    if (!fs::exists(file)) throw std::runtime_error(file.string() + " listed in the manifest is missing");
+    const uint64_t bytes = fs::file_size(file);
+    if (bytes != entry.at("bytes").get<uint64_t>()) {
+      throw std::runtime_error(fmt::format("{} has {} bytes, the manifest says {}", file.string(), bytes,
+                                           entry.at("bytes").get<uint64_t>()));
+    }
+    const std::string checksum = file_checksum(file);
+    if (checksum != entry.at("xxh3").get<std::string>()) {
+      throw std::runtime_error(fmt::format("{} checksum {} does not match the manifest's {}", file.string(),
+                                           checksum, entry.at("xxh3").get<std::string>()));
+    }
+  }
+  return manifest;
+}
+
+}  // namespace
+
+std::vector<std::string> list_step_directories(const std::string& root) {
+  std::vector<std::string> out;
+  if (!fs::is_directory(root)) return out;
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string name = entry.path().filename().string();
+    if (entry.is_directory() && name.rfind("step_", 0) == 0) out.push_back(entry.path().string());
+  }
+  std::sort(out.begin(), out.end());  // zero-padded step numbers sort by step
+  return out;
+}
+
+CheckpointManager::CheckpointManager(std::string root, int64_t keep, std::shared_ptr<comm::Communicator> comm)
+    : root_(std::move(root)), keep_(keep), comm_(std::move(comm)) {}
+
+std::string CheckpointManager::save(int64_t step, const TensorFile& state, const std::string& loader_json,
+                                    const std::string& config_yaml) {
+  const fs::path final_dir = fs::path(root_) / step_name(step);
+  const bool writer = !comm_ || comm_->rank() == 0;
+  std::string error;
+  if (writer) {
+    try {
+      fs::create_directories(root_);
+      const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
+      fs::remove_all(temp_dir);  // leftovers of a crashed save of the same step
+      fs::create_directories(temp_dir);
+      write_safetensors((temp_dir / kStateFile).string(), state);
+      write_text_file(temp_dir / "loader.json", loader_json);
+      write_text_file(temp_dir / "config.yaml", config_yaml);
+      nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"}, {"version", kFormatVersion},
+                                         {"step", step}, {"world_size", comm_ ? comm_->size() : 1}};
+      for (const char* name : {kStateFile, "loader.json", "config.yaml"}) {
+        manifest["files"][name] = {{"bytes", fs::file_size(temp_dir / name)},
+                                   {"xxh3", file_checksum(temp_dir / name)}};
+      }
+      write_text_file(temp_dir / "manifest.json.tmp", manifest.dump(2));
+      fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
+      fsync_path(temp_dir);
+      if (fs::exists(final_dir)) {
+        // Re-saving a step (after resuming from it): move the old copy aside only once the new one is whole.
+        const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
+        fs::remove_all(old_dir);
+        fs::rename(final_dir, old_dir);
+        fs::rename(temp_dir, final_dir);
+        fs::remove_all(old_dir);
+      } else {
+        fs::rename(temp_dir, final_dir);
+      }
+      fsync_path(root_);
+      prune();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }
+  if (comm_ && comm_->size() > 1) {
+    // Every rank learns whether rank 0's save succeeded, so no rank continues past a failed checkpoint.
+    at::Tensor failed = at::full({1}, error.empty() ? 0 : 1, at::kInt);
+    comm_->allreduce(failed, comm::ReduceOp::Max);
+    if (failed.item<int>() != 0 && error.empty()) error = "rank 0 failed to save " + final_dir.string();
+  }
+  if (!error.empty()) throw std::runtime_error("checkpoint save failed: " + error);
+  return final_dir.string();
+}
+
+void CheckpointManager::prune() const {
+  std::vector<std::string> steps = list_step_directories(root_);
+  for (size_t i = 0; i + keep_ < steps.size(); ++i) fs::remove_all(steps[i]);
+}
+
+std::optional<std::string> CheckpointManager::latest_valid(const std::string& root) {
+  std::vector<std::string> steps = list_step_directories(root);
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    try {
+      verify(*it);
+      return *it;
+    } catch (const std::exception& e) {
+      std::cerr << "[vimo] skipping checkpoint " << *it << ": " << e.what() << "\n";
+    }
+  }
+  return std::nullopt;
+}
+
+Checkpoint CheckpointManager::load(const std::string& directory) {
+  const nlohmann::json manifest = verify(directory);
+  Checkpoint checkpoint;
+  checkpoint.directory = directory;
+  checkpoint.step = manifest.at("step").get<int64_t>();
+  checkpoint.world_size = manifest.at("world_size").get<int>();
+  checkpoint.state = read_safetensors((fs::path(directory) / kStateFile).string());
+  checkpoint.loader_json = read_text_file(fs::path(directory) / "loader.json");
+  checkpoint.config_yaml = read_text_file(fs::path(directory) / "config.yaml");
+  return checkpoint;
+}
+
+}  // namespace vimo::checkpoints

@@ -1,1 +1,112 @@
-// (being written)
+// safetensors layout reader and writer (see safetensors.h).
+#include "checkpoints/safetensors.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <vector>
+
+namespace vimo::checkpoints {
+namespace {
+
+struct DTypeName {
+  at::ScalarType type;
+  const char* name;
+};
+constexpr DTypeName kDTypes[] = {{at::kFloat, "F32"}, {at::kDouble, "F64"}, {at::kBFloat16, "BF16"},
+                                 {at::kHalf, "F16"},  {at::kLong, "I64"},   {at::kInt, "I32"},
+                                 {at::kByte, "U8"}};
+
+const char* dtype_to_name(at::ScalarType type) {
+  for (const auto& d : kDTypes) {
+    if (d.type == type) return d.name;
+  }
+  throw std::invalid_argument(std::string("safetensors: unsupported dtype ") + at::toString(type));
+}
+
+at::ScalarType name_to_dtype(const std::string& name, const std::string& path, const std::string& tensor) {
+  for (const auto& d : kDTypes) {
+    if (name == d.name) return d.type;
+  }
+  throw std::runtime_error(path + ": tensor '" + tensor + "' has unsupported dtype '" + name + "'");
+}
+
+}  // namespace
+
+void write_safetensors(const std::string& path, const TensorFile& file) {
+  nlohmann::ordered_json header;
+  if (!file.metadata.empty()) header["__metadata__"] = file.metadata;
+  uint64_t offset = 0;
+  std::vector<at::Tensor> ordered;
+  for (const auto& [name, tensor] : file.tensors) {
+    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const uint64_t bytes = t.numel() * t.element_size();
+    header[name] = {{"dtype", dtype_to_name(t.scalar_type())}, {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    ordered.push_back(t);
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // the format pads the header to 8-byte alignment with spaces
+  const uint64_t header_length = text.size();
+
+  std::FILE* out = std::fopen(path.c_str(), "wb");
+  if (!out) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
+  bool ok = std::fwrite(&header_length, 8, 1, out) == 1 && std::fwrite(text.data(), 1, text.size(), out) == text.size();
+  for (const at::Tensor& t : ordered) {
+    const size_t bytes = t.numel() * t.element_size();
+    ok = ok && (bytes == 0 || std::fwrite(t.data_ptr(), 1, bytes, out) == bytes);
+  }
+  ok = ok && std::fflush(out) == 0 && ::fsync(fileno(out)) == 0;
+  ok = (std::fclose(out) == 0) && ok;
+  if (!ok) throw std::runtime_error("writing " + path + " failed: " + std::strerror(errno) + " (disk full?)");
+}
+
+TensorFile read_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  in.seekg(0, std::ios::end);
+  const uint64_t file_size = in.tellg();
+  in.seekg(0);
+  uint64_t header_length = 0;
+  if (file_size < 8 || !in.read(reinterpret_cast<char*>(&header_length), 8) || header_length > file_size - 8) {
+    throw std::runtime_error(path + ": not a safetensors file (header length out of range)");
+  }
+  std::string text(header_length, '\0');
+  in.read(text.data(), header_length);
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw std::runtime_error(path + ": malformed safetensors header: " + e.what());
+  }
+  const uint64_t data_start = 8 + header_length, data_size = file_size - data_start;
+  TensorFile file;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      for (const auto& [key, value] : entry.items()) file.metadata[key] = value.get<std::string>();
+      continue;
+    }
+    const at::ScalarType dtype = name_to_dtype(entry.at("dtype").get<std::string>(), path, name);
+    const std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
+    const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
+    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
+    const uint64_t bytes = t.numel() * t.element_size();
+    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != bytes || offsets[1] > data_size) {
+      throw std::runtime_error(path + ": tensor '" + name + "' has data offsets that do not match its shape or the file size");
+    }
+    in.seekg(data_start + offsets[0]);
+    if (bytes && !in.read(static_cast<char*>(t.data_ptr()), bytes)) {
+      throw std::runtime_error(path + ": tensor '" + name + "' is truncated");
+    }
+    file.tensors[name] = t;
+  }
+  return file;
+}
+
+}  // namespace vimo::checkpoints

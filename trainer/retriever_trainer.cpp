@@ -1,1 +1,234 @@
-// (being written)
+// The Gemini-MVR training loop (see retriever_trainer.h). Reads like a table of contents: build the
+// parts, restore state, then step / log / check / save / evaluate.
+#include "trainer/retriever_trainer.h"
+
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <torch/utils.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "checkpoints/checkpoint.h"
+#include "data/retrieval_dataset.h"
+#include "models/gemini_mvr.h"
+#include "trainer/metrics.h"
+#include "trainer/optimizer.h"
+
+namespace vimo::trainer {
+namespace fs = std::filesystem;
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+bool is_main(const std::shared_ptr<comm::Communicator>& comm) { return !comm || comm->rank() == 0; }
+
+void say(const std::shared_ptr<comm::Communicator>& comm, const std::string& line) {
+  if (!is_main(comm)) return;
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+// The model's shapes must fit the dataset it reads.
+void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalDataset& d, const std::string& dir) {
+  auto fail = [&](const std::string& what) {
+    throw std::runtime_error("dataset " + dir + " does not fit the model config: " + what +
+                             ". HINT: set the model.* keys to the dataset's sizes (see its manifest.json)");
+  };
+  if (d.vocab_size() > m.vocab_size) fail(fmt::format("vocab.txt has {} tokens > model.vocab_size {}", d.vocab_size(), m.vocab_size));
+  if (d.max_text_len() > m.max_text_len) fail(fmt::format("captions have {} tokens > model.max_text_len {}", d.max_text_len(), m.max_text_len));
+  if (d.frames() > m.frames) fail(fmt::format("videos have {} frames > model.frames {}", d.frames(), m.frames));
+  if (d.feature_dim() != m.feature_dim) fail(fmt::format("frame features have {} dims, model.feature_dim is {}", d.feature_dim(), m.feature_dim));
+}
+
+// Averages every trainable gradient over the DP ranks in one flat all-reduce (the bucketed, overlapped
+// reducer is the communication issue's).
+void average_gradients(const std::vector<at::Tensor>& params, const std::shared_ptr<comm::Communicator>& comm) {
+  if (!comm || comm->size() == 1) return;
+  std::vector<at::Tensor> grads;
+  for (const at::Tensor& p : params) grads.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
+  at::Tensor flat = at::cat(grads);
+  comm->allreduce(flat, comm::ReduceOp::Avg);
+  int64_t offset = 0;
+  for (const at::Tensor& p : params) {
+    at::Tensor slice = flat.narrow(0, offset, p.numel()).view(p.sizes());
+    if (p.grad().defined()) p.mutable_grad().copy_(slice); else p.mutable_grad() = slice.clone();
+    offset += p.numel();
+  }
+}
+
+// Note [Checking DP replicas]: every rank applies the same averaged gradients to the same parameters with
+// the same ops, so replicas stay bitwise equal; a mismatch means a bug or a broken rank, and training on
+// would silently average unrelated models. Each check compares one float64 fingerprint across ranks.
+void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm, int64_t step) {
+  if (!comm || comm->size() == 1) return;
+  at::NoGradGuard no_grad;
+  double sum = 0, weighted = 0;
+  for (const at::Tensor& p : model->parameters()) {
+    at::Tensor d = p.to(at::kDouble).reshape(-1);
+    sum += d.sum().item<double>();
+    weighted += (d * at::arange(d.numel(), d.options()).remainder(7.0)).sum().item<double>();
+  }
+  at::Tensor high = at::tensor({sum, weighted}, at::kDouble), low = high.clone();
+  comm->allreduce(high, comm::ReduceOp::Max);
+  comm->allreduce(low, comm::ReduceOp::Min);
+  if (!at::equal(high, low)) {
+    throw std::runtime_error(fmt::format("[rank {}] parameters differ across DP ranks after step {} (fingerprint "
+                                         "range [{:.17g}, {:.17g}]); stopping rather than training diverged replicas",
+                                         comm->rank(), step, low[0].item<double>(), high[0].item<double>()));
+  }
+}
+
+void broadcast_parameters(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm) {
+  if (!comm || comm->size() == 1) return;
+  at::NoGradGuard no_grad;
+  for (at::Tensor p : model->parameters()) {
+    at::Tensor buffer = p.detach().contiguous();
+    comm->broadcast(buffer, 0);
+    p.copy_(buffer);
+  }
+}
+
+checkpoints::TensorFile model_tensors(models::GeminiMVR& model) {
+  checkpoints::TensorFile file;
+  for (const auto& item : model->named_parameters()) file.tensors["model." + item.key()] = item.value().detach();
+  return file;
+}
+
+void load_model_tensors(models::GeminiMVR& model, const checkpoints::TensorFile& file, const std::string& source) {
+  at::NoGradGuard no_grad;
+  for (auto& item : model->named_parameters()) {
+    auto it = file.tensors.find("model." + item.key());
+    if (it == file.tensors.end()) throw std::runtime_error(source + ": parameter 'model." + item.key() + "' is missing");
+    if (!it->second.sizes().equals(item.value().sizes())) {
+      throw std::runtime_error(fmt::format("{}: parameter 'model.{}' has shape {}, the model config gives {}. HINT: "
+                                           "use the model.* keys of the run that wrote it", source, item.key(),
+                                           at::toString(it->second.sizes()), at::toString(item.value().sizes())));
+    }
+    item.value().copy_(it->second);
+  }
+}
+
+// A run directory (its checkpoints/ inside) or a checkpoint directory → the newest valid checkpoint.
+std::string resolve_checkpoint(const std::string& path) {
+  if (fs::exists(fs::path(path) / "manifest.json")) return path;
+  for (const std::string& root : {path + "/checkpoints", path}) {
+    if (auto found = checkpoints::CheckpointManager::latest_valid(root)) return *found;
+  }
+  throw std::runtime_error("no valid checkpoint in '" + path + "'. HINT: train.init_from names the out_dir of the "
+                           "previous stage's run (or one of its checkpoints/step_* directories); run that stage first");
+}
+
+}  // namespace
+
+TrainResult train_retriever(const Config& config, bool resume, const std::shared_ptr<comm::Communicator>& comm) {
+  const TrainConfig& t = config.train;
+  const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
+  if (config.data.global_batch % world != 0) {
+    throw std::runtime_error(fmt::format("data.global_batch {} is not divisible by the {} DP ranks. HINT: pick a "
+                                         "multiple of the rank count", config.data.global_batch, world));
+  }
+  at::set_num_threads(static_cast<int>(t.threads));
+
+  // Data: the whole split is held in memory; the streaming loader is the data issue's.
+  const data::RetrievalDataset train_set(config.data.dir, "train"), test_set(config.data.dir, "test");
+  check_dataset_fits(config.model, train_set, config.data.dir);
+  data::DistributedBatchSampler sampler(train_set.size(), config.data.global_batch, rank, world, config.data.seed);
+
+  // Model: same seed on every rank, and rank 0's values broadcast so replicas start identical.
+  torch::manual_seed(t.seed);
+  models::GeminiMVR model(config.model);
+  broadcast_parameters(model, comm);
+  model->set_stage(models::parse_stage(t.stage));
+  std::vector<at::Tensor> trainable;
+  for (const auto& [name, p] : model->trainable_parameters()) trainable.push_back(p);
+  AdamW optimizer(model->trainable_parameters(),
+                  {config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay});
+  checkpoints::CheckpointManager checkpoints(t.out_dir + "/checkpoints", t.keep_checkpoints, comm);
+  const std::string config_yaml = to_yaml(config);
+
+  int64_t start_step = 0;
+  std::optional<std::string> resume_from =
+      resume ? checkpoints::CheckpointManager::latest_valid(checkpoints.root()) : std::nullopt;
+  if (resume && !resume_from) say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
+  if (resume_from) {
+    const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(*resume_from);
+    load_model_tensors(model, ckpt.state, *resume_from);
+    optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
+    const nlohmann::json loader = nlohmann::json::parse(ckpt.loader_json);
+    sampler.load_state({loader.at("seed").get<uint64_t>(), loader.at("epoch").get<int64_t>(),
+                        loader.at("samples_consumed").get<int64_t>()});
+    start_step = ckpt.step;
+    say(comm, fmt::format("resumed from {} (step {}, saved by {} ranks, now {})", *resume_from, start_step,
+                          ckpt.world_size, world));
+  } else if (!t.init_from.empty()) {
+    const std::string source = resolve_checkpoint(t.init_from);
+    load_model_tensors(model, checkpoints::CheckpointManager::load(source).state, source);
+    say(comm, "initialized model weights from " + source);
+  }
+
+  int64_t trainable_count = 0;
+  for (const at::Tensor& p : trainable) trainable_count += p.numel();
+  say(comm, fmt::format("stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} on {} "
+                        "ranks; steps {} → {}", t.stage, trainable_count,
+                        [&] { int64_t n = 0; for (auto& p : model->parameters()) n += p.numel(); return n; }(),
+                        train_set.size(), test_set.size(), config.data.global_batch, world, start_step, t.steps));
+
+  ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
+  TrainResult result;
+  for (int64_t step = start_step + 1; step <= t.steps; ++step) {
+    const Clock::time_point step_start = Clock::now();
+    const data::RetrievalBatch batch = train_set.batch(sampler.next());
+    const double data_seconds = seconds_since(step_start);
+
+    const models::GeminiEmbeddings texts = model->encode_texts(batch.text_ids, batch.text_mask);
+    const models::GeminiEmbeddings videos = model->encode_videos(batch.frames, batch.keypoints, batch.frame_mask);
+    at::Tensor loss = model->contrastive_loss(texts, videos, comm);
+    loss.backward();
+    average_gradients(trainable, comm);
+    const double grad_norm = clip_gradients(trainable, config.optim.grad_clip);
+    const double lr = warmup_cosine_lr(step, t.steps, config.optim.warmup_steps, config.optim.lr, config.optim.min_lr_ratio);
+    optimizer.step(lr);
+    optimizer.zero_grad();
+
+    at::Tensor global_loss = loss.detach().reshape({1}).clone();
+    if (comm && world > 1) comm->allreduce(global_loss, comm::ReduceOp::Avg);
+    result.last_step = step;
+    result.last_loss = global_loss.item<double>();
+    const bool last = step == t.steps || step == t.stop_after;
+    const bool print = step % t.log_every == 0 || step == start_step + 1 || last;
+    if (print) check_replicas_agree(model, comm, step);
+    log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds, config.data.global_batch}, print);
+
+    if (step % t.checkpoint_every == 0 || last) {
+      checkpoints::TensorFile state = model_tensors(model);
+      for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
+      state.metadata = {{"step", std::to_string(step)}, {"stage", t.stage},
+                        {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
+      const data::SamplerState s = sampler.state();
+      const std::string loader = nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}.dump();
+      const std::string dir = checkpoints.save(step, state, loader, config_yaml);
+      say(comm, "saved checkpoint " + dir);
+    }
+    if (t.eval_every > 0 && step % t.eval_every == 0 && !last) {
+      const RetrievalMetrics m = evaluate_retrieval(model, test_set, comm);
+      say(comm, fmt::format("eval step {}: {}", step, m.summary()));
+      log.record_json(fmt::format("{{\"step\": {}, \"eval\": {}}}", step, m.json()));
+    }
+    if (step == t.stop_after) {
+      say(comm, fmt::format("stopping after step {} as train.stop_after says; continue with --resume", step));
+      result.stopped_early = true;
+      return result;
+    }
+  }
+  result.test = evaluate_retrieval(model, test_set, comm);
+  log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
+  say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));
+  return result;
+}
+
+}  // namespace vimo::trainer

@@ -1,0 +1,63 @@
+// Defines atomic, checksummed checkpoint directories and the manager that saves, finds, loads and
+// retains them (DESIGN.md, "Checkpoints").
+//
+//   <root>/step_00000100/rank_00000.safetensors   model.* and optim.* tensors (+ metadata)
+//                        loader.json               data sampler state
+//                        config.yaml               the resolved config
+//                        manifest.json             written last: step, world size, every file's size and xxh3
+//
+// Note [Atomic checkpoint directories]: files are written into a hidden temporary directory, each fsynced;
+// the manifest is written last; the directory is fsynced and then renamed to step_NNNNNNNN, and the parent
+// directory fsynced. rename(2) is atomic, so a crash at any point leaves either the complete new checkpoint
+// or none, and never touches the previous one. Resume trusts only directories whose manifest verifies.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "checkpoints/safetensors.h"
+#include "comm/communicator.h"
+
+namespace vimo::checkpoints {
+
+struct Checkpoint {
+  int64_t step = 0;
+  int world_size = 1;
+  TensorFile state;          // rank 0's state file
+  std::string loader_json;   // sampler state
+  std::string config_yaml;   // resolved config of the run that saved it
+  std::string directory;
+};
+
+class CheckpointManager {
+ public:
+  // `root` holds the step directories; the newest `keep` are retained. `comm` may be null (one process).
+  CheckpointManager(std::string root, int64_t keep, std::shared_ptr<comm::Communicator> comm);
+
+  // Collective: rank 0 writes (DP-replicated state needs one copy), every rank returns once the
+  // checkpoint is durable. Returns the checkpoint directory.
+  std::string save(int64_t step, const TensorFile& state, const std::string& loader_json,
+                   const std::string& config_yaml);
+
+  // The newest step directory under `root` that verifies, skipping (and logging to stderr) corrupt ones.
+  static std::optional<std::string> latest_valid(const std::string& root);
+
+  // Verifies the manifest's sizes and checksums and reads the checkpoint; throws naming the file on error.
+  static Checkpoint load(const std::string& directory);
+
+  const std::string& root() const { return root_; }
+
+ private:
+  void prune() const;
+  std::string root_;
+  int64_t keep_;
+  std::shared_ptr<comm::Communicator> comm_;
+};
+
+// The step directories under `root` (valid or not), oldest first.
+std::vector<std::string> list_step_directories(const std::string& root);
+
+}  // namespace vimo::checkpoints
