@@ -52,8 +52,8 @@ void AdamW::load_state_tensors(const std::map<std::string, at::Tensor>& tensors,
       auto it = tensors.find(key);
       if (it == tensors.end()) throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
       if (!it->second.sizes().equals(target->sizes())) {
-        throw std::runtime_error("optimizer state '" + key + "' has shape " + at::toString(it->second.sizes()) +
-                                 ", the parameter has " + at::toString(target->sizes()));
+        throw std::runtime_error("optimizer state '" + key + "' has shape " + c10::str(it->second.sizes()) +
+                                 ", the parameter has " + c10::str(target->sizes()));
       }
       target->copy_(it->second);
     }

@@ -15,6 +15,7 @@
 #include "checkpoints/checkpoint.h"
 #include "data/retrieval_dataset.h"
 #include "models/gemini_mvr.h"
+#include "trainer/data_parallel.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 
@@ -45,54 +46,6 @@ void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalData
   if (d.feature_dim() != m.feature_dim) fail(fmt::format("frame features have {} dims, model.feature_dim is {}", d.feature_dim(), m.feature_dim));
 }
 
-// Averages every trainable gradient over the DP ranks in one flat all-reduce (the bucketed, overlapped
-// reducer is the communication issue's).
-void average_gradients(const std::vector<at::Tensor>& params, const std::shared_ptr<comm::Communicator>& comm) {
-  if (!comm || comm->size() == 1) return;
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params) grads.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
-  at::Tensor flat = at::cat(grads);
-  comm->allreduce(flat, comm::ReduceOp::Avg);
-  int64_t offset = 0;
-  for (const at::Tensor& p : params) {
-    at::Tensor slice = flat.narrow(0, offset, p.numel()).view(p.sizes());
-    if (p.grad().defined()) p.mutable_grad().copy_(slice); else p.mutable_grad() = slice.clone();
-    offset += p.numel();
-  }
-}
-
-// Note [Checking DP replicas]: every rank applies the same averaged gradients to the same parameters with
-// the same ops, so replicas stay bitwise equal; a mismatch means a bug or a broken rank, and training on
-// would silently average unrelated models. Each check compares one float64 fingerprint across ranks.
-void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm, int64_t step) {
-  if (!comm || comm->size() == 1) return;
-  at::NoGradGuard no_grad;
-  double sum = 0, weighted = 0;
-  for (const at::Tensor& p : model->parameters()) {
-    at::Tensor d = p.to(at::kDouble).reshape(-1);
-    sum += d.sum().item<double>();
-    weighted += (d * at::arange(d.numel(), d.options()).remainder(7.0)).sum().item<double>();
-  }
-  at::Tensor high = at::tensor({sum, weighted}, at::kDouble), low = high.clone();
-  comm->allreduce(high, comm::ReduceOp::Max);
-  comm->allreduce(low, comm::ReduceOp::Min);
-  if (!at::equal(high, low)) {
-    throw std::runtime_error(fmt::format("[rank {}] parameters differ across DP ranks after step {} (fingerprint "
-                                         "range [{:.17g}, {:.17g}]); stopping rather than training diverged replicas",
-                                         comm->rank(), step, low[0].item<double>(), high[0].item<double>()));
-  }
-}
-
-void broadcast_parameters(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm) {
-  if (!comm || comm->size() == 1) return;
-  at::NoGradGuard no_grad;
-  for (at::Tensor p : model->parameters()) {
-    at::Tensor buffer = p.detach().contiguous();
-    comm->broadcast(buffer, 0);
-    p.copy_(buffer);
-  }
-}
-
 checkpoints::TensorFile model_tensors(models::GeminiMVR& model) {
   checkpoints::TensorFile file;
   for (const auto& item : model->named_parameters()) file.tensors["model." + item.key()] = item.value().detach();
@@ -107,7 +60,7 @@ void load_model_tensors(models::GeminiMVR& model, const checkpoints::TensorFile&
     if (!it->second.sizes().equals(item.value().sizes())) {
       throw std::runtime_error(fmt::format("{}: parameter 'model.{}' has shape {}, the model config gives {}. HINT: "
                                            "use the model.* keys of the run that wrote it", source, item.key(),
-                                           at::toString(it->second.sizes()), at::toString(item.value().sizes())));
+                                           c10::str(it->second.sizes()), c10::str(item.value().sizes())));
     }
     item.value().copy_(it->second);
   }
