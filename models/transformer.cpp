@@ -26,7 +26,9 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const at::Tensor& 
     at::Tensor lower = at::ones({tokens, tokens}, x.options().dtype(at::kBool)).tril();  // [T, T]
     attention_mask = attention_mask.defined() ? attention_mask.logical_and(lower) : lower;
   }
-  at::Tensor attended = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attention_mask);
+  std::optional<at::Tensor> mask;
+  if (attention_mask.defined()) mask = attention_mask;
+  at::Tensor attended = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], mask);
   attended = attended.transpose(1, 2).reshape({batch, tokens, width});  // [B, T, W]
   at::Tensor h = x + attention_out_->forward(attended);
   return h + mlp_out_->forward(at::gelu(mlp_in_->forward(norm_mlp_->forward(h))));

@@ -83,7 +83,9 @@ TEST(GeminiMVR, GradientsReachOnlyTrainedParameters) {
       EXPECT_GT(p.grad().abs().sum().item<double>(), 0) << vimo::models::stage_name(stage) << " " << name;
     }
     for (const auto& item : model->named_parameters()) {
-      if (!item.value().requires_grad()) EXPECT_FALSE(item.value().grad().defined()) << item.key();
+      if (!item.value().requires_grad()) {
+        EXPECT_FALSE(item.value().grad().defined()) << item.key();
+      }
     }
   }
 }
@@ -122,9 +124,9 @@ TEST(GeminiMVR, RouterLossIsSymmetricInfoNCEOfFusedScores) {
   auto texts = model->encode_texts(in.text_ids, in.text_mask);
   auto videos = model->encode_videos(in.frames.to(at::kDouble), in.keypoints.to(at::kDouble), in.frame_mask);
   const double loss = model->contrastive_loss(texts, videos, nullptr).item<double>();
-  // By hand from DESIGN.md: s_act = 100 cos, s_obj = exp(min(τ, ln 100)) cos, S = w_act s_act + w_obj s_obj.
+  // By hand from DESIGN.md: s_act = 100 cos, s_obj = exp(min(τ, ln 100)) cos (τ as stored: float32-rounded init), S = w_act s_act + w_obj s_obj.
   at::Tensor s_act = 100.0 * texts.text_action.matmul(videos.video_action.t());
-  at::Tensor s_obj = std::exp(std::min(c.logit_scale_init, c.logit_scale_max)) * texts.text_object.matmul(videos.video_object.t());
+  at::Tensor s_obj = std::exp(std::min(model->logit_scale().item<double>(), c.logit_scale_max)) * texts.text_object.matmul(videos.video_object.t());
   at::Tensor w = videos.router_weights;  // [6, 2], per video (column)
   at::Tensor S = w.select(1, 0).unsqueeze(0) * s_act + w.select(1, 1).unsqueeze(0) * s_obj;
   at::Tensor targets = at::arange(6, at::kLong);

@@ -1,0 +1,133 @@
+// The NCCL backend under mpirun: every collective on CUDA tensors against the MPI backend on the same inputs
+// (and all_gather_with_grad against plain autograd). Built only with CUDA; skips, saying why, without one GPU
+// per rank. Under `-np 1` it still runs NCCL's whole path (init, streams, dtypes) on a single GPU.
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <torch/cuda.h>
+
+#include <regex>
+#include <string>
+
+#include "comm/communicator.h"
+#include "comm/nccl_communicator.h"
+#include "tests/comm/collective_reference.h"
+
+namespace {
+using vimo::comm::ReduceOp;
+using vimo::testing::all_inputs;
+using vimo::testing::dtype_name;
+using vimo::testing::mpi_world;
+using vimo::testing::op_name;
+using vimo::testing::shared_seed;
+
+TEST(NcclLibrary, VersionIsMajorMinorPatch) {
+  const std::string version = vimo::comm::nccl_library_version();  // needs the library, not a GPU
+  EXPECT_TRUE(std::regex_match(version, std::regex(R"(\d+\.\d+\.\d+)"))) << version;
+}
+
+class NcclCommunicator : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // Every rank must make the same decision, or the ranks that go on would wait for the ones that skipped.
+    const vimo::comm::WorldInfo world = vimo::comm::world_from_environment();
+    std::string reason;
+    if (!torch::cuda::is_available()) {
+      reason = "no CUDA device (torch::cuda::is_available() is false)";
+    } else if (static_cast<int>(torch::cuda::device_count()) < world.local_size) {
+      reason = "NCCL needs one GPU per rank: " + std::to_string(world.local_size) + " ranks on this host but " +
+               std::to_string(torch::cuda::device_count()) + " CUDA device(s)";
+    }
+    at::Tensor able = at::full({1}, reason.empty() ? 1 : 0, at::kInt);
+    mpi_world()->allreduce(able, ReduceOp::Min);
+    if (able.item<int>() == 0) {
+      GTEST_SKIP() << (reason.empty() ? "another rank cannot run NCCL (see its skip reason)" : reason);
+    }
+    device_ = world.local_rank;
+    nccl_ = vimo::comm::make_nccl_communicator(*mpi_world(), device_);
+  }
+
+  at::Tensor on_gpu(const at::Tensor& t) const { return t.to(at::Device(at::kCUDA, device_)); }
+
+  int device_ = 0;
+  std::shared_ptr<vimo::comm::Communicator> nccl_;
+};
+
+TEST_F(NcclCommunicator, DescribesItself) {
+  EXPECT_EQ(nccl_->backend_name(), "nccl");
+  EXPECT_EQ(nccl_->rank(), mpi_world()->rank());
+  EXPECT_EQ(nccl_->size(), mpi_world()->size());
+}
+
+TEST_F(NcclCommunicator, AllreduceMatchesMpi) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const uint64_t seed = shared_seed();
+  for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong}) {
+    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min}) {
+      if (op == ReduceOp::Avg && dtype == at::kLong) continue;  // rejected by both backends
+      const std::string what = dtype_name(dtype) + " " + op_name(op);
+      const at::Tensor inputs = all_inputs(dtype, seed, ranks, {5, 7});  // [ranks, 5, 7]
+      at::Tensor on_cpu = inputs[rank].clone();
+      mpi_world()->allreduce(on_cpu, op);
+      at::Tensor on_cuda = on_gpu(inputs[rank]);
+      nccl_->allreduce(on_cuda, op);
+      // NCCL adds in the dtype itself (bf16 and fp16 included) in its own order: both results must lie within
+      // their rounding bounds of the exact answer (see expect_reduced), and exact ops must agree bit for bit.
+      vimo::testing::expect_reduced(on_cuda, inputs, op, dtype, what + " (nccl)");
+      if (op == ReduceOp::Max || op == ReduceOp::Min || !at::isFloatingType(dtype)) {
+        EXPECT_TRUE(at::equal(on_cuda.cpu(), on_cpu)) << what;
+      }
+    }
+  }
+  // A non-contiguous CUDA tensor goes through a contiguous copy and back.
+  const at::Tensor inputs = all_inputs(at::kFloat, seed + 1, ranks, {4, 6});
+  at::Tensor storage = on_gpu(inputs[rank].t().contiguous());  // [6, 4]
+  at::Tensor view = storage.t();                               // [4, 6], not contiguous
+  nccl_->allreduce(view, ReduceOp::Max);
+  EXPECT_TRUE(at::equal(storage.t().cpu(), std::get<0>(inputs.max(0))));
+}
+
+TEST_F(NcclCommunicator, AllgatherAndBroadcastMatchMpiBitForBit) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const uint64_t seed = shared_seed();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf, at::kLong, at::kByte}) {
+    const at::Tensor inputs = all_inputs(dtype, seed, ranks, {3, 4});  // [ranks, 3, 4]
+    const at::Tensor gathered = nccl_->allgather(on_gpu(inputs[rank]));
+    EXPECT_TRUE(gathered.is_cuda());
+    EXPECT_TRUE(at::equal(gathered.cpu(), mpi_world()->allgather(inputs[rank]))) << dtype_name(dtype);
+    for (int root = 0; root < ranks; ++root) {
+      at::Tensor mine = on_gpu(inputs[rank]);
+      nccl_->broadcast(mine, root);
+      EXPECT_TRUE(at::equal(mine.cpu(), inputs[root])) << dtype_name(dtype) << " from root " << root;
+    }
+  }
+  nccl_->barrier();
+}
+
+TEST_F(NcclCommunicator, RejectsCpuTensorsOnEveryRank) {
+  at::Tensor on_cpu = at::zeros({3});
+  try {
+    nccl_->allreduce(on_cpu, ReduceOp::Sum);
+    ADD_FAILURE() << "a CPU tensor was accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("but this NCCL communicator runs on cuda:"), std::string::npos) << e.what();
+  }
+  nccl_->barrier();
+}
+
+TEST_F(NcclCommunicator, AllGatherWithGradMatchesTheCpuGradient) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t rows = 3;
+  at::manual_seed(shared_seed());
+  const at::Tensor all_rows = at::randn({ranks * rows, 4}, at::kDouble);  // [ranks * rows, D]
+  auto gradient = [&](const std::shared_ptr<vimo::comm::Communicator>& comm, const at::Device& device) {
+    const at::Tensor local = all_rows.narrow(0, rank * rows, rows).to(device).requires_grad_(true);
+    const at::Tensor gathered = vimo::comm::all_gather_with_grad(local, comm);
+    (local.matmul(gathered.t()).pow(2).sum(1).mean() + ((rank + 1) * gathered).tanh().sum()).backward();
+    return local.grad().cpu();
+  };
+  const at::Tensor on_cpu = gradient(mpi_world(), at::Device(at::kCPU));
+  const at::Tensor on_cuda = gradient(nccl_, at::Device(at::kCUDA, device_));
+  EXPECT_TRUE(at::allclose(on_cuda, on_cpu, 1e-12, 1e-12)) << (on_cuda - on_cpu).abs().max().item<double>();
+}
+
+}  // namespace
