@@ -8,4 +8,4 @@ run_ranks() { local n="$1"; shift; mpirun --oversubscribe --bind-to none -np "$n
 # The losses of metrics.jsonl as printed (%.17g), one "step loss" per line.
 losses() { grep -o '"step": [0-9]*, "loss": [^,]*' "$1" | sed 's/"step": \([0-9]*\), "loss": \(.*\)/\1 \2/'; }
 "$vimo" data synth --out "$work/data" --train 256 --test 64 --records-per-shard 100 > /dev/null
-tiny="data.dir=$work/data data.global_batch=32 train.log_every=4 train.checkpoint_every=100"
+tiny="data.dir=$work/data data.global_batch=32 optim.warmup_steps=4 train.log_every=4 train.checkpoint_every=100"

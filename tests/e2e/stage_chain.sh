@@ -3,7 +3,7 @@
 # starts from the previous one's weights, the router stage reports held-out metrics.
 source "$(dirname "$0")/common.sh"
 for stage in action object router; do
-  run_ranks 2 train "$source_dir/configs/demo/retriever_$stage.yaml" $tiny train.steps=6 train.warmup_steps=2 \
+  run_ranks 2 train "$source_dir/configs/demo/retriever_$stage.yaml" $tiny train.steps=6 optim.warmup_steps=2 \
     train.out_dir="$work/$stage" ${previous:+train.init_from="$work/$previous"} | tee "$work/$stage.log"
   previous=$stage
 done

@@ -1,11 +1,10 @@
 // Tests the training config (trainer/config.h): defaults, every field loaded from a file, overrides, the
 // exact wording of every user error (file, line, key path), cross-field rules, and that to_yaml() of a random
 // config loads back to the same config.
-#include "trainer/config.h"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -17,23 +16,54 @@
 #include <vector>
 
 #include "tests/random_seed.h"
+#include "trainer/config.h"
 
 namespace vimo::trainer {
 namespace {
 
 // Every field of a Config, written out here (not taken from config.cpp's table) so that a field the table
 // forgets makes these tests fail.
-#define VIMO_CONFIG_FIELDS(X)                                                                                  \
-  X(model.vocab_size)                                                                                          \
-  X(model.max_text_len) X(model.frames) X(model.feature_dim) X(model.joints) X(model.embed_dim) X(model.width) \
-      X(model.heads) X(model.text_layers) X(model.video_layers) X(model.keypoint_width)                        \
-          X(model.spatio_temporal_layers) X(model.temporal_layers) X(model.action_scale)                       \
-              X(model.logit_scale_init) X(model.logit_scale_max) X(data.dir) X(data.global_batch)              \
-                  X(data.seed) X(optim.lr) X(optim.min_lr_ratio) X(optim.warmup_steps) X(optim.weight_decay)   \
-                      X(optim.beta1) X(optim.beta2) X(optim.eps) X(optim.grad_clip) X(train.stage)             \
-                          X(train.steps) X(train.log_every) X(train.eval_every) X(train.checkpoint_every)      \
-                              X(train.keep_checkpoints) X(train.stop_after) X(train.out_dir)                   \
-                                  X(train.init_from) X(train.threads) X(train.seed)
+// clang-format off
+#define VIMO_CONFIG_FIELDS(X) \
+  X(model.vocab_size) \
+  X(model.max_text_len) \
+  X(model.frames) \
+  X(model.feature_dim) \
+  X(model.joints) \
+  X(model.embed_dim) \
+  X(model.width) \
+  X(model.heads) \
+  X(model.text_layers) \
+  X(model.video_layers) \
+  X(model.keypoint_width) \
+  X(model.spatio_temporal_layers) \
+  X(model.temporal_layers) \
+  X(model.action_scale) \
+  X(model.logit_scale_init) \
+  X(model.logit_scale_max) \
+  X(data.dir) \
+  X(data.global_batch) \
+  X(data.seed) \
+  X(optim.lr) \
+  X(optim.min_lr_ratio) \
+  X(optim.warmup_steps) \
+  X(optim.weight_decay) \
+  X(optim.beta1) \
+  X(optim.beta2) \
+  X(optim.eps) \
+  X(optim.grad_clip) \
+  X(train.stage) \
+  X(train.steps) \
+  X(train.log_every) \
+  X(train.eval_every) \
+  X(train.checkpoint_every) \
+  X(train.keep_checkpoints) \
+  X(train.stop_after) \
+  X(train.out_dir) \
+  X(train.init_from) \
+  X(train.threads) \
+  X(train.seed)
+// clang-format on
 
 void expect_same(const Config& actual, const Config& expected) {
 #define VIMO_EXPECT_SAME(field) EXPECT_EQ(actual.field, expected.field) << #field;
@@ -76,10 +106,20 @@ std::string load_error(const TempYaml& file, const std::vector<std::string>& ove
 // an error about the entry must say "<file>:7:".
 std::string entry_on_line_7(const std::string& section, const std::string& entry) {
   const std::string other = section == "optim" ? "data:\n  global_batch: 8\n" : "optim:\n  lr: 0.5\n";
-  return "# The entry under test is on line 7.\n" + other + "\n  # a comment\n" + section + ":\n  " + entry + "\n";
+  return "# The entry under test is on line 7.\n" + other + "\n  # a comment\n" + section + ":\n  " + entry +
+         "\n";
 }
 
-const char kOptimKeys[] = "lr, min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, eps, grad_clip";
+void expect_starts_with(const std::string& message, const std::string& prefix) {
+  EXPECT_EQ(message.substr(0, prefix.size()), prefix) << "whole message: " << message;
+}
+
+const std::string kModelKeys =
+    "vocab_size, max_text_len, frames, feature_dim, joints, embed_dim, width, heads, text_layers, "
+    "video_layers, keypoint_width, spatio_temporal_layers, temporal_layers, action_scale, logit_scale_init, "
+    "logit_scale_max";
+const std::string kOptimKeys = "lr, min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, eps, grad_clip";
+const std::string kSections = "model, data, optim, train";
 
 TEST(Config, DefaultsAreValidAndAnEmptyFileKeepsThem) {
   EXPECT_NO_THROW(validate(Config{}, "defaults"));
@@ -136,14 +176,44 @@ train:
   seed: +7
 )");
   Config expected;
-  ModelConfig& m = expected.model;
-  m.vocab_size = 1000, m.max_text_len = 32, m.frames = 8, m.feature_dim = 512, m.joints = 25, m.embed_dim = 256;
-  m.width = 96, m.heads = 6, m.text_layers = 3, m.video_layers = 4, m.keypoint_width = 48;
-  m.spatio_temporal_layers = 2, m.temporal_layers = 5;
-  m.action_scale = 50.5, m.logit_scale_init = 1.25, m.logit_scale_max = 3.5;
-  expected.data = {"data/with space", 128, std::numeric_limits<uint64_t>::max()};
-  expected.optim = {3.0e-4, 0, 0, 0.05, 0.85, 0.999, 1e-6, 0};
-  expected.train = {"router", 1000, 7, 250, 500, 5, 600, "runs/full", "runs/previous", 4, 7};
+  expected.model.vocab_size = 1000;
+  expected.model.max_text_len = 32;
+  expected.model.frames = 8;
+  expected.model.feature_dim = 512;
+  expected.model.joints = 25;
+  expected.model.embed_dim = 256;
+  expected.model.width = 96;
+  expected.model.heads = 6;
+  expected.model.text_layers = 3;
+  expected.model.video_layers = 4;
+  expected.model.keypoint_width = 48;
+  expected.model.spatio_temporal_layers = 2;
+  expected.model.temporal_layers = 5;
+  expected.model.action_scale = 50.5;
+  expected.model.logit_scale_init = 1.25;
+  expected.model.logit_scale_max = 3.5;
+  expected.data.dir = "data/with space";
+  expected.data.global_batch = 128;
+  expected.data.seed = std::numeric_limits<uint64_t>::max();
+  expected.optim.lr = 3.0e-4;
+  expected.optim.min_lr_ratio = 0;
+  expected.optim.warmup_steps = 0;
+  expected.optim.weight_decay = 0.05;
+  expected.optim.beta1 = 0.85;
+  expected.optim.beta2 = 0.999;
+  expected.optim.eps = 1e-6;
+  expected.optim.grad_clip = 0;
+  expected.train.stage = "router";
+  expected.train.steps = 1000;
+  expected.train.log_every = 7;
+  expected.train.eval_every = 250;
+  expected.train.checkpoint_every = 500;
+  expected.train.keep_checkpoints = 5;
+  expected.train.stop_after = 600;
+  expected.train.out_dir = "runs/full";
+  expected.train.init_from = "runs/previous";
+  expected.train.threads = 4;
+  expected.train.seed = 7;
   // A field left at its default would not show that the file set it.
   const Config defaults;
 #define VIMO_EXPECT_CHANGED(field) EXPECT_NE(expected.field, defaults.field) << #field;
@@ -169,37 +239,42 @@ TEST(Config, OverridesWinOverTheFileInOrder) {
   expected.train.init_from = "";
   expected.model.width = 128;
   expected.data.dir = "a dir: with # signs";
-  expect_same(load_config(file.path(), {"optim.lr=0.25", "train.stage=router", "model.width = 128",
-                                        "train.init_from=", "data.dir='a dir: with # signs'", "optim.lr=0.125"}),
-              expected);
+  expect_same(
+      load_config(file.path(), {"optim.lr=0.25", "train.stage=router", "model.width = 128",
+                                "train.init_from=", "data.dir='a dir: with # signs'", "optim.lr=0.125"}),
+      expected);
 }
 
 TEST(Config, OverridesAreTypeAndRangeChecked) {
   const TempYaml file("");
   EXPECT_EQ(load_error(file, {"model.width=abc"}),
             "override 'model.width=abc': model.width: expected an integer, found 'abc'");
-  EXPECT_EQ(load_error(file, {"optim.lr=-1"}), "override 'optim.lr=-1': optim.lr: expected a number > 0, found '-1'");
+  EXPECT_EQ(load_error(file, {"optim.lr=-1"}),
+            "override 'optim.lr=-1': optim.lr: expected a number > 0, found '-1'");
   EXPECT_EQ(load_error(file, {"data.seed=-3"}),
             "override 'data.seed=-3': data.seed: expected a non-negative integer, found '-3'");
-  EXPECT_EQ(load_error(file, {"optim.lr="}), "override 'optim.lr=': optim.lr: expected a number, found an empty value");
-  EXPECT_EQ(load_error(file, {"optim.lr=[1, 2]"}), "override 'optim.lr=[1, 2]': optim.lr: expected a number, found a list");
+  EXPECT_EQ(load_error(file, {"optim.lr="}),
+            "override 'optim.lr=': optim.lr: expected a number, found an empty value");
+  EXPECT_EQ(load_error(file, {"optim.lr=[1, 2]"}),
+            "override 'optim.lr=[1, 2]': optim.lr: expected a number, found a list");
   EXPECT_EQ(load_error(file, {"optim.lrr=1"}),
-            std::string("override 'optim.lrr=1': unknown key 'optim.lrr' (known keys in 'optim': ") + kOptimKeys +
+            "override 'optim.lrr=1': unknown key 'optim.lrr' (known keys in 'optim': " + kOptimKeys +
                 "); did you mean 'optim.lr'?");
-  EXPECT_EQ(load_error(file, {"lr=1"}),
-            "override 'lr=1': unknown key 'lr' (known sections: model, data, optim, train); did you mean 'optim.lr'?");
-  EXPECT_EQ(load_error(file, {"optim.lr=[1"}).rfind("override 'optim.lr=[1': optim.lr: the value is not valid YAML: ", 0),
-            0u);
+  EXPECT_EQ(load_error(file, {"lr=1"}), "override 'lr=1': unknown key 'lr' (known sections: " + kSections +
+                                            "); did you mean 'optim.lr'?");
+  expect_starts_with(load_error(file, {"optim.lr=[1"}),
+                     "override 'optim.lr=[1': optim.lr: the value is not valid YAML: ");
 }
 
 TEST(Config, MalformedOverridesAreErrors) {
   const TempYaml file("");
-  EXPECT_EQ(load_error(file, {"optim.lr"}), "override 'optim.lr': expected key.path=value, e.g. optim.lr=3e-4");
+  EXPECT_EQ(load_error(file, {"optim.lr"}),
+            "override 'optim.lr': expected key.path=value, e.g. optim.lr=3e-4");
   EXPECT_EQ(load_error(file, {"=3"}), "override '=3': expected key.path=value, e.g. optim.lr=3e-4");
-  EXPECT_EQ(load_error(file, {"optim=3"}),
-            std::string("override 'optim=3': 'optim' is a section, not a key (known keys in 'optim': ") + kOptimKeys +
-                ")");
-  EXPECT_EQ(load_error(file, {"optim.lr.x=3"}).rfind("override 'optim.lr.x=3': unknown key 'optim.lr.x'", 0), 0u);
+  EXPECT_EQ(
+      load_error(file, {"optim=3"}),
+      "override 'optim=3': 'optim' is a section, not a key (known keys in 'optim': " + kOptimKeys + ")");
+  expect_starts_with(load_error(file, {"optim.lr.x=3"}), "override 'optim.lr.x=3': unknown key 'optim.lr.x'");
 }
 
 struct BadEntry {
@@ -219,18 +294,15 @@ void expect_errors_on_line_7(const std::vector<BadEntry>& cases) {
 TEST(Config, UnknownKeyNamesItsPathLineAndKnownKeys) {
   expect_errors_on_line_7({
       {"optim", "learning_rate: 0.1",
-       std::string("unknown key 'optim.learning_rate' (known keys in 'optim': ") + kOptimKeys + ")"},
+       "unknown key 'optim.learning_rate' (known keys in 'optim': " + kOptimKeys + ")"},
       {"optim", "lrr: 0.1",
-       std::string("unknown key 'optim.lrr' (known keys in 'optim': ") + kOptimKeys + "); did you mean 'optim.lr'?"},
+       "unknown key 'optim.lrr' (known keys in 'optim': " + kOptimKeys + "); did you mean 'optim.lr'?"},
       {"model", "lr: 0.1",
-       "unknown key 'model.lr' (known keys in 'model': vocab_size, max_text_len, frames, feature_dim, joints, "
-       "embed_dim, width, heads, text_layers, video_layers, keypoint_width, spatio_temporal_layers, "
-       "temporal_layers, action_scale, logit_scale_init, logit_scale_max); did you mean 'optim.lr'?"},
+       "unknown key 'model.lr' (known keys in 'model': " + kModelKeys + "); did you mean 'optim.lr'?"},
   });
   const TempYaml top_level("model:\n  width: 64\n\n# a comment\noptim:\n  lr: 0.1\ntrian:\n  steps: 3\n");
-  EXPECT_EQ(load_error(top_level), top_level.path() +
-                                       ":7: unknown key 'trian' (known sections: model, data, optim, train); did "
-                                       "you mean 'train'?");
+  EXPECT_EQ(load_error(top_level), top_level.path() + ":7: unknown key 'trian' (known sections: " +
+                                       kSections + "); did you mean 'train'?");
 }
 
 TEST(Config, WrongTypeNamesKeyAndLine) {
@@ -245,7 +317,8 @@ TEST(Config, WrongTypeNamesKeyAndLine) {
       {"train", "steps: [1, 2]", "train.steps: expected an integer, found a list"},
       {"train", "out_dir: {a: 1}", "train.out_dir: expected a string, found a map"},
       {"data", "seed: -1", "data.seed: expected a non-negative integer, found '-1'"},
-      {"train", "steps: 99999999999999999999", "train.steps: expected an integer, found '99999999999999999999'"},
+      {"train", "steps: 99999999999999999999",
+       "train.steps: expected an integer, found '99999999999999999999'"},
   });
 }
 
@@ -269,13 +342,13 @@ TEST(Config, FileStructureErrors) {
   const TempYaml duplicate("optim:\n  lr: 0.1\n  lr: 0.2\n");
   EXPECT_EQ(load_error(duplicate), duplicate.path() + ":3: duplicate key 'optim.lr' (first set on line 2)");
   const TempYaml section_not_map("train:\n  steps: 3\nmodel: 3\n");
-  EXPECT_EQ(load_error(section_not_map).rfind(section_not_map.path() + ":3: model: expected a map of keys (vocab_size, ", 0),
-            0u);
+  EXPECT_EQ(load_error(section_not_map),
+            section_not_map.path() + ":3: model: expected a map of keys (" + kModelKeys + "), found '3'");
   const TempYaml list("- model\n");
   EXPECT_EQ(load_error(list),
-            list.path() + ":1: expected a map of sections (model, data, optim, train), found a list");
-  EXPECT_EQ(error_of([] { load_config("/nonexistent/vimo.yaml"); }).rfind("config file '/nonexistent/vimo.yaml' not found", 0),
-            0u);
+            list.path() + ":1: expected a map of sections (" + kSections + "), found a list");
+  expect_starts_with(error_of([] { load_config("/nonexistent/vimo.yaml"); }),
+                     "config file '/nonexistent/vimo.yaml' not found (relative paths start at ");
 }
 
 TEST(Config, SyntaxErrorNamesFileAndLine) {
@@ -285,19 +358,24 @@ TEST(Config, SyntaxErrorNamesFileAndLine) {
 
 TEST(Config, CrossFieldRules) {
   const TempYaml file("model:\n  width: 64\n  keypoint_width: 32\n");
-  EXPECT_EQ(load_error(file, {"model.heads=3"}), file.path() + ": model.heads (3) must divide model.width (64)");
+  EXPECT_EQ(load_error(file, {"model.heads=3"}),
+            file.path() + ": model.heads (3) must divide model.width (64)");
   EXPECT_EQ(load_error(file, {"model.keypoint_width=30"}),
             file.path() + ": model.heads (4) must divide model.keypoint_width (30)");
   EXPECT_EQ(load_error(file, {"model.logit_scale_init=5", "model.logit_scale_max=4.5"}),
             file.path() + ": model.logit_scale_init (5) must be <= model.logit_scale_max (4.5)");
-  EXPECT_EQ(load_error(file, {"train.stop_after=300"}), file.path() + ": train.stop_after (300) must be <= train.steps (200)");
-  EXPECT_EQ(load_error(file, {"train.steps=10"}), file.path() + ": optim.warmup_steps (20) must be <= train.steps (10)");
-  EXPECT_EQ(load_error(file, {"model.heads=8", "train.stop_after=200", "optim.warmup_steps=200"}), "(no ConfigError)");
+  EXPECT_EQ(load_error(file, {"train.stop_after=300"}),
+            file.path() + ": train.stop_after (300) must be <= train.steps (200)");
+  EXPECT_EQ(load_error(file, {"train.steps=10"}),
+            file.path() + ": optim.warmup_steps (20) must be <= train.steps (10)");
+  EXPECT_EQ(load_error(file, {"model.heads=8", "train.stop_after=200", "optim.warmup_steps=200"}),
+            "(no ConfigError)");
 
   // validate() also applies the per-field rules to a config built in code.
   Config config;
   config.optim.lr = -1;
-  EXPECT_EQ(error_of([&] { validate(config, "in-memory"); }), "in-memory: optim.lr: expected a number > 0, found '-1'");
+  EXPECT_EQ(error_of([&] { validate(config, "in-memory"); }),
+            "in-memory: optim.lr: expected a number > 0, found '-1'");
   config = Config{};
   config.train.stage = "pretrain";
   EXPECT_EQ(error_of([&] { validate(config, "in-memory"); }),
@@ -307,8 +385,12 @@ TEST(Config, CrossFieldRules) {
 // A config with every field drawn at random within its rules, with full-precision doubles and strings
 // full of characters that YAML treats specially.
 Config random_config(std::mt19937_64& rng) {
-  const auto integer = [&](int64_t low, int64_t high) { return std::uniform_int_distribution<int64_t>(low, high)(rng); };
-  const auto number = [&](double low, double high) { return std::uniform_real_distribution<double>(low, high)(rng); };
+  const auto integer = [&](int64_t low, int64_t high) {
+    return std::uniform_int_distribution<int64_t>(low, high)(rng);
+  };
+  const auto number = [&](double low, double high) {
+    return std::uniform_real_distribution<double>(low, high)(rng);
+  };
   const auto log_number = [&](double low_exponent, double high_exponent) {
     return std::pow(10.0, number(low_exponent, high_exponent));
   };
@@ -331,7 +413,9 @@ Config random_config(std::mt19937_64& rng) {
   m.action_scale = log_number(-3, 3);
   m.logit_scale_init = number(-10, 10);
   m.logit_scale_max = m.logit_scale_init + number(0, 10);
-  c.data = {text(1), integer(1, big), rng()};
+  c.data.dir = text(1);
+  c.data.global_batch = integer(1, big);
+  c.data.seed = rng();
   OptimConfig& o = c.optim;
   o.lr = log_number(-12, 1);
   o.min_lr_ratio = number(0, 1);
@@ -365,8 +449,10 @@ TEST(Config, ToYamlListsEveryKeyInSectionOrder) {
     EXPECT_GE(at, last) << section << " out of order in\n" << yaml;
     last = at;
   }
-#define VIMO_EXPECT_LISTED(field) \
-  EXPECT_NE(yaml.find(std::string(#field).substr(std::string(#field).find('.') + 1) + ":"), std::string::npos) << #field;
+#define VIMO_EXPECT_LISTED(field)                                                           \
+  EXPECT_NE(yaml.find(std::string(#field).substr(std::string(#field).find('.') + 1) + ":"), \
+            std::string::npos)                                                              \
+      << #field;
   VIMO_CONFIG_FIELDS(VIMO_EXPECT_LISTED)
 #undef VIMO_EXPECT_LISTED
 }
