@@ -1,1 +1,475 @@
-// (being written)
+// Implements the shard format of shard.h: Field helpers, the crash-safe ShardWriter and the validating
+// ShardReader.
+#include "data/shard.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <stdexcept>
+#include <utility>
+
+namespace vimo::data {
+
+// Note [Native little-endian I/O]: the format is little-endian, and integers are written and read with
+// memcpy of their native representation. That is correct only on little-endian hosts (x86-64, aarch64
+// Linux), which this assertion pins down; a big-endian port would byte-swap in put()/get() below.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
+              "vimo shards are little-endian: see Note [Native little-endian I/O]");
+
+namespace {
+
+constexpr uint64_t kHeaderSize = sizeof(kShardMagic) + 2 * sizeof(uint32_t);  // 16
+constexpr uint64_t kFooterSize = 2 * sizeof(uint64_t) + sizeof(kShardMagic);  // 24
+constexpr uint64_t kIndexEntrySize = 2 * sizeof(uint64_t);                    // offset + checksum
+constexpr const char* kRegenerateHint = "the file is corrupt: regenerate it";
+
+std::string hex(uint64_t value) { return fmt::format("{:#018x}", value); }
+
+std::string printable_magic(const char* bytes) {
+  std::string out;
+  for (int i = 0; i < 8; ++i) {
+    const auto c = static_cast<unsigned char>(bytes[i]);
+    out += (c >= 0x20 && c < 0x7f) ? std::string(1, static_cast<char>(c)) : fmt::format("\\x{:02x}", c);
+  }
+  return out;
+}
+
+// Product of a shape's extents times the element size, or throws when it overflows or is negative.
+uint64_t checked_byte_count(const std::vector<int64_t>& shape, DType dtype, const std::string& where) {
+  uint64_t count = dtype_size(dtype);
+  for (const int64_t extent : shape) {
+    if (extent < 0)
+      throw std::runtime_error(fmt::format("{}: negative extent {} in the shape", where, extent));
+    if (extent != 0 && count > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(extent)) {
+      throw std::runtime_error(fmt::format("{}: the shape's byte count overflows 64 bits", where));
+    }
+    count *= static_cast<uint64_t>(extent);
+  }
+  return count;
+}
+
+bool valid_dtype(uint8_t code) { return code >= 1 && code <= 4; }
+
+template <typename T>
+void put(std::vector<uint8_t>& out, T value) {
+  const auto* p = reinterpret_cast<const uint8_t*>(&value);
+  out.insert(out.end(), p, p + sizeof(T));
+}
+
+// Bounds-checked parser over one record's bytes; errors carry the absolute file offset.
+class RecordParser {
+ public:
+  RecordParser(const std::vector<uint8_t>& bytes, uint64_t file_offset, std::string context)
+      : bytes_(bytes), file_offset_(file_offset), context_(std::move(context)) {}
+
+  template <typename T>
+  T get(const char* what) {
+    T value;
+    std::memcpy(&value, take(sizeof(T), what), sizeof(T));
+    return value;
+  }
+  const uint8_t* take(uint64_t count, const char* what) {
+    if (count > bytes_.size() - position_) {
+      fail(fmt::format("{} needs {} bytes but the record has {} left", what, count,
+                       bytes_.size() - position_));
+    }
+    const uint8_t* p = bytes_.data() + position_;
+    position_ += count;
+    return p;
+  }
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error(
+        fmt::format("{} at offset {}: {}; {}", context_, file_offset_ + position_, what, kRegenerateHint));
+  }
+  bool done() const { return position_ == bytes_.size(); }
+  uint64_t remaining() const { return bytes_.size() - position_; }
+
+ private:
+  const std::vector<uint8_t>& bytes_;
+  uint64_t file_offset_;
+  std::string context_;
+  uint64_t position_ = 0;
+};
+
+template <typename T>
+Field field_from_values(std::string name, DType dtype, std::vector<int64_t> shape,
+                        const std::vector<T>& values) {
+  Field field;
+  field.name = std::move(name);
+  field.dtype = dtype;
+  field.shape = std::move(shape);
+  const uint64_t bytes = checked_byte_count(field.shape, dtype, "field '" + field.name + "'");
+  if (bytes != values.size() * sizeof(T)) {
+    throw std::runtime_error(fmt::format("field '{}': shape holds {} elements but {} values were given",
+                                         field.name, bytes / sizeof(T), values.size()));
+  }
+  const auto* p = reinterpret_cast<const uint8_t*>(values.data());
+  field.bytes.assign(p, p + bytes);
+  return field;
+}
+
+template <typename T>
+std::vector<T> field_values(const Field& field, DType expected) {
+  if (field.dtype != expected) {
+    throw std::runtime_error(fmt::format("field '{}': expected dtype {}, found {}", field.name,
+                                         dtype_name(expected), dtype_name(field.dtype)));
+  }
+  const uint64_t bytes = checked_byte_count(field.shape, field.dtype, "field '" + field.name + "'");
+  if (bytes != field.bytes.size()) {
+    throw std::runtime_error(
+        fmt::format("field '{}': shape needs {} bytes, found {}", field.name, bytes, field.bytes.size()));
+  }
+  std::vector<T> values(bytes / sizeof(T));
+  if (bytes) std::memcpy(values.data(), field.bytes.data(), bytes);
+  return values;
+}
+
+// Reads exactly `count` bytes at `offset` (pread: no shared file position, so reads are const and
+// thread-safe), or throws naming the file.
+void read_exactly(int fd, uint64_t offset, void* out, uint64_t count, const std::string& path,
+                  const char* what) {
+  auto* p = static_cast<uint8_t*>(out);
+  while (count > 0) {
+    const ssize_t n = ::pread(fd, p, count, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      throw std::runtime_error(fmt::format("shard {}: cannot read the {} at offset {}: {}", path, what,
+                                           offset, n < 0 ? std::strerror(errno) : "unexpected end of file"));
+    }
+    p += n;
+    offset += static_cast<uint64_t>(n);
+    count -= static_cast<uint64_t>(n);
+  }
+}
+
+}  // namespace
+
+size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::Float32:
+      return 4;
+    case DType::Int64:
+      return 8;
+    case DType::Int32:
+      return 4;
+    case DType::UInt8:
+      return 1;
+  }
+  throw std::runtime_error(fmt::format("unknown shard dtype code {}", static_cast<int>(dtype)));
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::Float32:
+      return "float32";
+    case DType::Int64:
+      return "int64";
+    case DType::Int32:
+      return "int32";
+    case DType::UInt8:
+      return "uint8";
+  }
+  return "unknown";
+}
+
+Field Field::from_floats(std::string name, std::vector<int64_t> shape, const std::vector<float>& values) {
+  return field_from_values(std::move(name), DType::Float32, std::move(shape), values);
+}
+
+Field Field::from_int64s(std::string name, std::vector<int64_t> shape, const std::vector<int64_t>& values) {
+  return field_from_values(std::move(name), DType::Int64, std::move(shape), values);
+}
+
+Field Field::from_string(std::string name, const std::string& text) {
+  return field_from_values(std::move(name), DType::UInt8, {static_cast<int64_t>(text.size())},
+                           std::vector<uint8_t>(text.begin(), text.end()));
+}
+
+std::vector<float> Field::floats() const { return field_values<float>(*this, DType::Float32); }
+std::vector<int64_t> Field::int64s() const { return field_values<int64_t>(*this, DType::Int64); }
+
+std::string Field::text() const {
+  const std::vector<uint8_t> bytes = field_values<uint8_t>(*this, DType::UInt8);
+  return std::string(bytes.begin(), bytes.end());
+}
+
+int64_t Field::numel() const {
+  int64_t n = 1;
+  for (const int64_t extent : shape) n *= extent;
+  return n;
+}
+
+const Field& Record::get(const std::string& name) const {
+  for (const Field& field : fields) {
+    if (field.name == name) return field;
+  }
+  std::string present;
+  for (const Field& field : fields) present += (present.empty() ? "" : ", ") + field.name;
+  throw std::runtime_error(fmt::format("record has no field '{}' (fields: {})", name, present));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ShardWriter
+
+ShardWriter::ShardWriter(std::string path) : path_(std::move(path)), temp_path_(path_ + ".tmp") {
+  file_ = std::fopen(temp_path_.c_str(), "wb");
+  if (!file_) {
+    throw std::runtime_error(
+        fmt::format("shard {}: cannot create {}: {}. HINT: check that the directory exists "
+                    "and is writable",
+                    path_, temp_path_, std::strerror(errno)));
+  }
+  std::vector<uint8_t> header(kShardMagic, kShardMagic + sizeof(kShardMagic));
+  put<uint32_t>(header, kShardVersion);
+  put<uint32_t>(header, 0);  // reserved
+  if (std::fwrite(header.data(), 1, header.size(), file_) != header.size()) {
+    const std::string error = std::strerror(errno);
+    std::fclose(file_);
+    file_ = nullptr;
+    std::remove(temp_path_.c_str());
+    throw std::runtime_error(fmt::format("shard {}: cannot write the header: {}", path_, error));
+  }
+  position_ = header.size();
+}
+
+ShardWriter::~ShardWriter() {
+  if (file_) {
+    std::fclose(file_);
+    std::remove(temp_path_.c_str());
+  }
+}
+
+void ShardWriter::append(const Record& record) {
+  if (!file_) throw std::runtime_error(fmt::format("shard {}: append after finish()", path_));
+  const std::string context = fmt::format("shard {}: record {}", path_, offsets_.size());
+  std::vector<uint8_t> bytes;
+  put<uint32_t>(bytes, static_cast<uint32_t>(record.fields.size()));
+  for (const Field& field : record.fields) {
+    const std::string where = fmt::format("{}: field '{}'", context, field.name);
+    if (field.name.size() > std::numeric_limits<uint16_t>::max()) {
+      throw std::runtime_error(where + ": the name is longer than 65535 bytes");
+    }
+    if (!valid_dtype(static_cast<uint8_t>(field.dtype))) {
+      throw std::runtime_error(
+          fmt::format("{}: unknown dtype code {}", where, static_cast<int>(field.dtype)));
+    }
+    if (field.shape.size() > std::numeric_limits<uint8_t>::max()) {
+      throw std::runtime_error(fmt::format("{}: rank {} exceeds 255", where, field.shape.size()));
+    }
+    const uint64_t expected = checked_byte_count(field.shape, field.dtype, where);
+    if (expected != field.bytes.size()) {
+      throw std::runtime_error(
+          fmt::format("{}: shape needs {} bytes, found {}", where, expected, field.bytes.size()));
+    }
+    put<uint16_t>(bytes, static_cast<uint16_t>(field.name.size()));
+    bytes.insert(bytes.end(), field.name.begin(), field.name.end());
+    put<uint8_t>(bytes, static_cast<uint8_t>(field.dtype));
+    put<uint8_t>(bytes, static_cast<uint8_t>(field.shape.size()));
+    for (const int64_t extent : field.shape) put<int64_t>(bytes, extent);
+    put<uint64_t>(bytes, field.bytes.size());
+    bytes.insert(bytes.end(), field.bytes.begin(), field.bytes.end());
+  }
+  if (std::fwrite(bytes.data(), 1, bytes.size(), file_) != bytes.size()) {
+    throw std::runtime_error(fmt::format("{}: write failed: {}", context, std::strerror(errno)));
+  }
+  offsets_.push_back(position_);
+  checksums_.push_back(XXH3_64bits(bytes.data(), bytes.size()));
+  position_ += bytes.size();
+}
+
+// Note [Atomic shard publication]: the shard is written under `path.tmp`, flushed and fsync'ed, then
+// renamed. rename() within one directory is atomic on POSIX, so readers see either no shard or a complete
+// one; the directory is fsync'ed afterwards so the rename itself survives a power loss.
+void ShardWriter::finish() {
+  if (!file_) throw std::runtime_error(fmt::format("shard {}: finish() called twice", path_));
+  const uint64_t index_offset = position_;
+  std::vector<uint8_t> tail;
+  tail.reserve(offsets_.size() * kIndexEntrySize + kFooterSize);
+  for (const uint64_t offset : offsets_) put<uint64_t>(tail, offset);
+  for (const uint64_t checksum : checksums_) put<uint64_t>(tail, checksum);
+  put<uint64_t>(tail, offsets_.size());
+  put<uint64_t>(tail, index_offset);
+  tail.insert(tail.end(), kShardMagic, kShardMagic + sizeof(kShardMagic));
+  const bool written = std::fwrite(tail.data(), 1, tail.size(), file_) == tail.size() &&
+                       std::fflush(file_) == 0 && ::fsync(::fileno(file_)) == 0;
+  const std::string error = written ? "" : std::strerror(errno);
+  const bool closed = std::fclose(file_) == 0;
+  file_ = nullptr;
+  if (!written || !closed) {
+    std::remove(temp_path_.c_str());
+    throw std::runtime_error(fmt::format("shard {}: cannot write the index and footer: {}", path_,
+                                         written ? "close failed" : error));
+  }
+  position_ += tail.size();
+  if (std::rename(temp_path_.c_str(), path_.c_str()) != 0) {
+    const std::string rename_error = std::strerror(errno);
+    std::remove(temp_path_.c_str());
+    throw std::runtime_error(
+        fmt::format("shard {}: cannot rename {} into place: {}", path_, temp_path_, rename_error));
+  }
+  std::string dir = std::filesystem::path(path_).parent_path().string();
+  if (dir.empty()) dir = ".";
+  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (dir_fd >= 0) {
+    ::fsync(dir_fd);
+    ::close(dir_fd);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// ShardReader
+
+ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
+  file_ = std::fopen(path_.c_str(), "rb");
+  if (!file_) {
+    throw std::runtime_error(
+        fmt::format("shard {}: cannot open: {}. HINT: check the path, or regenerate the "
+                    "dataset",
+                    path_, std::strerror(errno)));
+  }
+  // The constructor owns file_ from here on; a throw below must close it since the destructor won't run.
+  try {
+    const int fd = ::fileno(file_);
+    const off_t end = ::lseek(fd, 0, SEEK_END);
+    if (end < 0)
+      throw std::runtime_error(fmt::format("shard {}: cannot seek: {}", path_, std::strerror(errno)));
+    const auto file_size = static_cast<uint64_t>(end);
+    if (file_size < kHeaderSize + kFooterSize) {
+      throw std::runtime_error(
+          fmt::format("shard {}: file is {} bytes, expected at least {} (header + footer); "
+                      "the file is truncated: regenerate it",
+                      path_, file_size, kHeaderSize + kFooterSize));
+    }
+
+    char header[kHeaderSize];
+    read_exactly(fd, 0, header, kHeaderSize, path_, "header");
+    if (std::memcmp(header, kShardMagic, sizeof(kShardMagic)) != 0) {
+      throw std::runtime_error(
+          fmt::format("shard {}: at offset 0: bad magic (expected \"VIMOSHRD\", found \"{}\"); "
+                      "this is not a vimo shard",
+                      path_, printable_magic(header)));
+    }
+    uint32_t version = 0;
+    std::memcpy(&version, header + sizeof(kShardMagic), sizeof(version));
+    if (version != kShardVersion) {
+      throw std::runtime_error(
+          fmt::format("shard {}: at offset 8: unsupported version (expected {}, found {}). "
+                      "HINT: regenerate the shard with this vimo build",
+                      path_, kShardVersion, version));
+    }
+
+    const uint64_t footer_offset = file_size - kFooterSize;
+    char footer[kFooterSize];
+    read_exactly(fd, footer_offset, footer, kFooterSize, path_, "footer");
+    uint64_t record_count = 0;
+    std::memcpy(&record_count, footer, sizeof(uint64_t));
+    std::memcpy(&index_offset_, footer + sizeof(uint64_t), sizeof(uint64_t));
+    if (std::memcmp(footer + 2 * sizeof(uint64_t), kShardMagic, sizeof(kShardMagic)) != 0) {
+      throw std::runtime_error(fmt::format(
+          "shard {}: at offset {}: bad footer magic (expected \"VIMOSHRD\", found "
+          "\"{}\"); the file is truncated or corrupt: regenerate it",
+          path_, footer_offset + 2 * sizeof(uint64_t), printable_magic(footer + 2 * sizeof(uint64_t))));
+    }
+    // The index must sit exactly between the records and the footer.
+    const uint64_t max_records = (footer_offset - kHeaderSize) / kIndexEntrySize;
+    if (record_count > max_records || index_offset_ < kHeaderSize || index_offset_ > footer_offset ||
+        footer_offset - index_offset_ != record_count * kIndexEntrySize) {
+      throw std::runtime_error(
+          fmt::format("shard {}: at offset {}: footer says {} records with the index at offset "
+                      "{}, which does not end at the footer (offset {}); {}",
+                      path_, footer_offset, record_count, index_offset_, footer_offset, kRegenerateHint));
+    }
+
+    std::vector<uint64_t> index(2 * record_count);
+    if (record_count) {
+      read_exactly(fd, index_offset_, index.data(), record_count * kIndexEntrySize, path_, "index");
+    }
+    offsets_.assign(index.begin(), index.begin() + static_cast<std::ptrdiff_t>(record_count));
+    checksums_.assign(index.begin() + static_cast<std::ptrdiff_t>(record_count), index.end());
+    for (uint64_t i = 0; i < record_count; ++i) {
+      const uint64_t lower = i == 0 ? kHeaderSize : offsets_[i - 1] + sizeof(uint32_t);
+      // Records are back to back from the header on, each at least its 4-byte field count long.
+      if (offsets_[i] < lower || offsets_[i] > index_offset_ - sizeof(uint32_t) ||
+          (i == 0 && offsets_[0] != kHeaderSize)) {
+        throw std::runtime_error(
+            fmt::format("shard {}: record {}: index entry at offset {} points to offset {}, "
+                        "outside the records region [{}, {}) or before the previous record; {}",
+                        path_, i, index_offset_ + i * sizeof(uint64_t), offsets_[i], lower, index_offset_,
+                        kRegenerateHint));
+      }
+    }
+  } catch (...) {
+    std::fclose(file_);
+    file_ = nullptr;
+    throw;
+  }
+}
+
+ShardReader::~ShardReader() {
+  if (file_) std::fclose(file_);
+}
+
+Record ShardReader::read_record(uint64_t index) const {
+  if (index >= offsets_.size()) {
+    throw std::runtime_error(fmt::format("shard {}: record {} requested, but the shard has {} records", path_,
+                                         index, offsets_.size()));
+  }
+  const uint64_t begin = offsets_[index];
+  const uint64_t end = index + 1 < offsets_.size() ? offsets_[index + 1] : index_offset_;
+  std::vector<uint8_t> bytes(end - begin);
+  read_exactly(::fileno(file_), begin, bytes.data(), bytes.size(), path_, "record");
+  const std::string context = fmt::format("shard {}: record {}", path_, index);
+  const uint64_t checksum = XXH3_64bits(bytes.data(), bytes.size());
+  if (checksum != checksums_[index]) {
+    throw std::runtime_error(fmt::format("{} at offset {}: checksum mismatch (expected {}, found {}); {}",
+                                         context, begin, hex(checksums_[index]), hex(checksum),
+                                         kRegenerateHint));
+  }
+
+  RecordParser parser(bytes, begin, context);
+  Record record;
+  const auto field_count = parser.get<uint32_t>("field count");
+  // Each field takes at least 12 bytes (name length, dtype, rank, byte count): bound the reservation.
+  if (field_count > parser.remaining() / 12) {
+    parser.fail(
+        fmt::format("field count {} does not fit in the record's {} bytes", field_count, bytes.size()));
+  }
+  record.fields.reserve(field_count);
+  for (uint32_t f = 0; f < field_count; ++f) {
+    Field field;
+    const auto name_length = parser.get<uint16_t>("field name length");
+    const uint8_t* name = parser.take(name_length, "field name");
+    field.name.assign(reinterpret_cast<const char*>(name), name_length);
+    const auto dtype = parser.get<uint8_t>("dtype");
+    if (!valid_dtype(dtype))
+      parser.fail(fmt::format("field '{}': unknown dtype code {} (expected 1-4)", field.name, dtype));
+    field.dtype = static_cast<DType>(dtype);
+    const auto rank = parser.get<uint8_t>("rank");
+    field.shape.resize(rank);
+    for (int64_t& extent : field.shape) extent = parser.get<int64_t>("shape");
+    const auto byte_count = parser.get<uint64_t>("byte count");
+    uint64_t expected = 0;
+    try {
+      expected = checked_byte_count(field.shape, field.dtype, "field '" + field.name + "'");
+    } catch (const std::runtime_error& e) {
+      parser.fail(e.what());
+    }
+    if (byte_count != expected) {
+      parser.fail(fmt::format("field '{}': byte count {} does not match its shape (expected {})", field.name,
+                              byte_count, expected));
+    }
+    const uint8_t* data = parser.take(byte_count, "field data");
+    field.bytes.assign(data, data + byte_count);
+    record.fields.push_back(std::move(field));
+  }
+  if (!parser.done()) parser.fail(fmt::format("{} trailing bytes after the last field", parser.remaining()));
+  return record;
+}
+
+}  // namespace vimo::data

@@ -1,0 +1,232 @@
+// Tests the shard format: round trips of random records, the named error for each kind of corruption,
+// and crash safety of the writer.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "data/shard.h"
+#include "tests/random_seed.h"
+
+namespace vimo::data {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fresh directory per test under gtest's temp dir.
+fs::path test_dir() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  fs::path dir = fs::path(::testing::TempDir()) / "vimo_test_shard" / info->name();
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+// Expects `body` to throw std::runtime_error whose message contains every one of `parts`.
+void expect_error(const std::function<void()>& body, const std::vector<std::string>& parts) {
+  try {
+    body();
+    ADD_FAILURE() << "expected an error containing '" << parts.front() << "'";
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    for (const std::string& part : parts) {
+      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
+    }
+  }
+}
+
+Record random_record(std::mt19937_64& rng) {
+  Record record;
+  const int fields = 1 + static_cast<int>(rng() % 5);
+  for (int f = 0; f < fields; ++f) {
+    Field field;
+    field.name = "field_" + std::to_string(f) + std::string(rng() % 4, 'x');
+    field.dtype = static_cast<DType>(1 + rng() % 4);
+    field.shape.resize(rng() % 4);  // rank 0 (a scalar) to 3, extents may be 0
+    for (int64_t& extent : field.shape) extent = static_cast<int64_t>(rng() % 5);
+    field.bytes.resize(field.numel() * dtype_size(field.dtype));
+    for (uint8_t& byte : field.bytes) byte = static_cast<uint8_t>(rng());
+    record.fields.push_back(field);
+  }
+  record.fields.push_back(Field::from_string("empty", ""));
+  return record;
+}
+
+// Writes `records` to `path` and returns each record's byte offset in the file.
+std::vector<uint64_t> write_shard(const std::string& path, const std::vector<Record>& records) {
+  ShardWriter writer(path);
+  std::vector<uint64_t> offsets;
+  for (const Record& record : records) {
+    offsets.push_back(writer.bytes_written());
+    writer.append(record);
+  }
+  writer.finish();
+  EXPECT_EQ(writer.records_written(), records.size());
+  EXPECT_EQ(writer.bytes_written(), fs::file_size(path));
+  return offsets;
+}
+
+void overwrite(const std::string& path, uint64_t offset, const std::vector<uint8_t>& bytes) {
+  std::fstream file(path, std::ios::in | std::ios::out | std::ios::binary);
+  file.seekp(static_cast<std::streamoff>(offset));
+  file.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+struct ShardFixture {
+  std::mt19937_64 rng{vimo::testing::seed_torch()};
+  fs::path dir = test_dir();
+  std::string path = (dir / "shard_00000.bin").string();
+  std::vector<Record> records;
+  std::vector<uint64_t> offsets;
+
+  ShardFixture() {
+    const int count = 2 + static_cast<int>(rng() % 10);
+    for (int i = 0; i < count; ++i) records.push_back(random_record(rng));
+    offsets = write_shard(path, records);
+  }
+};
+
+TEST(Shard, RoundTripOfRandomRecordsIsByteExact) {
+  ShardFixture f;
+  const ShardReader reader(f.path);
+  ASSERT_EQ(reader.size(), f.records.size());
+  for (uint64_t i = 0; i < reader.size(); ++i) {
+    const Record read = reader.read_record(i);
+    ASSERT_EQ(read.fields.size(), f.records[i].fields.size()) << "record " << i;
+    for (size_t k = 0; k < read.fields.size(); ++k) {
+      const Field &a = read.fields[k], &b = f.records[i].fields[k];
+      EXPECT_EQ(a.name, b.name);
+      EXPECT_EQ(a.dtype, b.dtype) << a.name;
+      EXPECT_EQ(a.shape, b.shape) << a.name;
+      EXPECT_EQ(a.bytes, b.bytes) << a.name;
+    }
+    EXPECT_EQ(read.get("empty").text(), "");
+  }
+  expect_error([&] { reader.read_record(reader.size()); },
+               {f.path, "record " + std::to_string(reader.size())});
+}
+
+TEST(Shard, EmptyShardHasNoRecords) {
+  const std::string path = (test_dir() / "empty.bin").string();
+  write_shard(path, {});
+  EXPECT_EQ(ShardReader(path).size(), 0u);
+}
+
+TEST(Shard, FieldHelpersCheckDtypeAndCounts) {
+  std::mt19937_64 rng(vimo::testing::seed_torch());
+  std::vector<float> values(6);
+  for (float& v : values) v = static_cast<float>(rng() % 1000) / 7.0f;
+  const Field floats = Field::from_floats("x", {2, 3}, values);
+  EXPECT_EQ(floats.numel(), 6);
+  EXPECT_EQ(floats.floats(), values);
+  EXPECT_EQ(Field::from_int64s("i", {2}, {-5, 1LL << 40}).int64s(), (std::vector<int64_t>{-5, 1LL << 40}));
+  EXPECT_EQ(Field::from_string("s", "a caption").text(), "a caption");
+  expect_error([&] { floats.int64s(); }, {"'x'", "int64", "float32"});
+  expect_error([&] { floats.text(); }, {"'x'", "uint8"});
+  expect_error([&] { Field::from_floats("y", {4}, values); }, {"'y'", "4", "6"});
+  Field short_field = floats;
+  short_field.bytes.pop_back();
+  expect_error([&] { short_field.floats(); }, {"'x'", "24", "23"});
+  Record record;
+  record.fields.push_back(floats);
+  expect_error([&] { record.get("missing"); }, {"'missing'", "x"});
+  // The writer refuses a field whose bytes disagree with its shape.
+  ShardWriter writer((test_dir() / "bad.bin").string());
+  Record bad;
+  bad.fields.push_back(short_field);
+  expect_error([&] { writer.append(bad); }, {"record 0", "'x'", "24", "23"});
+}
+
+TEST(Shard, FlippedByteGivesChecksumErrorNamingTheRecord) {
+  ShardFixture f;
+  const uint64_t victim = f.rng() % f.records.size();
+  const uint64_t index_offset = fs::file_size(f.path) - 24 - 16 * f.records.size();
+  const uint64_t end = victim + 1 < f.offsets.size() ? f.offsets[victim + 1] : index_offset;
+  const uint64_t length = end - f.offsets[victim];
+  const uint64_t at = f.offsets[victim] + f.rng() % length;
+  std::vector<uint8_t> byte(1);
+  {
+    std::ifstream in(f.path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(at));
+    in.read(reinterpret_cast<char*>(byte.data()), 1);
+  }
+  byte[0] ^= static_cast<uint8_t>(1 + f.rng() % 255);
+  overwrite(f.path, at, byte);
+
+  const ShardReader reader(f.path);
+  for (uint64_t i = 0; i < reader.size(); ++i) {
+    if (i != victim) {
+      EXPECT_NO_THROW(reader.read_record(i)) << "record " << i;
+      continue;
+    }
+    expect_error(
+        [&] { reader.read_record(i); },
+        {f.path, "record " + std::to_string(victim) + " at offset " + std::to_string(f.offsets[victim]),
+         "checksum mismatch", "regenerate"});
+  }
+}
+
+TEST(Shard, TruncatedFileIsRejected) {
+  ShardFixture f;
+  const uint64_t size = fs::file_size(f.path);
+  fs::resize_file(f.path, size - 1 - f.rng() % (size - 1));  // keeps 0 .. size-1 bytes
+  expect_error([&] { ShardReader reader(f.path); }, {f.path, "truncated"});
+}
+
+TEST(Shard, WrongMagicIsRejected) {
+  ShardFixture f;
+  overwrite(f.path, f.rng() % 8, {'?'});
+  expect_error([&] { ShardReader reader(f.path); },
+               {f.path, "offset 0", "bad magic", "expected \"VIMOSHRD\""});
+}
+
+TEST(Shard, WrongVersionIsRejected) {
+  ShardFixture f;
+  const uint32_t version = kShardVersion + 1 + static_cast<uint32_t>(f.rng() % 100);
+  const auto* p = reinterpret_cast<const uint8_t*>(&version);
+  overwrite(f.path, 8, std::vector<uint8_t>(p, p + 4));
+  expect_error([&] { ShardReader reader(f.path); },
+               {f.path, "unsupported version", "expected 1, found " + std::to_string(version)});
+}
+
+TEST(Shard, CorruptIndexIsRejected) {
+  ShardFixture f;
+  const uint64_t victim = f.rng() % f.records.size();
+  const uint64_t index_offset = fs::file_size(f.path) - 24 - 16 * f.records.size();
+  const uint64_t bogus = fs::file_size(f.path) + f.rng() % 1000;  // past the records region
+  const auto* p = reinterpret_cast<const uint8_t*>(&bogus);
+  overwrite(f.path, index_offset + 8 * victim, std::vector<uint8_t>(p, p + 8));
+  expect_error([&] { ShardReader reader(f.path); }, {f.path, "record " + std::to_string(victim), "outside"});
+}
+
+TEST(Shard, MissingFileIsNamed) {
+  const std::string path = (test_dir() / "nope.bin").string();
+  expect_error([&] { ShardReader reader(path); }, {path, "cannot open", "No such file"});
+}
+
+TEST(Shard, UnfinishedWriterLeavesNoFile) {
+  std::mt19937_64 rng(vimo::testing::seed_torch());
+  const fs::path dir = test_dir();
+  const std::string path = (dir / "shard_00000.bin").string();
+  {
+    ShardWriter writer(path);
+    writer.append(random_record(rng));
+    EXPECT_TRUE(fs::exists(path + ".tmp"));
+    EXPECT_FALSE(fs::exists(path));
+  }  // destroyed without finish(), as by an exception or a crash before publication
+  EXPECT_FALSE(fs::exists(path));
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  EXPECT_TRUE(fs::is_empty(dir));
+
+  write_shard(path, {random_record(rng)});
+  EXPECT_TRUE(fs::exists(path));
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+}
+
+}  // namespace
+}  // namespace vimo::data
