@@ -68,7 +68,8 @@ std::string step_name(int64_t step) { return fmt::format("step_{:08d}", step); }
 // Throws std::runtime_error naming the file that does not match the manifest.
 nlohmann::json verify(const fs::path& directory) {
   const fs::path manifest_path = directory / kManifest;
-  if (!fs::exists(manifest_path)) throw std::runtime_error(manifest_path.string() + " is missing (incomplete save)");
+  if (!fs::exists(manifest_path))
+    throw std::runtime_error(manifest_path.string() + " is missing (incomplete save)");
   nlohmann::json manifest;
   try {
     manifest = nlohmann::json::parse(read_text_file(manifest_path));
@@ -126,8 +127,10 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
       write_safetensors((temp_dir / kStateFile).string(), state);
       write_text_file(temp_dir / "loader.json", loader_json);
       write_text_file(temp_dir / "config.yaml", config_yaml);
-      nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"}, {"version", kFormatVersion},
-                                         {"step", step}, {"world_size", comm_ ? comm_->size() : 1}};
+      nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"},
+                                         {"version", kFormatVersion},
+                                         {"step", step},
+                                         {"world_size", comm_ ? comm_->size() : 1}};
       for (const char* name : {kStateFile, "loader.json", "config.yaml"}) {
         manifest["files"][name] = {{"bytes", fs::file_size(temp_dir / name)},
                                    {"xxh3", file_checksum(temp_dir / name)}};

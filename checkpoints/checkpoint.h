@@ -26,9 +26,9 @@ namespace vimo::checkpoints {
 struct Checkpoint {
   int64_t step = 0;
   int world_size = 1;
-  TensorFile state;          // rank 0's state file
-  std::string loader_json;   // sampler state
-  std::string config_yaml;   // resolved config of the run that saved it
+  TensorFile state;         // rank 0's state file
+  std::string loader_json;  // sampler state
+  std::string config_yaml;  // resolved config of the run that saved it
   std::string directory;
 };
 

@@ -46,7 +46,8 @@ void write_safetensors(const std::string& path, const TensorFile& file) {
   for (const auto& [name, tensor] : file.tensors) {
     at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
     const uint64_t bytes = t.numel() * t.element_size();
-    header[name] = {{"dtype", dtype_to_name(t.scalar_type())}, {"shape", t.sizes().vec()},
+    header[name] = {{"dtype", dtype_to_name(t.scalar_type())},
+                    {"shape", t.sizes().vec()},
                     {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     ordered.push_back(t);
@@ -57,7 +58,8 @@ void write_safetensors(const std::string& path, const TensorFile& file) {
 
   std::FILE* out = std::fopen(path.c_str(), "wb");
   if (!out) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
-  bool ok = std::fwrite(&header_length, 8, 1, out) == 1 && std::fwrite(text.data(), 1, text.size(), out) == text.size();
+  bool ok = std::fwrite(&header_length, 8, 1, out) == 1 &&
+            std::fwrite(text.data(), 1, text.size(), out) == text.size();
   for (const at::Tensor& t : ordered) {
     const size_t bytes = t.numel() * t.element_size();
     ok = ok && (bytes == 0 || std::fwrite(t.data_ptr(), 1, bytes, out) == bytes);
@@ -74,7 +76,8 @@ TensorFile read_safetensors(const std::string& path) {
   const uint64_t file_size = in.tellg();
   in.seekg(0);
   uint64_t header_length = 0;
-  if (file_size < 8 || !in.read(reinterpret_cast<char*>(&header_length), 8) || header_length > file_size - 8) {
+  if (file_size < 8 || !in.read(reinterpret_cast<char*>(&header_length), 8) ||
+      header_length > file_size - 8) {
     throw std::runtime_error(path + ": not a safetensors file (header length out of range)");
   }
   std::string text(header_length, '\0');
@@ -97,8 +100,10 @@ TensorFile read_safetensors(const std::string& path) {
     const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
     at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
     const uint64_t bytes = t.numel() * t.element_size();
-    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != bytes || offsets[1] > data_size) {
-      throw std::runtime_error(path + ": tensor '" + name + "' has data offsets that do not match its shape or the file size");
+    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != bytes ||
+        offsets[1] > data_size) {
+      throw std::runtime_error(path + ": tensor '" + name +
+                               "' has data offsets that do not match its shape or the file size");
     }
     in.seekg(data_start + offsets[0]);
     if (bytes && !in.read(static_cast<char*>(t.data_ptr()), bytes)) {

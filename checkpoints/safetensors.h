@@ -13,11 +13,12 @@
 namespace vimo::checkpoints {
 
 struct TensorFile {
-  std::map<std::string, at::Tensor> tensors;        // CPU, contiguous
+  std::map<std::string, at::Tensor> tensors;  // CPU, contiguous
   std::map<std::string, std::string> metadata;
 };
 
-// Writes `file` to `path` and fsyncs it. Tensors are written in name order (F32, F64, BF16, F16, I64, I32, U8).
+// Writes `file` to `path` and fsyncs it. Tensors are written in name order (F32, F64, BF16, F16, I64, I32,
+// U8).
 void write_safetensors(const std::string& path, const TensorFile& file);
 
 // Reads `path`; errors name the file and the tensor that is malformed.

@@ -11,8 +11,8 @@ at::Tensor infonce_rows(const at::Tensor& scores, int64_t positive_offset) {
   const int64_t n = scores.size(0), N = scores.size(1);
   if (positive_offset < 0 || positive_offset + n > N) {
     throw std::invalid_argument("infonce_rows: positives [" + std::to_string(positive_offset) + ", " +
-                                std::to_string(positive_offset + n) + ") fall outside " +
-                                std::to_string(N) + " columns");
+                                std::to_string(positive_offset + n) + ") fall outside " + std::to_string(N) +
+                                " columns");
   }
   at::Tensor targets = at::arange(positive_offset, positive_offset + n, scores.options().dtype(at::kLong));
   at::Tensor log_probs = at::log_softmax(scores, /*dim=*/1);            // [n, N]

@@ -38,9 +38,12 @@ GeminiStage parse_stage(const std::string& name) {
 
 const char* stage_name(GeminiStage stage) {
   switch (stage) {
-    case GeminiStage::Action: return "action";
-    case GeminiStage::Object: return "object";
-    case GeminiStage::Router: return "router";
+    case GeminiStage::Action:
+      return "action";
+    case GeminiStage::Object:
+      return "object";
+    case GeminiStage::Router:
+      return "router";
   }
   return "?";
 }
@@ -49,7 +52,8 @@ TextEncoderImpl::TextEncoderImpl(const GeminiConfig& c) {
   token_embedding_ = register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.width));
   positions_ = make_positions(*this, "positions", c.max_text_len, c.width);
   transformer_ = register_module("transformer", Transformer(c.width, c.heads, c.text_layers));
-  projection_ = register_module("projection", torch::nn::Linear(torch::nn::LinearOptions(c.width, c.embed_dim).bias(false)));
+  projection_ = register_module(
+      "projection", torch::nn::Linear(torch::nn::LinearOptions(c.width, c.embed_dim).bias(false)));
 }
 
 at::Tensor TextEncoderImpl::forward(const at::Tensor& text_ids, const at::Tensor& text_mask) {
@@ -66,7 +70,8 @@ ObjectVideoEncoderImpl::ObjectVideoEncoderImpl(const GeminiConfig& c) {
   input_ = register_module("input", torch::nn::Linear(c.feature_dim, c.width));
   positions_ = make_positions(*this, "positions", c.frames, c.width);
   transformer_ = register_module("transformer", Transformer(c.width, c.heads, c.video_layers));
-  projection_ = register_module("projection", torch::nn::Linear(torch::nn::LinearOptions(c.width, c.embed_dim).bias(false)));
+  projection_ = register_module(
+      "projection", torch::nn::Linear(torch::nn::LinearOptions(c.width, c.embed_dim).bias(false)));
 }
 
 at::Tensor ObjectVideoEncoderImpl::forward(const at::Tensor& frames, const at::Tensor& frame_mask) {
@@ -85,7 +90,8 @@ ActionVideoEncoderImpl::ActionVideoEncoderImpl(const GeminiConfig& c) {
     joint_blocks_->push_back(TransformerBlock(c.keypoint_width, c.heads));
     frame_blocks_->push_back(TransformerBlock(c.keypoint_width, c.heads));
   }
-  flatten_joints_ = register_module("flatten_joints", torch::nn::Linear(c.joints * c.keypoint_width, c.embed_dim));
+  flatten_joints_ =
+      register_module("flatten_joints", torch::nn::Linear(c.joints * c.keypoint_width, c.embed_dim));
   temporal_positions_ = make_positions(*this, "temporal_positions", c.frames, c.embed_dim);
   temporal_ = register_module("temporal", Transformer(c.embed_dim, c.heads, c.temporal_layers));
 }
@@ -96,9 +102,11 @@ at::Tensor ActionVideoEncoderImpl::forward(const at::Tensor& keypoints, const at
                  frame_positions_.narrow(0, 0, frames).view({1, frames, 1, -1});  // [B, F, J, Wk]
   const int64_t width = h.size(3);
   // Frame attention sees only valid frames: the mask repeats for each joint's sequence.
-  at::Tensor joint_sequence_mask = frame_mask.unsqueeze(1).expand({batch, joints, frames}).reshape({batch * joints, frames});
+  at::Tensor joint_sequence_mask =
+      frame_mask.unsqueeze(1).expand({batch, joints, frames}).reshape({batch * joints, frames});
   for (size_t i = 0; i < joint_blocks_->size(); ++i) {
-    h = joint_blocks_[i]->as<TransformerBlock>()->forward(h.reshape({batch * frames, joints, width}), at::Tensor(), false);
+    h = joint_blocks_[i]->as<TransformerBlock>()->forward(h.reshape({batch * frames, joints, width}),
+                                                          at::Tensor(), false);
     h = h.view({batch, frames, joints, width}).transpose(1, 2).reshape({batch * joints, frames, width});
     h = frame_blocks_[i]->as<TransformerBlock>()->forward(h, joint_sequence_mask, false);
     h = h.view({batch, joints, frames, width}).transpose(1, 2).contiguous();  // [B, F, J, Wk]
@@ -172,8 +180,8 @@ at::Tensor GeminiMVRImpl::contrastive_loss(const GeminiEmbeddings& texts, const 
   const int64_t offset = distributed ? comm->rank() * local : 0;
   const GeminiEmbeddings all_texts = distributed ? gather(texts, comm) : texts;
   const GeminiEmbeddings all_videos = distributed ? gather(videos, comm) : videos;
-  at::Tensor text_to_video = score(texts, all_videos);          // [n, N]
-  at::Tensor video_to_text = score(all_texts, videos).t();      // [n, N]
+  at::Tensor text_to_video = score(texts, all_videos);      // [n, N]
+  at::Tensor video_to_text = score(all_texts, videos).t();  // [n, N]
   return kernels::symmetric_infonce(text_to_video, video_to_text, offset);
 }
 

@@ -3,13 +3,13 @@
 // logic (which parameters train) and the contrastive loss with negatives gathered from every DP rank.
 #pragma once
 
-#include <memory>
-#include <string>
-#include <vector>
-
 #include <torch/nn/module.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
+
+#include <memory>
+#include <string>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "models/gemini_config.h"

@@ -7,7 +7,8 @@ namespace vimo::models {
 
 TransformerBlockImpl::TransformerBlockImpl(int64_t width, int64_t heads) : heads_(heads) {
   TORCH_CHECK(width % heads == 0, "transformer width ", width, " is not divisible by heads ", heads);
-  norm_attention_ = register_module("norm_attention", torch::nn::LayerNorm(torch::nn::LayerNormOptions({width})));
+  norm_attention_ =
+      register_module("norm_attention", torch::nn::LayerNorm(torch::nn::LayerNormOptions({width})));
   qkv_ = register_module("qkv", torch::nn::Linear(width, 3 * width));
   attention_out_ = register_module("attention_out", torch::nn::Linear(width, width));
   norm_mlp_ = register_module("norm_mlp", torch::nn::LayerNorm(torch::nn::LayerNormOptions({width})));
@@ -47,8 +48,8 @@ at::Tensor TransformerImpl::forward(const at::Tensor& x, const at::Tensor& key_m
 }
 
 at::Tensor masked_mean(const at::Tensor& x, const at::Tensor& mask) {
-  at::Tensor weights = mask.to(x.scalar_type()).unsqueeze(-1);                // [B, T, 1]
-  return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0);                // [B, W]
+  at::Tensor weights = mask.to(x.scalar_type()).unsqueeze(-1);  // [B, T, 1]
+  return (x * weights).sum(1) / weights.sum(1).clamp_min(1.0);  // [B, W]
 }
 
 }  // namespace vimo::models

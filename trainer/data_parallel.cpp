@@ -7,16 +7,21 @@
 
 namespace vimo::trainer {
 
-void average_gradients(const std::vector<at::Tensor>& params, const std::shared_ptr<comm::Communicator>& comm) {
+void average_gradients(const std::vector<at::Tensor>& params,
+                       const std::shared_ptr<comm::Communicator>& comm) {
   if (!comm || comm->size() == 1) return;
   std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params) grads.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
+  for (const at::Tensor& p : params)
+    grads.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
   at::Tensor flat = at::cat(grads);
   comm->allreduce(flat, comm::ReduceOp::Avg);
   int64_t offset = 0;
   for (const at::Tensor& p : params) {
     at::Tensor slice = flat.narrow(0, offset, p.numel()).view(p.sizes());
-    if (p.grad().defined()) p.mutable_grad().copy_(slice); else p.mutable_grad() = slice.clone();
+    if (p.grad().defined())
+      p.mutable_grad().copy_(slice);
+    else
+      p.mutable_grad() = slice.clone();
     offset += p.numel();
   }
 }
@@ -24,7 +29,8 @@ void average_gradients(const std::vector<at::Tensor>& params, const std::shared_
 // Note [Checking DP replicas]: every rank applies the same averaged gradients to the same parameters with
 // the same ops, so replicas stay bitwise equal; a mismatch means a bug or a broken rank, and training on
 // would silently average unrelated models. Each check compares one float64 fingerprint across ranks.
-void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm, int64_t step) {
+void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm,
+                          int64_t step) {
   if (!comm || comm->size() == 1) return;
   at::NoGradGuard no_grad;
   double sum = 0, weighted = 0;
@@ -37,9 +43,10 @@ void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::
   comm->allreduce(high, comm::ReduceOp::Max);
   comm->allreduce(low, comm::ReduceOp::Min);
   if (!at::equal(high, low)) {
-    throw std::runtime_error(fmt::format("[rank {}] parameters differ across DP ranks after step {} (fingerprint "
-                                         "range [{:.17g}, {:.17g}]); stopping rather than training diverged replicas",
-                                         comm->rank(), step, low[0].item<double>(), high[0].item<double>()));
+    throw std::runtime_error(
+        fmt::format("[rank {}] parameters differ across DP ranks after step {} (fingerprint "
+                    "range [{:.17g}, {:.17g}]); stopping rather than training diverged replicas",
+                    comm->rank(), step, low[0].item<double>(), high[0].item<double>()));
   }
 }
 

@@ -14,12 +14,14 @@ namespace vimo::trainer {
 
 // Averages the gradients of `params` over all ranks in one flat all-reduce; a parameter without a gradient
 // counts as zero. (The bucketed reducer overlapped with backward is the communication issue's.)
-void average_gradients(const std::vector<at::Tensor>& params, const std::shared_ptr<comm::Communicator>& comm);
+void average_gradients(const std::vector<at::Tensor>& params,
+                       const std::shared_ptr<comm::Communicator>& comm);
 
 // Copies rank 0's parameters to every rank.
 void broadcast_parameters(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm);
 
 // Throws (naming the rank and step) unless every rank holds bitwise the same parameters.
-void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm, int64_t step);
+void check_replicas_agree(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm,
+                          int64_t step);
 
 }  // namespace vimo::trainer

@@ -1,9 +1,9 @@
 // The `vimo` command line: train, data synth, version. Run under mpirun for several ranks.
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <mpi.h>
 #include <torch/version.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -36,8 +36,10 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   const std::string yaml = trainer::to_yaml(config);
   if (main_rank) {
     const comm::WorldInfo world = comm::world_from_environment();
-    std::printf("vimo %s | %d ranks (launcher %s) | config %s\n--- resolved config ---\n%s\n-----------------------\n",
-                VIMO_VERSION, comm->size(), world.launcher.c_str(), config_path.c_str(), yaml.c_str());
+    std::printf(
+        "vimo %s | %d ranks (launcher %s) | config %s\n--- resolved config "
+        "---\n%s\n-----------------------\n",
+        VIMO_VERSION, comm->size(), world.launcher.c_str(), config_path.c_str(), yaml.c_str());
     std::filesystem::create_directories(config.train.out_dir);
     std::ofstream(config.train.out_dir + "/config.yaml") << yaml << "\n";
     std::fflush(stdout);
@@ -49,8 +51,9 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
 int run_synth(const vimo::data::SynthOptions& options, const std::string& out) {
   vimo::data::write_synthetic_dataset(options, out);
   std::printf("wrote synthetic dataset to %s: %lld train / %lld test samples, %lld frames, %lld-d features\n",
-              out.c_str(), static_cast<long long>(options.num_train), static_cast<long long>(options.num_test),
-              static_cast<long long>(options.frames), static_cast<long long>(options.feature_dim));
+              out.c_str(), static_cast<long long>(options.num_train),
+              static_cast<long long>(options.num_test), static_cast<long long>(options.frames),
+              static_cast<long long>(options.feature_dim));
   return 0;
 }
 
@@ -59,9 +62,11 @@ void print_version() {
   std::printf("LibTorch %s (built against %s, CUDA %s)\n", TORCH_VERSION, VIMO_TORCH_VERSION_BUILT,
               *VIMO_TORCH_CUDA_BUILT ? VIMO_TORCH_CUDA_BUILT : "none");
   std::printf("CUDA kernels: %s\n", VIMO_CUDA_STATUS_BUILT);
-  std::printf("MPI: %s (MPI standard %s)\n", vimo::comm::mpi_library_version().c_str(), VIMO_MPI_VERSION_BUILT);
+  std::printf("MPI: %s (MPI standard %s)\n", vimo::comm::mpi_library_version().c_str(),
+              VIMO_MPI_VERSION_BUILT);
 #ifdef VIMO_HAVE_CUDA
-  std::printf("NCCL: %s (built against %s)\n", vimo::comm::nccl_library_version().c_str(), VIMO_NCCL_VERSION_BUILT);
+  std::printf("NCCL: %s (built against %s)\n", vimo::comm::nccl_library_version().c_str(),
+              VIMO_NCCL_VERSION_BUILT);
   std::printf("devices: %s\n", vimo::kernels::describe_cuda_devices().c_str());
 #else
   std::printf("NCCL: not built (CPU-only build)\n");
@@ -74,11 +79,14 @@ int main(int argc, char** argv) {
   CLI::App app{"vimo: distributed training for video-retrieval-augmented 3D motion generation (VimoRAG)"};
   app.require_subcommand(1);
 
-  auto* train = app.add_subcommand("train", "Train one stage from a YAML config (run under mpirun for DP ranks)");
+  auto* train =
+      app.add_subcommand("train", "Train one stage from a YAML config (run under mpirun for DP ranks)");
   std::string config_path;
   std::vector<std::string> overrides;
   bool resume = false;
-  train->add_option("config", config_path, "YAML config, e.g. configs/demo/retriever_action.yaml")->required()->check(CLI::ExistingFile);
+  train->add_option("config", config_path, "YAML config, e.g. configs/demo/retriever_action.yaml")
+      ->required()
+      ->check(CLI::ExistingFile);
   train->add_option("overrides", overrides, "key.path=value overrides, e.g. optim.lr=3e-4 train.steps=500");
   train->add_flag("--resume", resume, "Continue from the newest valid checkpoint under train.out_dir");
 
@@ -88,12 +96,24 @@ int main(int argc, char** argv) {
   vimo::data::SynthOptions synth_options;
   std::string synth_out = "runs/data/demo";
   synth->add_option("--out", synth_out, "Output directory")->capture_default_str();
-  synth->add_option("--train", synth_options.num_train, "Training samples")->capture_default_str()->check(CLI::PositiveNumber);
-  synth->add_option("--test", synth_options.num_test, "Held-out samples")->capture_default_str()->check(CLI::PositiveNumber);
-  synth->add_option("--frames", synth_options.frames, "Frames per video")->capture_default_str()->check(CLI::Range(2, 1024));
-  synth->add_option("--feature-dim", synth_options.feature_dim, "Per-frame feature size")->capture_default_str()->check(CLI::PositiveNumber);
-  synth->add_option("--records-per-shard", synth_options.records_per_shard, "Records per shard file")->capture_default_str()->check(CLI::PositiveNumber);
-  synth->add_option("--noise", synth_options.noise, "Gaussian noise std")->capture_default_str()->check(CLI::NonNegativeNumber);
+  synth->add_option("--train", synth_options.num_train, "Training samples")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  synth->add_option("--test", synth_options.num_test, "Held-out samples")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  synth->add_option("--frames", synth_options.frames, "Frames per video")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1024));
+  synth->add_option("--feature-dim", synth_options.feature_dim, "Per-frame feature size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  synth->add_option("--records-per-shard", synth_options.records_per_shard, "Records per shard file")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  synth->add_option("--noise", synth_options.noise, "Gaussian noise std")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   synth->add_option("--seed", synth_options.seed, "Generator seed")->capture_default_str();
 
   auto* version = app.add_subcommand("version", "Print the versions of vimo, LibTorch, CUDA, NCCL and MPI");

@@ -16,7 +16,10 @@ std::string format_duration(double seconds) {
 }
 
 ProgressLog::ProgressLog(const std::string& jsonl_path, int64_t first_step, int64_t total_steps, bool is_main)
-    : is_main_(is_main), first_step_(first_step), total_steps_(total_steps), start_(std::chrono::steady_clock::now()) {
+    : is_main_(is_main),
+      first_step_(first_step),
+      total_steps_(total_steps),
+      start_(std::chrono::steady_clock::now()) {
   if (is_main_ && !jsonl_path.empty()) {
     std::filesystem::create_directories(std::filesystem::path(jsonl_path).parent_path());
     jsonl_.open(jsonl_path, std::ios::app);
@@ -32,7 +35,8 @@ void ProgressLog::record(const StepMetrics& m, bool print) {
   if (jsonl_.is_open()) {
     // %.17g: losses round-trip exactly, so two runs' logs can be compared bit for bit.
     jsonl_ << fmt::format(
-        "{{\"step\": {}, \"loss\": {:.17g}, \"lr\": {:.17g}, \"grad_norm\": {:.17g}, \"step_seconds\": {:.6f}, "
+        "{{\"step\": {}, \"loss\": {:.17g}, \"lr\": {:.17g}, \"grad_norm\": {:.17g}, \"step_seconds\": "
+        "{:.6f}, "
         "\"data_seconds\": {:.6f}}}\n",
         m.step, m.loss, m.lr, m.grad_norm, m.step_seconds, m.data_seconds);
     jsonl_.flush();
@@ -41,10 +45,11 @@ void ProgressLog::record(const StepMetrics& m, bool print) {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   const double per_step = elapsed / static_cast<double>(m.step - first_step_);
   const double eta = per_step * static_cast<double>(total_steps_ - m.step);
-  std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | data wait %.1f%% | ETA %s\n",
-              static_cast<long long>(m.step), static_cast<long long>(total_steps_), m.loss, m.lr, m.grad_norm,
-              window_samples_ / window_seconds_, 100.0 * window_data_seconds_ / window_seconds_,
-              format_duration(eta).c_str());
+  std::printf(
+      "step %5lld/%lld | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | data wait %.1f%% | ETA %s\n",
+      static_cast<long long>(m.step), static_cast<long long>(total_steps_), m.loss, m.lr, m.grad_norm,
+      window_samples_ / window_seconds_, 100.0 * window_data_seconds_ / window_seconds_,
+      format_duration(eta).c_str());
   std::fflush(stdout);
   window_seconds_ = window_data_seconds_ = 0;
   window_samples_ = window_steps_ = 0;

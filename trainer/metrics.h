@@ -11,7 +11,7 @@ namespace vimo::trainer {
 
 struct StepMetrics {
   int64_t step = 0;
-  double loss = 0;          // mean over the global batch
+  double loss = 0;  // mean over the global batch
   double lr = 0;
   double grad_norm = 0;     // before clipping
   double step_seconds = 0;  // wall time of the whole step

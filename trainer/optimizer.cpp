@@ -9,7 +9,8 @@ namespace vimo::trainer {
 AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options, bool decay_all)
     : options_(options) {
   for (auto& [name, param] : parameters) {
-    slots_.push_back({name, param, at::zeros_like(param), at::zeros_like(param), decay_all || param.dim() >= 2});
+    slots_.push_back(
+        {name, param, at::zeros_like(param), at::zeros_like(param), decay_all || param.dim() >= 2});
   }
 }
 
@@ -47,10 +48,12 @@ std::map<std::string, at::Tensor> AdamW::state_tensors() const {
 void AdamW::load_state_tensors(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken) {
   at::NoGradGuard no_grad;
   for (Slot& slot : slots_) {
-    for (auto [suffix, target] : {std::pair{".exp_avg", &slot.exp_avg}, std::pair{".exp_avg_sq", &slot.exp_avg_sq}}) {
+    for (auto [suffix, target] :
+         {std::pair{".exp_avg", &slot.exp_avg}, std::pair{".exp_avg_sq", &slot.exp_avg_sq}}) {
       const std::string key = "optim." + slot.name + suffix;
       auto it = tensors.find(key);
-      if (it == tensors.end()) throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
+      if (it == tensors.end())
+        throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
       if (!it->second.sizes().equals(target->sizes())) {
         throw std::runtime_error("optimizer state '" + key + "' has shape " + c10::str(it->second.sizes()) +
                                  ", the parameter has " + c10::str(target->sizes()));
@@ -64,7 +67,8 @@ void AdamW::load_state_tensors(const std::map<std::string, at::Tensor>& tensors,
 double warmup_cosine_lr(int64_t step, int64_t total, int64_t warmup, double lr, double min_ratio) {
   if (warmup > 0 && step <= warmup) return lr * static_cast<double>(step) / static_cast<double>(warmup);
   if (total <= warmup) return lr;
-  const double progress = std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(total - warmup));
+  const double progress =
+      std::min(1.0, static_cast<double>(step - warmup) / static_cast<double>(total - warmup));
   const double cosine = 0.5 * (1.0 + std::cos(M_PI * progress));
   return lr * (min_ratio + (1.0 - min_ratio) * cosine);
 }

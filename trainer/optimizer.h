@@ -23,7 +23,8 @@ class AdamW {
  public:
   // `parameters` by name. Weight decay applies to tensors of rank >= 2 (matrices, embeddings), not to
   // biases, norms, positions... of rank <= 1 — except as `decay_all` says (the reference test uses it).
-  AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options, bool decay_all = false);
+  AdamW(std::vector<std::pair<std::string, at::Tensor>> parameters, AdamWOptions options,
+        bool decay_all = false);
 
   // One update with learning rate `lr` from the parameters' current .grad() (parameters without a
   // gradient are skipped and keep their moments).

@@ -17,7 +17,7 @@ struct RetrievalMetrics {
   int64_t queries = 0;
   double r1 = 0, r5 = 0, r10 = 0;  // percent of captions whose video ranks within the top k
   double median_rank = 0, mean_rank = 0;
-  std::string summary() const;     // "R@1 40.2% | R@5 ... | MnR 5.3 (256 captions; chance R@1 0.39%)"
+  std::string summary() const;  // "R@1 40.2% | R@5 ... | MnR 5.3 (256 captions; chance R@1 0.39%)"
   std::string json() const;
 };
 
@@ -28,6 +28,7 @@ RetrievalMetrics retrieval_metrics(const at::Tensor& scores);
 // Encodes `split` (each rank a contiguous part, gathered to all) and scores every caption against every
 // video with the model's current stage. Collective over `comm` (may be null).
 RetrievalMetrics evaluate_retrieval(models::GeminiMVR& model, const data::RetrievalDataset& split,
-                                    const std::shared_ptr<comm::Communicator>& comm, int64_t batch_size = 256);
+                                    const std::shared_ptr<comm::Communicator>& comm,
+                                    int64_t batch_size = 256);
 
 }  // namespace vimo::trainer

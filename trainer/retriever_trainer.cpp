@@ -35,32 +35,41 @@ void say(const std::shared_ptr<comm::Communicator>& comm, const std::string& lin
 }
 
 // The model's shapes must fit the dataset it reads.
-void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalDataset& d, const std::string& dir) {
+void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalDataset& d,
+                        const std::string& dir) {
   auto fail = [&](const std::string& what) {
     throw std::runtime_error("dataset " + dir + " does not fit the model config: " + what +
                              ". HINT: set the model.* keys to the dataset's sizes (see its manifest.json)");
   };
-  if (d.vocab_size() > m.vocab_size) fail(fmt::format("vocab.txt has {} tokens > model.vocab_size {}", d.vocab_size(), m.vocab_size));
-  if (d.max_text_len() > m.max_text_len) fail(fmt::format("captions have {} tokens > model.max_text_len {}", d.max_text_len(), m.max_text_len));
-  if (d.frames() > m.frames) fail(fmt::format("videos have {} frames > model.frames {}", d.frames(), m.frames));
-  if (d.feature_dim() != m.feature_dim) fail(fmt::format("frame features have {} dims, model.feature_dim is {}", d.feature_dim(), m.feature_dim));
+  if (d.vocab_size() > m.vocab_size)
+    fail(fmt::format("vocab.txt has {} tokens > model.vocab_size {}", d.vocab_size(), m.vocab_size));
+  if (d.max_text_len() > m.max_text_len)
+    fail(fmt::format("captions have {} tokens > model.max_text_len {}", d.max_text_len(), m.max_text_len));
+  if (d.frames() > m.frames)
+    fail(fmt::format("videos have {} frames > model.frames {}", d.frames(), m.frames));
+  if (d.feature_dim() != m.feature_dim)
+    fail(fmt::format("frame features have {} dims, model.feature_dim is {}", d.feature_dim(), m.feature_dim));
 }
 
 checkpoints::TensorFile model_tensors(models::GeminiMVR& model) {
   checkpoints::TensorFile file;
-  for (const auto& item : model->named_parameters()) file.tensors["model." + item.key()] = item.value().detach();
+  for (const auto& item : model->named_parameters())
+    file.tensors["model." + item.key()] = item.value().detach();
   return file;
 }
 
-void load_model_tensors(models::GeminiMVR& model, const checkpoints::TensorFile& file, const std::string& source) {
+void load_model_tensors(models::GeminiMVR& model, const checkpoints::TensorFile& file,
+                        const std::string& source) {
   at::NoGradGuard no_grad;
   for (auto& item : model->named_parameters()) {
     auto it = file.tensors.find("model." + item.key());
-    if (it == file.tensors.end()) throw std::runtime_error(source + ": parameter 'model." + item.key() + "' is missing");
+    if (it == file.tensors.end())
+      throw std::runtime_error(source + ": parameter 'model." + item.key() + "' is missing");
     if (!it->second.sizes().equals(item.value().sizes())) {
-      throw std::runtime_error(fmt::format("{}: parameter 'model.{}' has shape {}, the model config gives {}. HINT: "
-                                           "use the model.* keys of the run that wrote it", source, item.key(),
-                                           c10::str(it->second.sizes()), c10::str(item.value().sizes())));
+      throw std::runtime_error(
+          fmt::format("{}: parameter 'model.{}' has shape {}, the model config gives {}. HINT: "
+                      "use the model.* keys of the run that wrote it",
+                      source, item.key(), c10::str(it->second.sizes()), c10::str(item.value().sizes())));
     }
     item.value().copy_(it->second);
   }
@@ -72,25 +81,31 @@ std::string resolve_checkpoint(const std::string& path) {
   for (const std::string& root : {path + "/checkpoints", path}) {
     if (auto found = checkpoints::CheckpointManager::latest_valid(root)) return *found;
   }
-  throw std::runtime_error("no valid checkpoint in '" + path + "'. HINT: train.init_from names the out_dir of the "
-                           "previous stage's run (or one of its checkpoints/step_* directories); run that stage first");
+  throw std::runtime_error(
+      "no valid checkpoint in '" + path +
+      "'. HINT: train.init_from names the out_dir of the "
+      "previous stage's run (or one of its checkpoints/step_* directories); run that stage first");
 }
 
 }  // namespace
 
-TrainResult train_retriever(const Config& config, bool resume, const std::shared_ptr<comm::Communicator>& comm) {
+TrainResult train_retriever(const Config& config, bool resume,
+                            const std::shared_ptr<comm::Communicator>& comm) {
   const TrainConfig& t = config.train;
   const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   if (config.data.global_batch % world != 0) {
-    throw std::runtime_error(fmt::format("data.global_batch {} is not divisible by the {} DP ranks. HINT: pick a "
-                                         "multiple of the rank count", config.data.global_batch, world));
+    throw std::runtime_error(
+        fmt::format("data.global_batch {} is not divisible by the {} DP ranks. HINT: pick a "
+                    "multiple of the rank count",
+                    config.data.global_batch, world));
   }
   at::set_num_threads(static_cast<int>(t.threads));
 
   // Data: the whole split is held in memory; the streaming loader is the data issue's.
   const data::RetrievalDataset train_set(config.data.dir, "train"), test_set(config.data.dir, "test");
   check_dataset_fits(config.model, train_set, config.data.dir);
-  data::DistributedBatchSampler sampler(train_set.size(), config.data.global_batch, rank, world, config.data.seed);
+  data::DistributedBatchSampler sampler(train_set.size(), config.data.global_batch, rank, world,
+                                        config.data.seed);
 
   // Model: same seed on every rank, and rank 0's values broadcast so replicas start identical.
   torch::manual_seed(t.seed);
@@ -107,7 +122,8 @@ TrainResult train_retriever(const Config& config, bool resume, const std::shared
   int64_t start_step = 0;
   std::optional<std::string> resume_from =
       resume ? checkpoints::CheckpointManager::latest_valid(checkpoints.root()) : std::nullopt;
-  if (resume && !resume_from) say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
+  if (resume && !resume_from)
+    say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   if (resume_from) {
     const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(*resume_from);
     load_model_tensors(model, ckpt.state, *resume_from);
@@ -126,10 +142,16 @@ TrainResult train_retriever(const Config& config, bool resume, const std::shared
 
   int64_t trainable_count = 0;
   for (const at::Tensor& p : trainable) trainable_count += p.numel();
-  say(comm, fmt::format("stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} on {} "
-                        "ranks; steps {} → {}", t.stage, trainable_count,
-                        [&] { int64_t n = 0; for (auto& p : model->parameters()) n += p.numel(); return n; }(),
-                        train_set.size(), test_set.size(), config.data.global_batch, world, start_step, t.steps));
+  say(comm, fmt::format(
+                "stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} on {} "
+                "ranks; steps {} → {}",
+                t.stage, trainable_count,
+                [&] {
+                  int64_t n = 0;
+                  for (auto& p : model->parameters()) n += p.numel();
+                  return n;
+                }(),
+                train_set.size(), test_set.size(), config.data.global_batch, world, start_step, t.steps));
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
   TrainResult result;
@@ -139,12 +161,14 @@ TrainResult train_retriever(const Config& config, bool resume, const std::shared
     const double data_seconds = seconds_since(step_start);
 
     const models::GeminiEmbeddings texts = model->encode_texts(batch.text_ids, batch.text_mask);
-    const models::GeminiEmbeddings videos = model->encode_videos(batch.frames, batch.keypoints, batch.frame_mask);
+    const models::GeminiEmbeddings videos =
+        model->encode_videos(batch.frames, batch.keypoints, batch.frame_mask);
     at::Tensor loss = model->contrastive_loss(texts, videos, comm);
     loss.backward();
     average_gradients(trainable, comm);
     const double grad_norm = clip_gradients(trainable, config.optim.grad_clip);
-    const double lr = warmup_cosine_lr(step, t.steps, config.optim.warmup_steps, config.optim.lr, config.optim.min_lr_ratio);
+    const double lr = warmup_cosine_lr(step, t.steps, config.optim.warmup_steps, config.optim.lr,
+                                       config.optim.min_lr_ratio);
     optimizer.step(lr);
     optimizer.zero_grad();
 
@@ -155,15 +179,20 @@ TrainResult train_retriever(const Config& config, bool resume, const std::shared
     const bool last = step == t.steps || step == t.stop_after;
     const bool print = step % t.log_every == 0 || step == start_step + 1 || last;
     if (print) check_replicas_agree(model, comm, step);
-    log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds, config.data.global_batch}, print);
+    log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds,
+                config.data.global_batch},
+               print);
 
     if (step % t.checkpoint_every == 0 || last) {
       checkpoints::TensorFile state = model_tensors(model);
       for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
-      state.metadata = {{"step", std::to_string(step)}, {"stage", t.stage},
+      state.metadata = {{"step", std::to_string(step)},
+                        {"stage", t.stage},
                         {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
       const data::SamplerState s = sampler.state();
-      const std::string loader = nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}.dump();
+      const std::string loader =
+          nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}
+              .dump();
       const std::string dir = checkpoints.save(step, state, loader, config_yaml);
       say(comm, "saved checkpoint " + dir);
     }

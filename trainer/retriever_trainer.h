@@ -15,12 +15,13 @@ namespace vimo::trainer {
 struct TrainResult {
   int64_t last_step = 0;
   double last_loss = 0;
-  bool stopped_early = false;   // train.stop_after was reached
-  RetrievalMetrics test;        // held-out metrics (empty when stopped early)
+  bool stopped_early = false;  // train.stop_after was reached
+  RetrievalMetrics test;       // held-out metrics (empty when stopped early)
 };
 
 // Runs (or with `resume`, continues from the newest valid checkpoint under train.out_dir) one stage.
 // Collective over `comm` (null = one process). Rank 0 prints progress.
-TrainResult train_retriever(const Config& config, bool resume, const std::shared_ptr<comm::Communicator>& comm);
+TrainResult train_retriever(const Config& config, bool resume,
+                            const std::shared_ptr<comm::Communicator>& comm);
 
 }  // namespace vimo::trainer

@@ -55,7 +55,8 @@ std::string describe_cuda_devices() {
     cudaSetDevice(device);
     const std::string probe = run_probe_kernel();
     text += std::string(" ") + properties.name + " (sm_" + std::to_string(properties.major) +
-            std::to_string(properties.minor) + (probe.empty() ? ", kernel ok)" : ", kernel FAILED: " + probe + ")");
+            std::to_string(properties.minor) +
+            (probe.empty() ? ", kernel ok)" : ", kernel FAILED: " + probe + ")");
   }
   return text;
 }

@@ -6,7 +6,8 @@
 
 namespace vimo::kernels {
 
-// "CUDA runtime 13.0, driver 13.0, 8 devices: NVIDIA H100 80GB HBM3 (sm_90), ..." or the reason none is usable.
+// "CUDA runtime 13.0, driver 13.0, 8 devices: NVIDIA H100 80GB HBM3 (sm_90), ..." or the reason none is
+// usable.
 std::string describe_cuda_devices();
 
 }  // namespace vimo::kernels

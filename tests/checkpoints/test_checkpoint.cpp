@@ -62,7 +62,8 @@ TEST(Safetensors, RoundTripAndLayout) {
   EXPECT_EQ(json["model.w"]["shape"], nlohmann::json({3, 4}));
   EXPECT_EQ(json["__metadata__"]["step"], "7");
   uint64_t end = 0;
-  for (auto& [k, v] : json.items()) if (k != "__metadata__") end = std::max<uint64_t>(end, v["data_offsets"][1]);
+  for (auto& [k, v] : json.items())
+    if (k != "__metadata__") end = std::max<uint64_t>(end, v["data_offsets"][1]);
   EXPECT_EQ(fs::file_size(dir / "x.safetensors"), 8 + length + end);
 }
 
@@ -94,7 +95,8 @@ TEST(Checkpoint, SaveLoadRetainAndFallBackPastCorruption) {
   // Retention: only the newest two remain, and no temporary directories.
   std::vector<std::string> left = vimo::checkpoints::list_step_directories(root.string());
   ASSERT_EQ(left.size(), 2u);
-  for (const auto& entry : fs::directory_iterator(root)) EXPECT_EQ(entry.path().filename().string().rfind(".", 0), std::string::npos);
+  for (const auto& entry : fs::directory_iterator(root))
+    EXPECT_EQ(entry.path().filename().string().rfind(".", 0), std::string::npos);
   auto latest = CheckpointManager::latest_valid(root.string());
   ASSERT_TRUE(latest);
   auto loaded = CheckpointManager::load(*latest);

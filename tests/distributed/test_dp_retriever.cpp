@@ -29,31 +29,45 @@ uint64_t shared_seed() {
 
 models::GeminiConfig tiny() {
   models::GeminiConfig c;
-  c.vocab_size = 20; c.max_text_len = 6; c.frames = 4; c.feature_dim = 5; c.joints = 17;
-  c.embed_dim = 8; c.width = 8; c.heads = 2; c.text_layers = 1; c.video_layers = 1;
-  c.keypoint_width = 4; c.spatio_temporal_layers = 1; c.temporal_layers = 1;
+  c.vocab_size = 20;
+  c.max_text_len = 6;
+  c.frames = 4;
+  c.feature_dim = 5;
+  c.joints = 17;
+  c.embed_dim = 8;
+  c.width = 8;
+  c.heads = 2;
+  c.text_layers = 1;
+  c.video_layers = 1;
+  c.keypoint_width = 4;
+  c.spatio_temporal_layers = 1;
+  c.temporal_layers = 1;
   return c;
 }
 
 struct Batch {
   at::Tensor text_ids, text_mask, frames, keypoints, frame_mask;
   Batch rows(int64_t begin, int64_t count) const {
-    return {text_ids.narrow(0, begin, count), text_mask.narrow(0, begin, count), frames.narrow(0, begin, count),
-            keypoints.narrow(0, begin, count), frame_mask.narrow(0, begin, count)};
+    return {text_ids.narrow(0, begin, count), text_mask.narrow(0, begin, count),
+            frames.narrow(0, begin, count), keypoints.narrow(0, begin, count),
+            frame_mask.narrow(0, begin, count)};
   }
 };
 
 Batch global_batch(int64_t n, const models::GeminiConfig& c) {
   Batch b;
-  b.text_mask = at::arange(c.max_text_len, at::kLong).unsqueeze(0) < at::randint(2, c.max_text_len + 1, {n, 1}, at::kLong);
+  b.text_mask = at::arange(c.max_text_len, at::kLong).unsqueeze(0) <
+                at::randint(2, c.max_text_len + 1, {n, 1}, at::kLong);
   b.text_ids = at::randint(3, c.vocab_size, {n, c.max_text_len}, at::kLong) * b.text_mask;
-  b.frame_mask = at::arange(c.frames, at::kLong).unsqueeze(0) < at::randint(2, c.frames + 1, {n, 1}, at::kLong);
+  b.frame_mask =
+      at::arange(c.frames, at::kLong).unsqueeze(0) < at::randint(2, c.frames + 1, {n, 1}, at::kLong);
   b.frames = at::randn({n, c.frames, c.feature_dim}, at::kDouble);
   b.keypoints = at::randn({n, c.frames, c.joints, 3}, at::kDouble);
   return b;
 }
 
-at::Tensor loss_of(models::GeminiMVR& model, const Batch& b, const std::shared_ptr<comm::Communicator>& comm) {
+at::Tensor loss_of(models::GeminiMVR& model, const Batch& b,
+                   const std::shared_ptr<comm::Communicator>& comm) {
   auto texts = model->encode_texts(b.text_ids, b.text_mask);
   auto videos = model->encode_videos(b.frames, b.keypoints, b.frame_mask);
   return model->contrastive_loss(texts, videos, comm);
@@ -113,7 +127,8 @@ TEST(DataParallelTraining, ReplicasStayIdenticalAndMatchOneProcess) {
   const int64_t per_rank = 2;
   models::GeminiMVR distributed = make_model(seed, models::GeminiStage::Action);
   models::GeminiMVR single = make_model(seed, models::GeminiStage::Action);
-  trainer::AdamW dp_opt(distributed->trainable_parameters(), {}), single_opt(single->trainable_parameters(), {});
+  trainer::AdamW dp_opt(distributed->trainable_parameters(), {}),
+      single_opt(single->trainable_parameters(), {});
   std::vector<at::Tensor> params;
   for (auto& [name, p] : distributed->trainable_parameters()) params.push_back(p);
   for (int step = 1; step <= 3; ++step) {

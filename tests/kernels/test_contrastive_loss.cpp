@@ -30,7 +30,8 @@ TEST(ContrastiveLoss, RowsMatchLoopReference) {
   for (auto [n, N, offset] : {std::tuple{1, 1, 0}, {4, 16, 8}, {7, 7, 0}, {5, 20, 15}}) {
     at::Tensor scores = at::randn({n, N}, at::kDouble) * 10;
     const double got = vimo::kernels::infonce_rows(scores, offset).item<double>();
-    EXPECT_NEAR(got, reference_rows(scores, offset), 1e-12 * (1 + std::abs(got))) << n << "x" << N << "+" << offset;
+    EXPECT_NEAR(got, reference_rows(scores, offset), 1e-12 * (1 + std::abs(got)))
+        << n << "x" << N << "+" << offset;
   }
 }
 
@@ -58,14 +59,17 @@ TEST(ContrastiveLoss, SymmetricIsMeanOfBothDirectionsAndGradientsMatch) {
 TEST(ContrastiveLoss, FuseScoresWeighsEachVideo) {
   vimo::testing::seed_torch();
   at::Tensor s_act = at::randn({3, 5}, at::kDouble), s_obj = at::randn({3, 5}, at::kDouble);
-  at::Tensor w_cols = at::softmax(at::randn({5, 2}, at::kDouble), 1), w_rows = at::softmax(at::randn({3, 2}, at::kDouble), 1);
+  at::Tensor w_cols = at::softmax(at::randn({5, 2}, at::kDouble), 1),
+             w_rows = at::softmax(at::randn({3, 2}, at::kDouble), 1);
   at::Tensor by_column = vimo::kernels::fuse_scores(s_act, s_obj, w_cols, false);
   at::Tensor by_row = vimo::kernels::fuse_scores(s_act, s_obj, w_rows, true);
   for (int i = 0; i < 3; ++i) {
     for (int j = 0; j < 5; ++j) {
       const double a = s_act[i][j].item<double>(), o = s_obj[i][j].item<double>();
-      EXPECT_NEAR(by_column[i][j].item<double>(), w_cols[j][0].item<double>() * a + w_cols[j][1].item<double>() * o, 1e-14);
-      EXPECT_NEAR(by_row[i][j].item<double>(), w_rows[i][0].item<double>() * a + w_rows[i][1].item<double>() * o, 1e-14);
+      EXPECT_NEAR(by_column[i][j].item<double>(),
+                  w_cols[j][0].item<double>() * a + w_cols[j][1].item<double>() * o, 1e-14);
+      EXPECT_NEAR(by_row[i][j].item<double>(),
+                  w_rows[i][0].item<double>() * a + w_rows[i][1].item<double>() * o, 1e-14);
     }
   }
 }

@@ -14,9 +14,19 @@ using vimo::models::GeminiStage;
 
 GeminiConfig tiny() {
   GeminiConfig c;
-  c.vocab_size = 20; c.max_text_len = 8; c.frames = 6; c.feature_dim = 5; c.joints = 17;
-  c.embed_dim = 16; c.width = 16; c.heads = 2; c.text_layers = 1; c.video_layers = 1;
-  c.keypoint_width = 8; c.spatio_temporal_layers = 1; c.temporal_layers = 1;
+  c.vocab_size = 20;
+  c.max_text_len = 8;
+  c.frames = 6;
+  c.feature_dim = 5;
+  c.joints = 17;
+  c.embed_dim = 16;
+  c.width = 16;
+  c.heads = 2;
+  c.text_layers = 1;
+  c.video_layers = 1;
+  c.keypoint_width = 8;
+  c.spatio_temporal_layers = 1;
+  c.temporal_layers = 1;
   return c;
 }
 
@@ -44,7 +54,8 @@ TEST(GeminiMVR, EmbeddingsAreUnitVectorsOfSizeD) {
   Inputs in = random_inputs(5, tiny());
   auto texts = model->encode_texts(in.text_ids, in.text_mask);
   auto videos = model->encode_videos(in.frames, in.keypoints, in.frame_mask);
-  for (const at::Tensor& e : {texts.text_action, texts.text_object, videos.video_action, videos.video_object}) {
+  for (const at::Tensor& e :
+       {texts.text_action, texts.text_object, videos.video_action, videos.video_object}) {
     ASSERT_EQ(e.sizes(), (at::IntArrayRef{5, 16}));
     EXPECT_TRUE(at::allclose(e.norm(2, 1), at::ones({5}), 1e-5, 1e-5));
   }
@@ -63,7 +74,8 @@ TEST(GeminiMVR, EachStageTrainsOnlyItsParameters) {
     for (const auto& item : model->named_parameters()) {
       bool expected = false;
       for (const std::string& prefix : prefixes) expected |= item.key().rfind(prefix, 0) == 0;
-      EXPECT_EQ(item.value().requires_grad(), expected) << vimo::models::stage_name(stage) << " " << item.key();
+      EXPECT_EQ(item.value().requires_grad(), expected)
+          << vimo::models::stage_name(stage) << " " << item.key();
     }
   }
 }
@@ -97,17 +109,20 @@ TEST(GeminiMVR, PaddingDoesNotChangeEmbeddings) {
   model->set_stage(GeminiStage::Router);
   at::NoGradGuard no_grad;
   Inputs in = random_inputs(4, c);
-  in.text_mask.index_put_({at::indexing::Slice(), c.max_text_len - 1}, false);  // at least one pad per caption
-  in.frame_mask.index_put_({at::indexing::Slice(), c.frames - 1}, false);       // at least one padded frame
+  in.text_mask.index_put_({at::indexing::Slice(), c.max_text_len - 1},
+                          false);                                          // at least one pad per caption
+  in.frame_mask.index_put_({at::indexing::Slice(), c.frames - 1}, false);  // at least one padded frame
   auto texts = model->encode_texts(in.text_ids * in.text_mask, in.text_mask);
   auto videos = model->encode_videos(in.frames, in.keypoints, in.frame_mask);
   // Garbage in the padded positions must not leak into any embedding.
-  at::Tensor text_noise = at::randint(3, c.vocab_size, in.text_ids.sizes(), at::kLong) * in.text_mask.logical_not();
+  at::Tensor text_noise =
+      at::randint(3, c.vocab_size, in.text_ids.sizes(), at::kLong) * in.text_mask.logical_not();
   at::Tensor frame_pad = in.frame_mask.logical_not();
   auto texts2 = model->encode_texts(in.text_ids * in.text_mask + text_noise, in.text_mask);
-  auto videos2 = model->encode_videos(in.frames + at::randn(in.frames.sizes()) * frame_pad.unsqueeze(2) * 100,
-                                      in.keypoints + at::randn(in.keypoints.sizes()) * frame_pad.view({4, c.frames, 1, 1}) * 100,
-                                      in.frame_mask);
+  auto videos2 = model->encode_videos(
+      in.frames + at::randn(in.frames.sizes()) * frame_pad.unsqueeze(2) * 100,
+      in.keypoints + at::randn(in.keypoints.sizes()) * frame_pad.view({4, c.frames, 1, 1}) * 100,
+      in.frame_mask);
   EXPECT_TRUE(at::allclose(texts.text_action, texts2.text_action, 1e-5, 1e-6));
   EXPECT_TRUE(at::allclose(texts.text_object, texts2.text_object, 1e-5, 1e-6));
   EXPECT_TRUE(at::allclose(videos.video_action, videos2.video_action, 1e-5, 1e-6));
@@ -124,9 +139,11 @@ TEST(GeminiMVR, RouterLossIsSymmetricInfoNCEOfFusedScores) {
   auto texts = model->encode_texts(in.text_ids, in.text_mask);
   auto videos = model->encode_videos(in.frames.to(at::kDouble), in.keypoints.to(at::kDouble), in.frame_mask);
   const double loss = model->contrastive_loss(texts, videos, nullptr).item<double>();
-  // By hand from DESIGN.md: s_act = 100 cos, s_obj = exp(min(τ, ln 100)) cos (τ as stored: float32-rounded init), S = w_act s_act + w_obj s_obj.
+  // By hand from DESIGN.md: s_act = 100 cos, s_obj = exp(min(τ, ln 100)) cos (τ as stored: float32-rounded
+  // init), S = w_act s_act + w_obj s_obj.
   at::Tensor s_act = 100.0 * texts.text_action.matmul(videos.video_action.t());
-  at::Tensor s_obj = std::exp(std::min(model->logit_scale().item<double>(), c.logit_scale_max)) * texts.text_object.matmul(videos.video_object.t());
+  at::Tensor s_obj = std::exp(std::min(model->logit_scale().item<double>(), c.logit_scale_max)) *
+                     texts.text_object.matmul(videos.video_object.t());
   at::Tensor w = videos.router_weights;  // [6, 2], per video (column)
   at::Tensor S = w.select(1, 0).unsqueeze(0) * s_act + w.select(1, 1).unsqueeze(0) * s_obj;
   at::Tensor targets = at::arange(6, at::kLong);

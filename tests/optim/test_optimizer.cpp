@@ -23,7 +23,8 @@ TEST(AdamW, MatchesTorchOptimAdamWStepForStep) {
   }
   vimo::trainer::AdamWOptions options{0.9, 0.95, 1e-8, 0.1};
   AdamW optimizer(named, options, /*decay_all=*/true);
-  torch::optim::AdamW reference(theirs, torch::optim::AdamWOptions(1e-3).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1));
+  torch::optim::AdamW reference(
+      theirs, torch::optim::AdamWOptions(1e-3).betas({0.9, 0.95}).eps(1e-8).weight_decay(0.1));
   for (int step = 1; step <= 6; ++step) {
     const double lr = 1e-2 / step;  // a changing learning rate, as the schedule gives
     static_cast<torch::optim::AdamWOptions&>(reference.param_groups()[0].options()).lr(lr);
@@ -43,7 +44,8 @@ TEST(AdamW, MatchesTorchOptimAdamWStepForStep) {
 }
 
 TEST(AdamW, NoDecayForVectorsByDefault) {
-  at::Tensor matrix = at::ones({2, 2}, at::kDouble).requires_grad_(), vector = at::ones({2}, at::kDouble).requires_grad_();
+  at::Tensor matrix = at::ones({2, 2}, at::kDouble).requires_grad_(),
+             vector = at::ones({2}, at::kDouble).requires_grad_();
   AdamW optimizer({{"m", matrix}, {"v", vector}}, {0.9, 0.999, 1e-8, 0.5});
   matrix.mutable_grad() = at::zeros({2, 2}, at::kDouble);
   vector.mutable_grad() = at::zeros({2}, at::kDouble);
@@ -82,7 +84,8 @@ TEST(Schedule, WarmupThenCosineToFloor) {
   EXPECT_DOUBLE_EQ(warmup_cosine_lr(10, 100, 10, 1.0, 0.1), 1.0);
   EXPECT_NEAR(warmup_cosine_lr(55, 100, 10, 1.0, 0.1), 0.1 + 0.9 * 0.5, 1e-12);  // halfway through the cosine
   EXPECT_NEAR(warmup_cosine_lr(100, 100, 10, 1.0, 0.1), 0.1, 1e-12);
-  for (int s = 11; s < 100; ++s) EXPECT_LT(warmup_cosine_lr(s + 1, 100, 10, 1.0, 0.1), warmup_cosine_lr(s, 100, 10, 1.0, 0.1));
+  for (int s = 11; s < 100; ++s)
+    EXPECT_LT(warmup_cosine_lr(s + 1, 100, 10, 1.0, 0.1), warmup_cosine_lr(s, 100, 10, 1.0, 0.1));
 }
 
 TEST(Clip, ScalesToMaxNormAndReportsTheNormBefore) {
@@ -94,7 +97,8 @@ TEST(Clip, ScalesToMaxNormAndReportsTheNormBefore) {
                                     params[1].grad().to(at::kDouble).pow(2).sum().item<double>());
   const double norm = vimo::trainer::clip_gradients(params, 1.0);
   EXPECT_NEAR(norm, expected, 1e-5 * expected);
-  const double after = std::sqrt(params[0].grad().pow(2).sum().item<double>() + params[1].grad().pow(2).sum().item<double>());
+  const double after =
+      std::sqrt(params[0].grad().pow(2).sum().item<double>() + params[1].grad().pow(2).sum().item<double>());
   EXPECT_NEAR(after, 1.0, 1e-5);
   EXPECT_NEAR(vimo::trainer::clip_gradients(params, 0.0), after, 1e-6);  // 0 = report only
 }
