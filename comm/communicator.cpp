@@ -1,1 +1,166 @@
-// (being written)
+// Backend-independent parts of vimo::comm: the world read from the launcher's environment, the all-gather
+// that keeps autograd, and the error format shared by the backends.
+#include "comm/communicator.h"
+
+#include <fmt/format.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string_view>
+
+namespace vimo::comm {
+
+// The launcher's environment variables, all in one place (see DESIGN.md, "Communication").
+namespace env {
+constexpr const char* kOpenMpiRank = "OMPI_COMM_WORLD_RANK";
+constexpr const char* kOpenMpiSize = "OMPI_COMM_WORLD_SIZE";
+constexpr const char* kOpenMpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
+constexpr const char* kOpenMpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
+}  // namespace env
+
+namespace {
+
+// The value of `name` as an int, or nullopt when unset. Strict: the whole value must be a decimal integer
+// (no spaces, no '+', no trailing text) that fits an int, because a half-parsed rank is worse than an error.
+std::optional<int> read_int_variable(const char* name) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr) return std::nullopt;
+  const std::string_view text(raw);
+  int value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (error == std::errc::result_out_of_range) {
+    throw std::runtime_error(fmt::format("{}='{}' is out of the range of an int", name, text));
+  }
+  if (error != std::errc() || end != text.data() + text.size() || text.empty()) {
+    throw std::runtime_error(fmt::format("{}='{}' is not an integer", name, text));
+  }
+  return value;
+}
+
+std::string this_host_name() {
+  char name[HOST_NAME_MAX + 1] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0) {
+    throw std::runtime_error(fmt::format("gethostname failed: {}", std::strerror(errno)));
+  }
+  return name;
+}
+
+}  // namespace
+
+WorldInfo world_from_environment() {
+  WorldInfo world;
+  world.host = this_host_name();
+  const std::optional<int> rank = read_int_variable(env::kOpenMpiRank);
+  const std::optional<int> size = read_int_variable(env::kOpenMpiSize);
+  const std::optional<int> local_rank = read_int_variable(env::kOpenMpiLocalRank);
+  const std::optional<int> local_size = read_int_variable(env::kOpenMpiLocalSize);
+  if (!rank && !size && !local_rank && !local_size) return world;  // not launched by mpirun: one process
+
+  // mpirun always sets all four; a partial set means a hand-made or truncated environment.
+  for (const char* name :
+       {env::kOpenMpiRank, env::kOpenMpiSize, env::kOpenMpiLocalRank, env::kOpenMpiLocalSize}) {
+    if (std::getenv(name) == nullptr) {
+      throw std::runtime_error(fmt::format(
+          "{} is not set although other OMPI_COMM_WORLD_* variables are. HINT: launch with mpirun, or unset "
+          "all "
+          "of {}, {}, {} and {} to run as a single process",
+          name, env::kOpenMpiRank, env::kOpenMpiSize, env::kOpenMpiLocalRank, env::kOpenMpiLocalSize));
+    }
+  }
+  auto require = [](bool ok, const std::string& what) {
+    if (!ok)
+      throw std::runtime_error(what + ". HINT: these variables come from mpirun; do not set them by hand");
+  };
+  require(*size >= 1, fmt::format("{}={} is out of range: expected at least 1", env::kOpenMpiSize, *size));
+  require(*rank >= 0 && *rank < *size, fmt::format("{}={} is out of range: expected 0 <= rank < {}={}",
+                                                   env::kOpenMpiRank, *rank, env::kOpenMpiSize, *size));
+  require(*local_size >= 1 && *local_size <= *size,
+          fmt::format("{}={} is out of range: expected 1 <= local size <= {}={}", env::kOpenMpiLocalSize,
+                      *local_size, env::kOpenMpiSize, *size));
+  require(*local_rank >= 0 && *local_rank < *local_size,
+          fmt::format("{}={} is out of range: expected 0 <= local rank < {}={}", env::kOpenMpiLocalRank,
+                      *local_rank, env::kOpenMpiLocalSize, *local_size));
+  world.rank = *rank;
+  world.world_size = *size;
+  world.local_rank = *local_rank;
+  world.local_size = *local_size;
+  world.launcher = "openmpi";
+  return world;
+}
+
+// Note [Gradient of the gathered negatives]
+// Rank r holds rows X_r [n, D] and computes its loss L_r as a mean over its n local rows, each scored against
+// the gathered rows X = [X_0; ...; X_{p-1}] of every rank. The objective being trained is the mean of the
+// per-rank losses, (1/p) Σ_r L_r, and data parallelism supplies the 1/p: it averages parameter gradients over
+// the p ranks. So each rank must backpropagate the gradient of Σ_r L_r with respect to its own rows X_r.
+// L_r reaches X_q (q ≠ r) only through the gathered copy, whose gradient lives on rank r; hence the owner q
+// needs Σ_r ∂L_r/∂(rows of q in the gathered tensor): the gathered gradient summed over ranks, then its own
+// rows [q*n, (q+1)*n). That is a reduce-scatter; it is done here as an all-reduce followed by a narrow, which
+// moves p times more data but needs only the collectives every backend has today.
+namespace {
+
+// Carries the communicator through autograd's saved_data, which holds IValues only.
+struct CommunicatorHolder : torch::CustomClassHolder {
+  explicit CommunicatorHolder(std::shared_ptr<Communicator> c) : comm(std::move(c)) {}
+  std::shared_ptr<Communicator> comm;
+};
+
+class AllGatherWithGrad : public torch::autograd::Function<AllGatherWithGrad> {
+ public:
+  // local [n, ...] -> gathered [size * n, ...]
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& local,
+                            const std::shared_ptr<Communicator>& comm) {
+    // The communicator validates `local` on every rank together (a 0-dim tensor included), so it goes first.
+    at::Tensor gathered = comm->allgather(local.contiguous());
+    ctx->saved_data["rows"] = local.size(0);
+    ctx->saved_data["comm"] = at::IValue::make_capsule(c10::make_intrusive<CommunicatorHolder>(comm));
+    return gathered;
+  }
+
+  // grad_outputs[0] [size * n, ...] -> gradient of the local rows [n, ...]; see Note [Gradient of the
+  // gathered negatives]. The second input (the communicator) gets no gradient.
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    const auto holder =
+        c10::static_intrusive_pointer_cast<CommunicatorHolder>(ctx->saved_data["comm"].toCapsule());
+    const int64_t rows = ctx->saved_data["rows"].toInt();
+    // A fresh buffer: the incoming gradient may be shared with other nodes and must not be reduced in place.
+    at::Tensor summed = grad_outputs[0].clone(at::MemoryFormat::Contiguous);
+    holder->comm->allreduce(summed, ReduceOp::Sum);
+    return {summed.narrow(0, holder->comm->rank() * rows, rows), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor all_gather_with_grad(const at::Tensor& tensor, const std::shared_ptr<Communicator>& comm) {
+  if (!comm) throw std::invalid_argument("all_gather_with_grad: the communicator is null");
+  return AllGatherWithGrad::apply(tensor, comm);
+}
+
+namespace detail {
+
+std::string describe_failed_call(int rank, const char* call, const char* file, int line,
+                                 const std::string& reason, const std::string& hint) {
+  // Keep "MPI_Allreduce" of "MPI_Allreduce(MPI_IN_PLACE, ...)".
+  const std::string_view call_text(call);
+  const std::string_view function = call_text.substr(0, call_text.find('('));
+  // Keep "comm/x.cpp" of "/work/main/comm/x.cpp": __FILE__ is absolute under CMake.
+  std::string_view path(file);
+  if (const size_t folder = path.rfind("/comm/"); folder != std::string_view::npos)
+    path.remove_prefix(folder + 1);
+  std::string message = fmt::format("[rank {}] {} failed at {}:{}: {}", rank, function, path, line, reason);
+  if (!hint.empty()) message += fmt::format(". HINT: {}", hint);
+  return message;
+}
+
+}  // namespace detail
+
+}  // namespace vimo::comm

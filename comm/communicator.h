@@ -52,7 +52,8 @@ class MpiRuntime {
   MpiRuntime& operator=(const MpiRuntime&) = delete;
 };
 
-// Communicator over MPI_COMM_WORLD for CPU tensors (float32, float64, bfloat16, float16, int32, int64, uint8).
+// Communicator over MPI_COMM_WORLD for CPU tensors (float32, float64, bfloat16, float16, int32, int64,
+// uint8).
 std::shared_ptr<Communicator> make_mpi_communicator();
 
 // "Open MPI v4.1.4" style string of the MPI library linked in.
@@ -61,5 +62,14 @@ std::string mpi_library_version();
 // All-gather usable inside autograd: forward = allgather along dim 0; backward = the gradient rows that
 // belong to this rank, summed over all ranks (each rank's loss used every rank's rows).
 at::Tensor all_gather_with_grad(const at::Tensor& tensor, const std::shared_ptr<Communicator>& comm);
+
+namespace detail {
+// The one format of a failed library call in every backend, e.g.
+//   "[rank 1] MPI_Allreduce failed at comm/mpi_communicator.cpp:88: <reason>. HINT: <hint>"
+// `call` may be the whole call expression (only the function name is kept); `file` is __FILE__ (shortened to
+// the path from the repository root); the hint is left out when empty.
+std::string describe_failed_call(int rank, const char* call, const char* file, int line,
+                                 const std::string& reason, const std::string& hint);
+}  // namespace detail
 
 }  // namespace vimo::comm

@@ -30,7 +30,8 @@ inline uint64_t shared_seed() {
   uint64_t seed = fresh_seed();
   MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
   ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  if (mpi_world()->rank() == 0) std::printf("[ seed     ] VIMO_TEST_SEED=%llu\n", static_cast<unsigned long long>(seed));
+  if (mpi_world()->rank() == 0)
+    std::printf("[ seed     ] VIMO_TEST_SEED=%llu\n", static_cast<unsigned long long>(seed));
   return seed;
 }
 
@@ -38,18 +39,22 @@ inline std::string dtype_name(at::ScalarType dtype) { return std::string(c10::ge
 
 inline std::string op_name(comm::ReduceOp op) {
   switch (op) {
-    case comm::ReduceOp::Sum: return "sum";
-    case comm::ReduceOp::Avg: return "avg";
-    case comm::ReduceOp::Max: return "max";
-    case comm::ReduceOp::Min: return "min";
+    case comm::ReduceOp::Sum:
+      return "sum";
+    case comm::ReduceOp::Avg:
+      return "avg";
+    case comm::ReduceOp::Max:
+      return "max";
+    case comm::ReduceOp::Min:
+      return "min";
   }
   return "unknown";
 }
 
 // Every rank's input [ranks, rows...] of `dtype`, identical on all ranks; rank r contributes element r.
-// Floating inputs are exactly representable in `dtype` (drawn in float64, then rounded); uint8 inputs stay below
-// 256 / ranks so that their sum does not wrap.
-inline at::Tensor all_inputs(at::ScalarType dtype, uint64_t seed, int ranks, at::IntArrayRef rows) {
+// Floating inputs are exactly representable in `dtype` (drawn in float64, then rounded); uint8 inputs stay
+// below 256 / ranks so that their sum does not wrap.
+inline at::Tensor all_inputs(at::ScalarType dtype, uint64_t seed, int64_t ranks, at::IntArrayRef rows) {
   at::manual_seed(seed);
   std::vector<int64_t> shape{ranks};
   shape.insert(shape.end(), rows.begin(), rows.end());
@@ -58,49 +63,60 @@ inline at::Tensor all_inputs(at::ScalarType dtype, uint64_t seed, int ranks, at:
   return at::randint(-1000, 1000, shape, at::kLong).to(dtype);
 }
 
-// The exact reduction over dim 0 in float64 (exact for our integers; for floats, within a few float64 roundings).
+// The exact reduction over dim 0 in float64 (exact for our integers; for floats, within a few float64
+// roundings).
 inline at::Tensor reduce_in_float64(const at::Tensor& inputs, comm::ReduceOp op) {
   const at::Tensor x = inputs.to(at::kDouble);
   switch (op) {
-    case comm::ReduceOp::Sum: return x.sum(0);
-    case comm::ReduceOp::Avg: return x.sum(0) / static_cast<double>(x.size(0));
-    case comm::ReduceOp::Max: return std::get<0>(x.max(0));
-    case comm::ReduceOp::Min: return std::get<0>(x.min(0));
+    case comm::ReduceOp::Sum:
+      return x.sum(0);
+    case comm::ReduceOp::Avg:
+      return x.sum(0) / static_cast<double>(x.size(0));
+    case comm::ReduceOp::Max:
+      return std::get<0>(x.max(0));
+    case comm::ReduceOp::Min:
+      return std::get<0>(x.min(0));
   }
   return {};
 }
 
 inline double machine_epsilon(at::ScalarType dtype) {
   switch (dtype) {
-    case at::kDouble: return std::numeric_limits<double>::epsilon();  // 2^-52
-    case at::kFloat: return std::numeric_limits<float>::epsilon();    // 2^-23
-    case at::kBFloat16: return 1.0 / 128;                              // 2^-7: 8 significant bits
-    case at::kHalf: return 1.0 / 1024;                                 // 2^-10: 11 significant bits
-    default: return 0;                                                 // integers: exact
+    case at::kDouble:
+      return std::numeric_limits<double>::epsilon();  // 2^-52
+    case at::kFloat:
+      return std::numeric_limits<float>::epsilon();  // 2^-23
+    case at::kBFloat16:
+      return 1.0 / 128;  // 2^-7: 8 significant bits
+    case at::kHalf:
+      return 1.0 / 1024;  // 2^-10: 11 significant bits
+    default:
+      return 0;  // integers: exact
   }
 }
 
 // Checks an all-reduce result `got` (in the input's dtype) against every rank's `inputs` [ranks, ...].
 //
-// Max and min pick one of the inputs, and integer sums are exact: those must match bit for bit. A floating sum
-// depends on the order in which the backend adds the p inputs, in its accumulation type (float32 for half types
-// over MPI, see Note [Half types over MPI]; the dtype itself otherwise, NCCL included). Each of the p-1 additions
-// rounds a partial sum, whose magnitude is at most S = Σ|x|, by at most u·S (u = eps/2), so the accumulated sum
-// is within (p-1)·u_acc·S of the exact one. Avg divides by p (S/p, one more rounding of the result), and rounding
-// back to the dtype costs at most u_dtype·|result|. Our float64 reference adds its own (p-1)·u_64·S. Allowing
-// p·eps_acc·S + eps_dtype·|exact| covers all of these with a factor of two to spare, and stays far below any
-// real bug: a missing or doubled rank moves the result by about |x| ~ 1, and the bf16 allowance is one ulp.
+// Max and min pick one of the inputs, and integer sums are exact: those must match bit for bit. A floating
+// sum depends on the order in which the backend adds the p inputs, in its accumulation type (float32 for half
+// types over MPI, see Note [Half types over MPI]; the dtype itself otherwise, NCCL included). Each of the p-1
+// additions rounds a partial sum, whose magnitude is at most S = Σ|x|, by at most u·S (u = eps/2), so the
+// accumulated sum is within (p-1)·u_acc·S of the exact one. Avg divides by p (S/p, one more rounding of the
+// result), and rounding back to the dtype costs at most u_dtype·|result|. Our float64 reference adds its own
+// (p-1)·u_64·S. Allowing p·eps_acc·S + eps_dtype·|exact| covers all of these with a factor of two to spare,
+// and stays far below any real bug: a missing or doubled rank moves the result by about |x| ~ 1, and the bf16
+// allowance is one ulp.
 inline void expect_reduced(const at::Tensor& got, const at::Tensor& inputs, comm::ReduceOp op,
                            at::ScalarType accumulation, const std::string& what) {
   ASSERT_EQ(got.scalar_type(), inputs.scalar_type()) << what;
   ASSERT_EQ(got.sizes(), inputs[0].sizes()) << what;
   const at::Tensor exact = reduce_in_float64(inputs, op);
   const at::Tensor actual = got.cpu().to(at::kDouble);
-  const bool exact_match = op == comm::ReduceOp::Max || op == comm::ReduceOp::Min ||
-                           !at::isFloatingType(inputs.scalar_type());
+  const bool exact_match =
+      op == comm::ReduceOp::Max || op == comm::ReduceOp::Min || !at::isFloatingType(inputs.scalar_type());
   if (exact_match) {
-    EXPECT_TRUE(at::equal(actual, exact)) << what << ": largest difference "
-                                          << (actual - exact).abs().max().item<double>();
+    EXPECT_TRUE(at::equal(actual, exact))
+        << what << ": largest difference " << (actual - exact).abs().max().item<double>();
     return;
   }
   const int64_t ranks = inputs.size(0);
@@ -110,8 +126,8 @@ inline void expect_reduced(const at::Tensor& got, const at::Tensor& inputs, comm
                              machine_epsilon(inputs.scalar_type()) * exact.abs();
   const at::Tensor excess = (actual - exact).abs() - allowed;
   EXPECT_TRUE(excess.le(0).all().item<bool>())
-      << what << ": " << excess.gt(0).sum().item<int64_t>() << " element(s) beyond the rounding bound; worst excess "
-      << excess.max().item<double>();
+      << what << ": " << excess.gt(0).sum().item<int64_t>()
+      << " element(s) beyond the rounding bound; worst excess " << excess.max().item<double>();
 }
 
 }  // namespace vimo::testing

@@ -105,7 +105,8 @@ TEST_F(OpenMpiEnvironment, MalformedValueNamesTheVariableAndValue) {
         << "value '" << bad << "': " << message;
   }
   set_world("0", "2", "0", "99999999999");
-  EXPECT_NE(error().find("OMPI_COMM_WORLD_LOCAL_SIZE='99999999999' is out of the range of an int"), std::string::npos)
+  EXPECT_NE(error().find("OMPI_COMM_WORLD_LOCAL_SIZE='99999999999' is out of the range of an int"),
+            std::string::npos)
       << error();
   set_world("0", "2", "one", "1");
   EXPECT_NE(error().find("OMPI_COMM_WORLD_LOCAL_RANK='one' is not an integer"), std::string::npos) << error();
@@ -117,7 +118,8 @@ TEST_F(OpenMpiEnvironment, OutOfRangeValuesAreRejected) {
     std::string expected;             // a part of the message
   };
   const std::vector<Case> cases = {
-      {{"4", "4", "0", "1"}, "OMPI_COMM_WORLD_RANK=4 is out of range: expected 0 <= rank < OMPI_COMM_WORLD_SIZE=4"},
+      {{"4", "4", "0", "1"},
+       "OMPI_COMM_WORLD_RANK=4 is out of range: expected 0 <= rank < OMPI_COMM_WORLD_SIZE=4"},
       {{"-1", "4", "0", "1"}, "OMPI_COMM_WORLD_RANK=-1 is out of range"},
       {{"0", "0", "0", "1"}, "OMPI_COMM_WORLD_SIZE=0 is out of range"},
       {{"0", "-3", "0", "1"}, "OMPI_COMM_WORLD_SIZE=-3 is out of range"},
@@ -129,7 +131,8 @@ TEST_F(OpenMpiEnvironment, OutOfRangeValuesAreRejected) {
   for (const Case& c : cases) {
     set_world(c.values[0], c.values[1], c.values[2], c.values[3]);
     const std::string message = error();
-    EXPECT_NE(message.find(c.expected), std::string::npos) << "expected '" << c.expected << "' in: " << message;
+    EXPECT_NE(message.find(c.expected), std::string::npos)
+        << "expected '" << c.expected << "' in: " << message;
     EXPECT_NE(message.find("HINT:"), std::string::npos) << message;
   }
 }
@@ -145,6 +148,19 @@ TEST_F(OpenMpiEnvironment, IncompleteSetNamesTheMissingVariable) {
   unsetenv(kSize);
   setenv(kLocalSize, "1", 1);  // even one stray variable is an error, not a silent single process
   EXPECT_NE(error().find("OMPI_COMM_WORLD_RANK is not set"), std::string::npos) << error();
+}
+
+// The one error format of both backends' checked calls.
+TEST(FailedCallDescription, NamesRankFunctionPlaceReasonAndHint) {
+  EXPECT_EQ(
+      vimo::comm::detail::describe_failed_call(1, "MPI_Allreduce(MPI_IN_PLACE, data, count, type, op, comm_)",
+                                               "/work/main/comm/mpi_communicator.cpp", 88,
+                                               "MPI_ERR_TRUNCATE: message truncated", "see the other ranks"),
+      "[rank 1] MPI_Allreduce failed at comm/mpi_communicator.cpp:88: MPI_ERR_TRUNCATE: message truncated. "
+      "HINT: see the other ranks");
+  EXPECT_EQ(vimo::comm::detail::describe_failed_call(0, "ncclGetVersion(&code)", "comm/nccl_communicator.cpp",
+                                                     7, "invalid argument", ""),
+            "[rank 0] ncclGetVersion failed at comm/nccl_communicator.cpp:7: invalid argument");
 }
 
 }  // namespace

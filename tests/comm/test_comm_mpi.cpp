@@ -5,6 +5,7 @@
 #include <mpi.h>
 
 #include <chrono>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -62,6 +63,7 @@ struct ReduceCase {
   at::ScalarType dtype;
   ReduceOp op;
 };
+void PrintTo(const ReduceCase& c, std::ostream* out) { *out << dtype_name(c.dtype) << " " << op_name(c.op); }
 
 class MpiAllreduce : public ::testing::TestWithParam<ReduceCase> {};
 
@@ -87,7 +89,8 @@ TEST_P(MpiAllreduce, MatchesLibTorchOnAllInputs) {
 std::vector<ReduceCase> reduce_cases() {
   std::vector<ReduceCase> cases;
   for (at::ScalarType dtype : {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}) {
-    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min}) cases.push_back({dtype, op});
+    for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min})
+      cases.push_back({dtype, op});
   }
   for (at::ScalarType dtype : {at::kLong, at::kInt, at::kByte}) {  // integer Avg is rejected (below)
     for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min}) cases.push_back({dtype, op});
@@ -113,7 +116,8 @@ class MpiAllgather : public ::testing::TestWithParam<at::ScalarType> {};
 
 TEST_P(MpiAllgather, ConcatenatesEveryRanksRowsBitForBit) {
   const at::ScalarType dtype = GetParam();
-  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int rank = mpi_world()->rank();
+  const int64_t ranks = mpi_world()->size();
   const uint64_t seed = shared_seed();
 
   const at::Tensor rows = all_inputs(dtype, seed, ranks, {3, 4});  // [ranks, 3, 4]
@@ -134,9 +138,11 @@ TEST_P(MpiAllgather, ConcatenatesEveryRanksRowsBitForBit) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, MpiAllgather,
-                         ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kInt,
-                                           at::kByte),
-                         [](const ::testing::TestParamInfo<at::ScalarType>& info) { return dtype_name(info.param); });
+                         ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong,
+                                           at::kInt, at::kByte),
+                         [](const ::testing::TestParamInfo<at::ScalarType>& info) {
+                           return dtype_name(info.param);
+                         });
 
 TEST(MpiAllgatherErrors, DifferentShapesFailOnEveryRankNamingEachShape) {
   const int rank = mpi_world()->rank();
@@ -144,7 +150,8 @@ TEST(MpiAllgatherErrors, DifferentShapesFailOnEveryRankNamingEachShape) {
   const std::string message = error_of([&] { mpi_world()->allgather(mine); });
   EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] the ranks made different calls");
   for (int r = 0; r < mpi_world()->size(); ++r) {
-    EXPECT_CONTAINS(message, "rank " + std::to_string(r) + ": allgather of float32 [" + std::to_string(r + 1) + ", 4]");
+    EXPECT_CONTAINS(
+        message, "rank " + std::to_string(r) + ": allgather of float32 [" + std::to_string(r + 1) + ", 4]");
   }
   EXPECT_CONTAINS(message, "HINT:");
   expect_still_usable();
@@ -164,9 +171,11 @@ TEST(MpiAllgatherErrors, OneRankRejectingItsInputStopsAllRanks) {
   const at::Tensor mine = rank == last ? at::zeros({}) : at::zeros({2, 4});
   const std::string message = error_of([&] { mpi_world()->allgather(mine); });
   if (rank == last) {
-    EXPECT_CONTAINS(message, "[rank " + std::to_string(last) + "] allgather gathers along dim 0 but got a 0-dim");
+    EXPECT_CONTAINS(message,
+                    "[rank " + std::to_string(last) + "] allgather gathers along dim 0 but got a 0-dim");
   } else {
-    EXPECT_CONTAINS(message, "abandoned on every rank: rank(s) " + std::to_string(last) + " rejected their input");
+    EXPECT_CONTAINS(message,
+                    "abandoned on every rank: rank(s) " + std::to_string(last) + " rejected their input");
   }
   expect_still_usable();
 }
@@ -197,8 +206,11 @@ TEST_P(MpiBroadcast, EveryRankEndsWithTheRootsTensor) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, MpiBroadcast, ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kLong),
-                         [](const ::testing::TestParamInfo<at::ScalarType>& info) { return dtype_name(info.param); });
+INSTANTIATE_TEST_SUITE_P(Dtypes, MpiBroadcast,
+                         ::testing::Values(at::kFloat, at::kDouble, at::kBFloat16, at::kLong),
+                         [](const ::testing::TestParamInfo<at::ScalarType>& info) {
+                           return dtype_name(info.param);
+                         });
 
 TEST(MpiBroadcastErrors, RootOutsideTheWorldFailsOnEveryRank) {
   const int ranks = mpi_world()->size();
@@ -226,7 +238,8 @@ TEST(MpiCollectiveErrors, DifferentCollectivesFailTogether) {
 }
 
 int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -242,16 +255,19 @@ TEST(MpiBarrier, NoRankLeavesBeforeEveryRankHasArrived) {
   const int64_t arrived = now_ns();
   mpi_world()->barrier();
   const int64_t left = now_ns();
-  const at::Tensor times = mpi_world()->allgather(at::tensor({arrived, left}, at::kLong).unsqueeze(0));  // [ranks, 2]
+  const at::Tensor times =
+      mpi_world()->allgather(at::tensor({arrived, left}, at::kLong).unsqueeze(0));  // [ranks, 2]
   const int64_t last_arrival = times.select(1, 0).max().item<int64_t>();
   const int64_t first_departure = times.select(1, 1).min().item<int64_t>();
-  EXPECT_LE(last_arrival, first_departure) << "a rank left the barrier " << (last_arrival - first_departure)
-                                           << " ns before the last rank arrived";
+  EXPECT_LE(last_arrival, first_departure)
+      << "a rank left the barrier " << (last_arrival - first_departure) << " ns before the last rank arrived";
 }
 
 // Rank r's loss in the gradient tests: its rows scored against every rank's rows (mean over its rows), plus a
-// term on the gathered rows weighted by r, so that each rank's loss sends a different gradient to every owner.
-at::Tensor loss_of_rank(const at::Tensor& local, const at::Tensor& gathered, const at::Tensor& weights, int r) {
+// term on the gathered rows weighted by r, so that each rank's loss sends a different gradient to every
+// owner.
+at::Tensor loss_of_rank(const at::Tensor& local, const at::Tensor& gathered, const at::Tensor& weights,
+                        int r) {
   return local.matmul(gathered.t()).pow(2).sum(1).mean() + ((r + 1) * gathered * weights).tanh().sum();
 }
 
@@ -260,7 +276,8 @@ at::Tensor loss_of_rank(const at::Tensor& local, const at::Tensor& gathered, con
 at::Tensor reference_gradient(const at::Tensor& all_rows, const at::Tensor& weights, int rank, int64_t rows) {
   const at::Tensor x = all_rows.clone().requires_grad_(true);  // [ranks * rows, D]
   at::Tensor total = at::zeros({}, x.options());
-  for (int r = 0; r < mpi_world()->size(); ++r) total = total + loss_of_rank(x.narrow(0, r * rows, rows), x, weights, r);
+  for (int r = 0; r < mpi_world()->size(); ++r)
+    total = total + loss_of_rank(x.narrow(0, r * rows, rows), x, weights, r);
   total.backward();
   return x.grad().narrow(0, rank * rows, rows);
 }
@@ -273,7 +290,7 @@ TEST(AllGatherWithGrad, GradientIsThatOfTheSumOfAllRanksLosses) {
   const at::Tensor weights = at::randn({ranks * rows, width}, at::kDouble);   // [ranks * rows, D]
 
   const at::Tensor local = all_rows.narrow(0, rank * rows, rows).clone().requires_grad_(true);  // [rows, D]
-  const at::Tensor gathered = vimo::comm::all_gather_with_grad(local, mpi_world());           // [ranks * rows, D]
+  const at::Tensor gathered = vimo::comm::all_gather_with_grad(local, mpi_world());  // [ranks * rows, D]
   EXPECT_TRUE(at::equal(gathered.detach(), all_rows));
   loss_of_rank(local, gathered, weights, rank).backward();
   // The same float64 sums in another order (the all-reduce adds the ranks' parts its own way): agreement to
@@ -282,8 +299,9 @@ TEST(AllGatherWithGrad, GradientIsThatOfTheSumOfAllRanksLosses) {
       << (local.grad() - reference_gradient(all_rows, weights, rank, rows)).abs().max().item<double>();
 
   // A non-contiguous input: the gradient reaches the leaf it is a view of.
-  const at::Tensor leaf = all_rows.narrow(0, rank * rows, rows).t().contiguous().requires_grad_(true);  // [D, rows]
-  const at::Tensor transposed_view = leaf.t();                                                         // [rows, D]
+  const at::Tensor leaf =
+      all_rows.narrow(0, rank * rows, rows).t().contiguous().requires_grad_(true);  // [D, rows]
+  const at::Tensor transposed_view = leaf.t();                                      // [rows, D]
   loss_of_rank(transposed_view, vimo::comm::all_gather_with_grad(transposed_view, mpi_world()), weights, rank)
       .backward();
   EXPECT_TRUE(at::allclose(leaf.grad().t(), reference_gradient(all_rows, weights, rank, rows), 1e-12, 1e-12));

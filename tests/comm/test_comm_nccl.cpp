@@ -34,8 +34,8 @@ class NcclCommunicator : public ::testing::Test {
     if (!torch::cuda::is_available()) {
       reason = "no CUDA device (torch::cuda::is_available() is false)";
     } else if (static_cast<int>(torch::cuda::device_count()) < world.local_size) {
-      reason = "NCCL needs one GPU per rank: " + std::to_string(world.local_size) + " ranks on this host but " +
-               std::to_string(torch::cuda::device_count()) + " CUDA device(s)";
+      reason = "NCCL needs one GPU per rank: " + std::to_string(world.local_size) +
+               " ranks on this host but " + std::to_string(torch::cuda::device_count()) + " CUDA device(s)";
     }
     at::Tensor able = at::full({1}, reason.empty() ? 1 : 0, at::kInt);
     mpi_world()->allreduce(able, ReduceOp::Min);
@@ -109,7 +109,8 @@ TEST_F(NcclCommunicator, RejectsCpuTensorsOnEveryRank) {
     nccl_->allreduce(on_cpu, ReduceOp::Sum);
     ADD_FAILURE() << "a CPU tensor was accepted";
   } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("but this NCCL communicator runs on cuda:"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("but this NCCL communicator runs on cuda:"), std::string::npos)
+        << e.what();
   }
   nccl_->barrier();
 }
