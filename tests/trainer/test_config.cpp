@@ -138,7 +138,7 @@ TEST(Config, FullFileSetsEveryField) {
   frames: 8
   feature_dim: 512
   joints: 25
-  embed_dim: 256
+  embed_dim: 258
   width: 96
   heads: 6
   text_layers: 3
@@ -181,7 +181,7 @@ train:
   expected.model.frames = 8;
   expected.model.feature_dim = 512;
   expected.model.joints = 25;
-  expected.model.embed_dim = 256;
+  expected.model.embed_dim = 258;
   expected.model.width = 96;
   expected.model.heads = 6;
   expected.model.text_layers = 3;
@@ -410,6 +410,7 @@ Config random_config(std::mt19937_64& rng) {
   m.heads = integer(1, 64);
   m.width = m.heads * integer(1, 1 << 20);
   m.keypoint_width = m.heads * integer(1, 1 << 20);
+  m.embed_dim = m.heads * integer(1, 1 << 20);
   m.action_scale = log_number(-3, 3);
   m.logit_scale_init = number(-10, 10);
   m.logit_scale_max = m.logit_scale_init + number(0, 10);
