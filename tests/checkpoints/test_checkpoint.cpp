@@ -9,18 +9,14 @@
 
 #include "checkpoints/checkpoint.h"
 #include "tests/random_seed.h"
+#include "tests/test_support.h"
 
 namespace {
 namespace fs = std::filesystem;
 using vimo::checkpoints::CheckpointManager;
 using vimo::checkpoints::TensorFile;
 
-fs::path fresh_dir(const std::string& name) {
-  fs::path dir = fs::path(::testing::TempDir()) / ("vimo_ckpt_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
+fs::path fresh_dir(const std::string& name) { return vimo::testing::fresh_test_dir("checkpoint", name); }
 
 TensorFile random_state() {
   TensorFile f;

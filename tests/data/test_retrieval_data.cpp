@@ -20,30 +20,15 @@
 #include "data/shard.h"
 #include "data/synthetic.h"
 #include "tests/random_seed.h"
+#include "tests/test_support.h"
 
 namespace vimo::data {
 namespace {
 
 namespace fs = std::filesystem;
+using vimo::testing::expect_error;
 
-fs::path test_dir(const std::string& name) {
-  fs::path dir = fs::path(::testing::TempDir()) / "vimo_test_retrieval_data" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-void expect_error(const std::function<void()>& body, const std::vector<std::string>& parts) {
-  try {
-    body();
-    ADD_FAILURE() << "expected an error containing '" << parts.front() << "'";
-  } catch (const std::runtime_error& e) {
-    const std::string message = e.what();
-    for (const std::string& part : parts) {
-      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
-    }
-  }
-}
+fs::path test_dir(const std::string& name) { return vimo::testing::fresh_test_dir("retrieval_data", name); }
 
 std::string read_bytes(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);

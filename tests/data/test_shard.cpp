@@ -12,32 +12,17 @@
 
 #include "data/shard.h"
 #include "tests/random_seed.h"
+#include "tests/test_support.h"
 
 namespace vimo::data {
 namespace {
 
 namespace fs = std::filesystem;
+using vimo::testing::expect_error;
 
-// A fresh directory per test under gtest's temp dir.
 fs::path test_dir() {
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir = fs::path(::testing::TempDir()) / "vimo_test_shard" / info->name();
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-// Expects `body` to throw std::runtime_error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& body, const std::vector<std::string>& parts) {
-  try {
-    body();
-    ADD_FAILURE() << "expected an error containing '" << parts.front() << "'";
-  } catch (const std::runtime_error& e) {
-    const std::string message = e.what();
-    for (const std::string& part : parts) {
-      EXPECT_NE(message.find(part), std::string::npos) << "'" << part << "' not in: " << message;
-    }
-  }
+  return vimo::testing::fresh_test_dir("shard",
+                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
 }
 
 Record random_record(std::mt19937_64& rng) {

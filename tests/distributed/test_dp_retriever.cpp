@@ -8,6 +8,7 @@
 
 #include "comm/communicator.h"
 #include "models/gemini_mvr.h"
+#include "tests/test_support.h"
 #include "trainer/data_parallel.h"
 #include "trainer/optimizer.h"
 
@@ -19,30 +20,14 @@ std::shared_ptr<comm::Communicator> world() {
   return c;
 }
 
+models::GeminiConfig tiny() { return vimo::testing::tiny_gemini_config(); }
+
 // A seed fresh per run, agreed by all ranks (rank 0 draws it).
 uint64_t shared_seed() {
   uint64_t seed = std::random_device{}();
   MPI_Bcast(&seed, 1, MPI_UINT64_T, 0, MPI_COMM_WORLD);
   if (world()->rank() == 0) std::printf("[ seed     ] %llu\n", static_cast<unsigned long long>(seed));
   return seed;
-}
-
-models::GeminiConfig tiny() {
-  models::GeminiConfig c;
-  c.vocab_size = 20;
-  c.max_text_len = 6;
-  c.frames = 4;
-  c.feature_dim = 5;
-  c.joints = 17;
-  c.embed_dim = 8;
-  c.width = 8;
-  c.heads = 2;
-  c.text_layers = 1;
-  c.video_layers = 1;
-  c.keypoint_width = 4;
-  c.spatio_temporal_layers = 1;
-  c.temporal_layers = 1;
-  return c;
 }
 
 struct Batch {

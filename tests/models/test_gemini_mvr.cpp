@@ -6,29 +6,13 @@
 #include "kernels/contrastive_loss.h"
 #include "models/gemini_mvr.h"
 #include "tests/random_seed.h"
+#include "tests/test_support.h"
 
 namespace {
 using vimo::models::GeminiConfig;
 using vimo::models::GeminiMVR;
 using vimo::models::GeminiStage;
-
-GeminiConfig tiny() {
-  GeminiConfig c;
-  c.vocab_size = 20;
-  c.max_text_len = 8;
-  c.frames = 6;
-  c.feature_dim = 5;
-  c.joints = 17;
-  c.embed_dim = 16;
-  c.width = 16;
-  c.heads = 2;
-  c.text_layers = 1;
-  c.video_layers = 1;
-  c.keypoint_width = 8;
-  c.spatio_temporal_layers = 1;
-  c.temporal_layers = 1;
-  return c;
-}
+GeminiConfig tiny() { return vimo::testing::tiny_gemini_config(); }
 
 struct Inputs {
   at::Tensor text_ids, text_mask, frames, keypoints, frame_mask;
@@ -56,7 +40,7 @@ TEST(GeminiMVR, EmbeddingsAreUnitVectorsOfSizeD) {
   auto videos = model->encode_videos(in.frames, in.keypoints, in.frame_mask);
   for (const at::Tensor& e :
        {texts.text_action, texts.text_object, videos.video_action, videos.video_object}) {
-    ASSERT_EQ(e.sizes(), (at::IntArrayRef{5, 16}));
+    ASSERT_EQ(e.sizes(), (at::IntArrayRef{5, tiny().embed_dim}));
     EXPECT_TRUE(at::allclose(e.norm(2, 1), at::ones({5}), 1e-5, 1e-5));
   }
   ASSERT_EQ(videos.router_weights.sizes(), (at::IntArrayRef{5, 2}));
