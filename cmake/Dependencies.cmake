@@ -7,6 +7,14 @@ if(NOT VIMO_TORCH_PREFIX)
 endif()
 list(APPEND CMAKE_PREFIX_PATH "${VIMO_TORCH_PREFIX}")
 
+# libtorch_cuda.so (linked by every CUDA wheel build, even CPU-only ones of ours) needs the CUDA libraries
+# the wheel installed under site-packages/nvidia: the linker must find those, not older system copies.
+get_filename_component(_site_packages "${VIMO_TORCH_PREFIX}/../../.." ABSOLUTE)
+file(GLOB _wheel_cuda_libs LIST_DIRECTORIES true ${_site_packages}/nvidia/*/lib ${_site_packages}/nvidia/cu13/lib)
+foreach(dir ${_wheel_cuda_libs})
+  add_link_options("LINKER:-rpath-link,${dir}")
+endforeach()
+
 # CUDA decision: our kernels' CUDA major must equal the one LibTorch was built with (VIMO_TORCH_CUDA).
 set(VIMO_HAVE_CUDA OFF)
 if(NOT VIMO_CUDA STREQUAL "OFF")
@@ -41,15 +49,10 @@ if(VIMO_HAVE_CUDA)
   # Note [One NCCL]: a process loads one libnccl.so.2, and libtorch_cuda needs the (newer) one its wheel
   # ships (site-packages/nvidia/nccl). So we compile and link against that one too, and tell the linker
   # where libtorch_cuda's own CUDA dependencies live; the toolkit's NCCL is only the fallback.
-  get_filename_component(_site_packages "${VIMO_TORCH_PREFIX}/../../.." ABSOLUTE)
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${_site_packages}/nvidia/nccl/include NO_DEFAULT_PATH)
   find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS ${_site_packages}/nvidia/nccl/lib NO_DEFAULT_PATH)
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} /usr/local/include REQUIRED)
   find_library(NCCL_LIBRARY NAMES nccl HINTS ${CUDAToolkit_LIBRARY_DIR} /usr/local/cuda/lib /usr/local/cuda/lib64 REQUIRED)
-  file(GLOB _wheel_cuda_libs LIST_DIRECTORIES true ${_site_packages}/nvidia/*/lib ${_site_packages}/nvidia/cu13/lib)
-  foreach(dir ${_wheel_cuda_libs})
-    add_link_options("LINKER:-rpath-link,${dir}")
-  endforeach()
   add_library(vimo_nccl INTERFACE)
   target_include_directories(vimo_nccl SYSTEM INTERFACE ${NCCL_INCLUDE_DIR})
   target_link_libraries(vimo_nccl INTERFACE ${NCCL_LIBRARY} CUDA::cudart)
@@ -57,6 +60,9 @@ if(VIMO_HAVE_CUDA)
   string(REGEX REPLACE ".*NCCL_MAJOR ([0-9]+).*NCCL_MINOR ([0-9]+).*NCCL_PATCH ([0-9]+).*" "\\1.\\2.\\3" VIMO_NCCL_VERSION "${_nccl_ver}")
   set(VIMO_CUDA_STATUS "enabled (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, LibTorch CUDA ${VIMO_TORCH_CUDA}, NCCL ${VIMO_NCCL_VERSION}, archs sm_80 sm_90)")
 else()
+  # A CUDA wheel's CMake config still probes CUDA; a fixed arch list keeps it from try_run-ing GPU detection.
+  set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
+  set(CMAKE_CUDA_STANDARD 17)
   find_package(Torch REQUIRED)
   set(VIMO_NCCL_VERSION "none")
   set(VIMO_CUDA_STATUS "disabled: CPU-only build (no nvcc or no CUDA LibTorch found, or VIMO_CUDA=OFF)")
