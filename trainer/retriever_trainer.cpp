@@ -87,6 +87,49 @@ std::string resolve_checkpoint(const std::string& path) {
       "previous stage's run (or one of its checkpoints/step_* directories); run that stage first");
 }
 
+// Writes the checkpoint of `step`: model and AdamW moments in one safetensors file, the sampler state, the
+// resolved config. Collective.
+std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int64_t step,
+                                const std::string& stage, models::GeminiMVR& model, const AdamW& optimizer,
+                                const data::DistributedBatchSampler& sampler,
+                                const std::string& config_yaml) {
+  checkpoints::TensorFile state = model_tensors(model);
+  for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
+  state.metadata = {{"step", std::to_string(step)},
+                    {"stage", stage},
+                    {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
+  const data::SamplerState s = sampler.state();
+  const std::string loader =
+      nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}.dump();
+  return checkpoints.save(step, state, loader, config_yaml);
+}
+
+// Restores model, AdamW moments and sampler position from `directory`; returns its step.
+int64_t restore_training_state(const std::string& directory, const std::string& stage,
+                               models::GeminiMVR& model, AdamW& optimizer,
+                               data::DistributedBatchSampler& sampler) {
+  const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
+  const std::string saved_stage = ckpt.state.metadata.count("stage") ? ckpt.state.metadata.at("stage") : "?";
+  if (saved_stage != stage) {
+    throw std::runtime_error(
+        fmt::format("{} was saved by stage '{}' but train.stage is '{}'. HINT: --resume "
+                    "continues the same stage; use train.init_from to start the next one",
+                    directory, saved_stage, stage));
+  }
+  load_model_tensors(model, ckpt.state, directory);
+  optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
+  const nlohmann::json loader = nlohmann::json::parse(ckpt.loader_json);
+  sampler.load_state({loader.at("seed").get<uint64_t>(), loader.at("epoch").get<int64_t>(),
+                      loader.at("samples_consumed").get<int64_t>()});
+  return ckpt.step;
+}
+
+int64_t count_elements(const std::vector<at::Tensor>& tensors) {
+  int64_t n = 0;
+  for (const at::Tensor& t : tensors) n += t.numel();
+  return n;
+}
+
 }  // namespace
 
 TrainResult train_retriever(const Config& config, bool resume,
@@ -122,36 +165,23 @@ TrainResult train_retriever(const Config& config, bool resume,
   int64_t start_step = 0;
   std::optional<std::string> resume_from =
       resume ? checkpoints::CheckpointManager::latest_valid(checkpoints.root()) : std::nullopt;
-  if (resume && !resume_from)
+  if (resume && !resume_from) {
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
+  }
   if (resume_from) {
-    const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(*resume_from);
-    load_model_tensors(model, ckpt.state, *resume_from);
-    optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
-    const nlohmann::json loader = nlohmann::json::parse(ckpt.loader_json);
-    sampler.load_state({loader.at("seed").get<uint64_t>(), loader.at("epoch").get<int64_t>(),
-                        loader.at("samples_consumed").get<int64_t>()});
-    start_step = ckpt.step;
-    say(comm, fmt::format("resumed from {} (step {}, saved by {} ranks, now {})", *resume_from, start_step,
-                          ckpt.world_size, world));
+    start_step = restore_training_state(*resume_from, t.stage, model, optimizer, sampler);
+    say(comm, fmt::format("resumed from {} (step {}, now on {} ranks)", *resume_from, start_step, world));
   } else if (!t.init_from.empty()) {
     const std::string source = resolve_checkpoint(t.init_from);
     load_model_tensors(model, checkpoints::CheckpointManager::load(source).state, source);
     say(comm, "initialized model weights from " + source);
   }
 
-  int64_t trainable_count = 0;
-  for (const at::Tensor& p : trainable) trainable_count += p.numel();
-  say(comm, fmt::format(
-                "stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} on {} "
-                "ranks; steps {} → {}",
-                t.stage, trainable_count,
-                [&] {
-                  int64_t n = 0;
-                  for (auto& p : model->parameters()) n += p.numel();
-                  return n;
-                }(),
-                train_set.size(), test_set.size(), config.data.global_batch, world, start_step, t.steps));
+  say(comm,
+      fmt::format("stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} "
+                  "on {} ranks; steps {} → {}",
+                  t.stage, count_elements(trainable), count_elements(model->parameters()), train_set.size(),
+                  test_set.size(), config.data.global_batch, world, start_step, t.steps));
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
   TrainResult result;
@@ -184,16 +214,8 @@ TrainResult train_retriever(const Config& config, bool resume,
                print);
 
     if (step % t.checkpoint_every == 0 || last) {
-      checkpoints::TensorFile state = model_tensors(model);
-      for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
-      state.metadata = {{"step", std::to_string(step)},
-                        {"stage", t.stage},
-                        {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
-      const data::SamplerState s = sampler.state();
-      const std::string loader =
-          nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}
-              .dump();
-      const std::string dir = checkpoints.save(step, state, loader, config_yaml);
+      const std::string dir =
+          save_training_state(checkpoints, step, t.stage, model, optimizer, sampler, config_yaml);
       say(comm, "saved checkpoint " + dir);
     }
     if (t.eval_every > 0 && step % t.eval_every == 0 && !last) {
