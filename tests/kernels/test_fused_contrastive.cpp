@@ -1,0 +1,403 @@
+// The fused, tiled symmetric InfoNCE against the eager composition (kernels::symmetric_infonce on explicitly
+// built [n, N] score matrices, differentiated by autograd): loss and the gradients of all four embeddings and
+// of the scale, on fresh random inputs, over the tiling edge cases.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels/contrastive_loss.h"
+#include "kernels/fused_contrastive.h"
+#include "tests/random_seed.h"
+
+namespace {
+
+using vimo::kernels::fused_symmetric_infonce;
+using vimo::kernels::symmetric_infonce;
+
+// One problem: local rows sit at `offset` among the N gathered rows, as on rank offset / n.
+struct Problem {
+  int64_t n, N, D, offset, tile;
+};
+
+std::string describe(const Problem& p) {
+  return "n=" + std::to_string(p.n) + " N=" + std::to_string(p.N) + " D=" + std::to_string(p.D) +
+         " offset=" + std::to_string(p.offset) + " tile=" + std::to_string(p.tile);
+}
+
+// The inputs of one loss evaluation; every tensor is a leaf of its own so each gradient can be read apart.
+struct Inputs {
+  at::Tensor text_local, text_all, video_local, video_all, scale;
+};
+
+at::Tensor unit_rows(int64_t rows, int64_t D) {
+  at::Tensor x = at::randn({rows, D}, at::kDouble);
+  return x / x.norm(2, 1, true);
+}
+
+// L2-normalized embeddings in float64; the local rows are the gathered rows at the offset, as after
+// all_gather, plus a little noise so a wrong local/all pairing in the kernel would show.
+Inputs random_inputs(const Problem& p, double scale) {
+  Inputs x;
+  x.text_all = unit_rows(p.N, p.D);
+  x.video_all = unit_rows(p.N, p.D);
+  x.text_local = x.text_all.narrow(0, p.offset, p.n) + 0.01 * at::randn({p.n, p.D}, at::kDouble);
+  x.video_local = x.video_all.narrow(0, p.offset, p.n) + 0.01 * at::randn({p.n, p.D}, at::kDouble);
+  x.scale = at::scalar_tensor(scale, at::kDouble);
+  return x;
+}
+
+// Fresh leaves of `dtype` holding the values of `x`; the scale keeps its own dtype (float64).
+Inputs leaves(const Inputs& x, at::ScalarType dtype, bool embeddings_grad = true, bool scale_grad = true) {
+  auto leaf = [&](const at::Tensor& t, at::ScalarType type, bool grad) {
+    return t.detach().to(type).clone().requires_grad_(grad);
+  };
+  return {leaf(x.text_local, dtype, embeddings_grad), leaf(x.text_all, dtype, embeddings_grad),
+          leaf(x.video_local, dtype, embeddings_grad), leaf(x.video_all, dtype, embeddings_grad),
+          leaf(x.scale, x.scale.scalar_type(), scale_grad)};
+}
+
+at::Tensor eager_loss(const Inputs& x, int64_t offset) {
+  at::Tensor text_to_video = x.scale * at::mm(x.text_local, x.video_all.t());  // [n, N]
+  at::Tensor video_to_text = x.scale * at::mm(x.video_local, x.text_all.t());  // [n, N]
+  return symmetric_infonce(text_to_video, video_to_text, offset);
+}
+
+at::Tensor fused_loss(const Inputs& x, const Problem& p) {
+  return fused_symmetric_infonce(x.text_local, x.text_all, x.video_local, x.video_all, x.scale, p.offset,
+                                 p.tile);
+}
+
+// max |got − want| / max(max |want|, floor): the error relative to the tensor's largest entry. The floor
+// keeps near-zero scalars (dL/dscale can cancel to ~0) from demanding an absolute error below rounding; the
+// loss and dL/dscale are O(1) quantities for unit embeddings, so a floor of 1 is their natural unit.
+double relative_error(const at::Tensor& got, const at::Tensor& want, double floor = 0) {
+  const at::Tensor w = want.to(at::kDouble);
+  const double magnitude = std::max(w.abs().max().item<double>(), floor);
+  if (magnitude == 0) return got.to(at::kDouble).abs().max().item<double>();
+  return (got.to(at::kDouble) - w).abs().max().item<double>() / magnitude;
+}
+
+// Expects the gradient of leaf `got` (fused) to match that of `want` (eager, float64): both absent, or
+// within `tolerance` of relative_error with `floor`. Floors: 1 for dL/dscale; for an embedding (or a router
+// weight) the gradient's natural unit scale / (2n), the size of one term s·c·C_j of Note [Tiled symmetric
+// InfoNCE]. When a row's positive dominates by a wide margin (scale 100 or 1e4), its gradient is ~e^-gap
+// times that unit and comes from 1 − softmax_pos, which both implementations resolve only to ~u of the unit:
+// measured against the tiny gradient itself, float64 showed errors of 1e-2 at scale 100.
+void expect_gradient_matches(const char* name, const at::Tensor& got, const at::Tensor& want, double floor,
+                             double tolerance, const Problem& p) {
+  if (!want.requires_grad()) {
+    EXPECT_FALSE(got.grad().defined()) << describe(p) << ": unexpected gradient for " << name;
+    return;
+  }
+  ASSERT_TRUE(got.grad().defined()) << describe(p) << ": no gradient for " << name;
+  ASSERT_EQ(got.grad().sizes(), got.sizes()) << name;
+  ASSERT_EQ(got.grad().scalar_type(), got.scalar_type()) << name;
+  EXPECT_TRUE(at::isfinite(got.grad()).all().item<bool>()) << describe(p) << ": " << name;
+  EXPECT_LE(relative_error(got.grad(), want.grad(), floor), tolerance)
+      << describe(p) << ": gradient of " << name;
+}
+
+// Runs the fused kernel on `dtype` copies of `x` and the eager composition on float64 copies, and expects
+// the loss and every gradient that is asked for to agree within `tolerance` (relative_error); the gradients
+// within `gradient_tolerance` when it is given.
+void expect_matches_eager(const Inputs& x, const Problem& p, at::ScalarType dtype, double tolerance,
+                          bool embeddings_grad = true, bool scale_grad = true,
+                          double gradient_tolerance = 0) {
+  if (gradient_tolerance == 0) gradient_tolerance = tolerance;
+  const Inputs fused = leaves(x, dtype, embeddings_grad, scale_grad);
+  const Inputs eager = leaves(x, at::kDouble, embeddings_grad, scale_grad);
+  at::Tensor fused_value = fused_loss(fused, p), eager_value = eager_loss(eager, p.offset);
+  ASSERT_EQ(fused_value.scalar_type(), dtype);
+  ASSERT_EQ(fused_value.dim(), 0);
+  EXPECT_TRUE(std::isfinite(fused_value.item<double>())) << describe(p);
+  EXPECT_LE(relative_error(fused_value, eager_value, 1), tolerance)
+      << describe(p) << ": loss " << fused_value.item<double>() << " vs " << eager_value.item<double>();
+  if (!embeddings_grad && !scale_grad) return;
+  fused_value.backward();
+  eager_value.backward();
+  const double embedding_unit = x.scale.item<double>() / (2.0 * p.n);
+  expect_gradient_matches("text_local", fused.text_local, eager.text_local, embedding_unit,
+                          gradient_tolerance, p);
+  expect_gradient_matches("text_all", fused.text_all, eager.text_all, embedding_unit, gradient_tolerance, p);
+  expect_gradient_matches("video_local", fused.video_local, eager.video_local, embedding_unit,
+                          gradient_tolerance, p);
+  expect_gradient_matches("video_all", fused.video_all, eager.video_all, embedding_unit, gradient_tolerance,
+                          p);
+  expect_gradient_matches("scale", fused.scale, eager.scale, 1, gradient_tolerance, p);
+}
+
+constexpr double kInitialScale = 1 / 0.07;  // exp(τ) at τ's initial value ln(1/0.07)
+
+const std::vector<Problem> kTilingCases = {
+    {1, 1, 8, 0, 256},     // one pair, one column
+    {1, 9, 8, 4, 4},       // n = 1 among N = 9 gathered rows, N not a multiple of the tile
+    {5, 5, 16, 0, 2},      // N = 5 not a multiple of tile 2
+    {4, 12, 16, 8, 1},     // tile = 1, positives at offset 8 (rank 2 of 3)
+    {6, 6, 16, 0, 1000},   // tile > N: one partial tile
+    {3, 13, 32, 7, 5},     // offset > 0, last tile of 3 columns
+    {16, 64, 32, 16, 16},  // several full tiles, rank 1 of 4
+};
+
+TEST(FusedContrastive, MatchesEagerInFloat64AcrossTilings) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : kTilingCases)
+    expect_matches_eager(random_inputs(p, kInitialScale), p, at::kDouble, 1e-10);
+}
+
+TEST(FusedContrastive, SingleProcessSameTensorAsLocalAndAll) {
+  vimo::testing::seed_torch();
+  // One process: the same leaf is local and all, and autograd adds the row and column gradients.
+  const int64_t N = 11, D = 16;
+  at::Tensor texts = unit_rows(N, D).requires_grad_(), videos = unit_rows(N, D).requires_grad_();
+  at::Tensor scale = at::scalar_tensor(kInitialScale, at::kDouble).requires_grad_();
+  fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, 3).backward();
+  const at::Tensor fused_grads[] = {texts.grad().clone(), videos.grad().clone(), scale.grad().clone()};
+  for (at::Tensor* t : {&texts, &videos, &scale}) t->mutable_grad().reset();
+  symmetric_infonce(scale * at::mm(texts, videos.t()), scale * at::mm(videos, texts.t()), 0).backward();
+  EXPECT_LE(relative_error(fused_grads[0], texts.grad()), 1e-10);
+  EXPECT_LE(relative_error(fused_grads[1], videos.grad()), 1e-10);
+  EXPECT_LE(relative_error(fused_grads[2], scale.grad(), 1), 1e-10);
+}
+
+// float32 against the exact (float64) answer for the same float32-rounded inputs. Error budget, with unit
+// roundoff u = 2^-24 ≈ 6e-8: a D-term dot product of unit vectors is off by ≲ D·u in the worst case and by
+// about u·|partial sums|·√D ≈ u typically (its terms are ~1/D); times the scale 1/0.07 ≈ 14.3 that is a logit
+// error δ ≈ 1e-6 (worst case 64·u·14.3 ≈ 5e-5). δ moves exp(logit − lse) relatively by δ, so the softmax, the
+// loss (an O(1) quantity) and the gradients (against their largest entry) are off by ~1e-6; exp, log and the
+// sums add a few u. Measured over 300 runs: ≤ 6e-7. So 1e-5 holds with margin > 10× while any structural
+// mistake (a wrong tile edge, a missing 1/2, a dropped column) is O(1e-2) or more. At the action scale 100
+// the same budget gives ~7e-6, too close to 1e-5, which is why this test uses the initial object scale.
+TEST(FusedContrastive, MatchesFloat64ReferenceInFloat32) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : {Problem{48, 48, 64, 0, 16}, Problem{24, 96, 64, 48, 20}}) {
+    const Inputs x = random_inputs(p, kInitialScale);
+    // Round once to float32 so both sides see the same inputs; the reference then runs in float64.
+    Inputs rounded = leaves(x, at::kFloat);
+    for (at::Tensor* t : {&rounded.text_local, &rounded.text_all, &rounded.video_local, &rounded.video_all}) {
+      *t = t->detach().to(at::kDouble);
+    }
+    rounded.scale = rounded.scale.detach().to(at::kFloat).to(at::kDouble);
+    expect_matches_eager(rounded, p, at::kFloat, 1e-5);
+  }
+}
+
+TEST(FusedContrastive, LogitsOfTenThousandStayFiniteAndExact) {
+  vimo::testing::seed_torch();
+  // scale 1e4 on unit vectors: logits in ±1e4, far beyond exp's range in any dtype.
+  const Problem p{8, 24, 16, 8, 5};
+  const Inputs x = random_inputs(p, 1e4);
+  expect_matches_eager(x, p, at::kDouble, 1e-10);
+  // float32: logits carry δ ≈ 1e4 · u ≈ 1e-3 absolute error (worst case 1e4 · D·u ≈ 1e-2), so the loss
+  // (≈ 1e2..1e4, measured against max(|loss|, 1)) stays within 1e-5 relative. The gradients cannot: a column
+  // whose logit lies within a few units of its row's maximum (cosines within ~1e-4: not rare at N = 24) gets
+  // a softmax weight that moves relatively by δ itself. Eager float32 shares this limit. Measured over 300
+  // runs: ≤ 1.5e-4; the check uses the worst-case 1e-2, still far below any structural mistake (O(1)).
+  Inputs rounded = leaves(x, at::kFloat);
+  for (at::Tensor* t : {&rounded.text_local, &rounded.text_all, &rounded.video_local, &rounded.video_all}) {
+    *t = t->detach().to(at::kDouble);
+  }
+  expect_matches_eager(rounded, p, at::kFloat, 1e-5, true, true, /*gradient_tolerance=*/1e-2);
+}
+
+TEST(FusedContrastive, FixedScaleAndFrozenInputsGetNoGradient) {
+  vimo::testing::seed_torch();
+  const Problem p{4, 8, 16, 4, 3};
+  // The action branch's fixed scale 100: no gradient for it, the embeddings still get theirs.
+  expect_matches_eager(random_inputs(p, 100), p, at::kDouble, 1e-10, /*embeddings_grad=*/true,
+                       /*scale_grad=*/false);
+  // Only the scale learns (frozen encoders).
+  expect_matches_eager(random_inputs(p, kInitialScale), p, at::kDouble, 1e-10, /*embeddings_grad=*/false,
+                       /*scale_grad=*/true);
+  // Nothing learns: a plain evaluation.
+  expect_matches_eager(random_inputs(p, kInitialScale), p, at::kDouble, 1e-10, false, false);
+}
+
+TEST(FusedContrastive, ScaleOfShapeOneAndInFloat32) {
+  vimo::testing::seed_torch();
+  const Problem p{3, 6, 8, 3, 4};
+  const Inputs x = random_inputs(p, kInitialScale);
+  Inputs fused = leaves(x, at::kDouble);
+  fused.scale = x.scale.to(at::kFloat).reshape({1}).requires_grad_();
+  fused_loss(fused, p).backward();
+  ASSERT_EQ(fused.scale.grad().sizes(), fused.scale.sizes());
+  ASSERT_EQ(fused.scale.grad().scalar_type(), at::kFloat);
+  Inputs eager = leaves(x, at::kDouble);
+  eager.scale = x.scale.to(at::kFloat).to(at::kDouble).requires_grad_();
+  eager_loss(eager, p.offset).backward();
+  EXPECT_LE(relative_error(fused.scale.grad(), eager.scale.grad(), 1), 1e-6);  // float32 gradient
+  EXPECT_LE(relative_error(fused.text_local.grad(), eager.text_local.grad()), 1e-10);
+}
+
+TEST(FusedContrastive, Bfloat16AccumulatesInFloat32) {
+  vimo::testing::seed_torch();
+  const Problem p{8, 16, 32, 8, 5};
+  const Inputs x = random_inputs(p, kInitialScale);
+  Inputs bf16 = leaves(x, at::kBFloat16), f32 = leaves(x, at::kBFloat16);
+  for (at::Tensor* t : {&f32.text_local, &f32.text_all, &f32.video_local, &f32.video_all}) {
+    *t = t->detach().to(at::kFloat).requires_grad_();
+  }
+  at::Tensor low = fused_loss(bf16, p), high = fused_loss(f32, p);
+  EXPECT_EQ(low.scalar_type(), at::kBFloat16);
+  // Same float32 arithmetic on the same values: only the bfloat16 rounding of the results differs (2^-8).
+  EXPECT_LE(relative_error(low, high, 1), 1e-2);
+  low.backward();
+  high.backward();
+  EXPECT_EQ(bf16.video_all.grad().scalar_type(), at::kBFloat16);
+  EXPECT_LE(relative_error(bf16.video_all.grad(), f32.video_all.grad()), 1e-2);
+  EXPECT_LE(relative_error(bf16.scale.grad(), f32.scale.grad(), 1), 1e-6);  // accumulated as a double
+}
+
+// ----- Gemini router stage: two branches weighted per video -----
+
+using vimo::kernels::fuse_scores;
+using vimo::kernels::fused_gemini_infonce;
+using vimo::kernels::GeminiInfoNCEInputs;
+
+constexpr double kActionScale = 100;  // DESIGN.md: s_act = 100 · cos
+
+// Local rows = the gathered rows at the offset plus a little noise (see random_inputs); the object branch is
+// 8 wider than the action branch so a mixed-up width would show. Router weights are a softmax per video.
+GeminiInfoNCEInputs random_gemini_inputs(const Problem& p) {
+  GeminiInfoNCEInputs x;
+  auto pair = [&](at::Tensor& local, at::Tensor& all, int64_t D) {
+    all = unit_rows(p.N, D);
+    local = all.narrow(0, p.offset, p.n) + 0.01 * at::randn({p.n, D}, at::kDouble);
+  };
+  pair(x.text_action_local, x.text_action_all, p.D);
+  pair(x.text_object_local, x.text_object_all, p.D + 8);
+  pair(x.video_action_local, x.video_action_all, p.D);
+  pair(x.video_object_local, x.video_object_all, p.D + 8);
+  x.router_all = at::softmax(at::randn({p.N, 2}, at::kDouble), 1);
+  x.router_local = x.router_all.narrow(0, p.offset, p.n).clone();
+  x.action_scale = at::scalar_tensor(kActionScale, at::kDouble);
+  x.object_scale = at::scalar_tensor(kInitialScale, at::kDouble);
+  return x;
+}
+
+std::vector<at::Tensor*> fields(GeminiInfoNCEInputs& x) {
+  return {&x.text_action_local,  &x.text_action_all,  &x.text_object_local,  &x.text_object_all,
+          &x.video_action_local, &x.video_action_all, &x.video_object_local, &x.video_object_all,
+          &x.router_local,       &x.router_all,       &x.action_scale,       &x.object_scale};
+}
+
+const char* const kGeminiNames[] = {"text_action_local",  "text_action_all",    "text_object_local",
+                                    "text_object_all",    "video_action_local", "video_action_all",
+                                    "video_object_local", "video_object_all",   "router_local",
+                                    "router_all",         "action_scale",       "object_scale"};
+
+// Fresh leaves: tensors in `dtype` (scales keep float64); `requires_grad[k]` per field in fields() order.
+GeminiInfoNCEInputs gemini_leaves(GeminiInfoNCEInputs x, at::ScalarType dtype,
+                                  const std::vector<bool>& grad) {
+  std::vector<at::Tensor*> f = fields(x);
+  for (size_t k = 0; k < f.size(); ++k) {
+    const at::ScalarType type = k >= 10 ? f[k]->scalar_type() : dtype;
+    *f[k] = f[k]->detach().to(type).clone().requires_grad_(grad[k]);
+  }
+  return x;
+}
+
+// As GeminiMVR::score and ::contrastive_loss build it: the video→text scores are the gathered captions scored
+// against the local videos (weighted per video = per column), transposed.
+at::Tensor eager_gemini_loss(const GeminiInfoNCEInputs& x, int64_t offset) {
+  at::Tensor text_to_video =
+      fuse_scores(x.action_scale * at::mm(x.text_action_local, x.video_action_all.t()),
+                  x.object_scale * at::mm(x.text_object_local, x.video_object_all.t()), x.router_all, false);
+  at::Tensor video_to_text =
+      fuse_scores(x.action_scale * at::mm(x.text_action_all, x.video_action_local.t()),
+                  x.object_scale * at::mm(x.text_object_all, x.video_object_local.t()), x.router_local, false)
+          .t();
+  return symmetric_infonce(text_to_video, video_to_text, offset);
+}
+
+void expect_gemini_matches_eager(const GeminiInfoNCEInputs& x, const Problem& p, at::ScalarType dtype,
+                                 double tolerance, const std::vector<bool>& grad) {
+  GeminiInfoNCEInputs fused = gemini_leaves(x, dtype, grad), eager = gemini_leaves(x, at::kDouble, grad);
+  at::Tensor fused_value = fused_gemini_infonce(fused, p.offset, p.tile),
+             eager_value = eager_gemini_loss(eager, p.offset);
+  ASSERT_EQ(fused_value.scalar_type(), dtype);
+  EXPECT_LE(relative_error(fused_value, eager_value, 1), tolerance)
+      << describe(p) << ": loss " << fused_value.item<double>() << " vs " << eager_value.item<double>();
+  fused_value.backward();
+  eager_value.backward();
+  const double unit = (kActionScale + kInitialScale) / (2.0 * p.n);  // see expect_gradient_matches
+  std::vector<at::Tensor*> got = fields(fused), want = fields(eager);
+  for (size_t k = 0; k < got.size(); ++k) {
+    expect_gradient_matches(kGeminiNames[k], *got[k], *want[k], k >= 10 ? 1 : unit, tolerance, p);
+  }
+}
+
+const std::vector<bool> kEverythingLearns(12, true);
+
+TEST(FusedContrastive, GeminiRouterScoreMatchesEagerInFloat64AcrossTilings) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : kTilingCases) {
+    expect_gemini_matches_eager(random_gemini_inputs(p), p, at::kDouble, 1e-10, kEverythingLearns);
+  }
+}
+
+TEST(FusedContrastive, GeminiRouterStageTrainsOnlyTheRouter) {
+  vimo::testing::seed_torch();
+  // Stage router: both branches frozen, the router weights (local and gathered) learn; τ frozen too.
+  std::vector<bool> router_only(12, false);
+  router_only[8] = router_only[9] = true;
+  const Problem p{4, 12, 16, 4, 5};
+  expect_gemini_matches_eager(random_gemini_inputs(p), p, at::kDouble, 1e-10, router_only);
+}
+
+// float32: the action branch's scale 100 gives logit errors δ ≈ 100·u ≈ 6e-6 at most typically (see
+// MatchesFloat64ReferenceInFloat32), so the loss and the gradients (against their natural unit) are off by
+// ~1e-6. Measured over 200 runs: ≤ 2e-6, so 1e-5 holds with margin 5×.
+TEST(FusedContrastive, GeminiRouterScoreInFloat32) {
+  vimo::testing::seed_torch();
+  const Problem p{24, 72, 32, 24, 16};
+  GeminiInfoNCEInputs x = random_gemini_inputs(p);
+  for (int k = 0; k < 10; ++k) *fields(x)[k] = fields(x)[k]->to(at::kFloat).to(at::kDouble);
+  expect_gemini_matches_eager(x, p, at::kFloat, 1e-5, kEverythingLearns);
+}
+
+// Expects `body` to throw std::invalid_argument whose message contains `part`.
+void expect_invalid(const std::function<void()>& body, const std::string& part) {
+  try {
+    body();
+    ADD_FAILURE() << "expected an error containing '" << part << "'";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << "'" << part << "' not in: " << e.what();
+  }
+}
+
+TEST(FusedContrastive, RejectsMismatchedInputsWithClearErrors) {
+  const at::Tensor a = at::zeros({4, 8}), all = at::zeros({8, 8}), s = at::scalar_tensor(1.0);
+  auto call = [&](const at::Tensor& tl, const at::Tensor& ta, const at::Tensor& vl, const at::Tensor& va,
+                  const at::Tensor& scale, int64_t offset, int64_t tile) {
+    return [=] { fused_symmetric_infonce(tl, ta, vl, va, scale, offset, tile); };
+  };
+  expect_invalid(call(at::zeros({4}), all, a, all, s, 0, 4), "text_local must be [n ≥ 1, D], got [4]");
+  expect_invalid(call(a, all, a, at::zeros({8, 7}), s, 0, 4), "video_all must be [8, 8], got [8, 7]");
+  expect_invalid(call(a, all, at::zeros({3, 8}), all, s, 0, 4), "video_local must be [4, D], got [3, 8]");
+  expect_invalid(call(a, at::zeros({9, 8}), a, all, s, 0, 4), "text_all must be [8, 8], got [9, 8]");
+  expect_invalid(call(a, all, a, all, s, 5, 4), "positives [5, 9) fall outside 8 columns");
+  expect_invalid(call(a, all, a, all, s, -1, 4), "fall outside");
+  expect_invalid(call(a, all, a, all, at::ones({2}), 0, 4), "scale must be a tensor of one element, got [2]");
+  expect_invalid(call(a, all, a, all, s, 0, 0), "tile must be");
+  expect_invalid(call(a, all.to(at::kDouble), a, all, s, 0, 4), "text_all is Double but text_local is Float");
+  expect_invalid(call(a.to(at::kInt), all, a, all, s, 0, 4), "float32, float64 or bfloat16");
+}
+
+TEST(FusedContrastive, GeminiRejectsMisshapenInputs) {
+  vimo::testing::seed_torch();
+  const Problem p{2, 4, 8, 2, 2};
+  GeminiInfoNCEInputs x = random_gemini_inputs(p);
+  x.router_all = at::ones({4, 3}, at::kDouble);
+  expect_invalid([&] { fused_gemini_infonce(x, p.offset, p.tile); }, "router_all must be [4, 2], got [4, 3]");
+  x = random_gemini_inputs(p);
+  x.video_object_all = at::ones({4, 8}, at::kDouble);  // the object branch is D + 8 = 16 wide
+  expect_invalid([&] { fused_gemini_infonce(x, p.offset, p.tile); },
+                 "video_object_all must be [4, 16], got [4, 8]");
+}
+
+}  // namespace
