@@ -41,6 +41,12 @@ class Communicator {
   // In place: every rank ends with `root`'s tensor.
   virtual void broadcast(at::Tensor& tensor, int root) = 0;
   virtual void barrier() = 0;
+
+  // A collective over this communicator (every rank calls it): returns a communicator over the ranks that
+  // passed the same `color` (>= 0), ranked by `key`, ties broken by the rank here (MPI_Comm_split's rules).
+  // The result is independent of this one and may outlive it. A negative color fails on every rank. The
+  // default throws: backends that can split override it.
+  virtual std::shared_ptr<Communicator> split(int color, int key);
 };
 
 // RAII owner of MPI_Init / MPI_Finalize. Create exactly one, first thing in main().

@@ -1,5 +1,5 @@
-// Defines the MPI backend of vimo::comm::Communicator (CPU tensors, over a duplicate of MPI_COMM_WORLD) and
-// MpiRuntime, the owner of MPI_Init_thread / MPI_Finalize.
+// Defines the MPI backend of vimo::comm::Communicator (CPU tensors, over a duplicate of MPI_COMM_WORLD or a
+// split of one), MpiRuntime, the owner of MPI_Init_thread / MPI_Finalize, and Communicator::split's default.
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -123,7 +123,8 @@ const char* op_name(int64_t op) {
 // Every rank receives the same extremes, so on disagreement all of them take the error path together: they
 // gather each other's signatures and throw errors that name every rank's call, and nobody is left waiting.
 // The price is one small all-reduce per collective, negligible beside the payload of a gradient bucket.
-enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast };
+// Split agrees on the call only: its color and key differ between ranks by design.
+enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split };
 constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
 enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
 constexpr int kSignatureLength = kSizes + kSignatureDims;
@@ -147,10 +148,11 @@ Signature signature_of(Collective collective, const at::Tensor& tensor, int64_t 
 }
 
 // "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "broadcast from rank 1 of float32 [2]",
-// "barrier".
+// "barrier", "split".
 std::string describe(const Signature& s) {
   const auto collective = static_cast<Collective>(s[kCollective]);
   if (collective == Collective::Barrier) return "barrier";
+  if (collective == Collective::Split) return "split";
   std::string text =
       collective == Collective::Allreduce   ? fmt::format("allreduce ({})", op_name(s[kArgument]))
       : collective == Collective::Allgather ? std::string("allgather")
@@ -175,9 +177,17 @@ class MpiCommunicator final : public Communicator {
     }
     // A private duplicate: our collectives never match messages of other code using MPI_COMM_WORLD.
     VIMO_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
-    VIMO_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
-    VIMO_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
-    VIMO_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    adopt();
+  }
+
+  // Takes ownership of `owned` (a communicator made by split), freed in the destructor.
+  explicit MpiCommunicator(MPI_Comm owned) : comm_(owned) {
+    try {
+      adopt();
+    } catch (...) {
+      MPI_Comm_free(&comm_);
+      throw;
+    }
   }
 
   ~MpiCommunicator() override {
@@ -250,7 +260,29 @@ class MpiCommunicator final : public Communicator {
   // all have entered, so it is itself the barrier (and it also catches a rank calling something else).
   void barrier() override { agree(Collective::Barrier, at::Tensor(), 0, ""); }
 
+  std::shared_ptr<Communicator> split(int color, int key) override {
+    std::string problem;
+    if (color < 0) {
+      problem = fmt::format(
+          "split got color {}, but colors must be >= 0. HINT: give every rank a group number "
+          "0, 1, ...; a rank that belongs to no group still needs a color of its own",
+          color);
+    }
+    // Colors and keys differ between ranks by design, so only the call itself is agreed on.
+    agree(Collective::Split, at::Tensor(), 0, problem);
+    MPI_Comm group = MPI_COMM_NULL;
+    VIMO_MPI_CHECK(MPI_Comm_split(comm_, color, key, &group));
+    return std::make_shared<MpiCommunicator>(group);
+  }
+
  private:
+  // The set-up shared by every way of making one: errors come back as codes (see VIMO_MPI_CHECK).
+  void adopt() {
+    VIMO_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    VIMO_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    VIMO_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  }
+
   // The checks every collective makes on its own input; returns what is wrong, or "" when nothing is.
   static std::string check_input(const char* collective, const at::Tensor& tensor) {
     if (!tensor.defined()) return fmt::format("{} got an undefined tensor", collective);
@@ -339,6 +371,14 @@ const char* thread_level_name(int level) {
 }
 
 }  // namespace
+
+// The base's default (declared in comm/communicator.h); the MPI backend overrides it.
+std::shared_ptr<Communicator> Communicator::split(int /*color*/, int /*key*/) {
+  throw std::runtime_error(fmt::format(
+      "[rank {}] split is not implemented for the {} backend yet. HINT: split the MPI communicator and "
+      "make one {} communicator per group from it (e.g. make_nccl_communicator(group, device))",
+      rank(), backend_name(), backend_name()));
+}
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;

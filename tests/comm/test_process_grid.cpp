@@ -1,0 +1,227 @@
+// Communicator::split and ProcessGrid under mpirun (2 and 4 ranks): the pure layout functions on every shape
+// up to 8 × 8, every grid shape that fits the world checked through real collectives over its groups, invalid
+// or disagreeing shapes failing on every rank instead of hanging, and split's color / key rules on a subset.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/process_grid.h"
+#include "tests/comm/collective_reference.h"
+
+namespace {
+using vimo::comm::Communicator;
+using vimo::comm::GridCoordinates;
+using vimo::comm::ParallelDims;
+using vimo::comm::ProcessGrid;
+using vimo::comm::ReduceOp;
+using vimo::testing::mpi_world;
+
+// The message `call` throws (on this rank), or "(nothing thrown)".
+template <typename Call>
+std::string error_of(Call&& call) {
+  try {
+    call();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(nothing thrown)";
+}
+
+#define EXPECT_CONTAINS(text, part) \
+  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)
+
+// After a call failed on every rank, the world must still work (nobody is stuck mid-call).
+void expect_still_usable() {
+  at::Tensor one = at::ones({2}, at::kLong);
+  mpi_world()->allreduce(one, ReduceOp::Sum);
+  EXPECT_TRUE(at::equal(one, at::full({2}, mpi_world()->size(), at::kLong)));
+}
+
+// The world ranks of `group`'s members in group-rank order, by an all-gather of each member's world rank.
+std::vector<int64_t> members_in_order(Communicator& group) {
+  const at::Tensor mine = at::tensor({static_cast<int64_t>(mpi_world()->rank())}, at::kLong);  // [1]
+  const at::Tensor all = group.allgather(mine);                                                // [group size]
+  return std::vector<int64_t>(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
+}
+
+// Sum of the world ranks of `group`'s members, by an all-reduce.
+int64_t sum_of_members(Communicator& group) {
+  at::Tensor rank = at::tensor({static_cast<int64_t>(mpi_world()->rank())}, at::kLong);  // [1]
+  group.allreduce(rank, ReduceOp::Sum);
+  return rank.item<int64_t>();
+}
+
+TEST(ProcessGridLayout, CoordinatesAndRankOfRoundTripOnEveryShapeUpTo8x8) {
+  for (int dp = 1; dp <= 8; ++dp) {
+    for (int tp = 1; tp <= 8; ++tp) {
+      const ParallelDims dims{.dp = dp, .tp = tp};
+      std::vector<int> hits(static_cast<size_t>(dp * tp), 0);
+      for (int rank = 0; rank < dp * tp; ++rank) {
+        const GridCoordinates c = ProcessGrid::coordinates(rank, dims);
+        ASSERT_EQ(c.tp_rank, rank % tp) << dims.describe() << " rank " << rank;  // TP contiguous
+        ASSERT_EQ(c.dp_rank, rank / tp) << dims.describe() << " rank " << rank;  // DP strided
+        ASSERT_EQ(ProcessGrid::rank_of(c.dp_rank, c.tp_rank, dims), rank) << dims.describe();
+      }
+      for (int d = 0; d < dp; ++d) {
+        for (int t = 0; t < tp; ++t) {
+          const int rank = ProcessGrid::rank_of(d, t, dims);
+          ASSERT_GE(rank, 0);
+          ASSERT_LT(rank, dp * tp);
+          ++hits[static_cast<size_t>(rank)];
+          ASSERT_EQ(ProcessGrid::coordinates(rank, dims), (GridCoordinates{.dp_rank = d, .tp_rank = t}));
+        }
+      }
+      for (int rank = 0; rank < dp * tp; ++rank)
+        ASSERT_EQ(hits[static_cast<size_t>(rank)], 1) << dims.describe() << ": rank_of is not a bijection";
+    }
+  }
+}
+
+TEST(ProcessGridLayout, OutOfGridInputsAreRejected) {
+  const ParallelDims dims{.dp = 2, .tp = 3};
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid::coordinates(6, dims); }),
+                  "rank 6 is outside the grid dp 2 × tp 3 (ranks 0..5)");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid::coordinates(-1, dims); }), "rank -1 is outside the grid");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid::rank_of(2, 0, dims); }),
+                  "(dp_rank 2, tp_rank 0) is outside the grid dp 2 × tp 3");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid::rank_of(0, 3, dims); }), "(dp_rank 0, tp_rank 3) is outside");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid::coordinates(0, ParallelDims{.dp = 0, .tp = 2}); }),
+                  "dp 0 × tp 2 has an axis below 1");
+}
+
+TEST(ParallelDims, FromWorldInfersDpAndChecksFit) {
+  EXPECT_EQ(ParallelDims::from_world(8, 2).dp, 4);
+  EXPECT_EQ(ParallelDims::from_world(8, 2).tp, 2);
+  EXPECT_EQ(ParallelDims::from_world(3, 1).dp, 3);
+  EXPECT_CONTAINS(error_of([] { ParallelDims::from_world(6, 4); }),
+                  "world size 6 cannot be split into TP groups of 4. HINT:");
+  EXPECT_CONTAINS(error_of([] { ParallelDims::from_world(6, 0); }), "TP groups of 0");
+
+  EXPECT_EQ(error_of([] { ParallelDims{.dp = 3, .tp = 2}.check_fits(6); }), "(nothing thrown)");
+  const std::string message = error_of([] { ParallelDims{.dp = 4, .tp = 2}.check_fits(6); });
+  EXPECT_CONTAINS(message, "world size 6 is not dp 4 × tp 2 = 8. HINT: launch 8 ranks");
+}
+
+// Every (dp, tp) with dp × tp == the world: 1 × N, N × 1, and 2 × 2 with 4 ranks.
+std::vector<ParallelDims> shapes_of_the_world() {
+  std::vector<ParallelDims> shapes;
+  const int world = mpi_world()->size();
+  for (int tp = 1; tp <= world; ++tp) {
+    if (world % tp == 0) shapes.push_back(ParallelDims{.dp = world / tp, .tp = tp});
+  }
+  return shapes;
+}
+
+TEST(ProcessGrid, EveryShapeThatFitsTheWorldHasTheRightGroups) {
+  const int rank = mpi_world()->rank();
+  const std::vector<ParallelDims> shapes = shapes_of_the_world();
+  ASSERT_GE(shapes.size(), 2u);
+  for (const ParallelDims& dims : shapes) {
+    SCOPED_TRACE(dims.describe());
+    const ProcessGrid grid(mpi_world(), dims);
+    const int dp_rank = rank / dims.tp, tp_rank = rank % dims.tp;
+    EXPECT_EQ(grid.dp_rank(), dp_rank);
+    EXPECT_EQ(grid.tp_rank(), tp_rank);
+    EXPECT_EQ(grid.dp_size(), dims.dp);
+    EXPECT_EQ(grid.tp_size(), dims.tp);
+    EXPECT_EQ(grid.world().get(), mpi_world().get());
+
+    // TP group: the contiguous ranks [dp_rank * tp, (dp_rank + 1) * tp), in order.
+    std::vector<int64_t> tp_members(static_cast<size_t>(dims.tp));
+    std::iota(tp_members.begin(), tp_members.end(), static_cast<int64_t>(dp_rank) * dims.tp);
+    // DP group: the strided ranks tp_rank, tp_rank + tp, ..., in order.
+    std::vector<int64_t> dp_members;
+    for (int d = 0; d < dims.dp; ++d) dp_members.push_back(static_cast<int64_t>(d) * dims.tp + tp_rank);
+
+    ASSERT_TRUE(grid.tp_group() && grid.dp_group());
+    EXPECT_EQ(grid.tp_group()->size(), dims.tp);
+    EXPECT_EQ(grid.tp_group()->rank(), tp_rank);
+    EXPECT_EQ(grid.dp_group()->size(), dims.dp);
+    EXPECT_EQ(grid.dp_group()->rank(), dp_rank);
+    EXPECT_EQ(grid.tp_group()->backend_name(), "mpi");
+
+    EXPECT_EQ(sum_of_members(*grid.tp_group()),
+              std::accumulate(tp_members.begin(), tp_members.end(), int64_t{0}));
+    EXPECT_EQ(sum_of_members(*grid.dp_group()),
+              std::accumulate(dp_members.begin(), dp_members.end(), int64_t{0}));
+    EXPECT_EQ(members_in_order(*grid.tp_group()), tp_members);
+    EXPECT_EQ(members_in_order(*grid.dp_group()), dp_members);
+  }
+  expect_still_usable();
+}
+
+TEST(ProcessGrid, ShapeThatDoesNotFitTheWorldFailsOnEveryRank) {
+  const int world = mpi_world()->size(), rank = mpi_world()->rank();
+  const ParallelDims too_big{.dp = world, .tp = 2};
+  const std::string message = error_of([&] { ProcessGrid grid(mpi_world(), too_big); });
+  EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] world size " + std::to_string(world) +
+                               " is not dp " + std::to_string(world) +
+                               " × tp 2 = " + std::to_string(2 * world) + ". HINT:");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid grid(mpi_world(), ParallelDims{.dp = world, .tp = 0}); }),
+                  "has an axis below 1");
+  expect_still_usable();
+}
+
+TEST(ProcessGrid, RanksAskingForDifferentGridsFailTogether) {
+  const int world = mpi_world()->size(), rank = mpi_world()->rank();
+  // Both shapes fit the world on their own: only comparing the ranks' dims can catch this.
+  const ParallelDims mine =
+      rank == 0 ? ParallelDims{.dp = world, .tp = 1} : ParallelDims{.dp = 1, .tp = world};
+  const std::string message = error_of([&] { ProcessGrid grid(mpi_world(), mine); });
+  EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] the ranks asked for different process grids");
+  EXPECT_CONTAINS(
+      message, "rank 0: dp " + std::to_string(world) + " × tp 1; rank 1: dp 1 × tp " + std::to_string(world));
+  expect_still_usable();
+}
+
+TEST(CommunicatorSplit, SubsetOrderedByKey) {
+  const int rank = mpi_world()->rank(), world = mpi_world()->size();
+  // Even and odd ranks, each group in reversed order of world rank.
+  const std::shared_ptr<Communicator> parity = mpi_world()->split(/*color=*/rank % 2, /*key=*/-rank);
+  std::vector<int64_t> expected;
+  for (int r = world - 1; r >= 0; --r) {
+    if (r % 2 == rank % 2) expected.push_back(r);
+  }
+  ASSERT_TRUE(parity);
+  EXPECT_EQ(parity->size(), static_cast<int>(expected.size()));
+  EXPECT_EQ(members_in_order(*parity), expected);
+  EXPECT_EQ(expected[static_cast<size_t>(parity->rank())], rank);
+  EXPECT_EQ(sum_of_members(*parity), std::accumulate(expected.begin(), expected.end(), int64_t{0}));
+
+  // Equal keys keep the parent's order; a split of a split works and outlives nothing it needs.
+  const std::shared_ptr<Communicator> same = parity->split(/*color=*/0, /*key=*/0);
+  EXPECT_EQ(members_in_order(*same), expected);
+  std::vector<int64_t> everyone(static_cast<size_t>(world));
+  std::iota(everyone.begin(), everyone.end(), int64_t{0});
+  EXPECT_EQ(members_in_order(*mpi_world()->split(7, 0)), everyone);
+}
+
+TEST(CommunicatorSplit, NegativeColorFailsOnEveryRank) {
+  const int rank = mpi_world()->rank(), last = mpi_world()->size() - 1;
+  const std::string message = error_of([&] { mpi_world()->split(rank == last ? -1 : 0, rank); });
+  if (rank == last) {
+    EXPECT_CONTAINS(message,
+                    "[rank " + std::to_string(last) + "] split got color -1, but colors must be >= 0");
+  } else {
+    EXPECT_CONTAINS(message, "split abandoned on every rank: rank(s) " + std::to_string(last));
+  }
+  expect_still_usable();
+}
+
+TEST(CommunicatorSplit, SplitAgainstAnotherCollectiveFailsTogether) {
+  const std::string message = error_of([&] {
+    if (mpi_world()->rank() == 0) {
+      mpi_world()->split(0, 0);
+    } else {
+      mpi_world()->barrier();
+    }
+  });
+  EXPECT_CONTAINS(message, "rank 0: split; rank 1: barrier");
+  expect_still_usable();
+}
+
+}  // namespace
