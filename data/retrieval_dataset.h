@@ -1,5 +1,5 @@
-// Defines the retrieval dataset view over a split's shards, its batches, and the deterministic
-// data-parallel batch sampler whose small state makes resume exact.
+// Defines the retrieval record view: RetrievalBatch (the tensors the retriever trains on), its conversion
+// from a collated batch with shape checks, and RetrievalDataset, a whole split held in memory (evaluation).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,9 +8,15 @@
 #include <string>
 #include <vector>
 
-#include "data/shard.h"
+#include "data/collate.h"
+#include "data/manifest.h"
 
 namespace vimo::data {
+
+// Record kind of retrieval datasets (manifest "kind"). Fields of each record:
+//   id Int64 [1], caption UInt8 [len], text_ids Int64 [L], frames Float32 [F, Dv],
+//   keypoints Float32 [F, 17, 3], num_frames Int64 [1]
+inline constexpr const char* kRetrievalKind = "retrieval";
 
 struct RetrievalBatch {
   at::Tensor sample_ids;  // [B] int64
@@ -22,51 +28,36 @@ struct RetrievalBatch {
   int64_t size() const { return sample_ids.size(0); }
 };
 
-// All records of one split (`dir`/`split`/shard_*.bin in name order), held in memory as stacked tensors.
+// Shapes every record of a retrieval dataset must have.
+struct RetrievalDims {
+  int64_t max_text_len = 0, frames = 0, feature_dim = 0, vocab_size = 0;
+};
+
+// The vocabulary size of a dataset: metadata "vocab_size", else the line count of its vocab.txt.
+int64_t dataset_vocab_size(const DatasetManifest& manifest);
+
+// Checks the fields, dtypes, shapes and value ranges against `dims`; `where` names the batch for errors.
+RetrievalBatch to_retrieval_batch(const CollatedBatch& batch, const RetrievalDims& dims,
+                                  const std::string& where);
+
+// All records of one split, held in memory as stacked tensors; shapes are taken from its first record.
 class RetrievalDataset {
  public:
   RetrievalDataset(const std::string& dir, const std::string& split);
-  int64_t size() const { return size_; }
-  int64_t vocab_size() const { return vocab_size_; }  // lines of `dir`/vocab.txt
-  int64_t max_text_len() const;
-  int64_t frames() const;
-  int64_t feature_dim() const;
+  int64_t size() const { return all_.size(); }
+  const RetrievalDims& dims() const { return dims_; }
+  int64_t vocab_size() const { return dims_.vocab_size; }
+  int64_t max_text_len() const { return dims_.max_text_len; }
+  int64_t frames() const { return dims_.frames; }
+  int64_t feature_dim() const { return dims_.feature_dim; }
   // Gathers the given sample indices (0 <= index < size()) into a batch.
   RetrievalBatch batch(const std::vector<int64_t>& indices) const;
-  const std::string& caption(int64_t index) const { return captions_[index]; }
+  const std::string& caption(int64_t index) const { return captions_[static_cast<size_t>(index)]; }
 
  private:
-  int64_t size_ = 0, vocab_size_ = 0;
-  at::Tensor sample_ids_, text_ids_, frames_, keypoints_, num_frames_;
+  RetrievalDims dims_;
+  RetrievalBatch all_;
   std::vector<std::string> captions_;
-};
-
-// Resumable position of a sampler: the whole state a checkpoint needs for exact resume.
-struct SamplerState {
-  uint64_t seed = 0;
-  int64_t epoch = 0;
-  int64_t samples_consumed = 0;  // global samples handed out in this epoch
-};
-
-// Note [Deterministic global batches]: the order of an epoch is a permutation of [0, dataset_size)
-// that depends only on (seed, epoch). Global batch g is permutation[g*G, (g+1)*G); DP rank r takes its
-// contiguous slice [r*G/P, (r+1)*G/P). So the samples of a global batch do not depend on the DP size P.
-// The last incomplete global batch of an epoch is dropped.
-class DistributedBatchSampler {
- public:
-  DistributedBatchSampler(int64_t dataset_size, int64_t global_batch, int dp_rank, int dp_size, uint64_t seed);
-  // This rank's sample indices of the next global batch; advances to the next epoch when one runs out.
-  std::vector<int64_t> next();
-  SamplerState state() const { return state_; }
-  void load_state(const SamplerState& state);
-  int64_t batches_per_epoch() const { return dataset_size_ / global_batch_; }
-
- private:
-  void build_permutation();
-  int64_t dataset_size_, global_batch_;
-  int dp_rank_, dp_size_;
-  SamplerState state_;
-  std::vector<int64_t> permutation_;
 };
 
 }  // namespace vimo::data

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 #include <xxhash.h>
+#include <zstd.h>
 
 #include <cerrno>
 #include <cstring>
@@ -26,7 +27,7 @@ namespace {
 
 constexpr uint64_t kHeaderSize = sizeof(kShardMagic) + 2 * sizeof(uint32_t);  // 16
 constexpr uint64_t kFooterSize = 2 * sizeof(uint64_t) + sizeof(kShardMagic);  // 24
-constexpr uint64_t kIndexEntrySize = 2 * sizeof(uint64_t);                    // offset + checksum
+constexpr uint64_t kIndexEntrySize = 3 * sizeof(uint64_t);  // offset + checksum + encoded size
 constexpr const char* kRegenerateHint = "the file is corrupt: regenerate it";
 
 std::string hex(uint64_t value) { return fmt::format("{:#018x}", value); }
@@ -54,7 +55,7 @@ uint64_t checked_byte_count(const std::vector<int64_t>& shape, DType dtype, cons
   return count;
 }
 
-bool valid_dtype(uint8_t code) { return code >= 1 && code <= 4; }
+bool valid_dtype(uint8_t code) { return code >= 1 && code <= 7; }
 
 template <typename T>
 void put(std::vector<uint8_t>& out, T value) {
@@ -65,8 +66,13 @@ void put(std::vector<uint8_t>& out, T value) {
 // Bounds-checked parser over one record's bytes; errors carry the absolute file offset.
 class RecordParser {
  public:
-  RecordParser(const std::vector<uint8_t>& bytes, uint64_t file_offset, std::string context)
-      : bytes_(bytes), file_offset_(file_offset), context_(std::move(context)) {}
+  RecordParser(const std::vector<uint8_t>& bytes, uint64_t file_offset, std::string context, std::string file,
+               int64_t record)
+      : bytes_(bytes),
+        file_offset_(file_offset),
+        context_(std::move(context)),
+        file_(std::move(file)),
+        record_(record) {}
 
   template <typename T>
   T get(const char* what) {
@@ -83,9 +89,11 @@ class RecordParser {
     position_ += count;
     return p;
   }
+  // Offsets inside a compressed record are positions in its decoded bytes, after the record's file offset.
   [[noreturn]] void fail(const std::string& what) const {
-    throw std::runtime_error(
-        fmt::format("{} at offset {}: {}; {}", context_, file_offset_ + position_, what, kRegenerateHint));
+    throw CorruptDataError(
+        fmt::format("{} at offset {}: {}; {}", context_, file_offset_ + position_, what, kRegenerateHint),
+        file_, record_, file_offset_ + position_);
   }
   bool done() const { return position_ == bytes_.size(); }
   uint64_t remaining() const { return bytes_.size() - position_; }
@@ -93,7 +101,8 @@ class RecordParser {
  private:
   const std::vector<uint8_t>& bytes_;
   uint64_t file_offset_;
-  std::string context_;
+  std::string context_, file_;
+  int64_t record_;
   uint64_t position_ = 0;
 };
 
@@ -138,9 +147,15 @@ void read_exactly(int fd, uint64_t offset, void* out, uint64_t count, const std:
   while (count > 0) {
     const ssize_t n = ::pread(fd, p, count, static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
+    if (n == 0) {
+      throw CorruptDataError(fmt::format("shard {}: cannot read the {} at offset {}: unexpected end of file "
+                                         "(the file is truncated); {}",
+                                         path, what, offset, kRegenerateHint),
+                             path, -1, offset);
+    }
+    if (n < 0) {
       throw std::runtime_error(fmt::format("shard {}: cannot read the {} at offset {}: {}", path, what,
-                                           offset, n < 0 ? std::strerror(errno) : "unexpected end of file"));
+                                           offset, std::strerror(errno)));
     }
     p += n;
     offset += static_cast<uint64_t>(n);
@@ -160,6 +175,11 @@ size_t dtype_size(DType dtype) {
       return 4;
     case DType::UInt8:
       return 1;
+    case DType::Float16:
+    case DType::BFloat16:
+      return 2;
+    case DType::Float64:
+      return 8;
   }
   throw std::runtime_error(fmt::format("unknown shard dtype code {}", static_cast<int>(dtype)));
 }
@@ -174,6 +194,12 @@ const char* dtype_name(DType dtype) {
       return "int32";
     case DType::UInt8:
       return "uint8";
+    case DType::Float16:
+      return "float16";
+    case DType::BFloat16:
+      return "bfloat16";
+    case DType::Float64:
+      return "float64";
   }
   return "unknown";
 }
@@ -189,6 +215,21 @@ Field Field::from_int64s(std::string name, std::vector<int64_t> shape, const std
 Field Field::from_string(std::string name, const std::string& text) {
   return field_from_values(std::move(name), DType::UInt8, {static_cast<int64_t>(text.size())},
                            std::vector<uint8_t>(text.begin(), text.end()));
+}
+
+Field Field::from_bytes(std::string name, DType dtype, std::vector<int64_t> shape,
+                        std::vector<uint8_t> bytes) {
+  Field field;
+  field.name = std::move(name);
+  field.dtype = dtype;
+  field.shape = std::move(shape);
+  const uint64_t expected = checked_byte_count(field.shape, dtype, "field '" + field.name + "'");
+  if (expected != bytes.size()) {
+    throw std::runtime_error(
+        fmt::format("field '{}': shape needs {} bytes, found {}", field.name, expected, bytes.size()));
+  }
+  field.bytes = std::move(bytes);
+  return field;
 }
 
 std::vector<float> Field::floats() const { return field_values<float>(*this, DType::Float32); }
@@ -217,37 +258,10 @@ const Field& Record::get(const std::string& name) const {
 // ---------------------------------------------------------------------------------------------------------
 // ShardWriter
 
-ShardWriter::ShardWriter(std::string path) : path_(std::move(path)), temp_path_(path_ + ".tmp") {
-  file_ = std::fopen(temp_path_.c_str(), "wb");
-  if (!file_) {
-    throw std::runtime_error(
-        fmt::format("shard {}: cannot create {}: {}. HINT: check that the directory exists "
-                    "and is writable",
-                    path_, temp_path_, std::strerror(errno)));
-  }
-  std::vector<uint8_t> header(kShardMagic, kShardMagic + sizeof(kShardMagic));
-  put<uint32_t>(header, kShardVersion);
-  put<uint32_t>(header, 0);  // reserved
-  if (std::fwrite(header.data(), 1, header.size(), file_) != header.size()) {
-    const std::string error = std::strerror(errno);
-    std::fclose(file_);
-    file_ = nullptr;
-    std::remove(temp_path_.c_str());
-    throw std::runtime_error(fmt::format("shard {}: cannot write the header: {}", path_, error));
-  }
-  position_ = header.size();
-}
+namespace {
 
-ShardWriter::~ShardWriter() {
-  if (file_) {
-    std::fclose(file_);
-    std::remove(temp_path_.c_str());
-  }
-}
-
-void ShardWriter::append(const Record& record) {
-  if (!file_) throw std::runtime_error(fmt::format("shard {}: append after finish()", path_));
-  const std::string context = fmt::format("shard {}: record {}", path_, offsets_.size());
+// The record's encoding: field count, then per field its name, dtype, shape, byte count and bytes.
+std::vector<uint8_t> encode_record(const Record& record, const std::string& context) {
   std::vector<uint8_t> bytes;
   put<uint32_t>(bytes, static_cast<uint32_t>(record.fields.size()));
   for (const Field& field : record.fields) {
@@ -275,12 +289,68 @@ void ShardWriter::append(const Record& record) {
     put<uint64_t>(bytes, field.bytes.size());
     bytes.insert(bytes.end(), field.bytes.begin(), field.bytes.end());
   }
-  if (std::fwrite(bytes.data(), 1, bytes.size(), file_) != bytes.size()) {
+  return bytes;
+}
+
+}  // namespace
+
+ShardWriter::ShardWriter(std::string path, Compression compression, int zstd_level)
+    : path_(std::move(path)), temp_path_(path_ + ".tmp"), compression_(compression), zstd_level_(zstd_level) {
+  if (compression != Compression::None && compression != Compression::Zstd) {
+    throw std::runtime_error(
+        fmt::format("shard {}: unknown compression code {}", path_, static_cast<int>(compression)));
+  }
+  file_ = std::fopen(temp_path_.c_str(), "wb");
+  if (!file_) {
+    throw std::runtime_error(
+        fmt::format("shard {}: cannot create {}: {}. HINT: check that the directory exists "
+                    "and is writable",
+                    path_, temp_path_, std::strerror(errno)));
+  }
+  std::vector<uint8_t> header(kShardMagic, kShardMagic + sizeof(kShardMagic));
+  put<uint32_t>(header, kShardVersion);
+  put<uint16_t>(header, static_cast<uint16_t>(compression));
+  put<uint16_t>(header, 0);  // reserved
+  if (std::fwrite(header.data(), 1, header.size(), file_) != header.size()) {
+    const std::string error = std::strerror(errno);
+    std::fclose(file_);
+    file_ = nullptr;
+    std::remove(temp_path_.c_str());
+    throw std::runtime_error(fmt::format("shard {}: cannot write the header: {}", path_, error));
+  }
+  position_ = header.size();
+}
+
+ShardWriter::~ShardWriter() {
+  if (file_) {
+    std::fclose(file_);
+    std::remove(temp_path_.c_str());
+  }
+}
+
+void ShardWriter::append(const Record& record) {
+  if (!file_) throw std::runtime_error(fmt::format("shard {}: append after finish()", path_));
+  const std::string context = fmt::format("shard {}: record {}", path_, offsets_.size());
+  const std::vector<uint8_t> encoded = encode_record(record, context);
+  std::vector<uint8_t> compressed;
+  const std::vector<uint8_t>* stored = &encoded;
+  if (compression_ == Compression::Zstd) {
+    compressed.resize(ZSTD_compressBound(encoded.size()));
+    const size_t n =
+        ZSTD_compress(compressed.data(), compressed.size(), encoded.data(), encoded.size(), zstd_level_);
+    if (ZSTD_isError(n)) {
+      throw std::runtime_error(fmt::format("{}: zstd compression failed: {}", context, ZSTD_getErrorName(n)));
+    }
+    compressed.resize(n);
+    stored = &compressed;
+  }
+  if (std::fwrite(stored->data(), 1, stored->size(), file_) != stored->size()) {
     throw std::runtime_error(fmt::format("{}: write failed: {}", context, std::strerror(errno)));
   }
   offsets_.push_back(position_);
-  checksums_.push_back(XXH3_64bits(bytes.data(), bytes.size()));
-  position_ += bytes.size();
+  checksums_.push_back(XXH3_64bits(stored->data(), stored->size()));
+  sizes_.push_back(encoded.size());
+  position_ += stored->size();
 }
 
 // Note [Atomic shard publication]: the shard is written under `path.tmp`, flushed and fsync'ed, then
@@ -293,6 +363,7 @@ void ShardWriter::finish() {
   tail.reserve(offsets_.size() * kIndexEntrySize + kFooterSize);
   for (const uint64_t offset : offsets_) put<uint64_t>(tail, offset);
   for (const uint64_t checksum : checksums_) put<uint64_t>(tail, checksum);
+  for (const uint64_t size : sizes_) put<uint64_t>(tail, size);
   put<uint64_t>(tail, offsets_.size());
   put<uint64_t>(tail, index_offset);
   tail.insert(tail.end(), kShardMagic, kShardMagic + sizeof(kShardMagic));
@@ -325,94 +396,121 @@ void ShardWriter::finish() {
 // ---------------------------------------------------------------------------------------------------------
 // ShardReader
 
+void ShardReader::fail(const std::string& what, int64_t record, uint64_t offset) const {
+  const std::string where =
+      record >= 0 ? fmt::format("shard {}: record {}", path_, record) : fmt::format("shard {}:", path_);
+  throw CorruptDataError(fmt::format("{} at offset {}: {}; {}", where, offset, what, kRegenerateHint), path_,
+                         record, offset);
+}
+
 ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
-  file_ = std::fopen(path_.c_str(), "rb");
-  if (!file_) {
+  fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) {
     throw std::runtime_error(
-        fmt::format("shard {}: cannot open: {}. HINT: check the path, or regenerate the "
-                    "dataset",
-                    path_, std::strerror(errno)));
+        fmt::format("shard {}: cannot open: {}. HINT: check the path, or regenerate the dataset", path_,
+                    std::strerror(errno)));
   }
-  // The constructor owns file_ from here on; a throw below must close it since the destructor won't run.
+  // The constructor owns fd_ from here on; a throw below must close it since the destructor won't run.
   try {
-    const int fd = ::fileno(file_);
-    const off_t end = ::lseek(fd, 0, SEEK_END);
+    const off_t end = ::lseek(fd_, 0, SEEK_END);
     if (end < 0)
       throw std::runtime_error(fmt::format("shard {}: cannot seek: {}", path_, std::strerror(errno)));
-    const auto file_size = static_cast<uint64_t>(end);
-    if (file_size < kHeaderSize + kFooterSize) {
-      throw std::runtime_error(
-          fmt::format("shard {}: file is {} bytes, expected at least {} (header + footer); "
-                      "the file is truncated: regenerate it",
-                      path_, file_size, kHeaderSize + kFooterSize));
+    file_size_ = static_cast<uint64_t>(end);
+    if (file_size_ < kHeaderSize + kFooterSize) {
+      fail(fmt::format("the file is {} bytes, expected at least {} (header + footer): it is truncated",
+                       file_size_, kHeaderSize + kFooterSize),
+           -1, file_size_);
     }
 
     char header[kHeaderSize];
-    read_exactly(fd, 0, header, kHeaderSize, path_, "header");
+    read_exactly(fd_, 0, header, kHeaderSize, path_, "header");
     if (std::memcmp(header, kShardMagic, sizeof(kShardMagic)) != 0) {
-      throw std::runtime_error(
-          fmt::format("shard {}: at offset 0: bad magic (expected \"VIMOSHRD\", found \"{}\"); "
-                      "this is not a vimo shard",
-                      path_, printable_magic(header)));
+      fail(fmt::format("bad magic (expected \"VIMOSHRD\", found \"{}\"): this is not a vimo shard",
+                       printable_magic(header)),
+           -1, 0);
     }
     uint32_t version = 0;
     std::memcpy(&version, header + sizeof(kShardMagic), sizeof(version));
     if (version != kShardVersion) {
-      throw std::runtime_error(
-          fmt::format("shard {}: at offset 8: unsupported version (expected {}, found {}). "
-                      "HINT: regenerate the shard with this vimo build",
-                      path_, kShardVersion, version));
+      fail(fmt::format("unsupported version (expected {}, found {}). HINT: re-import or regenerate the "
+                       "dataset with this vimo build",
+                       kShardVersion, version),
+           -1, 8);
     }
+    uint16_t compression = 0;
+    std::memcpy(&compression, header + 12, sizeof(compression));
+    if (compression > static_cast<uint16_t>(Compression::Zstd)) {
+      fail(fmt::format("unknown compression code {} (expected 0 = none or 1 = zstd)", compression), -1, 12);
+    }
+    compression_ = static_cast<Compression>(compression);
 
-    const uint64_t footer_offset = file_size - kFooterSize;
+    const uint64_t footer_offset = file_size_ - kFooterSize;
     char footer[kFooterSize];
-    read_exactly(fd, footer_offset, footer, kFooterSize, path_, "footer");
+    read_exactly(fd_, footer_offset, footer, kFooterSize, path_, "footer");
     uint64_t record_count = 0;
     std::memcpy(&record_count, footer, sizeof(uint64_t));
     std::memcpy(&index_offset_, footer + sizeof(uint64_t), sizeof(uint64_t));
     if (std::memcmp(footer + 2 * sizeof(uint64_t), kShardMagic, sizeof(kShardMagic)) != 0) {
-      throw std::runtime_error(fmt::format(
-          "shard {}: at offset {}: bad footer magic (expected \"VIMOSHRD\", found "
-          "\"{}\"); the file is truncated or corrupt: regenerate it",
-          path_, footer_offset + 2 * sizeof(uint64_t), printable_magic(footer + 2 * sizeof(uint64_t))));
+      fail(fmt::format("bad footer magic (expected \"VIMOSHRD\", found \"{}\"): the file is truncated or "
+                       "corrupt",
+                       printable_magic(footer + 2 * sizeof(uint64_t))),
+           -1, footer_offset + 2 * sizeof(uint64_t));
     }
     // The index must sit exactly between the records and the footer.
     const uint64_t max_records = (footer_offset - kHeaderSize) / kIndexEntrySize;
     if (record_count > max_records || index_offset_ < kHeaderSize || index_offset_ > footer_offset ||
         footer_offset - index_offset_ != record_count * kIndexEntrySize) {
-      throw std::runtime_error(
-          fmt::format("shard {}: at offset {}: footer says {} records with the index at offset "
-                      "{}, which does not end at the footer (offset {}); {}",
-                      path_, footer_offset, record_count, index_offset_, footer_offset, kRegenerateHint));
+      fail(fmt::format("the footer says {} records with the index at offset {}, which does not end at the "
+                       "footer (offset {})",
+                       record_count, index_offset_, footer_offset),
+           -1, footer_offset);
     }
 
-    std::vector<uint64_t> index(2 * record_count);
-    if (record_count) {
-      read_exactly(fd, index_offset_, index.data(), record_count * kIndexEntrySize, path_, "index");
-    }
-    offsets_.assign(index.begin(), index.begin() + static_cast<std::ptrdiff_t>(record_count));
-    checksums_.assign(index.begin() + static_cast<std::ptrdiff_t>(record_count), index.end());
+    std::vector<uint64_t> index(3 * record_count);
+    if (record_count)
+      read_exactly(fd_, index_offset_, index.data(), record_count * kIndexEntrySize, path_, "index");
+    const auto n = static_cast<std::ptrdiff_t>(record_count);
+    offsets_.assign(index.begin(), index.begin() + n);
+    checksums_.assign(index.begin() + n, index.begin() + 2 * n);
+    sizes_.assign(index.begin() + 2 * n, index.end());
     for (uint64_t i = 0; i < record_count; ++i) {
-      const uint64_t lower = i == 0 ? kHeaderSize : offsets_[i - 1] + sizeof(uint32_t);
-      // Records are back to back from the header on, each at least its 4-byte field count long.
-      if (offsets_[i] < lower || offsets_[i] > index_offset_ - sizeof(uint32_t) ||
-          (i == 0 && offsets_[0] != kHeaderSize)) {
-        throw std::runtime_error(
-            fmt::format("shard {}: record {}: index entry at offset {} points to offset {}, "
-                        "outside the records region [{}, {}) or before the previous record; {}",
-                        path_, i, index_offset_ + i * sizeof(uint64_t), offsets_[i], lower, index_offset_,
-                        kRegenerateHint));
+      // Records are back to back from the header on, each stored in at least one byte.
+      const uint64_t expected_first = kHeaderSize;
+      if ((i == 0 && offsets_[0] != expected_first) || (i > 0 && offsets_[i] <= offsets_[i - 1]) ||
+          offsets_[i] >= index_offset_) {
+        fail(fmt::format(
+                 "index entry {} points to offset {}, outside the records region [{}, {}) or not after "
+                 "the previous record",
+                 i, offsets_[i], kHeaderSize, index_offset_),
+             static_cast<int64_t>(i), index_offset_ + i * sizeof(uint64_t));
+      }
+    }
+    for (uint64_t i = 0; i < record_count; ++i) {
+      // An uncompressed record's encoding is its stored bytes; a compressed one is bounded so a corrupt
+      // size cannot make the reader allocate more than the format allows (zstd expands at most ~2^17x,
+      // but no record of ours is larger than 1 TiB).
+      if ((compression_ == Compression::None && sizes_[i] != stored_size(i)) ||
+          sizes_[i] < sizeof(uint32_t) || sizes_[i] > (1ull << 40)) {
+        fail(fmt::format(
+                 "index says the record's encoding is {} bytes, which does not fit its {} stored bytes",
+                 sizes_[i], stored_size(i)),
+             static_cast<int64_t>(i), index_offset_ + (2 * record_count + i) * sizeof(uint64_t));
       }
     }
   } catch (...) {
-    std::fclose(file_);
-    file_ = nullptr;
+    ::close(fd_);
+    fd_ = -1;
     throw;
   }
 }
 
 ShardReader::~ShardReader() {
-  if (file_) std::fclose(file_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+uint64_t ShardReader::stored_size(uint64_t index) const {
+  const uint64_t end = index + 1 < offsets_.size() ? offsets_[index + 1] : index_offset_;
+  return end - offsets_[index];
 }
 
 Record ShardReader::read_record(uint64_t index) const {
@@ -421,26 +519,45 @@ Record ShardReader::read_record(uint64_t index) const {
                                          index, offsets_.size()));
   }
   const uint64_t begin = offsets_[index];
-  const uint64_t end = index + 1 < offsets_.size() ? offsets_[index + 1] : index_offset_;
-  std::vector<uint8_t> bytes(end - begin);
-  read_exactly(::fileno(file_), begin, bytes.data(), bytes.size(), path_, "record");
-  const std::string context = fmt::format("shard {}: record {}", path_, index);
-  const uint64_t checksum = XXH3_64bits(bytes.data(), bytes.size());
+  const auto record = static_cast<int64_t>(index);
+  std::vector<uint8_t> stored(stored_size(index));
+  read_exactly(fd_, begin, stored.data(), stored.size(), path_, "record");
+  const uint64_t checksum = XXH3_64bits(stored.data(), stored.size());
   if (checksum != checksums_[index]) {
-    throw std::runtime_error(fmt::format("{} at offset {}: checksum mismatch (expected {}, found {}); {}",
-                                         context, begin, hex(checksums_[index]), hex(checksum),
-                                         kRegenerateHint));
+    fail(fmt::format("checksum mismatch (expected {}, found {})", hex(checksums_[index]), hex(checksum)),
+         record, begin);
+  }
+  std::vector<uint8_t> bytes;
+  if (compression_ == Compression::Zstd) {
+    const unsigned long long content = ZSTD_getFrameContentSize(stored.data(), stored.size());
+    if (content != sizes_[index]) {
+      fail(fmt::format("the zstd frame holds {} bytes, the index says {}",
+                       content == ZSTD_CONTENTSIZE_UNKNOWN || content == ZSTD_CONTENTSIZE_ERROR
+                           ? std::string("an unknown number of")
+                           : std::to_string(content),
+                       sizes_[index]),
+           record, begin);
+    }
+    bytes.resize(sizes_[index]);
+    const size_t n = ZSTD_decompress(bytes.data(), bytes.size(), stored.data(), stored.size());
+    if (ZSTD_isError(n) || n != bytes.size()) {
+      fail(fmt::format("zstd cannot decode the record: {}",
+                       ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short frame"),
+           record, begin);
+    }
+  } else {
+    bytes = std::move(stored);
   }
 
-  RecordParser parser(bytes, begin, context);
-  Record record;
+  RecordParser parser(bytes, begin, fmt::format("shard {}: record {}", path_, index), path_, record);
+  Record result;
   const auto field_count = parser.get<uint32_t>("field count");
   // Each field takes at least 12 bytes (name length, dtype, rank, byte count): bound the reservation.
   if (field_count > parser.remaining() / 12) {
     parser.fail(
         fmt::format("field count {} does not fit in the record's {} bytes", field_count, bytes.size()));
   }
-  record.fields.reserve(field_count);
+  result.fields.reserve(field_count);
   for (uint32_t f = 0; f < field_count; ++f) {
     Field field;
     const auto name_length = parser.get<uint16_t>("field name length");
@@ -448,7 +565,7 @@ Record ShardReader::read_record(uint64_t index) const {
     field.name.assign(reinterpret_cast<const char*>(name), name_length);
     const auto dtype = parser.get<uint8_t>("dtype");
     if (!valid_dtype(dtype))
-      parser.fail(fmt::format("field '{}': unknown dtype code {} (expected 1-4)", field.name, dtype));
+      parser.fail(fmt::format("field '{}': unknown dtype code {} (expected 1-7)", field.name, dtype));
     field.dtype = static_cast<DType>(dtype);
     const auto rank = parser.get<uint8_t>("rank");
     field.shape.resize(rank);
@@ -466,10 +583,10 @@ Record ShardReader::read_record(uint64_t index) const {
     }
     const uint8_t* data = parser.take(byte_count, "field data");
     field.bytes.assign(data, data + byte_count);
-    record.fields.push_back(std::move(field));
+    result.fields.push_back(std::move(field));
   }
   if (!parser.done()) parser.fail(fmt::format("{} trailing bytes after the last field", parser.remaining()));
-  return record;
+  return result;
 }
 
 }  // namespace vimo::data

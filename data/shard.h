@@ -1,28 +1,40 @@
-// Defines the minimal shard format (writer and reader) used by the synthetic dataset. The full format,
-// loader and importers have their own issue; this keeps the format's magic and version from day one.
+// Defines the vimo shard format (data/FORMAT.md is its specification): Field and Record, the crash-safe
+// ShardWriter and the validating ShardReader, and CorruptDataError, the one error type for bad shard bytes.
 //
-// Layout (little-endian):
-//   header  : magic "VIMOSHRD" (8 bytes), uint32 version (= kShardVersion), uint32 reserved (0)
-//   records : back to back; each record is
+// Layout (little-endian, version 2):
+//   header  : magic "VIMOSHRD" (8 bytes), uint32 version (= kShardVersion), uint16 compression, uint16 0
+//   records : back to back, each stored as its encoding below, or that encoding compressed as one zstd frame
+//             when the header says Zstd. The encoding of a record is
 //               uint32 field_count, then per field:
 //                 uint16 name_length, name bytes, uint8 dtype, uint8 rank, int64 shape[rank],
 //                 uint64 byte_count, raw bytes
-//   index   : uint64 record_offset[record_count], uint64 record_checksum[record_count] (xxh3-64 of the
-//             record's bytes)
-//   footer  : uint64 record_count, uint64 index_offset, magic "VIMOSHRD" (8 bytes)
+//   index   : uint64 record_offset[n], uint64 record_checksum[n] (xxh3-64 of the record's stored bytes),
+//             uint64 record_size[n] (bytes of the encoding, before compression)
+//   footer  : uint64 record_count n, uint64 index_offset, magic "VIMOSHRD" (8 bytes)
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace vimo::data {
 
 inline constexpr char kShardMagic[8] = {'V', 'I', 'M', 'O', 'S', 'H', 'R', 'D'};
-inline constexpr uint32_t kShardVersion = 1;
+inline constexpr uint32_t kShardVersion = 2;
 
-enum class DType : uint8_t { Float32 = 1, Int64 = 2, Int32 = 3, UInt8 = 4 };
+enum class DType : uint8_t {
+  Float32 = 1,
+  Int64 = 2,
+  Int32 = 3,
+  UInt8 = 4,
+  Float16 = 5,
+  BFloat16 = 6,
+  Float64 = 7
+};
+// How a record's bytes are stored in a shard (one choice per shard, in the header).
+enum class Compression : uint8_t { None = 0, Zstd = 1 };
 size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);
 
@@ -36,6 +48,9 @@ struct Field {
   static Field from_floats(std::string name, std::vector<int64_t> shape, const std::vector<float>& values);
   static Field from_int64s(std::string name, std::vector<int64_t> shape, const std::vector<int64_t>& values);
   static Field from_string(std::string name, const std::string& text);  // UInt8, shape [len]
+  // Any dtype from raw little-endian bytes; throws unless bytes.size() matches the shape.
+  static Field from_bytes(std::string name, DType dtype, std::vector<int64_t> shape,
+                          std::vector<uint8_t> bytes);
   std::vector<float> floats() const;    // throws unless dtype == Float32
   std::vector<int64_t> int64s() const;  // throws unless dtype == Int64
   std::string text() const;             // throws unless dtype == UInt8
@@ -48,11 +63,22 @@ struct Record {
   const Field& get(const std::string& name) const;
 };
 
+// Bad bytes in a shard (checksum mismatch, truncation, malformed index or record). The message names the
+// file, the record (when known) and the byte offset; the fields repeat them for callers that count skips.
+class CorruptDataError : public std::runtime_error {
+ public:
+  CorruptDataError(const std::string& message, std::string file, int64_t record, uint64_t offset)
+      : std::runtime_error(message), file(std::move(file)), record(record), offset(offset) {}
+  std::string file;
+  int64_t record;  // -1 when the shard as a whole is bad
+  uint64_t offset;
+};
+
 // Writes records to `path` through a temporary file; finish() fsyncs and renames it into place, so a
 // crash never leaves a partial shard under the final name.
 class ShardWriter {
  public:
-  explicit ShardWriter(std::string path);
+  explicit ShardWriter(std::string path, Compression compression = Compression::None, int zstd_level = 3);
   ~ShardWriter();  // an unfinished writer removes its temporary file
   ShardWriter(const ShardWriter&) = delete;
   ShardWriter& operator=(const ShardWriter&) = delete;
@@ -63,13 +89,16 @@ class ShardWriter {
 
  private:
   std::string path_, temp_path_;
+  Compression compression_;
+  int zstd_level_;
   std::FILE* file_ = nullptr;
   uint64_t position_ = 0;
-  std::vector<uint64_t> offsets_, checksums_;
+  std::vector<uint64_t> offsets_, checksums_, sizes_;
 };
 
 // Reads a shard written by ShardWriter. Validates magic, version, footer and index on open, and each
-// record's checksum on read; errors name the file, the record and the byte offset.
+// record's checksum on read; errors name the file, the record and the byte offset (CorruptDataError for bad
+// bytes, std::runtime_error for a file that cannot be opened or read). read_record is thread-safe (pread).
 class ShardReader {
  public:
   explicit ShardReader(std::string path);
@@ -79,12 +108,18 @@ class ShardReader {
   uint64_t size() const { return offsets_.size(); }
   Record read_record(uint64_t index) const;
   const std::string& path() const { return path_; }
+  Compression compression() const { return compression_; }
+  uint64_t file_size() const { return file_size_; }
+  // Stored bytes of record `index` (what read_record reads from disk).
+  uint64_t stored_size(uint64_t index) const;
 
  private:
+  [[noreturn]] void fail(const std::string& what, int64_t record, uint64_t offset) const;
   std::string path_;
-  std::FILE* file_ = nullptr;
-  uint64_t index_offset_ = 0;
-  std::vector<uint64_t> offsets_, checksums_;
+  int fd_ = -1;
+  Compression compression_ = Compression::None;
+  uint64_t file_size_ = 0, index_offset_ = 0;
+  std::vector<uint64_t> offsets_, checksums_, sizes_;
 };
 
 }  // namespace vimo::data

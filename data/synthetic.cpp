@@ -16,6 +16,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "data/dataset_writer.h"
 #include "data/shard.h"
 
 namespace vimo::data {
@@ -207,47 +208,6 @@ Record make_sample(int64_t id, const SynthOptions& options, const World& world, 
   return record;
 }
 
-// Writes `content` to `path` through a temporary file, fsync and rename (see Note [Atomic shard publication]
-// in shard.cpp).
-void write_file_atomically(const std::string& path, const std::string& content) {
-  const std::string temp = path + ".tmp";
-  std::FILE* file = std::fopen(temp.c_str(), "wb");
-  if (!file) throw std::runtime_error(fmt::format("cannot create {}: {}", temp, std::strerror(errno)));
-  const bool ok = std::fwrite(content.data(), 1, content.size(), file) == content.size() &&
-                  std::fflush(file) == 0 && ::fsync(::fileno(file)) == 0;
-  const std::string error = ok ? "" : std::strerror(errno);
-  if (std::fclose(file) != 0 || !ok || std::rename(temp.c_str(), path.c_str()) != 0) {
-    const std::string reason = error.empty() ? std::strerror(errno) : error;
-    std::remove(temp.c_str());
-    throw std::runtime_error(fmt::format("cannot write {}: {}", path, reason));
-  }
-}
-
-// Writes one split's shards and removes shards of an earlier, larger run; returns the split's manifest entry.
-nlohmann::json write_split(const SynthOptions& options, const World& world, const fs::path& split_dir,
-                           int64_t count, uint64_t stream) {
-  fs::create_directories(split_dir);
-  Rng rng(stream);
-  nlohmann::json shards = nlohmann::json::array();
-  std::set<std::string> written;
-  for (int64_t begin = 0; begin < count; begin += options.records_per_shard) {
-    const std::string name = fmt::format("shard_{:05d}.bin", begin / options.records_per_shard);
-    ShardWriter writer((split_dir / name).string());
-    const int64_t end = std::min(count, begin + options.records_per_shard);
-    for (int64_t id = begin; id < end; ++id) writer.append(make_sample(id, options, world, rng));
-    writer.finish();
-    shards.push_back({{"file", name}, {"records", end - begin}, {"bytes", writer.bytes_written()}});
-    written.insert(name);
-  }
-  for (const fs::directory_entry& entry : fs::directory_iterator(split_dir)) {
-    const std::string name = entry.path().filename().string();
-    const bool is_shard =
-        name.rfind("shard_", 0) == 0 && name.size() > 4 && name.substr(name.size() - 4) == ".bin";
-    if (is_shard && !written.count(name)) fs::remove(entry.path());
-  }
-  return {{"records", count}, {"shards", shards}};
-}
-
 void check_options(const SynthOptions& o) {
   auto require = [](bool ok, const std::string& what) {
     if (!ok) throw std::runtime_error("synthetic dataset options: " + what);
@@ -282,37 +242,35 @@ const std::vector<std::string>& synthetic_vocabulary() {
 
 void write_synthetic_dataset(const SynthOptions& options, const std::string& dir) {
   check_options(options);
-  const fs::path root(dir);
-  fs::create_directories(root);
-  // A dataset is complete only once its manifest exists (written last): drop a stale one first.
-  fs::remove(root / "manifest.json");
+  DatasetWriterOptions writer_options;
+  writer_options.max_shard_records = static_cast<uint64_t>(options.records_per_shard);
+  writer_options.max_shard_bytes = ~0ull;  // shards are cut by record count only, as the options say
+  writer_options.compression = options.zstd ? Compression::Zstd : Compression::None;
+  DatasetWriter writer(dir, "retrieval", writer_options);
 
   const World world(options, options.seed ^ kWorldStream);
-  nlohmann::json splits;
-  splits["train"] =
-      write_split(options, world, root / "train", options.num_train, options.seed ^ kTrainStream);
-  splits["test"] = write_split(options, world, root / "test", options.num_test, options.seed ^ kTestStream);
+  const auto write_split = [&](const std::string& split, int64_t count, uint64_t stream) {
+    Rng rng(stream);
+    for (int64_t id = 0; id < count; ++id) writer.append(split, make_sample(id, options, world, rng));
+  };
+  write_split("train", options.num_train, options.seed ^ kTrainStream);
+  write_split("test", options.num_test, options.seed ^ kTestStream);
 
   std::string vocab;
   for (const std::string& word : synthetic_vocabulary()) vocab += word + "\n";
-  write_file_atomically((root / "vocab.txt").string(), vocab);
-
-  const nlohmann::json manifest = {
-      {"format", "vimo-synthetic-retrieval"},
-      {"shard_version", kShardVersion},
-      {"options",
-       {{"num_train", options.num_train},
-        {"num_test", options.num_test},
-        {"frames", options.frames},
-        {"feature_dim", options.feature_dim},
-        {"max_text_len", options.max_text_len},
-        {"records_per_shard", options.records_per_shard},
-        {"seed", options.seed},
-        {"noise", options.noise}}},
-      {"vocab_size", synthetic_vocabulary().size()},
-      {"splits", splits},
-  };
-  write_file_atomically((root / "manifest.json").string(), manifest.dump(2) + "\n");
+  writer.add_file("vocab.txt", vocab);
+  writer.set_metadata("generator", "synthetic");
+  writer.set_metadata("options", {{"num_train", options.num_train},
+                                  {"num_test", options.num_test},
+                                  {"frames", options.frames},
+                                  {"feature_dim", options.feature_dim},
+                                  {"max_text_len", options.max_text_len},
+                                  {"records_per_shard", options.records_per_shard},
+                                  {"seed", options.seed},
+                                  {"noise", options.noise},
+                                  {"zstd", options.zstd}});
+  writer.set_metadata("vocab_size", synthetic_vocabulary().size());
+  writer.finish();
 }
 
 }  // namespace vimo::data

@@ -19,6 +19,7 @@ DEBIAN_PACKAGES=(
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libxxhash-dev libzstd-dev libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  clang-14 libclang-rt-14-dev  # libFuzzer and ASan for tests/fuzz/run_fuzz.sh
 )
 
 log() { echo "[setup] $*" >&2; }

@@ -16,33 +16,37 @@ using ModelConfig = vimo::models::GeminiConfig;
 
 struct DataConfig {
   std::string dir = "runs/data/demo";  // dataset directory (train/, test/, vocab.txt)
-  int64_t global_batch = 64;      // samples per optimizer step across all DP ranks
-  uint64_t seed = 1234;           // sample order
+  int64_t global_batch = 64;           // samples per optimizer step across all DP ranks
+  uint64_t seed = 1234;                // sample order
+  int64_t shuffle_block = 4096;        // samples per shuffle block (Note [Block shuffle across shards])
+  int64_t workers = 2;                 // background reader threads
+  int64_t prefetch = 4;                // batches read ahead
+  bool skip_corrupt = false;           // skip and count corrupt records instead of stopping
 };
 
 struct OptimConfig {
   double lr = 1e-3;
-  double min_lr_ratio = 0.1;    // cosine decays to lr * min_lr_ratio
+  double min_lr_ratio = 0.1;  // cosine decays to lr * min_lr_ratio
   int64_t warmup_steps = 20;
   double weight_decay = 0.01;
   double beta1 = 0.9;
   double beta2 = 0.98;
   double eps = 1e-8;
-  double grad_clip = 1.0;       // max global gradient L2 norm; 0 disables
+  double grad_clip = 1.0;  // max global gradient L2 norm; 0 disables
 };
 
 struct TrainConfig {
-  std::string stage = "action";   // "action", "object" or "router" (DESIGN.md: which parameters train)
-  int64_t steps = 200;            // total optimizer steps of this stage
+  std::string stage = "action";  // "action", "object" or "router" (DESIGN.md: which parameters train)
+  int64_t steps = 200;           // total optimizer steps of this stage
   int64_t log_every = 10;
-  int64_t eval_every = 0;         // held-out retrieval metrics every N steps; 0 = only at the end
+  int64_t eval_every = 0;  // held-out retrieval metrics every N steps; 0 = only at the end
   int64_t checkpoint_every = 100;
-  int64_t keep_checkpoints = 2;   // newest N checkpoints retained
-  int64_t stop_after = 0;         // stop (after saving) at this step, as if interrupted; 0 = never
+  int64_t keep_checkpoints = 2;  // newest N checkpoints retained
+  int64_t stop_after = 0;        // stop (after saving) at this step, as if interrupted; 0 = never
   std::string out_dir = "runs/demo";
-  std::string init_from;          // checkpoint directory whose model weights initialize this stage
-  int64_t threads = 1;            // intra-op CPU threads per rank (fixed, for reproducibility)
-  uint64_t seed = 42;             // parameter initialization
+  std::string init_from;  // checkpoint directory whose model weights initialize this stage
+  int64_t threads = 1;    // intra-op CPU threads per rank (fixed, for reproducibility)
+  uint64_t seed = 42;     // parameter initialization
 };
 
 struct Config {

@@ -37,8 +37,8 @@ void ProgressLog::record(const StepMetrics& m, bool print) {
     jsonl_ << fmt::format(
         "{{\"step\": {}, \"loss\": {:.17g}, \"lr\": {:.17g}, \"grad_norm\": {:.17g}, \"step_seconds\": "
         "{:.6f}, "
-        "\"data_seconds\": {:.6f}}}\n",
-        m.step, m.loss, m.lr, m.grad_norm, m.step_seconds, m.data_seconds);
+        "\"data_seconds\": {:.6f}, \"batch_hash\": \"{}\", \"corrupt_skipped\": {}}}\n",
+        m.step, m.loss, m.lr, m.grad_norm, m.step_seconds, m.data_seconds, m.batch_hash, m.corrupt_skipped);
     jsonl_.flush();
   }
   if (!print) return;

@@ -13,10 +13,12 @@ struct StepMetrics {
   int64_t step = 0;
   double loss = 0;  // mean over the global batch
   double lr = 0;
-  double grad_norm = 0;     // before clipping
-  double step_seconds = 0;  // wall time of the whole step
-  double data_seconds = 0;  // of which waiting for the batch
-  int64_t samples = 0;      // global batch size
+  double grad_norm = 0;         // before clipping
+  double step_seconds = 0;      // wall time of the whole step
+  double data_seconds = 0;      // of which waiting for the batch
+  int64_t samples = 0;          // global batch size
+  std::string batch_hash;       // xxh3 of the global batch's sample keys (equal runs read equal batches)
+  int64_t corrupt_skipped = 0;  // records skipped as corrupt so far (all ranks)
 };
 
 class ProgressLog {

@@ -13,6 +13,7 @@
 #include <stdexcept>
 
 #include "checkpoints/checkpoint.h"
+#include "data/loader.h"
 #include "data/retrieval_dataset.h"
 #include "models/gemini_mvr.h"
 #include "trainer/data_parallel.h"
@@ -34,7 +35,7 @@ void say(const std::shared_ptr<comm::Communicator>& comm, const std::string& lin
   std::fflush(stdout);
 }
 
-// The model's shapes must fit the dataset it reads.
+// The model's shapes must fit the dataset it reads (its shapes are those of the test split's records).
 void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalDataset& d,
                         const std::string& dir) {
   auto fail = [&](const std::string& what) {
@@ -91,23 +92,21 @@ std::string resolve_checkpoint(const std::string& path) {
 // resolved config. Collective.
 std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int64_t step,
                                 const std::string& stage, models::GeminiMVR& model, const AdamW& optimizer,
-                                const data::DistributedBatchSampler& sampler,
-                                const std::string& config_yaml) {
+                                const data::StreamingLoader& loader, const std::string& config_yaml) {
   checkpoints::TensorFile state = model_tensors(model);
   for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
   state.metadata = {{"step", std::to_string(step)},
                     {"stage", stage},
                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
-  const data::SamplerState s = sampler.state();
-  const std::string loader =
+  const data::SamplerState s = loader.state();
+  const std::string loader_json =
       nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}.dump();
-  return checkpoints.save(step, state, loader, config_yaml);
+  return checkpoints.save(step, state, loader_json, config_yaml);
 }
 
 // Restores model, AdamW moments and sampler position from `directory`; returns its step.
 int64_t restore_training_state(const std::string& directory, const std::string& stage,
-                               models::GeminiMVR& model, AdamW& optimizer,
-                               data::DistributedBatchSampler& sampler) {
+                               models::GeminiMVR& model, AdamW& optimizer, data::StreamingLoader& loader) {
   const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
   const std::string saved_stage = ckpt.state.metadata.count("stage") ? ckpt.state.metadata.at("stage") : "?";
   if (saved_stage != stage) {
@@ -118,10 +117,39 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
   }
   load_model_tensors(model, ckpt.state, directory);
   optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
-  const nlohmann::json loader = nlohmann::json::parse(ckpt.loader_json);
-  sampler.load_state({loader.at("seed").get<uint64_t>(), loader.at("epoch").get<int64_t>(),
-                      loader.at("samples_consumed").get<int64_t>()});
+  const nlohmann::json state = nlohmann::json::parse(ckpt.loader_json);
+  loader.load_state({state.at("seed").get<uint64_t>(), state.at("epoch").get<int64_t>(),
+                     state.at("samples_consumed").get<int64_t>()});
   return ckpt.step;
+}
+
+// This rank's training batch. With skip_corrupt, ranks may have lost different numbers of records; the
+// gathered contrastive loss needs equal local batches, so every rank keeps the smallest rank's count (the
+// records dropped that way are valid but unread this step). `skipped` returns the records skipped as corrupt
+// on all ranks.
+data::RetrievalBatch agree_on_batch(const data::LoaderBatch& loaded, const data::RetrievalDims& dims,
+                                    const std::shared_ptr<comm::Communicator>& comm, bool skip_corrupt,
+                                    int64_t& skipped) {
+  data::RetrievalBatch batch = data::to_retrieval_batch(
+      loaded.tensors, dims, fmt::format("training batch {} of epoch {}", loaded.step, loaded.epoch));
+  skipped = loaded.corrupt_skipped;
+  if (!skip_corrupt || !comm || comm->size() == 1) return batch;
+  at::Tensor counts = at::tensor({batch.size(), -batch.size(), loaded.corrupt_skipped}, at::kLong);
+  comm->allreduce(counts, comm::ReduceOp::Max);  // [max size, -min size, max skipped]
+  at::Tensor total = at::tensor({loaded.corrupt_skipped}, at::kLong);
+  comm->allreduce(total, comm::ReduceOp::Sum);
+  skipped = total.item<int64_t>();
+  const int64_t keep = -counts[1].item<int64_t>();
+  if (keep == 0) throw std::runtime_error("every record of a rank's batch was corrupt; stopping");
+  if (keep < batch.size()) {
+    batch.sample_ids = batch.sample_ids.narrow(0, 0, keep);
+    batch.text_ids = batch.text_ids.narrow(0, 0, keep);
+    batch.text_mask = batch.text_mask.narrow(0, 0, keep);
+    batch.frames = batch.frames.narrow(0, 0, keep);
+    batch.keypoints = batch.keypoints.narrow(0, 0, keep);
+    batch.frame_mask = batch.frame_mask.narrow(0, 0, keep);
+  }
+  return batch;
 }
 
 int64_t count_elements(const std::vector<at::Tensor>& tensors) {
@@ -144,11 +172,23 @@ TrainResult train_retriever(const Config& config, bool resume,
   }
   at::set_num_threads(static_cast<int>(t.threads));
 
-  // Data: the whole split is held in memory; the streaming loader is the data issue's.
-  const data::RetrievalDataset train_set(config.data.dir, "train"), test_set(config.data.dir, "test");
-  check_dataset_fits(config.model, train_set, config.data.dir);
-  data::DistributedBatchSampler sampler(train_set.size(), config.data.global_batch, rank, world,
-                                        config.data.seed);
+  // Data: the train split streams from its shards (each rank reads only its samples); the small test split
+  // is held in memory for evaluation, and its records fix the shapes every training batch is checked against.
+  const data::RetrievalDataset test_set(config.data.dir, "test");
+  check_dataset_fits(config.model, test_set, config.data.dir);
+  data::LoaderOptions loader_options;
+  loader_options.dir = config.data.dir;
+  loader_options.split = "train";
+  loader_options.kind = data::kRetrievalKind;
+  loader_options.global_batch = config.data.global_batch;
+  loader_options.dp_rank = rank;
+  loader_options.dp_size = world;
+  loader_options.seed = config.data.seed;
+  loader_options.shuffle_block = config.data.shuffle_block;
+  loader_options.workers = static_cast<int>(config.data.workers);
+  loader_options.prefetch = static_cast<int>(config.data.prefetch);
+  loader_options.skip_corrupt = config.data.skip_corrupt;
+  data::StreamingLoader loader(loader_options);
 
   // Model: same seed on every rank, and rank 0's values broadcast so replicas start identical.
   torch::manual_seed(t.seed);
@@ -169,7 +209,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   }
   if (resume_from) {
-    start_step = restore_training_state(*resume_from, t.stage, model, optimizer, sampler);
+    start_step = restore_training_state(*resume_from, t.stage, model, optimizer, loader);
     say(comm, fmt::format("resumed from {} (step {}, now on {} ranks)", *resume_from, start_step, world));
   } else if (!t.init_from.empty()) {
     const std::string source = resolve_checkpoint(t.init_from);
@@ -180,15 +220,21 @@ TrainResult train_retriever(const Config& config, bool resume,
   say(comm,
       fmt::format("stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} "
                   "on {} ranks; steps {} → {}",
-                  t.stage, count_elements(trainable), count_elements(model->parameters()), train_set.size(),
+                  t.stage, count_elements(trainable), count_elements(model->parameters()), loader.size(),
                   test_set.size(), config.data.global_batch, world, start_step, t.steps));
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
   TrainResult result;
+  int64_t total_corrupt = 0;
   for (int64_t step = start_step + 1; step <= t.steps; ++step) {
     const Clock::time_point step_start = Clock::now();
-    const data::RetrievalBatch batch = train_set.batch(sampler.next());
+    const data::LoaderBatch loaded = loader.next();
     const double data_seconds = seconds_since(step_start);
+    const std::string batch_hash = data::keys_fingerprint(loader.global_keys(loaded.epoch, loaded.step));
+    int64_t corrupt_skipped = 0;
+    const data::RetrievalBatch batch =
+        agree_on_batch(loaded, test_set.dims(), comm, config.data.skip_corrupt, corrupt_skipped);
+    total_corrupt += corrupt_skipped;
 
     const models::GeminiEmbeddings texts = model->encode_texts(batch.text_ids, batch.text_mask);
     const models::GeminiEmbeddings videos =
@@ -210,12 +256,12 @@ TrainResult train_retriever(const Config& config, bool resume,
     const bool print = step % t.log_every == 0 || step == start_step + 1 || last;
     if (print) check_replicas_agree(model, comm, step);
     log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds,
-                config.data.global_batch},
+                config.data.global_batch, batch_hash, total_corrupt},
                print);
 
     if (step % t.checkpoint_every == 0 || last) {
       const std::string dir =
-          save_training_state(checkpoints, step, t.stage, model, optimizer, sampler, config_yaml);
+          save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
       say(comm, "saved checkpoint " + dir);
     }
     if (t.eval_every > 0 && step % t.eval_every == 0 && !last) {

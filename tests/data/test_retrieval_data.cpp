@@ -1,5 +1,5 @@
 // Tests the synthetic generator (determinism, documented fields, learnable structure), the retrieval
-// dataset (shapes, masks, errors) and the DP batch sampler (elastic determinism, exact resume).
+// dataset (shapes, masks, errors). The streaming loader has its own tests (test_loader.cpp).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -95,7 +95,7 @@ TEST(Synthetic, SameOptionsGiveIdenticalFilesAndOtherSeedsDiffer) {
   EXPECT_NE(read_bytes(a / "train/shard_00000.bin"), read_bytes(c / "train/shard_00000.bin"));
 
   const nlohmann::json manifest = nlohmann::json::parse(read_bytes(a / "manifest.json"));
-  EXPECT_EQ(manifest["options"]["seed"].get<uint64_t>(), seed);
+  EXPECT_EQ(manifest["metadata"]["options"]["seed"].get<uint64_t>(), seed);
   EXPECT_EQ(manifest["splits"]["train"]["records"], 20);
   std::vector<int64_t> counts;
   for (const auto& shard : manifest["splits"]["train"]["shards"])
@@ -303,9 +303,9 @@ TEST(RetrievalDataset, ErrorsNameTheInput) {
                {(root / "absent").string(), "synth"});
   write_synthetic_dataset(tiny_options(7), (root / "a").string());
   expect_error([&] { RetrievalDataset((root / "a").string(), "valid"); }, {"split 'valid'"});
-  fs::create_directories(root / "a" / "empty");
-  expect_error([&] { RetrievalDataset((root / "a").string(), "empty"); },
-               {(root / "a" / "empty").string(), "no shard"});
+  fs::create_directories(root / "c");
+  expect_error([&] { RetrievalDataset((root / "c").string(), "train"); },
+               {(root / "c" / "manifest.json").string(), "manifest"});
 
   // A shard whose records have another feature size than the split's first record.
   SynthOptions other = tiny_options(7);
@@ -314,101 +314,7 @@ TEST(RetrievalDataset, ErrorsNameTheInput) {
   const fs::path odd = root / "a" / "train" / "shard_00001.bin";
   fs::copy_file(root / "b" / "train" / "shard_00001.bin", odd, fs::copy_options::overwrite_existing);
   expect_error([&] { RetrievalDataset((root / "a").string(), "train"); },
-               {odd.string(), "record 0", "'frames'", "float32 [6, 6]", "expected float32 [6, 5]"});
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// DistributedBatchSampler
-
-// The global batches of `count` steps as seen by all `dp_size` ranks together (rank slices concatenated).
-std::vector<std::vector<int64_t>> global_batches(std::vector<DistributedBatchSampler>& ranks, int64_t count) {
-  std::vector<std::vector<int64_t>> batches;
-  for (int64_t step = 0; step < count; ++step) {
-    std::vector<int64_t> global;
-    for (auto& rank : ranks) {
-      const std::vector<int64_t> slice = rank.next();
-      global.insert(global.end(), slice.begin(), slice.end());
-    }
-    batches.push_back(global);
-  }
-  return batches;
-}
-
-std::vector<DistributedBatchSampler> make_ranks(int64_t n, int64_t global_batch, int dp_size, uint64_t seed) {
-  std::vector<DistributedBatchSampler> ranks;
-  ranks.reserve(dp_size);
-  for (int r = 0; r < dp_size; ++r) ranks.emplace_back(n, global_batch, r, dp_size, seed);
-  return ranks;
-}
-
-struct SamplerCase {
-  std::mt19937_64 rng{vimo::testing::seed_torch()};
-  int64_t global_batch = 4 * (1 + static_cast<int64_t>(rng() % 4));  // 4..16, divisible by 1, 2, 4
-  int64_t n = global_batch + static_cast<int64_t>(rng() % 100);      // incomplete tail batch likely
-  uint64_t seed = rng();
-};
-
-TEST(DistributedBatchSampler, GlobalBatchesDoNotDependOnDpSize) {
-  SamplerCase c;
-  auto one = make_ranks(c.n, c.global_batch, 1, c.seed);
-  const int64_t steps = 3 * one.front().batches_per_epoch() + 1;
-  const auto reference = global_batches(one, steps);
-  for (int dp_size : {2, 4}) {
-    auto ranks = make_ranks(c.n, c.global_batch, dp_size, c.seed);
-    EXPECT_EQ(global_batches(ranks, steps), reference) << "dp_size " << dp_size;
-  }
-  auto other_seed = make_ranks(c.n, c.global_batch, 1, c.seed + 1);
-  EXPECT_NE(global_batches(other_seed, steps), reference);
-}
-
-TEST(DistributedBatchSampler, EpochsVisitDistinctSamplesInNewOrders) {
-  SamplerCase c;
-  auto ranks = make_ranks(c.n, c.global_batch, 2, c.seed);
-  const int64_t per_epoch = ranks.front().batches_per_epoch();
-  EXPECT_EQ(per_epoch, c.n / c.global_batch);
-  std::vector<std::vector<int64_t>> epochs;
-  for (int epoch = 0; epoch < 2; ++epoch) {
-    EXPECT_EQ(ranks.front().state().epoch, epoch);
-    std::vector<int64_t> order;
-    for (const auto& batch : global_batches(ranks, per_epoch))
-      order.insert(order.end(), batch.begin(), batch.end());
-    const std::set<int64_t> distinct(order.begin(), order.end());
-    EXPECT_EQ(static_cast<int64_t>(distinct.size()), per_epoch * c.global_batch)
-        << "repeats in epoch " << epoch;
-    EXPECT_GE(*distinct.begin(), 0);
-    EXPECT_LT(*distinct.rbegin(), c.n);
-    epochs.push_back(order);
-  }
-  EXPECT_NE(epochs[0], epochs[1]);
-  EXPECT_EQ(ranks.front().state().epoch, 2);
-  EXPECT_EQ(ranks.front().state().samples_consumed, 0);
-}
-
-TEST(DistributedBatchSampler, ResumeIsExactAcrossEpochsAndDpSizes) {
-  SamplerCase c;
-  auto uninterrupted = make_ranks(c.n, c.global_batch, 2, c.seed);
-  const int64_t per_epoch = uninterrupted.front().batches_per_epoch();
-  const int64_t total = 3 * per_epoch + 2, saved_at = static_cast<int64_t>(c.rng() % (2 * per_epoch + 1));
-  const auto expected = global_batches(uninterrupted, total);
-  for (int dp_size : {2, 1, 4}) {
-    auto before = make_ranks(c.n, c.global_batch, 2, c.seed);
-    const auto head = global_batches(before, saved_at);
-    const SamplerState state = before.front().state();
-    auto after = make_ranks(c.n, c.global_batch, dp_size, c.seed ^ 0xdead);  // the state carries the seed
-    for (auto& rank : after) rank.load_state(state);
-    auto resumed = head;
-    for (auto& batch : global_batches(after, total - saved_at)) resumed.push_back(batch);
-    EXPECT_EQ(resumed, expected) << "saved after " << saved_at << " batches, resumed on " << dp_size
-                                 << " ranks";
-  }
-}
-
-TEST(DistributedBatchSampler, RejectsBatchesThatDoNotFit) {
-  expect_error([] { DistributedBatchSampler(100, 6, 0, 4, 1); }, {"global batch 6", "DP size 4"});
-  expect_error([] { DistributedBatchSampler(10, 12, 0, 4, 1); }, {"global batch 12", "10 samples"});
-  expect_error([] { DistributedBatchSampler(10, 4, 4, 4, 1); }, {"rank 4"});
-  DistributedBatchSampler sampler(10, 4, 0, 2, 1);
-  expect_error([&] { sampler.load_state({1, 0, 11}); }, {"11 samples", "10-sample"});
+               {odd.string(), "record 0", "'frames'", "float32 [6, 6]", "float32 [6, 5]"});
 }
 
 }  // namespace

@@ -31,8 +31,8 @@ Record random_record(std::mt19937_64& rng) {
   for (int f = 0; f < fields; ++f) {
     Field field;
     field.name = "field_" + std::to_string(f) + std::string(rng() % 4, 'x');
-    field.dtype = static_cast<DType>(1 + rng() % 4);
-    field.shape.resize(rng() % 4);  // rank 0 (a scalar) to 3, extents may be 0
+    field.dtype = static_cast<DType>(1 + rng() % 7);  // every dtype code
+    field.shape.resize(rng() % 4);                    // rank 0 (a scalar) to 3, extents may be 0
     for (int64_t& extent : field.shape) extent = static_cast<int64_t>(rng() % 5);
     field.bytes.resize(field.numel() * dtype_size(field.dtype));
     for (uint8_t& byte : field.bytes) byte = static_cast<uint8_t>(rng());
@@ -43,8 +43,9 @@ Record random_record(std::mt19937_64& rng) {
 }
 
 // Writes `records` to `path` and returns each record's byte offset in the file.
-std::vector<uint64_t> write_shard(const std::string& path, const std::vector<Record>& records) {
-  ShardWriter writer(path);
+std::vector<uint64_t> write_shard(const std::string& path, const std::vector<Record>& records,
+                                  Compression compression = Compression::None) {
+  ShardWriter writer(path, compression);
   std::vector<uint64_t> offsets;
   for (const Record& record : records) {
     offsets.push_back(writer.bytes_written());
@@ -62,22 +63,32 @@ void overwrite(const std::string& path, uint64_t offset, const std::vector<uint8
   file.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
 }
 
+// Index entries are 24 bytes (offset, checksum, encoded size); the footer is 24 bytes.
+uint64_t index_offset_of(const std::string& path, size_t records) {
+  return fs::file_size(path) - 24 - 24 * records;
+}
+
 struct ShardFixture {
+  explicit ShardFixture(Compression compression = Compression::None) {
+    const int count = 2 + static_cast<int>(rng() % 10);
+    for (int i = 0; i < count; ++i) records.push_back(random_record(rng));
+    offsets = write_shard(path, records, compression);
+  }
   std::mt19937_64 rng{vimo::testing::seed_torch()};
   fs::path dir = test_dir();
   std::string path = (dir / "shard_00000.bin").string();
   std::vector<Record> records;
   std::vector<uint64_t> offsets;
-
-  ShardFixture() {
-    const int count = 2 + static_cast<int>(rng() % 10);
-    for (int i = 0; i < count; ++i) records.push_back(random_record(rng));
-    offsets = write_shard(path, records);
-  }
 };
 
-TEST(Shard, RoundTripOfRandomRecordsIsByteExact) {
-  ShardFixture f;
+// Every test that reads records runs on plain and on zstd-compressed shards.
+class ShardBothCompressions : public ::testing::TestWithParam<Compression> {};
+INSTANTIATE_TEST_SUITE_P(Shard, ShardBothCompressions,
+                         ::testing::Values(Compression::None, Compression::Zstd),
+                         [](const auto& info) { return info.param == Compression::None ? "plain" : "zstd"; });
+
+TEST_P(ShardBothCompressions, RoundTripOfRandomRecordsIsByteExact) {
+  ShardFixture f(GetParam());
   const ShardReader reader(f.path);
   ASSERT_EQ(reader.size(), f.records.size());
   for (uint64_t i = 0; i < reader.size(); ++i) {
@@ -92,6 +103,7 @@ TEST(Shard, RoundTripOfRandomRecordsIsByteExact) {
     }
     EXPECT_EQ(read.get("empty").text(), "");
   }
+  EXPECT_EQ(reader.compression(), GetParam());
   expect_error([&] { reader.read_record(reader.size()); },
                {f.path, "record " + std::to_string(reader.size())});
 }
@@ -127,10 +139,21 @@ TEST(Shard, FieldHelpersCheckDtypeAndCounts) {
   expect_error([&] { writer.append(bad); }, {"record 0", "'x'", "24", "23"});
 }
 
-TEST(Shard, FlippedByteGivesChecksumErrorNamingTheRecord) {
-  ShardFixture f;
+TEST(Shard, ZstdShrinksCompressibleRecords) {
+  const fs::path dir = test_dir();
+  Record record;
+  record.fields.push_back(Field::from_floats("zeros", {1024}, std::vector<float>(1024, 0.0f)));
+  write_shard((dir / "plain.bin").string(), {record, record});
+  write_shard((dir / "zstd.bin").string(), {record, record}, Compression::Zstd);
+  EXPECT_LT(fs::file_size(dir / "zstd.bin") * 10, fs::file_size(dir / "plain.bin"));
+  EXPECT_EQ(ShardReader((dir / "zstd.bin").string()).read_record(1).get("zeros").floats(),
+            std::vector<float>(1024, 0.0f));
+}
+
+TEST_P(ShardBothCompressions, FlippedByteGivesChecksumErrorNamingTheRecord) {
+  ShardFixture f(GetParam());
   const uint64_t victim = f.rng() % f.records.size();
-  const uint64_t index_offset = fs::file_size(f.path) - 24 - 16 * f.records.size();
+  const uint64_t index_offset = index_offset_of(f.path, f.records.size());
   const uint64_t end = victim + 1 < f.offsets.size() ? f.offsets[victim + 1] : index_offset;
   const uint64_t length = end - f.offsets[victim];
   const uint64_t at = f.offsets[victim] + f.rng() % length;
@@ -153,14 +176,22 @@ TEST(Shard, FlippedByteGivesChecksumErrorNamingTheRecord) {
         [&] { reader.read_record(i); },
         {f.path, "record " + std::to_string(victim) + " at offset " + std::to_string(f.offsets[victim]),
          "checksum mismatch", "regenerate"});
+    try {
+      reader.read_record(i);
+    } catch (const CorruptDataError& e) {  // the type callers use to skip and count
+      EXPECT_EQ(e.file, f.path);
+      EXPECT_EQ(e.record, static_cast<int64_t>(victim));
+      EXPECT_EQ(e.offset, f.offsets[victim]);
+    }
   }
 }
 
-TEST(Shard, TruncatedFileIsRejected) {
-  ShardFixture f;
+TEST_P(ShardBothCompressions, TruncatedFileIsRejected) {
+  ShardFixture f(GetParam());
   const uint64_t size = fs::file_size(f.path);
   fs::resize_file(f.path, size - 1 - f.rng() % (size - 1));  // keeps 0 .. size-1 bytes
   expect_error([&] { ShardReader reader(f.path); }, {f.path, "truncated"});
+  EXPECT_THROW(ShardReader reader(f.path), CorruptDataError);
 }
 
 TEST(Shard, WrongMagicIsRejected) {
@@ -176,17 +207,27 @@ TEST(Shard, WrongVersionIsRejected) {
   const auto* p = reinterpret_cast<const uint8_t*>(&version);
   overwrite(f.path, 8, std::vector<uint8_t>(p, p + 4));
   expect_error([&] { ShardReader reader(f.path); },
-               {f.path, "unsupported version", "expected 1, found " + std::to_string(version)});
+               {f.path, "unsupported version", "expected 2, found " + std::to_string(version)});
 }
 
 TEST(Shard, CorruptIndexIsRejected) {
   ShardFixture f;
   const uint64_t victim = f.rng() % f.records.size();
-  const uint64_t index_offset = fs::file_size(f.path) - 24 - 16 * f.records.size();
+  const uint64_t index_offset = index_offset_of(f.path, f.records.size());
   const uint64_t bogus = fs::file_size(f.path) + f.rng() % 1000;  // past the records region
   const auto* p = reinterpret_cast<const uint8_t*>(&bogus);
   overwrite(f.path, index_offset + 8 * victim, std::vector<uint8_t>(p, p + 8));
   expect_error([&] { ShardReader reader(f.path); }, {f.path, "record " + std::to_string(victim), "outside"});
+}
+
+TEST(Shard, CorruptEncodedSizeIsRejected) {
+  ShardFixture f(Compression::Zstd);
+  const uint64_t victim = f.rng() % f.records.size();
+  const uint64_t bogus = uint64_t{1} << 50;  // a size the reader must refuse to allocate
+  const auto* p = reinterpret_cast<const uint8_t*>(&bogus);
+  overwrite(f.path, index_offset_of(f.path, f.records.size()) + 8 * (2 * f.records.size() + victim),
+            std::vector<uint8_t>(p, p + 8));
+  expect_error([&] { ShardReader reader(f.path); }, {f.path, "record " + std::to_string(victim), "encoding"});
 }
 
 TEST(Shard, MissingFileIsNamed) {

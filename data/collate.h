@@ -1,0 +1,33 @@
+// Defines collation: records of a batch → LibTorch tensors, padded along the first dimension, with lengths.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "data/shard.h"
+
+namespace vimo::data {
+
+// A batch of B records as tensors. Every record must have the same fields with the same dtype, rank and
+// extents beyond the first; the first extent may differ and is zero-padded to the batch maximum.
+struct CollatedBatch {
+  std::map<std::string, at::Tensor> fields;   // name → [B, max_len, rest...] (rank-0 fields: [B])
+  std::map<std::string, at::Tensor> lengths;  // name → [B] int64 first extents (fields of rank >= 1)
+  at::Tensor keys;                            // [B] int64 sample keys (SampleRef::key)
+  int64_t size() const { return keys.defined() ? keys.size(0) : 0; }
+  // The field, or an error naming it and the fields present.
+  const at::Tensor& field(const std::string& name) const;
+  // [B, max_len] bool, true at the first `lengths[name]` positions.
+  at::Tensor mask(const std::string& name) const;
+};
+
+at::ScalarType torch_dtype(DType dtype);
+
+// `where[i]` names record i for errors (e.g. "shard /d/train/shard_00003.bin: record 17").
+CollatedBatch collate(const std::vector<Record>& records, const std::vector<int64_t>& keys,
+                      const std::vector<std::string>& where);
+
+}  // namespace vimo::data

@@ -1,0 +1,274 @@
+// Implements StreamingLoader: jobs (one per batch) are queued in batch order up to `prefetch` ahead, read by
+// worker threads, and handed out in order by next().
+#include "data/loader.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <stdexcept>
+
+namespace vimo::data {
+
+namespace fs = std::filesystem;
+
+struct StreamingLoader::Job {
+  int64_t epoch = 0, step = 0;
+  std::promise<LoaderBatch> promise;
+  std::future<LoaderBatch> future = promise.get_future();
+};
+
+StreamingLoader::StreamingLoader(LoaderOptions options)
+    : options_(std::move(options)),
+      manifest_(read_manifest(options_.dir)),
+      split_(&manifest_.split(options_.split)),
+      order_(
+          [&] {
+            std::vector<uint64_t> records;
+            for (const ShardEntry& s : split_->shards) records.push_back(s.records);
+            if (records.empty()) {
+              throw std::runtime_error(
+                  fmt::format("dataset {}: split '{}' has no shards", options_.dir, options_.split));
+            }
+            return records;
+          }(),
+          options_.seed, options_.shuffle_block, options_.shuffle) {
+  const LoaderOptions& o = options_;
+  const std::string where = fmt::format("loader for {} split '{}'", o.dir, o.split);
+  if (!o.kind.empty() && manifest_.kind != o.kind) {
+    throw std::runtime_error(
+        fmt::format("{}: the dataset holds '{}' records, expected '{}'. HINT: point data.dir at "
+                    "a {} dataset",
+                    where, manifest_.kind, o.kind, o.kind));
+  }
+  if (o.dp_size <= 0 || o.dp_rank < 0 || o.dp_rank >= o.dp_size) {
+    throw std::runtime_error(fmt::format("{}: DP rank {} is outside [0, {})", where, o.dp_rank, o.dp_size));
+  }
+  if (o.global_batch <= 0 || o.global_batch % o.dp_size != 0) {
+    throw std::runtime_error(
+        fmt::format("{}: global batch {} is not a positive multiple of the DP size {}. HINT: pick "
+                    "a global batch divisible by the number of DP ranks",
+                    where, o.global_batch, o.dp_size));
+  }
+  if (o.drop_last && o.global_batch > order_.size()) {
+    throw std::runtime_error(
+        fmt::format("{}: global batch {} exceeds the split's {} samples. HINT: lower the global "
+                    "batch, or set drop_last false",
+                    where, o.global_batch, order_.size()));
+  }
+  if (o.workers < 0 || o.prefetch < 0) {
+    throw std::runtime_error(
+        fmt::format("{}: workers ({}) and prefetch ({}) must be >= 0", where, o.workers, o.prefetch));
+  }
+  // A missing shard is never skipped, even with skip_corrupt: it means an incomplete copy, not bad bytes.
+  for (size_t i = 0; i < split_->shards.size(); ++i) {
+    const std::string path = manifest_.shard_path(o.split, i);
+    if (!fs::exists(path)) {
+      throw std::runtime_error(
+          fmt::format("{}: shard {} is listed in {}/manifest.json but missing. HINT: the dataset "
+                      "copy is incomplete; copy the file or re-import the dataset",
+                      where, path, o.dir));
+    }
+  }
+  state_.seed = o.seed;
+  for (int i = 0; i < (o.prefetch > 0 ? o.workers : 0); ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+StreamingLoader::~StreamingLoader() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+    queue_.clear();
+  }
+  work_ready_.notify_all();
+  for (std::thread& worker : workers_) worker.join();
+}
+
+int64_t StreamingLoader::batches_per_epoch() const {
+  const int64_t n = order_.size(), g = options_.global_batch;
+  return options_.drop_last ? n / g : (n + g - 1) / g;
+}
+
+std::vector<SampleRef> StreamingLoader::local_refs(int64_t epoch, int64_t step) const {
+  const int64_t local = options_.global_batch / options_.dp_size;
+  const int64_t begin = step * options_.global_batch + options_.dp_rank * local;
+  std::vector<SampleRef> refs;
+  refs.reserve(static_cast<size_t>(local));
+  // Positions past the epoch's end exist only without drop_last: they wrap to the epoch's start.
+  for (int64_t i = 0; i < local; ++i) refs.push_back(order_.at(epoch, (begin + i) % order_.size()));
+  return refs;
+}
+
+std::vector<int64_t> StreamingLoader::global_keys(int64_t epoch, int64_t step) const {
+  std::vector<int64_t> keys;
+  for (int64_t i = 0; i < options_.global_batch; ++i) {
+    keys.push_back(order_.at(epoch, (step * options_.global_batch + i) % order_.size()).key);
+  }
+  return keys;
+}
+
+std::shared_ptr<ShardReader> StreamingLoader::open_shard(uint32_t shard) {
+  std::lock_guard<std::mutex> lock(shards_mutex_);
+  for (auto it = open_.begin(); it != open_.end(); ++it) {
+    if (it->first == shard) {
+      open_.splice(open_.begin(), open_, it);
+      return it->second;
+    }
+  }
+  const std::string path = manifest_.shard_path(options_.split, shard);
+  const ShardEntry& entry = split_->shards[shard];
+  auto reader = std::make_shared<ShardReader>(path);
+  if (reader->file_size() != entry.bytes || reader->size() != entry.records) {
+    throw CorruptDataError(
+        fmt::format("shard {}: the file is {} bytes with {} records, but {}/manifest.json lists {} "
+                    "bytes and {} records: the shard was truncated or replaced. HINT: re-import "
+                    "the dataset",
+                    path, reader->file_size(), reader->size(), options_.dir, entry.bytes, entry.records),
+        path, -1, 0);
+  }
+  open_.emplace_front(shard, reader);
+  if (open_.size() > std::max<size_t>(options_.open_shards, 1)) open_.pop_back();
+  return reader;
+}
+
+LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
+  const std::vector<SampleRef> refs = local_refs(epoch, step);
+  std::vector<Record> records;
+  std::vector<int64_t> keys;
+  std::vector<std::string> where;
+  records.reserve(refs.size());
+  uint64_t bytes = 0;
+  int64_t skipped = 0;
+  for (const SampleRef& ref : refs) {
+    try {
+      const std::shared_ptr<ShardReader> reader = open_shard(ref.shard);
+      records.push_back(reader->read_record(ref.record));
+      bytes += reader->stored_size(ref.record);
+      where.push_back(fmt::format("shard {}: record {}", reader->path(), ref.record));
+      keys.push_back(ref.key);
+    } catch (const CorruptDataError& error) {
+      if (!options_.skip_corrupt) {
+        throw std::runtime_error(
+            fmt::format("{}. HINT: set data.skip_corrupt to skip and count corrupt records", error.what()));
+      }
+      ++skipped;
+      std::fprintf(stderr, "[vimo data] skipping a corrupt record (key %lld): %s\n",
+                   static_cast<long long>(ref.key), error.what());
+    }
+  }
+  LoaderBatch batch;
+  batch.epoch = epoch;
+  batch.step = step;
+  batch.tensors = collate(records, keys, where);
+  batch.keys = std::move(keys);
+  batch.corrupt_skipped = skipped;
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.records += static_cast<int64_t>(records.size());
+  stats_.stored_bytes += bytes;
+  return batch;
+}
+
+void StreamingLoader::worker_loop() {
+  while (true) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      work_ready_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;
+      job = queue_.front();
+      queue_.pop_front();
+    }
+    try {
+      job->promise.set_value(read_batch(job->epoch, job->step));
+    } catch (...) {
+      job->promise.set_exception(std::current_exception());
+    }
+  }
+}
+
+// Queues jobs for the batches after the last scheduled one until `prefetch` are pending.
+void StreamingLoader::schedule() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  while (pending_.size() < static_cast<size_t>(std::max(options_.prefetch, 1))) {
+    auto job = std::make_shared<Job>();
+    job->epoch = scheduled_epoch_;
+    job->step = scheduled_consumed_ / options_.global_batch;
+    scheduled_consumed_ += options_.global_batch;
+    if (scheduled_consumed_ / options_.global_batch >= batches_per_epoch()) {
+      ++scheduled_epoch_;
+      scheduled_consumed_ = 0;
+    }
+    pending_.push_back(job);
+    if (!workers_.empty()) queue_.push_back(job);
+  }
+  work_ready_.notify_all();
+}
+
+LoaderBatch StreamingLoader::next() {
+  schedule();
+  std::shared_ptr<Job> job;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    job = pending_.front();
+    pending_.pop_front();
+  }
+  const auto start = std::chrono::steady_clock::now();
+  LoaderBatch batch = workers_.empty() ? read_batch(job->epoch, job->step) : job->future.get();
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  state_.samples_consumed = (batch.step + 1) * options_.global_batch;
+  state_.epoch = batch.epoch;
+  if (batch.step + 1 >= batches_per_epoch()) {
+    ++state_.epoch;
+    state_.samples_consumed = 0;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.batches += 1;
+    stats_.corrupt_skipped += batch.corrupt_skipped;
+    stats_.wait_seconds += waited;
+  }
+  schedule();
+  return batch;
+}
+
+// Forgets every pending job. Jobs a worker already took finish in the background (the worker holds them) and
+// their results are dropped; they only read, so nothing else is affected.
+void StreamingLoader::drain() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  queue_.clear();
+  pending_.clear();
+}
+
+void StreamingLoader::load_state(const SamplerState& state) {
+  if (state.epoch < 0 || state.samples_consumed < 0 || state.samples_consumed % options_.global_batch != 0) {
+    throw std::runtime_error(
+        fmt::format("loader for {}: cannot resume at epoch {} after {} samples: not a whole number "
+                    "of global batches of {}. HINT: resume with the global batch of the run "
+                    "that saved the checkpoint",
+                    options_.dir, state.epoch, state.samples_consumed, options_.global_batch));
+  }
+  if (state.seed != options_.seed) {
+    throw std::runtime_error(
+        fmt::format("loader for {}: the checkpoint's loader seed {} differs from this run's data "
+                    "seed {}; resuming would change the sample order. HINT: resume with the "
+                    "seed of the run that saved the checkpoint",
+                    options_.dir, state.seed, options_.seed));
+  }
+  drain();
+  state_ = state;
+  if (state_.samples_consumed / options_.global_batch >= batches_per_epoch()) {  // saved at an epoch's end
+    ++state_.epoch;
+    state_.samples_consumed = 0;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  scheduled_epoch_ = state_.epoch;
+  scheduled_consumed_ = state_.samples_consumed;
+}
+
+LoaderStats StreamingLoader::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+}  // namespace vimo::data

@@ -1,0 +1,455 @@
+// Tests the dataset writer and manifest, collation, the epoch order, and the streaming loader: elastic
+// determinism, exact resume (twice, on other DP sizes, by sample keys), and every bad-data case.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "data/collate.h"
+#include "data/dataset_writer.h"
+#include "data/loader.h"
+#include "data/manifest.h"
+#include "data/sample_order.h"
+#include "tests/random_seed.h"
+#include "tests/test_support.h"
+
+namespace vimo::data {
+namespace {
+
+namespace fs = std::filesystem;
+using vimo::testing::expect_error;
+
+fs::path test_dir() {
+  return vimo::testing::fresh_test_dir("loader",
+                                       ::testing::UnitTest::GetInstance()->current_test_info()->name());
+}
+
+// Record with key-derived contents: "key" Int64 [1] and "values" Float32 [len, 3] with len = 1 + key % 4,
+// so every read can be checked against the key it claims to be.
+Record keyed_record(int64_t key) {
+  const int64_t len = 1 + key % 4;
+  std::vector<float> values(static_cast<size_t>(len * 3));
+  for (size_t i = 0; i < values.size(); ++i)
+    values[i] = static_cast<float>(key) + 0.25f * static_cast<float>(i);
+  Record r;
+  r.fields.push_back(Field::from_int64s("key", {1}, {key}));
+  r.fields.push_back(Field::from_floats("values", {len, 3}, values));
+  return r;
+}
+
+// A dataset of `records` keyed records in shards of `per_shard` records (the last one shorter).
+void write_keyed_dataset(const fs::path& dir, int64_t records, uint64_t per_shard,
+                         Compression compression = Compression::None) {
+  DatasetWriterOptions options;
+  options.max_shard_records = per_shard;
+  options.compression = compression;
+  DatasetWriter writer(dir.string(), "keyed", options);
+  for (int64_t k = 0; k < records; ++k) writer.append("train", keyed_record(k));
+  writer.add_file("notes.txt", "keyed test data\n");
+  writer.set_metadata("records", records);
+  writer.finish();
+}
+
+LoaderOptions keyed_options(const fs::path& dir, int64_t global_batch, int rank, int size, uint64_t seed) {
+  LoaderOptions o;
+  o.dir = dir.string();
+  o.kind = "keyed";
+  o.global_batch = global_batch;
+  o.dp_rank = rank;
+  o.dp_size = size;
+  o.seed = seed;
+  o.shuffle_block = 7;
+  return o;
+}
+
+// The batch's keys, checked against the record contents (the key field and the values derived from it).
+std::vector<int64_t> checked_keys(const LoaderBatch& batch) {
+  const at::Tensor keys = batch.tensors.field("key").select(1, 0);
+  const at::Tensor lengths = batch.tensors.lengths.at("values");
+  const at::Tensor values = batch.tensors.field("values");  // [B, 4, 3]
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < batch.tensors.size(); ++i) {
+    const int64_t key = keys[i].item<int64_t>();
+    EXPECT_EQ(key, batch.keys[static_cast<size_t>(i)]);
+    const Record expected = keyed_record(key);
+    const int64_t len = expected.get("values").shape[0];
+    EXPECT_EQ(lengths[i].item<int64_t>(), len);
+    EXPECT_TRUE(values[i].narrow(0, 0, len).flatten().equal(at::tensor(expected.get("values").floats())));
+    EXPECT_EQ(values[i].narrow(0, len, values.size(1) - len).abs().sum().item<float>(), 0.0f);
+    out.push_back(key);
+  }
+  return out;
+}
+
+// `steps` global batches read by `dp_size` loaders (one per rank), each continuing from `state` when given.
+// Returns the concatenated global batches and the state after them.
+std::vector<std::vector<int64_t>> read_global(const fs::path& dir, int64_t global_batch, int dp_size,
+                                              uint64_t seed, int64_t steps, SamplerState* state,
+                                              int workers = 2) {
+  std::vector<std::unique_ptr<StreamingLoader>> ranks;
+  for (int r = 0; r < dp_size; ++r) {
+    LoaderOptions o = keyed_options(dir, global_batch, r, dp_size, seed);
+    o.workers = workers;
+    ranks.push_back(std::make_unique<StreamingLoader>(o));
+    if (state && state->seed == seed) ranks.back()->load_state(*state);
+  }
+  std::vector<std::vector<int64_t>> batches;
+  for (int64_t s = 0; s < steps; ++s) {
+    std::vector<int64_t> global;
+    for (auto& rank : ranks) {
+      const std::vector<int64_t> keys = checked_keys(rank->next());
+      global.insert(global.end(), keys.begin(), keys.end());
+    }
+    batches.push_back(global);
+  }
+  for (auto& rank : ranks) EXPECT_EQ(rank->state().epoch, ranks.front()->state().epoch);
+  if (state) *state = ranks.front()->state();
+  return batches;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DatasetWriter and manifest
+
+TEST(DatasetWriter, RollsShardsBySizeAndListsHashes) {
+  const fs::path dir = test_dir();
+  DatasetWriterOptions options;
+  options.max_shard_bytes = 300;  // a few keyed records per shard
+  DatasetWriter writer(dir.string(), "keyed", options);
+  for (int64_t k = 0; k < 40; ++k) writer.append(k % 4 == 0 ? "test" : "train", keyed_record(k));
+  EXPECT_FALSE(fs::exists(dir / "manifest.json"));  // not before finish()
+  writer.finish();
+  const DatasetManifest m = read_manifest(dir.string());
+  EXPECT_EQ(m.kind, "keyed");
+  EXPECT_EQ(m.split("train").records, 30u);
+  EXPECT_EQ(m.split("test").records, 10u);
+  EXPECT_GT(m.split("train").shards.size(), 2u);
+  for (const auto& [name, split] : m.splits) {
+    for (size_t i = 0; i < split.shards.size(); ++i) {
+      const std::string path = m.shard_path(name, i);
+      EXPECT_EQ(split.shards[i].bytes, fs::file_size(path));
+      EXPECT_EQ(split.shards[i].xxh3, file_xxh3(path));
+      EXPECT_EQ(ShardReader(path).size(), split.shards[i].records);
+      // A shard closes at the first record that takes it to max_shard_bytes.
+      if (i + 1 < split.shards.size()) {
+        EXPECT_GE(split.shards[i].bytes, 300u);
+      }
+    }
+  }
+  EXPECT_NO_THROW(verify_dataset(m, true));
+}
+
+TEST(DatasetWriter, UnfinishedWriterLeavesNoManifestAndRewriteDropsOldShards) {
+  const fs::path dir = test_dir();
+  write_keyed_dataset(dir, 30, 4);
+  EXPECT_TRUE(fs::exists(dir / "train" / "shard_00007.bin"));
+  {
+    DatasetWriter writer(dir.string(), "keyed");
+    writer.append("train", keyed_record(0));
+  }  // abandoned, as by an exception: the old manifest is gone, so the half-written dataset is never read
+  EXPECT_FALSE(fs::exists(dir / "manifest.json"));
+  expect_error([&] { read_manifest(dir.string()); }, {"manifest.json", "import"});
+  write_keyed_dataset(dir, 6, 4);
+  EXPECT_FALSE(fs::exists(dir / "train" / "shard_00002.bin"));
+  EXPECT_EQ(read_manifest(dir.string()).split("train").records, 6u);
+}
+
+TEST(Manifest, VerifyFindsChangedMissingAndMiscountedFiles) {
+  const fs::path dir = test_dir();
+  write_keyed_dataset(dir, 20, 6);
+  const std::string shard = (dir / "train" / "shard_00001.bin").string();
+  {  // Same size, one byte changed: only the hash can tell.
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(20);
+    f.put('\x7f');
+  }
+  EXPECT_NO_THROW(verify_dataset(read_manifest(dir.string()), false));
+  expect_error([&] { verify_dataset(read_manifest(dir.string()), true); }, {shard, "xxh3", "corrupt"});
+  fs::remove(dir / "notes.txt");
+  write_keyed_dataset(dir, 20, 6);
+  fs::remove(dir / "notes.txt");
+  expect_error([&] { verify_dataset(read_manifest(dir.string()), false); }, {"notes.txt", "incomplete"});
+
+  // A manifest whose counts disagree names the key path.
+  write_keyed_dataset(dir, 20, 6);
+  nlohmann::json json = nlohmann::json::parse(std::ifstream(dir / "manifest.json"));
+  json["splits"]["train"]["shards"][2]["records"] = 5;
+  std::ofstream(dir / "manifest.json") << json.dump();
+  expect_error([&] { read_manifest(dir.string()); }, {"manifest.json", "splits.train.records", "20", "19"});
+  json["splits"]["train"]["records"] = 19;
+  std::ofstream(dir / "manifest.json") << json.dump();
+  expect_error([&] { verify_dataset(read_manifest(dir.string()), false); },
+               {"shard_00002.bin", "6 records", "5"});
+  json["splits"]["train"]["shards"][0].erase("xxh3");
+  std::ofstream(dir / "manifest.json") << json.dump();
+  expect_error([&] { read_manifest(dir.string()); }, {"splits.train.shards[0].xxh3", "missing"});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Collation
+
+TEST(Collate, PadsTheFirstExtentAndChecksTheRest) {
+  std::vector<Record> records = {keyed_record(0), keyed_record(3), keyed_record(5)};  // lengths 1, 4, 2
+  const CollatedBatch b = collate(records, {0, 3, 5}, {"r0", "r1", "r2"});
+  EXPECT_EQ(b.field("values").sizes().vec(), (std::vector<int64_t>{3, 4, 3}));
+  EXPECT_TRUE(b.lengths.at("values").equal(at::tensor({1, 4, 2}, at::kLong)));
+  EXPECT_TRUE(b.mask("values")[2].equal(at::tensor({1, 1, 0, 0}, at::kLong).to(at::kBool)));
+  EXPECT_TRUE(b.keys.equal(at::tensor({0, 3, 5}, at::kLong)));
+  records[2].fields[1] = Field::from_floats("values", {2, 2}, {1, 2, 3, 4});
+  expect_error(
+      [&] {
+        collate(records, {0, 3, 5}, {"r0", "r1", "r2"});
+      },
+      {"r2", "'values'", "[2, 2]", "[1, 3]"});
+  records[2].fields.pop_back();
+  expect_error([&] { collate(records, {0, 3, 5}, {"r0", "r1", "r2"}); }, {"r2", "missing field 'values'"});
+  expect_error([&] { b.field("nope"); }, {"'nope'", "key", "values"});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SampleOrder
+
+TEST(SampleOrder, EachEpochIsAPermutationThatDependsOnlyOnSeedAndEpoch) {
+  const uint64_t seed = vimo::testing::fresh_seed();
+  const std::vector<uint64_t> shards = {5, 0, 9, 3, 7};  // an empty shard too
+  const SampleOrder a(shards, seed, 4), b(shards, seed, 4), c(shards, seed + 1, 4);
+  std::vector<std::vector<int64_t>> epochs;
+  for (int64_t e = 0; e < 3; ++e) {
+    std::vector<int64_t> keys, keys_b, keys_c;
+    for (int64_t p = 0; p < a.size(); ++p) {
+      keys.push_back(a.at(e, p).key);
+      keys_c.push_back(c.at(e, p).key);
+    }
+    for (int64_t p = a.size() - 1; p >= 0; --p) keys_b.push_back(b.at(e, p).key);  // any access order
+    std::reverse(keys_b.begin(), keys_b.end());
+    EXPECT_EQ(keys, keys_b);
+    EXPECT_NE(keys, keys_c);
+    std::vector<int64_t> sorted = keys;
+    std::sort(sorted.begin(), sorted.end());
+    for (int64_t k = 0; k < a.size(); ++k) ASSERT_EQ(sorted[static_cast<size_t>(k)], k);
+    epochs.push_back(keys);
+  }
+  EXPECT_NE(epochs[0], epochs[1]);
+  // (shard, record) and key agree with the manifest order.
+  const SampleRef ref = a.at(1, 7);
+  const int64_t starts[] = {0, 5, 5, 14, 17};
+  EXPECT_EQ(ref.key, starts[ref.shard] + static_cast<int64_t>(ref.record));
+}
+
+TEST(SampleOrder, BlocksMixShardsAndUnshuffledOrderIsTheManifestOrder) {
+  const std::vector<uint64_t> shards(8, 16);
+  const SampleOrder plain(shards, 3, 32, /*shuffle=*/false);
+  for (int64_t p = 0; p < plain.size(); ++p) ASSERT_EQ(plain.at(0, p).key, p);
+  // With blocks of 32 over shards of 16, a block's first 8 samples come from both of its shards (with
+  // overwhelming probability: 2 * (1/2)^8 that they do not), unlike a shard-by-shard order.
+  const SampleOrder mixed(shards, vimo::testing::fresh_seed(), 32);
+  std::set<uint32_t> first;
+  for (int64_t p = 0; p < 8; ++p) first.insert(mixed.at(0, p).shard);
+  EXPECT_EQ(first.size(), 2u);
+  // With blocks of 1, each shard's records stay in order and shards stay contiguous.
+  const SampleOrder by_shard(shards, 5, 1);
+  for (int64_t p = 0; p < by_shard.size(); ++p)
+    ASSERT_EQ(by_shard.at(0, p).record, static_cast<uint64_t>(p % 16));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// StreamingLoader
+
+class LoaderTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = vimo::testing::seed_torch();
+    dir_ = test_dir();
+    write_keyed_dataset(dir_, 53, 6);  // 9 shards, the last with 5 records
+  }
+  uint64_t seed_ = 0;
+  fs::path dir_;
+};
+
+TEST_F(LoaderTest, GlobalBatchesDoNotDependOnDpSizeOrWorkers) {
+  const int64_t G = 12, steps = 10;  // 4 batches per epoch: crosses two epoch boundaries
+  const auto one = read_global(dir_, G, 1, seed_, steps, nullptr, 0);
+  EXPECT_EQ(read_global(dir_, G, 2, seed_, steps, nullptr), one);
+  EXPECT_EQ(read_global(dir_, G, 4, seed_, steps, nullptr, 1), one);
+  EXPECT_EQ(read_global(dir_, G, 3, seed_, steps, nullptr, 3), one);
+  StreamingLoader loader(keyed_options(dir_, G, 0, 1, seed_));
+  EXPECT_EQ(loader.batches_per_epoch(), 4);
+  for (int64_t s = 0; s < steps; ++s)
+    EXPECT_EQ(loader.global_keys(s / 4, s % 4), one[static_cast<size_t>(s)]);
+  // Within an epoch no sample repeats; the next epoch has a new order.
+  std::set<int64_t> epoch0;
+  for (int s = 0; s < 4; ++s)
+    epoch0.insert(one[static_cast<size_t>(s)].begin(), one[static_cast<size_t>(s)].end());
+  EXPECT_EQ(epoch0.size(), 48u);
+  EXPECT_NE(one[0], one[4]);
+  EXPECT_NE(read_global(dir_, G, 1, seed_ + 1, 1, nullptr), std::vector<std::vector<int64_t>>{one[0]});
+}
+
+TEST_F(LoaderTest, ResumeTwiceOnOtherDpSizesGivesTheUninterruptedBatches) {
+  const int64_t G = 8, steps = 17;  // 6 batches per epoch
+  const auto straight = read_global(dir_, G, 2, seed_, steps, nullptr);
+  SamplerState state;
+  state.seed = seed_;
+  auto part = read_global(dir_, G, 2, seed_, 5, &state);
+  EXPECT_EQ(state.epoch, 0);
+  EXPECT_EQ(state.samples_consumed, 40);
+  const auto second = read_global(dir_, G, 4, seed_, 7, &state);  // resumed on 4 ranks, over the epoch end
+  part.insert(part.end(), second.begin(), second.end());
+  const auto third = read_global(dir_, G, 1, seed_, steps - 12, &state);  // and again on 1 rank
+  part.insert(part.end(), third.begin(), third.end());
+  EXPECT_EQ(part, straight);
+  EXPECT_EQ(state.epoch, 2);
+  EXPECT_EQ(state.samples_consumed, 5 * G);
+}
+
+TEST_F(LoaderTest, ResumeDropsPrefetchedBatches) {
+  LoaderOptions o = keyed_options(dir_, 4, 0, 1, seed_);
+  o.prefetch = 6;
+  StreamingLoader loader(o);
+  const std::vector<int64_t> first = checked_keys(loader.next());
+  const SamplerState after_first = loader.state();
+  for (int i = 0; i < 3; ++i) loader.next();
+  loader.load_state(after_first);
+  EXPECT_EQ(checked_keys(loader.next()), loader.global_keys(0, 1));
+  EXPECT_NE(first, loader.global_keys(0, 1));
+  SamplerState wrong = after_first;
+  wrong.seed += 1;
+  expect_error([&] { loader.load_state(wrong); }, {"seed", "differs"});
+  wrong = after_first;
+  wrong.samples_consumed = 3;
+  expect_error([&] { loader.load_state(wrong); }, {"global batch", "4"});
+}
+
+TEST_F(LoaderTest, WithoutDropLastTheLastBatchWrapsToTheEpochStart) {
+  LoaderOptions o = keyed_options(dir_, 20, 0, 1, seed_);
+  o.drop_last = false;
+  StreamingLoader loader(o);
+  EXPECT_EQ(loader.batches_per_epoch(), 3);  // 53 samples: 20 + 20 + 13 (+ 7 from the start)
+  std::vector<int64_t> keys;
+  for (int i = 0; i < 3; ++i) {
+    const std::vector<int64_t> k = checked_keys(loader.next());
+    keys.insert(keys.end(), k.begin(), k.end());
+  }
+  ASSERT_EQ(keys.size(), 60u);
+  EXPECT_EQ(std::vector<int64_t>(keys.begin() + 53, keys.end()),
+            std::vector<int64_t>(keys.begin(), keys.begin() + 7));
+  EXPECT_EQ(std::set<int64_t>(keys.begin(), keys.end()).size(), 53u);
+  EXPECT_EQ(loader.state().epoch, 1);
+}
+
+TEST_F(LoaderTest, EachRankReadsOnlyItsOwnRecords) {
+  LoaderOptions o = keyed_options(dir_, 12, 1, 4, seed_);
+  StreamingLoader loader(o);
+  for (int i = 0; i < 3; ++i) loader.next();
+  const LoaderStats stats = loader.stats();
+  EXPECT_EQ(stats.batches, 3);
+  // The three batches handed out plus at most `prefetch` read ahead, 3 records each.
+  EXPECT_GE(stats.records, 9);
+  EXPECT_LE(stats.records, 3 * (3 + o.prefetch));
+}
+
+TEST_F(LoaderTest, ConfigurationErrorsNameTheProblem) {
+  expect_error([&] { StreamingLoader l(keyed_options(dir_, 10, 0, 4, seed_)); },
+               {"global batch 10", "DP size 4"});
+  expect_error([&] { StreamingLoader l(keyed_options(dir_, 64, 0, 1, seed_)); },
+               {"global batch 64", "53 samples"});
+  LoaderOptions o = keyed_options(dir_, 4, 0, 1, seed_);
+  o.kind = "retrieval";
+  expect_error([&] { StreamingLoader l(o); }, {"'keyed'", "expected 'retrieval'"});
+  o = keyed_options(dir_, 4, 0, 1, seed_);
+  o.split = "valid";
+  expect_error([&] { StreamingLoader l(o); }, {"no split 'valid'", "train"});
+}
+
+// ---- Bad data ----
+
+void flip_byte(const std::string& path, uint64_t offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(offset));
+  const char c = static_cast<char>(f.get());
+  f.seekp(static_cast<std::streamoff>(offset));
+  f.put(static_cast<char>(c ^ 0x5a));
+}
+
+// Reads a whole epoch with one rank and returns the keys read; throws what the loader throws.
+std::vector<int64_t> read_epoch(const LoaderOptions& o, int64_t* skipped = nullptr) {
+  StreamingLoader loader(o);
+  std::vector<int64_t> keys;
+  int64_t batch_skips = 0;
+  for (int64_t s = 0; s < loader.batches_per_epoch(); ++s) {
+    const LoaderBatch b = loader.next();
+    keys.insert(keys.end(), b.keys.begin(), b.keys.end());
+    batch_skips += b.corrupt_skipped;
+  }
+  // Batches read ahead into the next epoch also met the corrupt records; only handed-out ones count.
+  EXPECT_EQ(loader.stats().corrupt_skipped, batch_skips);
+  if (skipped) *skipped = batch_skips;
+  return keys;
+}
+
+TEST_F(LoaderTest, CorruptRecordStopsByDefaultAndIsSkippedAndCountedOnRequest) {
+  for (const Compression compression : {Compression::None, Compression::Zstd}) {
+    write_keyed_dataset(dir_, 53, 6, compression);
+    const std::string shard = (dir_ / "train" / "shard_00003.bin").string();
+    const ShardReader reader(shard);
+    const uint64_t record_offset = 16 + [&] {
+      uint64_t offset = 0;
+      for (uint64_t i = 0; i < 2; ++i) offset += reader.stored_size(i);
+      return offset;
+    }();  // record 2 of shard 3 = key 20
+    flip_byte(shard, record_offset + reader.stored_size(2) / 2);
+    LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
+    expect_error([&] { read_epoch(o); },
+                 {shard, "record 2", "offset " + std::to_string(record_offset), "checksum", "skip_corrupt"});
+    o.skip_corrupt = true;
+    int64_t skipped = 0;
+    const std::vector<int64_t> keys = read_epoch(o, &skipped);
+    EXPECT_EQ(skipped, 1);
+    EXPECT_EQ(keys.size(), 52u);
+    EXPECT_EQ(std::count(keys.begin(), keys.end(), 20), 0);
+  }
+}
+
+TEST_F(LoaderTest, TruncatedShardAndManifestMismatchAreNamed) {
+  const std::string shard = (dir_ / "train" / "shard_00004.bin").string();
+  fs::resize_file(shard, fs::file_size(shard) - 30);
+  LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
+  expect_error([&] { read_epoch(o); }, {shard, "truncated"});
+  o.skip_corrupt = true;  // a truncated shard's records are all skipped and counted
+  int64_t skipped = 0;
+  EXPECT_EQ(read_epoch(o, &skipped).size(), 47u);
+  EXPECT_EQ(skipped, 6);
+
+  // A shard replaced by another valid shard of a different size: the manifest no longer matches.
+  write_keyed_dataset(dir_, 53, 6);
+  fs::copy_file(dir_ / "train" / "shard_00008.bin", dir_ / "train" / "shard_00002.bin",
+                fs::copy_options::overwrite_existing);
+  o.skip_corrupt = false;
+  expect_error([&] { read_epoch(o); }, {"shard_00002.bin", "manifest.json", "5 records", "6 records"});
+}
+
+TEST_F(LoaderTest, MissingShardIsAnErrorEvenWhenSkipping) {
+  fs::remove(dir_ / "train" / "shard_00005.bin");
+  LoaderOptions o = keyed_options(dir_, 4, 0, 1, seed_);
+  o.skip_corrupt = true;
+  expect_error([&] { StreamingLoader l(o); }, {"shard_00005.bin", "missing", "incomplete"});
+}
+
+TEST_F(LoaderTest, WrongMagicAndVersionAreNamed) {
+  const std::string shard = (dir_ / "train" / "shard_00000.bin").string();
+  flip_byte(shard, 9);  // inside the version
+  LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
+  expect_error([&] { read_epoch(o); }, {shard, "offset 8", "unsupported version"});
+  flip_byte(shard, 9);
+  flip_byte(shard, 2);
+  expect_error([&] { read_epoch(o); }, {shard, "offset 0", "bad magic"});
+}
+
+}  // namespace
+}  // namespace vimo::data
