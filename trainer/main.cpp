@@ -1,4 +1,5 @@
-// The `vimo` command line: train, data synth, version. Run under mpirun for several ranks.
+// The `vimo` command line: train, data (synth, import, pack, verify), version. Run under mpirun for several
+// ranks.
 #include <fmt/format.h>
 #include <mpi.h>
 #include <torch/version.h>
@@ -11,8 +12,8 @@
 
 #include "build_info.h"
 #include "comm/communicator.h"
-#include "data/synthetic.h"
 #include "trainer/config.h"
+#include "trainer/data_cli.h"
 #include "trainer/retriever_trainer.h"
 #ifdef VIMO_HAVE_CUDA
 #include "comm/nccl_communicator.h"
@@ -45,15 +46,6 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
     std::fflush(stdout);
   }
   trainer::train_retriever(config, resume, comm);
-  return 0;
-}
-
-int run_synth(const vimo::data::SynthOptions& options, const std::string& out) {
-  vimo::data::write_synthetic_dataset(options, out);
-  std::printf("wrote synthetic dataset to %s: %lld train / %lld test samples, %lld frames, %lld-d features\n",
-              out.c_str(), static_cast<long long>(options.num_train),
-              static_cast<long long>(options.num_test), static_cast<long long>(options.frames),
-              static_cast<long long>(options.feature_dim));
   return 0;
 }
 
@@ -92,29 +84,7 @@ int main(int argc, char** argv) {
 
   auto* data = app.add_subcommand("data", "Dataset tools");
   data->require_subcommand(1);
-  auto* synth = data->add_subcommand("synth", "Write the deterministic synthetic retrieval dataset");
-  vimo::data::SynthOptions synth_options;
-  std::string synth_out = "runs/data/demo";
-  synth->add_option("--out", synth_out, "Output directory")->capture_default_str();
-  synth->add_option("--train", synth_options.num_train, "Training samples")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  synth->add_option("--test", synth_options.num_test, "Held-out samples")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  synth->add_option("--frames", synth_options.frames, "Frames per video")
-      ->capture_default_str()
-      ->check(CLI::Range(2, 1024));
-  synth->add_option("--feature-dim", synth_options.feature_dim, "Per-frame feature size")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  synth->add_option("--records-per-shard", synth_options.records_per_shard, "Records per shard file")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  synth->add_option("--noise", synth_options.noise, "Gaussian noise std")
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  synth->add_option("--seed", synth_options.seed, "Generator seed")->capture_default_str();
+  const vimo::trainer::DataCommands data_commands(*data);
 
   auto* version = app.add_subcommand("version", "Print the versions of vimo, LibTorch, CUDA, NCCL and MPI");
 
@@ -122,7 +92,7 @@ int main(int argc, char** argv) {
   vimo::comm::MpiRuntime mpi(&argc, &argv);
   try {
     if (*train) return run_train(config_path, overrides, resume);
-    if (*synth) return run_synth(synth_options, synth_out);
+    if (const std::optional<int> code = data_commands.run()) return *code;
     if (*version) print_version();
     return 0;
   } catch (const std::exception& e) {
