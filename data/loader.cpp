@@ -3,6 +3,7 @@
 #include "data/loader.h"
 
 #include <fmt/format.h>
+#include <xxhash.h>
 
 #include <chrono>
 #include <cstdio>
@@ -264,6 +265,13 @@ void StreamingLoader::load_state(const SamplerState& state) {
   std::lock_guard<std::mutex> lock(mutex_);
   scheduled_epoch_ = state_.epoch;
   scheduled_consumed_ = state_.samples_consumed;
+}
+
+std::string StreamingLoader::order_fingerprint() const {
+  std::string text = fmt::format("shuffle={} block={}", options_.shuffle, options_.shuffle_block);
+  for (const ShardEntry& shard : split_->shards)
+    text += fmt::format(";{}:{}:{}", shard.file, shard.records, shard.xxh3);
+  return fmt::format("{:016x}", XXH3_64bits(text.data(), text.size()));
 }
 
 LoaderStats StreamingLoader::stats() const {

@@ -49,7 +49,7 @@ struct LoaderStats {
   int64_t corrupt_skipped = 0;  // records skipped as corrupt in the batches handed out
   int64_t records = 0;          // records read, including batches read ahead
   uint64_t stored_bytes = 0;    // bytes read from shard files, including batches read ahead
-  double wait_seconds = 0;    // time next() blocked waiting for a batch
+  double wait_seconds = 0;      // time next() blocked waiting for a batch
 };
 
 class StreamingLoader {
@@ -69,6 +69,11 @@ class StreamingLoader {
   int64_t batches_per_epoch() const;
   const DatasetManifest& manifest() const { return manifest_; }
   LoaderStats stats() const;
+
+  // Identifies what the order depends on besides the seed: the split's shards (names, record counts, hashes),
+  // shuffle and shuffle_block. A checkpoint stores it so a resume on changed data is an error, not a silent
+  // change of the remaining batches.
+  std::string order_fingerprint() const;
 
   // The global sample keys of batch `step` of `epoch` (all ranks), for tests and batch fingerprints.
   std::vector<int64_t> global_keys(int64_t epoch, int64_t step) const;

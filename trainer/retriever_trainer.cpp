@@ -99,8 +99,12 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
                     {"stage", stage},
                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
   const data::SamplerState s = loader.state();
-  const std::string loader_json =
-      nlohmann::json{{"seed", s.seed}, {"epoch", s.epoch}, {"samples_consumed", s.samples_consumed}}.dump();
+  const std::string loader_json = nlohmann::json{
+      {"seed", s.seed},
+      {"epoch", s.epoch},
+      {"samples_consumed", s.samples_consumed},
+      {"order",
+       loader.order_fingerprint()}}.dump();
   return checkpoints.save(step, state, loader_json, config_yaml);
 }
 
@@ -118,6 +122,15 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
   load_model_tensors(model, ckpt.state, directory);
   optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
   const nlohmann::json state = nlohmann::json::parse(ckpt.loader_json);
+  if (state.contains("order") && state["order"].get<std::string>() != loader.order_fingerprint()) {
+    throw std::runtime_error(
+        fmt::format("{}: the training split's shards or data.shuffle_block differ from the run that saved "
+                    "this checkpoint "
+                    "(sample order {} there, {} now); resuming would read other batches. HINT: resume on the "
+                    "same dataset "
+                    "(`vimo data verify` it) and the same data.* settings",
+                    directory, state["order"].get<std::string>(), loader.order_fingerprint()));
+  }
   loader.load_state({state.at("seed").get<uint64_t>(), state.at("epoch").get<int64_t>(),
                      state.at("samples_consumed").get<int64_t>()});
   return ckpt.step;

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "data/collate.h"
+#include "data/manifest.h"
 #include "data/retrieval_dataset.h"
 #include "data/shard.h"
 #include "data/synthetic.h"
@@ -315,6 +317,27 @@ TEST(RetrievalDataset, ErrorsNameTheInput) {
   fs::copy_file(root / "b" / "train" / "shard_00001.bin", odd, fs::copy_options::overwrite_existing);
   expect_error([&] { RetrievalDataset((root / "a").string(), "train"); },
                {odd.string(), "record 0", "'frames'", "float32 [6, 6]", "float32 [6, 5]"});
+}
+
+TEST(RetrievalDataset, TrainingBatchesWithMissingFieldsOrWrongDtypesAreNamed) {
+  const fs::path root = test_dir("batch_errors");
+  write_synthetic_dataset(tiny_options(3), root.string());
+  const RetrievalDataset test(root.string(), "test");
+  const DatasetManifest manifest = read_manifest(root.string());
+  const ShardReader reader(manifest.shard_path("train", 0));
+  std::vector<Record> records = {reader.read_record(0), reader.read_record(1)};
+  const auto convert = [&](const std::vector<Record>& rs) {
+    return to_retrieval_batch(collate(rs, {0, 1}, {"r0", "r1"}), test.dims(), "batch 7");
+  };
+  EXPECT_EQ(convert(records).size(), 2);
+  for (Record& r : records) {
+    for (Field& f : r.fields) {
+      if (f.name == "num_frames") f = Field::from_bytes("num_frames", DType::Int32, {1}, {1, 0, 0, 0});
+    }
+  }
+  expect_error([&] { convert(records); }, {"batch 7", "'num_frames'", "Int", "expected Long"});
+  for (Record& r : records) r.fields.erase(r.fields.begin() + 2);  // text_ids
+  expect_error([&] { convert(records); }, {"no field 'text_ids'"});
 }
 
 }  // namespace

@@ -25,6 +25,13 @@ diff <(hashes "$work/straight/metrics.jsonl") <(hashes "$work/elastic/metrics.js
 # Data-wait time is logged for every step.
 [ "$(grep -c '"data_seconds"' "$work/straight/metrics.jsonl")" -eq 12 ] || fail "data_seconds missing"
 
+# Resuming with another shuffle block would silently change the remaining batches: it is an error.
+if run_ranks 1 train "$config" $packed train.steps=14 train.out_dir="$work/elastic" data.shuffle_block=5 --resume \
+  > "$work/reorder.log" 2>&1; then
+  fail "a resume with another data.shuffle_block was accepted"
+fi
+grep -q "data.shuffle_block differ" "$work/reorder.log" || { cat "$work/reorder.log"; fail "no named error"; }
+
 # One flipped byte inside a record of the second train shard.
 shard="$work/packed/train/shard_00001.bin"
 python3 - "$shard" <<'PY'

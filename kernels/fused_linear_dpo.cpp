@@ -1,0 +1,556 @@
+// Fused LM-head losses on CPU: McDPO, SFT cross-entropy, reference log-probs (see fused_linear_dpo.h).
+//
+// Note [Fused linear LM-head losses]
+// All three losses are functions of the per-row answer log-probs
+//   logπ(row) = Σ_{t ∈ answer} (z_t[y_t] − lse_t),   z_t = h_t·Wᵀ [V],  lse_t = log Σ_v exp(z_t[v])
+// (McDPO: L = α/P·Σ_i ℓ(Δ_i) − γ/N_c·Σ_i logπ(y_w,i), see dpo_math.h; SFT: L = −Σ_rows logπ / N_answer;
+// reference: the log-probs themselves). With c_row = dL/dlogπ(row), the gradient of one logit is
+//   dL/dz_t[v] = w_t·(softmax(z_t)[v] − [v == y_t]),   w_t = −c_row(t)       (dpo_math::logit_gradient)
+// so grad_hidden_t = Σ_v dL/dz_t[v]·W_v and grad_W = Σ_t (dL/dz_t)ᵀ·h_t: one matrix product each per chunk.
+// Only answer tokens are visited (masked tokens contribute nothing), in chunks of at most `tokens` tokens
+// and `vocabulary` columns, so no [R, T, V] tensor exists: a chunk's logits [tokens, vocabulary] are the
+// largest temporary.
+//   pass 1 (per tile): logits = X_chunk·W_chunkᵀ; the target logit, the block max and Σ exp(z − max) per
+//          token, merged over vocabulary chunks into the running log-sum-exp (dpo_math::merge_block).
+//   then:  per-row log-probs; c_row from them.
+//   pass 2 (per tile, only when a gradient is needed): G = w·(softmax − onehot) in the accumulation dtype,
+//          grad_hidden_chunk += G·W_chunk, grad_W_chunk += Gᵀ·X_chunk.
+// McDPO couples tokens: c_row depends on Δ of the row's pair, known only once every token of the pair has
+// been through pass 1. So tokens are visited pair by pair (chosen row i, then rejected row B + i), whole
+// pairs packed into groups of at most `tokens` answer tokens; after a group's pass 1 its pairs are complete
+// and its pass 2 can run. When the group is a single tile (one token chunk, one vocabulary chunk) pass 2
+// reuses pass 1's exp(z − max) and the logits are computed once: 3 LM-head products, the same as eager.
+// Only a pair with more answer tokens than the chunk, or vocabulary chunking, recomputes its logits (4
+// products). Without coupling (SFT; McDPO with α = 0) c_row is known up front and every token chunk is a
+// group of one tile.
+//
+// Note [Gradients in the forward]
+// Pass 2 runs inside the autograd function's forward, as in Liger-Kernel's fused linear cross-entropy: the
+// reuse of pass 1's tile above is only possible while the tile exists, and keeping tiles until backward
+// would be the [R, T, V] memory this kernel exists to avoid. The forward stores grad_hidden [R, T, H] and
+// grad_W [V, H] (accumulation dtype), which backward scales by the incoming gradient of the scalar loss
+// (exact: the loss is linear in its upstream scale). The cost: the forward holds the two gradients from
+// forward to backward, and does the gradient work whenever hidden or weight requires grad, even if backward
+// never runs. Where nothing requires grad (the reference model) only pass 1 runs.
+//
+// Note [Threads in the fused LM-head kernel]
+// The three products per tile are LibTorch matrix products (MKL, multi-threaded) and the element-wise work
+// (max, exp, sums, scaling: ~10% of a tile's time) is ATen kernels, which parallelize internally; the
+// per-token scalar loops (target logits, log-sum-exp merge) are O(tokens) and stay serial. We do not run
+// token chunks in parallel with at::parallel_for: every chunk adds into all of grad_W [V, H], so that would
+// need a private grad_W per thread (V·H floats each) or a lock, and on this project's 2-core machine the
+// products already use both cores. bench/README.md has the 1- and 2-thread figures.
+#include "kernels/fused_linear_dpo.h"
+
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kernels/dpo_math.h"
+
+namespace vimo::kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::string shape_of(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + std::to_string(t.size(d));
+  return out + "]";
+}
+
+std::string dtype_of(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
+
+// Checks the four shared inputs; `pairs` adds that rows come as chosen/rejected halves.
+void check_inputs(const std::string& where, const at::Tensor& hidden, const at::Tensor& weight,
+                  const at::Tensor& targets, const at::Tensor& mask, const LmHeadChunking& chunking,
+                  bool pairs) {
+  auto fail = [&](const std::string& what) { throw std::invalid_argument(where + ": " + what); };
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"hidden", hidden},
+                                {"weight", weight},
+                                {"targets", targets},
+                                {"mask", mask}}) {
+    if (!t.defined()) fail(std::string(name) + " is an undefined tensor");
+    if (!t.device().is_cpu()) {
+      fail(std::string(name) + " is on " + t.device().str() + "; HINT: this is the CPU kernel");
+    }
+  }
+  const at::ScalarType type = hidden.scalar_type();
+  if (type != at::kFloat && type != at::kDouble && type != at::kBFloat16) {
+    fail("hidden must be float32, float64 or bfloat16, got " + dtype_of(hidden));
+  }
+  if (hidden.dim() != 3 || hidden.size(0) < 1 || hidden.size(1) < 1 || hidden.size(2) < 1) {
+    fail("hidden must be [R, T, H] with R, T, H ≥ 1, got " + shape_of(hidden));
+  }
+  const int64_t R = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  if (pairs && R % 2 != 0) {
+    fail("hidden must hold 2B rows (chosen rows, then rejected rows), got " + shape_of(hidden) +
+         " with an odd number of rows");
+  }
+  if (weight.dim() != 2 || weight.size(0) < 1 || weight.size(1) != H) {
+    fail("weight must be [V, " + std::to_string(H) + "] (H of hidden " + shape_of(hidden) + "), got " +
+         shape_of(weight));
+  }
+  if (weight.scalar_type() != type) {
+    fail("weight is " + dtype_of(weight) + " but hidden is " + dtype_of(hidden) +
+         "; HINT: pass both in one dtype");
+  }
+  const std::string rows_by_positions = "[" + std::to_string(R) + ", " + std::to_string(T) + "]";
+  if (targets.sizes() != at::IntArrayRef{R, T} || targets.scalar_type() != at::kLong) {
+    fail("targets must be int64 " + rows_by_positions + " (R, T of hidden), got " + dtype_of(targets) + " " +
+         shape_of(targets));
+  }
+  if (mask.sizes() != at::IntArrayRef{R, T} || mask.scalar_type() != at::kBool) {
+    fail("mask must be bool " + rows_by_positions + " (R, T of hidden), got " + dtype_of(mask) + " " +
+         shape_of(mask));
+  }
+  if (chunking.tokens < 1) fail("chunking.tokens must be ≥ 1, got " + std::to_string(chunking.tokens));
+  if (chunking.vocabulary < 0) {
+    fail("chunking.vocabulary must be ≥ 0 (0: whole vocabulary), got " + std::to_string(chunking.vocabulary));
+  }
+  const at::Tensor answer_targets = targets.masked_select(mask);
+  if (answer_targets.numel() > 0) {
+    const int64_t low = answer_targets.min().item<int64_t>(), high = answer_targets.max().item<int64_t>();
+    if (low < 0 || high >= weight.size(0)) {
+      fail("targets at answer positions must lie in [0, " + std::to_string(weight.size(0)) + "), found " +
+           std::to_string(low < 0 ? low : high));
+    }
+  }
+}
+
+void check_reference(const std::string& where, const at::Tensor& reference_logps, int64_t rows) {
+  if (!reference_logps.defined() || !reference_logps.is_floating_point() || reference_logps.dim() != 1 ||
+      reference_logps.size(0) != rows) {
+    throw std::invalid_argument(where + ": reference_logps must be a floating tensor [" +
+                                std::to_string(rows) + "] (one logπref per row of hidden), got " +
+                                (reference_logps.defined()
+                                     ? dtype_of(reference_logps) + " " + shape_of(reference_logps)
+                                     : std::string("an undefined tensor")));
+  }
+}
+
+enum class Objective { kLogProbs, kCrossEntropy, kMcDpo };
+
+// What to compute, besides the tensors that autograd tracks.
+struct Task {
+  Objective objective = Objective::kLogProbs;
+  McDpoConfig dpo;
+  at::Tensor reference_logps;  // [R] float64, McDPO only
+  LmHeadChunking chunking;
+  int64_t answer_tokens = 0;  // N: all rows
+  int64_t chosen_tokens = 0;  // N_c: rows 0..B−1
+};
+
+// The loss and its terms from the per-row log-probs [R] (float64).
+struct LossTerms {
+  double loss = 0, dpo = 0, sft = 0;
+};
+
+LossTerms loss_terms(const Task& task, const at::Tensor& row_logps) {
+  const double* lp = row_logps.data_ptr<double>();
+  const int64_t R = row_logps.size(0);
+  LossTerms out;
+  if (task.objective == Objective::kCrossEntropy) {
+    for (int64_t r = 0; r < R; ++r) out.sft -= lp[r];
+    out.sft = task.answer_tokens > 0 ? out.sft / static_cast<double>(task.answer_tokens) : 0.0;
+    out.loss = out.sft;
+  } else if (task.objective == Objective::kMcDpo) {
+    const int64_t B = R / 2;
+    const double* ref = task.reference_logps.data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i) {
+      const double delta = dpo_math::pair_delta(lp[i], ref[i], lp[B + i], ref[B + i]);
+      out.dpo += dpo_math::mcdpo_pair_term(delta, task.dpo.beta, task.dpo.epsilon).loss;
+      out.sft -= lp[i];
+    }
+    out.dpo /= static_cast<double>(B);
+    out.sft = task.chosen_tokens > 0 ? out.sft / static_cast<double>(task.chosen_tokens) : 0.0;
+    out.loss = task.dpo.alpha * out.dpo + task.dpo.gamma * out.sft;
+  }
+  return out;
+}
+
+// c_row = dL/dlogπ(row) [R] for McDPO pairs [begin, end) from the log-probs so far (see dpo_math.h).
+void mcdpo_coefficients(const Task& task, const double* row_logps, int64_t begin, int64_t end, int64_t B,
+                        double* coefficients) {
+  const double* ref = task.reference_logps.data_ptr<double>();
+  const double gamma_per_token =
+      task.chosen_tokens > 0 ? task.dpo.gamma / static_cast<double>(task.chosen_tokens) : 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    const double delta = dpo_math::pair_delta(row_logps[i], ref[i], row_logps[B + i], ref[B + i]);
+    const auto term = dpo_math::mcdpo_pair_term(delta, task.dpo.beta, task.dpo.epsilon);
+    const auto c = dpo_math::mcdpo_row_coefficients(term.d_delta, task.dpo.alpha / static_cast<double>(B),
+                                                    gamma_per_token);
+    coefficients[i] = c.chosen;
+    coefficients[B + i] = c.rejected;
+  }
+}
+
+// The order in which answer tokens are visited and where groups end (Note [Fused linear LM-head losses]).
+struct Schedule {
+  std::vector<int64_t> tokens;      // flat positions r·T + t of the answer tokens, in visiting order
+  std::vector<int64_t> group_ends;  // end of each group in `tokens`
+  std::vector<int64_t> pair_ends;   // coupled only: pairs [previous end, end) complete after each group
+};
+
+Schedule make_schedule(const at::Tensor& mask, bool coupled, int64_t chunk) {
+  const at::Tensor m = mask.contiguous();
+  const bool* answer = m.data_ptr<bool>();
+  const int64_t R = m.size(0), T = m.size(1);
+  Schedule s;
+  auto append_row = [&](int64_t r) {
+    for (int64_t t = 0; t < T; ++t) {
+      if (answer[r * T + t]) s.tokens.push_back(r * T + t);
+    }
+  };
+  if (!coupled) {
+    for (int64_t r = 0; r < R; ++r) append_row(r);
+    const auto n = static_cast<int64_t>(s.tokens.size());
+    for (int64_t end = std::min(chunk, n); end > 0; end = end == n ? 0 : std::min(end + chunk, n)) {
+      s.group_ends.push_back(end);
+    }
+    return s;
+  }
+  const int64_t B = R / 2;
+  int64_t group_begin = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const auto pair_begin = static_cast<int64_t>(s.tokens.size());
+    append_row(i);
+    append_row(B + i);
+    const auto end = static_cast<int64_t>(s.tokens.size());
+    // Close the open group before this pair when the pair would overflow it.
+    if (end - group_begin > chunk && pair_begin > group_begin) {
+      s.group_ends.push_back(pair_begin);
+      s.pair_ends.push_back(i);
+      group_begin = pair_begin;
+    }
+  }
+  s.group_ends.push_back(static_cast<int64_t>(s.tokens.size()));
+  s.pair_ends.push_back(B);
+  return s;
+}
+
+// One token chunk's operands and per-token statistics, all in the accumulation dtype.
+struct TokenChunk {
+  at::Tensor index;  // [c] flat positions (int64)
+  at::Tensor x;      // [c, H]
+  std::vector<int64_t> target, row;
+  at::Tensor target_logit;  // [c]
+  at::Tensor lse;           // [c]
+};
+
+struct Passes {
+  at::Tensor row_logps;    // [R] float64
+  at::Tensor grad_hidden;  // [R·T, H] accumulation dtype, or undefined
+  at::Tensor grad_weight;  // [V, H] accumulation dtype, or undefined
+};
+
+template <typename scalar_t>
+Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                        const at::Tensor& mask, const Task& task, bool need_hidden, bool need_weight) {
+  const at::ScalarType acc = c10::CppTypeToScalarType<scalar_t>::value;
+  const int64_t R = hidden.size(0), T = hidden.size(1), H = hidden.size(2), V = weight.size(0);
+  const at::Tensor x_all = hidden.reshape({R * T, H});                  // [R·T, H] input dtype
+  const at::Tensor w = weight.to(acc).contiguous();                     // [V, H]; a copy only for bfloat16
+  const at::Tensor target_ids = targets.reshape({R * T}).contiguous();  // [R·T] int64
+  const int64_t* target_of = target_ids.data_ptr<int64_t>();
+  const bool gradient = task.objective != Objective::kLogProbs && (need_hidden || need_weight);
+  const bool coupled = gradient && task.objective == Objective::kMcDpo && task.dpo.alpha != 0;
+  const int64_t token_chunk = task.chunking.tokens;
+  const int64_t vocab_chunk = task.chunking.vocabulary == 0 ? V : std::min(task.chunking.vocabulary, V);
+  const Schedule schedule = make_schedule(mask, coupled, token_chunk);
+  const at::Tensor visit = at::tensor(schedule.tokens, at::kLong);  // [N]
+
+  Passes out;
+  out.row_logps = at::zeros({R}, at::kDouble);
+  double* row_logps = out.row_logps.data_ptr<double>();
+  std::vector<double> coefficients(R, 0.0);  // dL/dlogπ(row)
+  if (gradient && task.objective == Objective::kCrossEntropy) {
+    coefficients.assign(R, -1.0 / static_cast<double>(std::max<int64_t>(task.answer_tokens, 1)));
+  } else if (gradient && !coupled) {  // McDPO with α = 0: c_row does not depend on the log-probs
+    mcdpo_coefficients(task, row_logps, 0, R / 2, R / 2, coefficients.data());
+  }
+  if (need_hidden && gradient) out.grad_hidden = at::zeros({R * T, H}, w.options());
+  if (need_weight && gradient) out.grad_weight = at::zeros({V, H}, w.options());
+
+  int64_t group_begin = 0, pair_begin = 0;
+  for (size_t g = 0; g < schedule.group_ends.size(); ++g) {
+    const int64_t group_end = schedule.group_ends[g];
+    const bool single_tile = group_end - group_begin <= token_chunk && vocab_chunk == V;
+    std::vector<TokenChunk> chunks;
+    at::Tensor kept_exp, kept_sum;  // single tile: exp(z − max) [c, V] and Σ [c]
+    // Pass 1.
+    for (int64_t begin = group_begin; begin < group_end; begin += token_chunk) {
+      const int64_t c = std::min(token_chunk, group_end - begin);
+      TokenChunk chunk;
+      chunk.index = visit.narrow(0, begin, c);
+      chunk.x = x_all.index_select(0, chunk.index).to(acc);  // [c, H]
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t flat = schedule.tokens[begin + k];
+        chunk.target.push_back(target_of[flat]);
+        chunk.row.push_back(flat / T);
+      }
+      chunk.target_logit = at::empty({c}, w.options());
+      scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+      std::vector<dpo_math::RunningLogSumExp<scalar_t>> running(
+          c, {-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)});
+      for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
+        const int64_t vc = std::min(vocab_chunk, V - v0);
+        at::Tensor logits = at::mm(chunk.x, w.narrow(0, v0, vc).t());  // [c, vc]
+        const scalar_t* z = logits.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < c; ++k) {
+          const int64_t y = chunk.target[k];
+          if (y >= v0 && y < v0 + vc) target_logit[k] = z[k * vc + (y - v0)];
+        }
+        const at::Tensor block_max = logits.amax(1);  // [c]
+        logits.sub_(block_max.unsqueeze(1)).exp_();
+        const at::Tensor block_sum = logits.sum(1);  // [c]
+        const scalar_t* bm = block_max.data_ptr<scalar_t>();
+        const scalar_t* bs = block_sum.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < c; ++k) dpo_math::merge_block(running[k], bm[k], bs[k]);
+        if (single_tile && gradient) {
+          kept_exp = logits;
+          kept_sum = block_sum;
+        }
+      }
+      chunk.lse = at::empty({c}, w.options());
+      scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < c; ++k) {
+        lse[k] = dpo_math::log_sum_exp(running[k]);
+        row_logps[chunk.row[k]] += static_cast<double>(target_logit[k] - lse[k]);
+      }
+      chunks.push_back(std::move(chunk));
+    }
+    group_begin = group_end;
+    if (!gradient) continue;
+    if (coupled) {
+      const int64_t pair_end = schedule.pair_ends[g];
+      mcdpo_coefficients(task, row_logps, pair_begin, pair_end, R / 2, coefficients.data());
+      pair_begin = pair_end;
+    }
+    // Pass 2.
+    for (TokenChunk& chunk : chunks) {
+      const auto c = static_cast<int64_t>(chunk.row.size());
+      at::Tensor token_weight = at::empty({c}, w.options());  // w_t = −c_row [c]
+      scalar_t* wt = token_weight.data_ptr<scalar_t>();
+      bool any = false;
+      for (int64_t k = 0; k < c; ++k) {
+        wt[k] = static_cast<scalar_t>(-coefficients[chunk.row[k]]);
+        any = any || wt[k] != 0;
+      }
+      if (!any) continue;  // e.g. the rejected rows when α = 0
+      const scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
+      const scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+      at::Tensor grad_x;  // [c, H]
+      for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
+        const int64_t vc = std::min(vocab_chunk, V - v0);
+        const at::Tensor w_chunk = w.narrow(0, v0, vc);  // [vc, H]
+        at::Tensor grad_logits;                          // [c, vc] = w·(softmax − onehot)
+        if (single_tile) {                               // p = exp(z − max) / Σ
+          grad_logits = kept_exp.mul_((token_weight / kept_sum).unsqueeze(1));
+          kept_exp = at::Tensor();
+        } else {
+          grad_logits = at::mm(chunk.x, w_chunk.t()).sub_(chunk.lse.unsqueeze(1)).exp_();
+          grad_logits.mul_(token_weight.unsqueeze(1));
+        }
+        scalar_t* d = grad_logits.data_ptr<scalar_t>();
+        for (int64_t k = 0; k < c; ++k) {
+          const int64_t y = chunk.target[k];
+          if (y >= v0 && y < v0 + vc) {
+            d[k * vc + (y - v0)] = dpo_math::logit_gradient(target_logit[k], lse[k], true, wt[k]);
+          }
+        }
+        if (out.grad_hidden.defined()) {
+          grad_x = grad_x.defined() ? grad_x.addmm_(grad_logits, w_chunk) : at::mm(grad_logits, w_chunk);
+        }
+        if (out.grad_weight.defined()) out.grad_weight.narrow(0, v0, vc).addmm_(grad_logits.t(), chunk.x);
+      }
+      // Answer positions are distinct, so a copy (not an add) places the rows.
+      if (out.grad_hidden.defined()) out.grad_hidden.index_copy_(0, chunk.index, grad_x);
+    }
+  }
+  return out;
+}
+
+Passes run_passes(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                  const at::Tensor& mask, const Task& task, bool need_hidden, bool need_weight) {
+  at::NoGradGuard no_grad;
+  if (hidden.scalar_type() == at::kDouble) {
+    return run_passes_typed<double>(hidden, weight, targets, mask, task, need_hidden, need_weight);
+  }
+  return run_passes_typed<float>(hidden, weight, targets, mask, task, need_hidden, need_weight);
+}
+
+// The loss of `task` with the gradients computed in the forward (Note [Gradients in the forward]).
+// Outputs: the loss [] (dtype of hidden) and the per-row log-probs [R] float64 (not differentiable).
+class FusedLinearLmHeadLoss : public torch::autograd::Function<FusedLinearLmHeadLoss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& targets, const at::Tensor& mask, const Task& task,
+                               bool need_hidden, bool need_weight) {
+    Passes passes = run_passes(hidden, weight, targets, mask, task, need_hidden, need_weight);
+    ctx->saved_data["grad_hidden"] = passes.grad_hidden;
+    ctx->saved_data["grad_weight"] = passes.grad_weight;
+    ctx->saved_data["hidden_sizes"] = hidden.sizes().vec();
+    ctx->saved_data["dtype"] = hidden.scalar_type();
+    ctx->saved_data["consumed"] = false;
+    const at::Tensor loss = at::scalar_tensor(loss_terms(task, passes.row_logps).loss, hidden.options());
+    ctx->mark_non_differentiable({passes.row_logps});
+    return {loss, passes.row_logps};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    if (ctx->saved_data["consumed"].toBool()) {
+      throw std::runtime_error(
+          "fused LM-head loss: backward ran twice through the same forward; HINT: the gradients are computed "
+          "in the forward and handed over once (retain_graph is not supported), run the loss again instead");
+    }
+    ctx->saved_data["consumed"] = true;
+    const double scale = grad_outputs[0].defined() ? grad_outputs[0].item<double>() : 0.0;
+    const auto dtype = ctx->saved_data["dtype"].toScalarType();
+    // Moved out of ctx so that the leaf's AccumulateGrad can adopt the tensor instead of copying [V, H].
+    auto take = [&](const char* key) {
+      c10::IValue saved = std::exchange(ctx->saved_data[key], c10::IValue());
+      if (saved.isNone() || !saved.toTensor().defined()) return at::Tensor();
+      at::Tensor g = std::move(saved).toTensor();
+      return (scale == 1.0 ? std::move(g) : g.mul_(scale)).to(dtype);
+    };
+    at::Tensor grad_hidden = take("grad_hidden");
+    if (grad_hidden.defined()) grad_hidden = grad_hidden.view(ctx->saved_data["hidden_sizes"].toIntVector());
+    return {grad_hidden, take("grad_weight"), {}, {}, {}, {}, {}};
+  }
+};
+
+bool wants_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
+
+// The detached metrics of DESIGN.md from the per-row log-probs, formed in float64 and returned in `dtype`
+// (so the float32 metrics carry one rounding, not the cancellation of logπθ − logπref in float32).
+void fill_metrics(McDpoResult& result, const at::Tensor& policy_logps, const at::Tensor& reference_logps,
+                  double beta, at::ScalarType dtype) {
+  const at::Tensor policy = policy_logps.detach().to(at::kDouble);        // [2B]
+  const at::Tensor reference = reference_logps.detach().to(at::kDouble);  // [2B]
+  const int64_t B = policy.size(0) / 2;
+  const at::Tensor chosen = beta * (policy.narrow(0, 0, B) - reference.narrow(0, 0, B));    // [B]
+  const at::Tensor rejected = beta * (policy.narrow(0, B, B) - reference.narrow(0, B, B));  // [B]
+  result.logps_chosen = policy.narrow(0, 0, B).to(dtype);
+  result.logps_rejected = policy.narrow(0, B, B).to(dtype);
+  result.rewards_chosen = chosen.to(dtype);
+  result.rewards_rejected = rejected.to(dtype);
+  result.accuracy = (chosen > rejected).to(at::kDouble).mean().to(dtype);
+  result.margin = (chosen - rejected).mean().to(dtype);
+}
+
+at::ScalarType accumulation_type(const at::Tensor& hidden) {
+  return hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace
+
+McDpoResult fused_linear_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               const at::Tensor& mask, const at::Tensor& reference_logps,
+                               const McDpoConfig& config, const LmHeadChunking& chunking) {
+  const std::string where = "fused_linear_mcdpo";
+  check_inputs(where, hidden, weight, targets, mask, chunking, /*pairs=*/true);
+  check_reference(where, reference_logps, hidden.size(0));
+  const int64_t B = hidden.size(0) / 2;
+  Task task;
+  task.objective = Objective::kMcDpo;
+  task.dpo = config;
+  task.reference_logps = reference_logps.detach().to(at::kDouble).contiguous();
+  task.chunking = chunking;
+  task.answer_tokens = mask.sum().item<int64_t>();
+  task.chosen_tokens = mask.narrow(0, 0, B).sum().item<int64_t>();
+  const variable_list outputs = FusedLinearLmHeadLoss::apply(hidden, weight, targets, mask, task,
+                                                             wants_grad(hidden), wants_grad(weight));
+  McDpoResult result;
+  result.loss = outputs[0];
+  const LossTerms terms = loss_terms(task, outputs[1]);
+  const at::ScalarType acc = accumulation_type(hidden);
+  result.dpo_loss = at::scalar_tensor(terms.dpo, at::TensorOptions().dtype(acc));
+  result.sft_loss = at::scalar_tensor(terms.sft, at::TensorOptions().dtype(acc));
+  fill_metrics(result, outputs[1], task.reference_logps, config.beta, acc);
+  return result;
+}
+
+at::Tensor fused_linear_sequence_logps(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const at::Tensor& targets, const at::Tensor& mask,
+                                       const LmHeadChunking& chunking) {
+  check_inputs("fused_linear_sequence_logps", hidden, weight, targets, mask, chunking, /*pairs=*/false);
+  Task task;
+  task.chunking = chunking;
+  return run_passes(hidden, weight, targets, mask, task, false, false)
+      .row_logps.to(accumulation_type(hidden));
+}
+
+at::Tensor fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
+                                      const at::Tensor& targets, const at::Tensor& mask,
+                                      const LmHeadChunking& chunking) {
+  check_inputs("fused_linear_cross_entropy", hidden, weight, targets, mask, chunking, /*pairs=*/false);
+  Task task;
+  task.objective = Objective::kCrossEntropy;
+  task.chunking = chunking;
+  task.answer_tokens = mask.sum().item<int64_t>();
+  return FusedLinearLmHeadLoss::apply(hidden, weight, targets, mask, task, wants_grad(hidden),
+                                      wants_grad(weight))[0];
+}
+
+// ----- eager compositions -----
+
+namespace {
+
+// log softmax(h·Wᵀ)[target] on answer tokens, 0 elsewhere [R, T], in the inputs' dtype.
+at::Tensor eager_token_logps(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                             const at::Tensor& mask) {
+  const at::Tensor logits = at::matmul(hidden, weight.t());                                // [R, T, V]
+  const at::Tensor log_probs = at::log_softmax(logits, -1);                                // [R, T, V]
+  const at::Tensor safe_targets = at::where(mask, targets, at::zeros_like(targets));       // [R, T]
+  const at::Tensor picked = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1);  // [R, T]
+  return picked * mask.to(picked.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor eager_sequence_logps(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                                const at::Tensor& mask) {
+  check_inputs("eager_sequence_logps", hidden, weight, targets, mask, {}, false);
+  return eager_token_logps(hidden, weight, targets, mask).sum(1);
+}
+
+at::Tensor eager_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               const at::Tensor& mask) {
+  check_inputs("eager_cross_entropy", hidden, weight, targets, mask, {}, false);
+  const double count = static_cast<double>(std::max<int64_t>(mask.sum().item<int64_t>(), 1));
+  return -eager_token_logps(hidden, weight, targets, mask).sum() / count;
+}
+
+McDpoResult eager_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                        const at::Tensor& mask, const at::Tensor& reference_logps,
+                        const McDpoConfig& config) {
+  check_inputs("eager_mcdpo", hidden, weight, targets, mask, {}, true);
+  check_reference("eager_mcdpo", reference_logps, hidden.size(0));
+  const int64_t B = hidden.size(0) / 2;
+  const at::Tensor policy = eager_token_logps(hidden, weight, targets, mask).sum(1);  // [2B]
+  const at::Tensor reference = reference_logps.to(policy.scalar_type());              // [2B]
+  const at::Tensor chosen = policy.narrow(0, 0, B) - reference.narrow(0, 0, B);       // [B]
+  const at::Tensor rejected = policy.narrow(0, B, B) - reference.narrow(0, B, B);     // [B]
+  const at::Tensor z = config.beta * (chosen - rejected);                             // [B]
+  McDpoResult result;
+  const at::Tensor dpo =
+      (-(1 - config.epsilon) * at::log_sigmoid(z) - config.epsilon * at::log_sigmoid(-z)).mean();
+  const double chosen_tokens =
+      static_cast<double>(std::max<int64_t>(mask.narrow(0, 0, B).sum().item<int64_t>(), 1));
+  const at::Tensor sft = -policy.narrow(0, 0, B).sum() / chosen_tokens;
+  result.loss = config.alpha * dpo + config.gamma * sft;
+  result.dpo_loss = dpo.detach();
+  result.sft_loss = sft.detach();
+  fill_metrics(result, policy, reference_logps, config.beta, accumulation_type(hidden));
+  return result;
+}
+
+}  // namespace vimo::kernels
