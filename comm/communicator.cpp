@@ -1,14 +1,17 @@
-// Backend-independent parts of vimo::comm: the world read from the launcher's environment, the all-gather
-// that keeps autograd, and the error format shared by the backends.
+// Backend-independent parts of vimo::comm: the world read from the launcher's environment, the collective
+// timeout and other knobs, the all-gather that keeps autograd, and the error formats shared by the backends.
 #include "comm/communicator.h"
 
 #include <fmt/format.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <climits>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -23,7 +26,15 @@ constexpr const char* kOpenMpiRank = "OMPI_COMM_WORLD_RANK";
 constexpr const char* kOpenMpiSize = "OMPI_COMM_WORLD_SIZE";
 constexpr const char* kOpenMpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
 constexpr const char* kOpenMpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
+// Seconds a collective may wait for the other ranks (Note [Collective timeouts] in mpi_communicator.cpp).
+constexpr const char* kCollectiveTimeout = "VIMO_COMM_TIMEOUT_S";
+// "1": asynchronous calls agree on the call like blocking ones (Note [Agreement on asynchronous calls]).
+constexpr const char* kCheckAsyncCalls = "VIMO_COMM_CHECK_ASYNC";
 }  // namespace env
+
+// Generous: a collective legitimately waits for the slowest rank's step, which may include a checkpoint save
+// or an evaluation. A hung rank is still reported in minutes rather than never.
+constexpr std::chrono::milliseconds kDefaultCollectiveTimeout{600'000};
 
 namespace {
 
@@ -95,6 +106,49 @@ WorldInfo world_from_environment() {
   return world;
 }
 
+namespace {
+
+// `text` as a positive number of seconds, or nullopt when it is not one (whole text, finite, > 0).
+std::optional<double> parse_seconds(std::string_view text) {
+  double seconds = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), seconds);
+  if (error != std::errc() || end != text.data() + text.size() || !std::isfinite(seconds) || seconds <= 0)
+    return std::nullopt;
+  return seconds;
+}
+
+std::chrono::milliseconds read_collective_timeout() {
+  const char* raw = std::getenv(env::kCollectiveTimeout);
+  if (raw == nullptr) return kDefaultCollectiveTimeout;
+  const std::optional<double> seconds = parse_seconds(raw);
+  if (!seconds || *seconds > 1e9) {
+    throw std::runtime_error(fmt::format(
+        "{}='{}' is not a number of seconds. HINT: set a positive number such as 600 or 0.5, or unset it for "
+        "the default of {} s",
+        env::kCollectiveTimeout, raw, kDefaultCollectiveTimeout.count() / 1000));
+  }
+  const auto timeout = std::chrono::milliseconds(std::max<int64_t>(1, std::llround(*seconds * 1000)));
+  std::fprintf(stderr, "[vimo] %s=%s overrides the default collective timeout of %lld s\n",
+               env::kCollectiveTimeout, raw,
+               static_cast<long long>(kDefaultCollectiveTimeout.count() / 1000));
+  return timeout;
+}
+
+}  // namespace
+
+std::chrono::milliseconds default_collective_timeout() {
+  static const std::chrono::milliseconds timeout = read_collective_timeout();
+  return timeout;
+}
+
+void Communicator::set_timeout(std::chrono::milliseconds timeout) {
+  if (timeout.count() <= 0) {
+    throw std::invalid_argument(
+        fmt::format("[rank {}] set_timeout({} ms): the timeout must be positive", rank(), timeout.count()));
+  }
+  timeout_ = timeout;
+}
+
 // Note [Gradient of the gathered negatives]
 // Rank r holds rows X_r [n, D] and computes its loss L_r as a mean over its n local rows, each scored against
 // the gathered rows X = [X_0; ...; X_{p-1}] of every rank. The objective being trained is the mean of the
@@ -102,8 +156,7 @@ WorldInfo world_from_environment() {
 // the p ranks. So each rank must backpropagate the gradient of Σ_r L_r with respect to its own rows X_r.
 // L_r reaches X_q (q ≠ r) only through the gathered copy, whose gradient lives on rank r; hence the owner q
 // needs Σ_r ∂L_r/∂(rows of q in the gathered tensor): the gathered gradient summed over ranks, then its own
-// rows [q*n, (q+1)*n). That is a reduce-scatter; it is done here as an all-reduce followed by a narrow, which
-// moves p times more data but needs only the collectives every backend has today.
+// rows [q*n, (q+1)*n). That is exactly a reduce-scatter (sum) of the gathered gradient.
 namespace {
 
 // Carries the communicator through autograd's saved_data, which holds IValues only.
@@ -131,10 +184,9 @@ class AllGatherWithGrad : public torch::autograd::Function<AllGatherWithGrad> {
     const auto holder =
         c10::static_intrusive_pointer_cast<CommunicatorHolder>(ctx->saved_data["comm"].toCapsule());
     const int64_t rows = ctx->saved_data["rows"].toInt();
-    // A fresh buffer: the incoming gradient may be shared with other nodes and must not be reduced in place.
-    at::Tensor summed = grad_outputs[0].clone(at::MemoryFormat::Contiguous);
-    holder->comm->allreduce(summed, ReduceOp::Sum);
-    return {summed.narrow(0, holder->comm->rank() * rows, rows), at::Tensor()};
+    at::Tensor mine = holder->comm->reduce_scatter(grad_outputs[0], ReduceOp::Sum);  // [n, ...]
+    TORCH_INTERNAL_ASSERT(mine.size(0) == rows);
+    return {mine, at::Tensor()};
   }
 };
 
@@ -159,6 +211,38 @@ std::string describe_failed_call(int rank, const char* call, const char* file, i
   std::string message = fmt::format("[rank {}] {} failed at {}:{}: {}", rank, function, path, line, reason);
   if (!hint.empty()) message += fmt::format(". HINT: {}", hint);
   return message;
+}
+
+namespace {
+bool read_check_async_calls() {
+  const char* raw = std::getenv(env::kCheckAsyncCalls);
+  if (raw == nullptr || std::string_view(raw) == "0") return false;
+  if (std::string_view(raw) != "1") {
+    throw std::runtime_error(fmt::format("{}='{}' must be 0 or 1", env::kCheckAsyncCalls, raw));
+  }
+  std::fprintf(stderr,
+               "[vimo] %s=1: asynchronous collectives agree on the call first (slower; for debugging)\n",
+               env::kCheckAsyncCalls);
+  return true;
+}
+}  // namespace
+
+bool check_async_calls() {
+  static const bool check = read_check_async_calls();
+  return check;
+}
+
+std::string describe_timeout(int rank, const std::string& what, int64_t bytes,
+                             std::chrono::milliseconds timeout, int communicator_size,
+                             const std::string& consequence) {
+  return fmt::format(
+      "[rank {}] {} ({} bytes) timed out after {:g} s on a communicator of {} ranks: a peer did not take "
+      "part "
+      "(it is stuck, dead, slower than the timeout, or made a different call). {}. HINT: the rank whose log "
+      "stops before this call is the cause; if it was only slow (a long checkpoint save or evaluation), "
+      "raise {}",
+      rank, what, bytes, static_cast<double>(timeout.count()) / 1000.0, communicator_size, consequence,
+      env::kCollectiveTimeout);
 }
 
 }  // namespace detail

@@ -1,9 +1,11 @@
-// Defines vimo::comm::Communicator, the collective-communication interface every backend implements,
-// the world description read from the launcher's environment, and the MPI backend factory.
+// Defines vimo::comm::Communicator, the collective-communication interface every backend implements, Work,
+// the handle of an asynchronous collective, the collective timeout, the world description read from the
+// launcher's environment, and the MPI backend factory.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -25,8 +27,33 @@ struct WorldInfo {
 // Throws std::runtime_error naming the variable when a value is malformed or out of range.
 WorldInfo world_from_environment();
 
-// Collectives over a fixed group of ranks. All calls are blocking and must be made by every rank of the
-// group in the same order. Tensors must be contiguous; results keep the input's dtype and device.
+// The timeout every communicator starts with: VIMO_COMM_TIMEOUT_S seconds (a positive number, fractions
+// allowed) when set, else 600 s. Read once; an override is logged to stderr. Throws std::runtime_error naming
+// the variable when its value is malformed. See Note [Collective timeouts] in comm/mpi_communicator.cpp.
+std::chrono::milliseconds default_collective_timeout();
+
+// A collective in flight, returned by the *_async calls of Communicator. The tensors passed to the call
+// belong to the collective until wait() returns or is_completed() returns true: reading or writing them
+// before is undefined. Use a Work from one thread at a time. Dropping an unfinished Work waits for it.
+class Work {
+ public:
+  virtual ~Work() = default;
+  // Blocks until the collective has finished and its results are in the tensors passed to the call. Throws
+  // std::runtime_error after the communicator's timeout (naming the collective, its size and the rank), after
+  // which the communicator is unusable. Returns at once when already finished.
+  virtual void wait() = 0;
+  // Whether the collective has finished (its results are then in place). Never blocks; on MPI, each call also
+  // drives the collective forward (see Note [Progress of non-blocking MPI collectives] in
+  // comm/mpi_communicator.cpp).
+  virtual bool is_completed() = 0;
+  // "allreduce (avg) of float32 [1024]": the call, for logs and errors.
+  virtual std::string description() const = 0;
+};
+
+// Collectives over a fixed group of ranks, which every rank of the group must make in the same order
+// (asynchronous ones included, in the order they are started). Blocking calls return when their result is in
+// place (on NCCL: when it is enqueued on the stream); they and Work::wait fail after timeout() instead of
+// hanging. Tensors need not be contiguous unless stated; results keep the input's dtype and device.
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -38,15 +65,45 @@ class Communicator {
   virtual void allreduce(at::Tensor& tensor, ReduceOp op) = 0;
   // Returns [size * n, ...]: rank r's `tensor` [n, ...] at rows [r*n, (r+1)*n). Same shape on every rank.
   virtual at::Tensor allgather(const at::Tensor& tensor) = 0;
+  // `input` [size * n, ...] -> [n, ...]: rank r gets the reduction over all ranks of their rows
+  // [r*n, (r+1)*n). The inverse of allgather's layout; dim 0 must be divisible by size().
+  virtual at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) = 0;
   // In place: every rank ends with `root`'s tensor.
   virtual void broadcast(at::Tensor& tensor, int root) = 0;
   virtual void barrier() = 0;
 
+  // Point to point, blocking: send returns when `tensor` may be changed again, recv when `tensor` holds the
+  // message of rank `src` with the same `tag` (>= 0), which must have recv's shape and dtype. Messages
+  // between two ranks with the same tag arrive in the order sent. A ring where every rank sends first may
+  // deadlock on large tensors: alternate the order (even ranks send first, odd ranks receive first).
+  virtual void send(const at::Tensor& tensor, int dst, int tag) = 0;
+  virtual void recv(at::Tensor& tensor, int src, int tag) = 0;
+
+  // Asynchronous collectives: the same results as the blocking calls, in the tensors given, once the returned
+  // Work has finished. Several may be in flight at once. They check their own inputs (throwing on this rank
+  // only) but do not make the ranks agree on the call first: see Note [Agreement on asynchronous calls] in
+  // comm/mpi_communicator.cpp.
+  //   allreduce_async:      `tensor` in place.
+  //   allgather_async:      `input` [n, ...] -> `output` [size * n, ...], contiguous, same dtype and device.
+  //   reduce_scatter_async: `input` [size * n, ...] -> `output` [n, ...], contiguous, same dtype and device.
+  virtual std::shared_ptr<Work> allreduce_async(at::Tensor& tensor, ReduceOp op) = 0;
+  virtual std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) = 0;
+  virtual std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
+                                                     ReduceOp op) = 0;
+
   // A collective over this communicator (every rank calls it): returns a communicator over the ranks that
   // passed the same `color` (>= 0), ranked by `key`, ties broken by the rank here (MPI_Comm_split's rules).
-  // The result is independent of this one and may outlive it. A negative color fails on every rank. The
-  // default throws: backends that can split override it.
+  // The result is independent of this one, may outlive it, and starts with this one's timeout. A negative
+  // color fails on every rank. The default throws: backends that can split override it.
   virtual std::shared_ptr<Communicator> split(int color, int key);
+
+  // How long a blocking call or Work::wait waits for the other ranks before failing; a Work started before
+  // a change keeps the timeout it started with. Must be positive.
+  std::chrono::milliseconds timeout() const { return timeout_; }
+  void set_timeout(std::chrono::milliseconds timeout);
+
+ private:
+  std::chrono::milliseconds timeout_ = default_collective_timeout();
 };
 
 // RAII owner of MPI_Init / MPI_Finalize. Create exactly one, first thing in main().
@@ -58,15 +115,16 @@ class MpiRuntime {
   MpiRuntime& operator=(const MpiRuntime&) = delete;
 };
 
-// Communicator over MPI_COMM_WORLD for CPU tensors (float32, float64, bfloat16, float16, int32, int64,
-// uint8).
+// Communicator over (a private duplicate of) MPI_COMM_WORLD for CPU tensors (float32, float64, bfloat16,
+// float16, int32, int64, uint8). Every rank must call it: duplicating is a collective.
 std::shared_ptr<Communicator> make_mpi_communicator();
 
 // "Open MPI v4.1.4" style string of the MPI library linked in.
 std::string mpi_library_version();
 
-// All-gather usable inside autograd: forward = allgather along dim 0; backward = the gradient rows that
-// belong to this rank, summed over all ranks (each rank's loss used every rank's rows).
+// All-gather usable inside autograd: forward = allgather along dim 0; backward = reduce_scatter (sum) of the
+// gathered gradient: the rows that belong to this rank, summed over all ranks (each rank's loss used every
+// rank's rows).
 at::Tensor all_gather_with_grad(const at::Tensor& tensor, const std::shared_ptr<Communicator>& comm);
 
 namespace detail {
@@ -76,6 +134,18 @@ namespace detail {
 // the path from the repository root); the hint is left out when empty.
 std::string describe_failed_call(int rank, const char* call, const char* file, int line,
                                  const std::string& reason, const std::string& hint);
+
+// Whether asynchronous calls make the ranks agree on the call first, like blocking ones:
+// VIMO_COMM_CHECK_ASYNC=1 (a debugging aid that costs a blocking round trip per call; see Note [Agreement on
+// asynchronous calls]). Read once; an override is logged to stderr.
+bool check_async_calls();
+
+// The one wording of a timed-out call in every backend, e.g. "[rank 0] allreduce (sum) of float32 [4] (16
+// bytes) timed out after 1 s on a communicator of 2 ranks: ... <consequence>. HINT: ...". `what` describes
+// the call; `consequence` says what became of the communicator.
+std::string describe_timeout(int rank, const std::string& what, int64_t bytes,
+                             std::chrono::milliseconds timeout, int communicator_size,
+                             const std::string& consequence);
 }  // namespace detail
 
 }  // namespace vimo::comm

@@ -1,5 +1,6 @@
 // Defines the MPI backend of vimo::comm::Communicator (CPU tensors, over a duplicate of MPI_COMM_WORLD or a
-// split of one), MpiRuntime, the owner of MPI_Init_thread / MPI_Finalize, and Communicator::split's default.
+// split of one) with its asynchronous Work and timeouts, MpiRuntime, the owner of MPI_Init_thread /
+// MPI_Finalize, and Communicator::split's default.
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -7,9 +8,14 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <climits>
+#include <cstdio>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -54,6 +60,18 @@ int world_rank_for_errors() {
 // own worker threads for some devices, and helpers may run on background threads. FUNNELED (main thread only)
 // would make those undefined behaviour; MULTIPLE would cost locking we do not need.
 constexpr int kRequiredThreadLevel = MPI_THREAD_SERIALIZED;
+
+// Note [Progress of non-blocking MPI collectives]
+// Open MPI runs its non-blocking collectives (libnbc) without a progress thread over shared memory and TCP: a
+// collective moves to its next round only while this process is inside some MPI call (MPI_Test, MPI_Wait, or
+// any other). Left alone during a long backward, an MPI_Iallreduce therefore mostly runs when wait() finally
+// polls it, and the overlap is lost. We cannot add a progress thread of our own: MPI is initialised
+// MPI_THREAD_SERIALIZED (Note [MPI thread level]), so a thread calling MPI_Test while the main thread is in a
+// collective would be undefined behaviour. Instead the thread that owns the work pokes progress at the points
+// it controls: Work::is_completed() is one MPI_Test, and GradientReducer calls it on every bucket in flight
+// each time a gradient becomes ready and each time it launches a bucket: often enough for the rounds to
+// advance during backward, and cheap (an MPI_Test costs about a microsecond). The NCCL backend needs none of
+// this: the GPU runs its collectives on their own stream.
 
 // Set when MpiRuntime called MPI_Init_thread, so that only it calls MPI_Finalize.
 bool runtime_owns_mpi = false;
@@ -117,14 +135,25 @@ const char* op_name(int64_t op) {
 // Note [Agreeing on a collective before running it]
 // MPI matches collectives by order alone. A rank that passes another shape, dtype, op or root makes the
 // others read garbage or hang, and a rank that rejects its input and throws leaves the others waiting
-// forever. So every collective first all-reduces a small fixed-size signature of the call (which collective,
-// dtype, op or root, shape, and whether this rank's own checks passed) with MPI_MAX over [s, -s], which hands
-// every rank both the maximum and the minimum of each field: the ranks agree exactly when they are equal.
-// Every rank receives the same extremes, so on disagreement all of them take the error path together: they
-// gather each other's signatures and throw errors that name every rank's call, and nobody is left waiting.
-// The price is one small all-reduce per collective, negligible beside the payload of a gradient bucket.
-// Split agrees on the call only: its color and key differ between ranks by design.
-enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split };
+// forever. So every blocking collective first all-reduces a small fixed-size signature of the call (which
+// collective, dtype, op or root, shape, and whether this rank's own checks passed) with MPI_MAX over [s, -s],
+// which hands every rank both the maximum and the minimum of each field: the ranks agree exactly when they
+// are equal. Every rank receives the same extremes, so on disagreement all of them take the error path
+// together: they gather each other's signatures and throw errors that name every rank's call, and nobody is
+// left waiting. The price is one small all-reduce per collective, negligible beside the payload of a gradient
+// bucket. Split agrees on the call only: its color and key differ between ranks by design. Asynchronous calls
+// skip the agreement by default: see Note [Agreement on asynchronous calls].
+//
+// Note [Agreement on asynchronous calls]
+// For an asynchronous call the agreement would be a blocking all-reduce at launch: the rank that reaches a
+// gradient bucket first would wait there for the slowest rank to reach the same bucket, serialising backward
+// with communication, which is what asynchronous calls exist to avoid. So they check only their own inputs
+// (throwing on this rank alone) and rely on the caller to issue the same calls everywhere: GradientReducer
+// builds identical buckets on every rank and checks that layout once, at construction, with blocking calls.
+// A mismatch that slips through shows up as MPI's own error (a truncated message) or, when a rank skipped a
+// call, as the timeout of Note [Collective timeouts] naming the call. VIMO_COMM_CHECK_ASYNC=1 makes
+// asynchronous calls run the agreement first, like blocking ones: a debugging aid for a suspected mismatch.
+enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split, ReduceScatter };
 constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
 enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
 constexpr int kSignatureLength = kSizes + kSignatureDims;
@@ -147,16 +176,26 @@ Signature signature_of(Collective collective, const at::Tensor& tensor, int64_t 
   return s;
 }
 
-// "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "broadcast from rank 1 of float32 [2]",
-// "barrier", "split".
+// "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "reduce_scatter (avg) of float64 [4, 2]",
+// "broadcast from rank 1 of float32 [2]", "barrier", "split".
 std::string describe(const Signature& s) {
   const auto collective = static_cast<Collective>(s[kCollective]);
   if (collective == Collective::Barrier) return "barrier";
   if (collective == Collective::Split) return "split";
-  std::string text =
-      collective == Collective::Allreduce   ? fmt::format("allreduce ({})", op_name(s[kArgument]))
-      : collective == Collective::Allgather ? std::string("allgather")
-                                            : fmt::format("broadcast from rank {}", s[kArgument]);
+  std::string text;
+  switch (collective) {
+    case Collective::Allreduce:
+      text = fmt::format("allreduce ({})", op_name(s[kArgument]));
+      break;
+    case Collective::ReduceScatter:
+      text = fmt::format("reduce_scatter ({})", op_name(s[kArgument]));
+      break;
+    case Collective::Allgather:
+      text = "allgather";
+      break;
+    default:
+      text = fmt::format("broadcast from rank {}", s[kArgument]);
+  }
   if (s[kDtype] < 0) return text + " of an undefined tensor";
   std::vector<int64_t> shown(s.begin() + kSizes,
                              s.begin() + kSizes + std::min<int64_t>(s[kDims], kSignatureDims));
@@ -165,9 +204,180 @@ std::string describe(const Signature& s) {
   return text;
 }
 
+std::string describe(Collective collective, const at::Tensor& tensor, int64_t argument) {
+  return describe(signature_of(collective, tensor, argument, true));
+}
+
+int64_t bytes_of(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.numel() * static_cast<int64_t>(tensor.element_size()) : 0;
+}
+
+// Note [Collective timeouts]
+// MPI has no timeout: a rank whose peer never joins a collective waits inside MPI_Wait forever. So every
+// operation here is non-blocking underneath (the agreement of blocking calls included), and waiting means
+// polling MPI_Test until the request completes or the communicator's timeout has passed since the wait
+// began. (Since the wait began, not since the launch: a Work may be waited on long after it started, and an
+// MPI collective only advances while we poll, see Note [Progress of non-blocking MPI collectives].) The poll
+// spins at first (a collective whose ranks have all arrived completes within microseconds), then yields the
+// core, and after kYieldFor sleeps between polls, so a rank that waits minutes for a slow peer leaves the CPU
+// to others (several ranks may share a core).
+// A timed-out request cannot be taken back: MPI_Cancel is undefined for collectives, and the peers may still
+// join later and match it. So the communicator becomes unusable: it keeps the request's buffers alive (MPI
+// may still write into them), never frees its MPI communicator, and every later call on it fails at once
+// naming the first failure. The error names the call, its size in bytes, this rank and the timeout; which
+// rank is missing is the heartbeat watchdog's to report, over the TCP store.
+constexpr auto kSpinFor = std::chrono::microseconds(50);
+constexpr auto kYieldFor = std::chrono::milliseconds(20);
+constexpr auto kSleepBetweenPolls = std::chrono::microseconds(200);
+
+// Calls `test` (one non-blocking MPI poll, true when done) until it returns true; returns false when
+// `timeout` passed first. See Note [Collective timeouts].
+template <typename Test>
+bool poll_until_done(Test&& test, std::chrono::milliseconds timeout) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  while (true) {
+    if (test()) return true;
+    const Clock::duration waited = Clock::now() - start;
+    if (waited >= timeout) return false;
+    if (waited < kSpinFor) continue;
+    if (waited < kYieldFor) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(kSleepBetweenPolls);
+    }
+  }
+}
+
+// A communicator's MPI state, shared with the Works it started, so that a Work may outlive its communicator.
+struct MpiGroup {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0;
+  int size = 1;
+  int max_tag = 32767;  // MPI_TAG_UB, at least 32767 by the standard
+  // Why this communicator is unusable (the first timeout), or empty. See Note [Collective timeouts].
+  std::string broken;
+  // Buffers of requests abandoned on timeout: MPI may still write into them, so they live as long as we do.
+  std::vector<at::Tensor> abandoned;
+
+  MpiGroup() = default;
+  MpiGroup(const MpiGroup&) = delete;
+  MpiGroup& operator=(const MpiGroup&) = delete;
+  ~MpiGroup() {
+    // A communicator kept in a static outlives main()'s MpiRuntime; MPI_Finalize has released it then. One
+    // with an abandoned request is left to MPI_Finalize, since freeing it would wait for that request.
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized && comm != MPI_COMM_NULL && broken.empty()) MPI_Comm_free(&comm);
+  }
+
+  void throw_if_broken(const std::string& what) const {
+    if (broken.empty()) return;
+    throw std::runtime_error(
+        fmt::format("[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
+                    "HINT: exit and "
+                    "resume from the last checkpoint",
+                    rank, what, broken));
+  }
+};
+
+// One non-blocking MPI operation and what it needs: the buffers it reads and writes (kept alive until it
+// completes) and the work left for the host afterwards (averaging, copying back, widening back).
+class MpiWork final : public Work {
+ public:
+  MpiWork(std::shared_ptr<MpiGroup> group, std::string what, int64_t bytes, std::chrono::milliseconds timeout)
+      : group_(std::move(group)), what_(std::move(what)), bytes_(bytes), timeout_(timeout) {}
+  MpiWork(const MpiWork&) = delete;
+  MpiWork& operator=(const MpiWork&) = delete;
+
+  ~MpiWork() override {
+    if (done_ || request_ == MPI_REQUEST_NULL) return;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    if (!group_->broken.empty()) {  // the request may never complete: its memory must stay valid
+      group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+      return;
+    }
+    try {
+      wait();  // MPI may still read and write the buffers: they cannot be freed before it finishes
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+      group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+    }
+  }
+
+  // Where the operation's request goes; `buffers` are the tensors it reads or writes.
+  MPI_Request* request() { return &request_; }
+  void keep(std::initializer_list<at::Tensor> buffers) {
+    buffers_.insert(buffers_.end(), buffers.begin(), buffers.end());
+  }
+  void on_completion(std::function<void()> finish) { finish_ = std::move(finish); }
+  const MPI_Status& status() const { return status_; }
+
+  void wait() override {
+    if (done_) return;
+    group_->throw_if_broken(what_);
+    if (!poll_until_done([&] { return test(); }, timeout_)) {
+      group_->broken = detail::describe_timeout(group_->rank, what_, bytes_, timeout_, group_->size,
+                                                "This communicator is unusable from now on");
+      group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+      throw std::runtime_error(group_->broken);
+    }
+  }
+
+  bool is_completed() override {
+    if (done_) return true;
+    group_->throw_if_broken(what_);
+    return test();
+  }
+
+  std::string description() const override { return what_; }
+
+ private:
+  // One MPI_Test; on completion runs the host-side finish exactly once.
+  bool test() {
+    int flag = 0;
+    VIMO_MPI_CHECK(MPI_Test(&request_, &flag, &status_));
+    if (!flag) return false;
+    done_ = true;
+    at::NoGradGuard no_grad;  // the copies are communication, not part of any graph
+    if (finish_) finish_();
+    finish_ = nullptr;
+    buffers_.clear();
+    return true;
+  }
+
+  std::shared_ptr<MpiGroup> group_;
+  std::string what_;
+  int64_t bytes_ = 0;
+  std::chrono::milliseconds timeout_;
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  MPI_Status status_{};
+  std::vector<at::Tensor> buffers_;
+  std::function<void()> finish_;
+  bool done_ = false;
+};
+
+// "float32 [3, 4]".
+std::string tensor_text(const at::Tensor& tensor) {
+  if (!tensor.defined()) return "an undefined tensor";
+  return fmt::format("{} [{}]", c10::getDtypeNames(tensor.scalar_type()).first,
+                     fmt::join(tensor.sizes(), ", "));
+}
+
+// What is wrong with averaging `tensor`, or "". Rejected rather than rounded: an integer mean is almost
+// always a bug, and any rounding rule would be a silent choice the NCCL backend would have to copy.
+std::string check_average(const char* collective, const at::Tensor& tensor, ReduceOp op) {
+  if (op != ReduceOp::Avg || at::isFloatingType(tensor.scalar_type())) return "";
+  return fmt::format(
+      "{} (avg) of {} tensors is not supported. HINT: use Sum and divide with the rounding you want",
+      collective, c10::getDtypeNames(tensor.scalar_type()).first);
+}
+
 class MpiCommunicator final : public Communicator {
  public:
-  MpiCommunicator() {
+  MpiCommunicator() : group_(std::make_shared<MpiGroup>()) {
     int initialized = 0;
     VIMO_MPI_CHECK(MPI_Initialized(&initialized));
     if (!initialized) {
@@ -176,89 +386,140 @@ class MpiCommunicator final : public Communicator {
           "main()");
     }
     // A private duplicate: our collectives never match messages of other code using MPI_COMM_WORLD.
-    VIMO_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
+    VIMO_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group_->comm));
     adopt();
   }
 
-  // Takes ownership of `owned` (a communicator made by split), freed in the destructor.
-  explicit MpiCommunicator(MPI_Comm owned) : comm_(owned) {
-    try {
-      adopt();
-    } catch (...) {
-      MPI_Comm_free(&comm_);
-      throw;
-    }
+  // Takes ownership of `owned` (a communicator made by split), freed with the group.
+  explicit MpiCommunicator(MPI_Comm owned) : group_(std::make_shared<MpiGroup>()) {
+    group_->comm = owned;
+    adopt();
   }
 
-  ~MpiCommunicator() override {
-    // A communicator kept in a static outlives main()'s MpiRuntime; MPI_Finalize has released it then.
-    int finalized = 0;
-    MPI_Finalized(&finalized);
-    if (!finalized) MPI_Comm_free(&comm_);
-  }
-
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
+  int rank() const override { return group_->rank; }
+  int size() const override { return group_->size; }
   std::string backend_name() const override { return "mpi"; }
 
-  void allreduce(at::Tensor& tensor, ReduceOp op) override {
-    std::string problem = check_input("allreduce", tensor);
-    if (problem.empty() && op == ReduceOp::Avg && !at::isFloatingType(tensor.scalar_type())) {
-      // Rejected rather than rounded: an integer mean is almost always a bug, and any rounding rule would be
-      // a silent choice the NCCL backend would have to copy.
-      problem = fmt::format(
-          "allreduce (avg) of {} tensors is not supported. HINT: allreduce with Sum and divide "
-          "with the rounding you want",
-          c10::getDtypeNames(tensor.scalar_type()).first);
-    }
-    agree(Collective::Allreduce, tensor, static_cast<int64_t>(op), problem);
+  void allreduce(at::Tensor& tensor, ReduceOp op) override { start_allreduce(tensor, op, true)->wait(); }
 
-    at::NoGradGuard no_grad;  // the copies below are communication, not part of any graph
-    // Reduce in a contiguous buffer of a type MPI can add: the tensor itself when it already is one.
-    const bool widen = is_half(tensor.scalar_type());
-    at::Tensor buffer =
-        widen ? tensor.to(tensor.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
-              : tensor.contiguous();
-    VIMO_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                                 widen ? MPI_FLOAT : wire_type(buffer.scalar_type()), reduction(op), comm_));
-    if (op == ReduceOp::Avg) buffer.div_(size_);
-    if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+  std::shared_ptr<Work> allreduce_async(at::Tensor& tensor, ReduceOp op) override {
+    return start_allreduce(tensor, op, detail::check_async_calls());
   }
 
   at::Tensor allgather(const at::Tensor& tensor) override {
-    std::string problem = check_input("allgather", tensor);
-    if (problem.empty() && tensor.dim() == 0) {
-      problem = "allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
-    }
-    agree(Collective::Allgather, tensor, 0, problem);
-
-    const at::Tensor input = tensor.contiguous();  // [n, ...]
-    std::vector<int64_t> sizes = input.sizes().vec();
-    sizes[0] *= size_;
-    at::Tensor output = at::empty(sizes, input.options().requires_grad(false));  // [size * n, ...]
-    const int count = static_cast<int>(input.numel());
-    const MPI_Datatype type = wire_type(input.scalar_type());
-    VIMO_MPI_CHECK(MPI_Allgather(input.data_ptr(), count, type, output.data_ptr(), count, type, comm_));
+    admit(Collective::Allgather, tensor, 0, check_gather_input(tensor), true);
+    std::vector<int64_t> sizes = tensor.sizes().vec();
+    sizes[0] *= size();
+    at::Tensor output = at::empty(sizes, tensor.options().requires_grad(false));  // [size * n, ...]
+    start_allgather(tensor, output)->wait();
     return output;
+  }
+
+  std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
+    std::string problem = check_gather_input(input);
+    if (problem.empty()) {
+      std::vector<int64_t> sizes = input.sizes().vec();
+      sizes[0] *= size();
+      problem = check_output("allgather", input, output, sizes);
+    }
+    admit(Collective::Allgather, input, 0, problem, detail::check_async_calls());
+    return start_allgather(input, output);
+  }
+
+  at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
+    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_input(input, op), true);
+    at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
+    start_reduce_scatter(input, output, op)->wait();
+    return output;
+  }
+
+  std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
+                                             ReduceOp op) override {
+    std::string problem = check_scatter_input(input, op);
+    if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input));
+    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), problem, detail::check_async_calls());
+    return start_reduce_scatter(input, output, op);
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
     std::string problem = check_input("broadcast", tensor);
-    if (problem.empty() && (root < 0 || root >= size_)) {
-      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size_ - 1);
+    if (problem.empty() && (root < 0 || root >= size())) {
+      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
     }
-    agree(Collective::Broadcast, tensor, root, problem);
+    admit(Collective::Broadcast, tensor, root, problem, true);
 
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
-    VIMO_MPI_CHECK(MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                             wire_type(buffer.scalar_type()), root, comm_));
+    auto work = new_work(describe(Collective::Broadcast, tensor, root), bytes_of(tensor));
+    VIMO_MPI_CHECK(MPI_Ibcast(buffer.data_ptr(), static_cast<int>(buffer.numel()),
+                              wire_type(buffer.scalar_type()), root, group_->comm, work->request()));
+    work->keep({buffer});
+    work->wait();
     if (!buffer.is_same(tensor)) tensor.copy_(buffer);
   }
 
   // The agreement is an all-reduce, whose result depends on every rank's input: no rank can leave it before
   // all have entered, so it is itself the barrier (and it also catches a rank calling something else).
-  void barrier() override { agree(Collective::Barrier, at::Tensor(), 0, ""); }
+  void barrier() override { admit(Collective::Barrier, at::Tensor(), 0, "", true); }
+
+  void send(const at::Tensor& tensor, int dst, int tag) override {
+    const std::string what = fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag);
+    group_->throw_if_broken(what);
+    std::string problem = check_input("send", tensor);
+    if (problem.empty()) problem = check_peer("send to", dst, tag);
+    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+
+    const at::Tensor buffer = tensor.contiguous();
+    auto work = new_work(what, bytes_of(tensor));
+    VIMO_MPI_CHECK(MPI_Isend(buffer.data_ptr(), static_cast<int>(buffer.numel()),
+                             wire_type(buffer.scalar_type()), dst, tag, group_->comm, work->request()));
+    work->keep({buffer});
+    work->wait();
+  }
+
+  void recv(at::Tensor& tensor, int src, int tag) override {
+    const std::string what = fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag);
+    group_->throw_if_broken(what);
+    std::string problem = check_input("recv", tensor);
+    if (problem.empty()) problem = check_peer("recv from", src, tag);
+    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+
+    // Probe first, to compare the message's size with ours before receiving it: MPI would otherwise report a
+    // longer message as a bare truncation and accept a shorter one silently.
+    MPI_Status probed{};
+    const bool arrived = poll_until_done(
+        [&] {
+          int flag = 0;
+          VIMO_MPI_CHECK(MPI_Iprobe(src, tag, group_->comm, &flag, &probed));
+          return flag != 0;
+        },
+        timeout());
+    if (!arrived) {
+      // Nothing was posted, so nothing is abandoned: the communicator stays usable.
+      throw std::runtime_error(
+          detail::describe_timeout(rank(), what, bytes_of(tensor), timeout(), size(),
+                                   "No message arrived, so the communicator stays usable"));
+    }
+    const MPI_Datatype type = wire_type(tensor.scalar_type());
+    int count = 0;
+    VIMO_MPI_CHECK(MPI_Get_count(&probed, type, &count));
+    if (count != tensor.numel()) {
+      int bytes = 0;
+      VIMO_MPI_CHECK(MPI_Get_count(&probed, MPI_BYTE, &bytes));
+      // Receive it anyway, so that the sender is released and the next message of this tag is the next one.
+      at::Tensor discard = at::empty({bytes}, at::kByte);
+      receive_into(discard, MPI_BYTE, src, tag, what);
+      throw std::runtime_error(
+          fmt::format("[rank {}] {}: the message held {} bytes, but {} needs {}. HINT: the sender must send "
+                      "a tensor of the "
+                      "receiver's shape and dtype",
+                      rank(), what, bytes, tensor_text(tensor), bytes_of(tensor)));
+    }
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
+    receive_into(buffer, type, src, tag, what);
+    if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+  }
 
   std::shared_ptr<Communicator> split(int color, int key) override {
     std::string problem;
@@ -268,19 +529,110 @@ class MpiCommunicator final : public Communicator {
           "0, 1, ...; a rank that belongs to no group still needs a color of its own",
           color);
     }
-    // Colors and keys differ between ranks by design, so only the call itself is agreed on.
-    agree(Collective::Split, at::Tensor(), 0, problem);
+    // Colors and keys differ between ranks by design, so only the call itself is agreed on. After the
+    // agreement every rank is inside the split, so the blocking MPI call cannot wait for a missing rank.
+    admit(Collective::Split, at::Tensor(), 0, problem, true);
     MPI_Comm group = MPI_COMM_NULL;
-    VIMO_MPI_CHECK(MPI_Comm_split(comm_, color, key, &group));
-    return std::make_shared<MpiCommunicator>(group);
+    VIMO_MPI_CHECK(MPI_Comm_split(group_->comm, color, key, &group));
+    auto child = std::make_shared<MpiCommunicator>(group);
+    child->set_timeout(timeout());
+    return child;
   }
 
  private:
   // The set-up shared by every way of making one: errors come back as codes (see VIMO_MPI_CHECK).
   void adopt() {
-    VIMO_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
-    VIMO_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
-    VIMO_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    VIMO_MPI_CHECK(MPI_Comm_set_errhandler(group_->comm, MPI_ERRORS_RETURN));
+    VIMO_MPI_CHECK(MPI_Comm_rank(group_->comm, &group_->rank));
+    VIMO_MPI_CHECK(MPI_Comm_size(group_->comm, &group_->size));
+    int* max_tag = nullptr;
+    int found = 0;
+    VIMO_MPI_CHECK(MPI_Comm_get_attr(group_->comm, MPI_TAG_UB, &max_tag, &found));
+    if (found && max_tag != nullptr) group_->max_tag = *max_tag;
+  }
+
+  std::shared_ptr<MpiWork> new_work(std::string what, int64_t bytes) {
+    return std::make_shared<MpiWork>(group_, std::move(what), bytes, timeout());
+  }
+
+  // The gate every collective passes before its payload moves: refuses calls on a broken communicator, then
+  // either agrees on the call with every rank (Note [Agreeing on a collective before running it]) or, for
+  // asynchronous calls, only throws this rank's own `problem` (Note [Agreement on asynchronous calls]).
+  void admit(Collective collective, const at::Tensor& tensor, int64_t argument, const std::string& problem,
+             bool agree_first) {
+    group_->throw_if_broken(describe(collective, tensor, argument));
+    if (agree_first) {
+      agree(collective, tensor, argument, problem);
+    } else if (!problem.empty()) {
+      throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+    }
+  }
+
+  // Starts the reduction of `tensor` in place, through a float32 copy for half types (Note [Half types over
+  // MPI]) or a contiguous copy for strided tensors; the result is written back on completion.
+  std::shared_ptr<MpiWork> start_allreduce(at::Tensor& tensor, ReduceOp op, bool agree_first) {
+    std::string problem = check_input("allreduce", tensor);
+    if (problem.empty()) problem = check_average("allreduce", tensor, op);
+    admit(Collective::Allreduce, tensor, static_cast<int64_t>(op), problem, agree_first);
+
+    at::NoGradGuard no_grad;
+    const bool widen = is_half(tensor.scalar_type());
+    at::Tensor buffer =
+        widen ? tensor.to(tensor.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
+              : tensor.contiguous();
+    auto work = new_work(describe(Collective::Allreduce, tensor, static_cast<int64_t>(op)), bytes_of(tensor));
+    VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), static_cast<int>(buffer.numel()),
+                                  widen ? MPI_FLOAT : wire_type(buffer.scalar_type()), reduction(op),
+                                  group_->comm, work->request()));
+    work->keep({buffer, tensor});
+    work->on_completion([buffer, target = tensor, op, ranks = size()]() mutable {
+      if (op == ReduceOp::Avg) buffer.div_(ranks);
+      if (!buffer.is_same(target)) target.copy_(buffer);
+    });
+    return work;
+  }
+
+  // `input` [n, ...] -> `output` [size * n, ...] (checked and admitted). Moves bits only, so half types
+  // travel as 16-bit words.
+  std::shared_ptr<MpiWork> start_allgather(const at::Tensor& input, at::Tensor& output) {
+    const at::Tensor send = input.contiguous();  // [n, ...]
+    const int count = static_cast<int>(send.numel());
+    const MPI_Datatype type = wire_type(send.scalar_type());
+    auto work = new_work(describe(Collective::Allgather, input, 0), bytes_of(input));
+    VIMO_MPI_CHECK(MPI_Iallgather(send.data_ptr(), count, type, output.data_ptr(), count, type, group_->comm,
+                                  work->request()));
+    work->keep({send, output});
+    return work;
+  }
+
+  // `input` [size * n, ...] -> `output` [n, ...] (checked and admitted), through float32 for half types.
+  std::shared_ptr<MpiWork> start_reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op) {
+    at::NoGradGuard no_grad;
+    const bool widen = is_half(input.scalar_type());
+    const at::Tensor send =
+        widen ? input.to(input.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
+              : input.contiguous();  // [size * n, ...]
+    at::Tensor receive = widen ? at::empty(output.sizes(), output.options().dtype(at::kFloat)) : output;
+    auto work =
+        new_work(describe(Collective::ReduceScatter, input, static_cast<int64_t>(op)), bytes_of(input));
+    VIMO_MPI_CHECK(MPI_Ireduce_scatter_block(
+        send.data_ptr(), receive.data_ptr(), static_cast<int>(send.numel() / size()),
+        widen ? MPI_FLOAT : wire_type(send.scalar_type()), reduction(op), group_->comm, work->request()));
+    work->keep({send, receive, output});
+    work->on_completion([receive, target = output, op, ranks = size()]() mutable {
+      if (op == ReduceOp::Avg) receive.div_(ranks);
+      if (!receive.is_same(target)) target.copy_(receive);
+    });
+    return work;
+  }
+
+  // Receives the probed message into `buffer` (contiguous), waiting at most the timeout.
+  void receive_into(at::Tensor& buffer, MPI_Datatype type, int src, int tag, const std::string& what) {
+    auto work = new_work(what, bytes_of(buffer));
+    VIMO_MPI_CHECK(MPI_Irecv(buffer.data_ptr(), static_cast<int>(buffer.numel()), type, src, tag,
+                             group_->comm, work->request()));
+    work->keep({buffer});
+    work->wait();
   }
 
   // The checks every collective makes on its own input; returns what is wrong, or "" when nothing is.
@@ -305,33 +657,104 @@ class MpiCommunicator final : public Communicator {
     return "";
   }
 
+  static std::string check_gather_input(const at::Tensor& input) {
+    std::string problem = check_input("allgather", input);
+    if (problem.empty() && input.dim() == 0) {
+      problem = "allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
+    }
+    return problem;
+  }
+
+  std::string check_scatter_input(const at::Tensor& input, ReduceOp op) const {
+    std::string problem = check_input("reduce_scatter", input);
+    if (problem.empty()) problem = check_average("reduce_scatter", input, op);
+    if (problem.empty() && input.dim() == 0) {
+      problem = "reduce_scatter splits dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
+    }
+    if (problem.empty() && input.size(0) % size() != 0) {
+      problem = fmt::format(
+          "reduce_scatter splits dim 0 of {} among {} ranks, but {} is not divisible by {}. HINT: pad dim 0 "
+          "to a multiple of the communicator size",
+          tensor_text(input), size(), input.size(0), size());
+    }
+    return problem;
+  }
+
+  // input [size * n, ...] -> [n, ...]
+  std::vector<int64_t> scattered_sizes(const at::Tensor& input) const {
+    std::vector<int64_t> sizes = input.sizes().vec();
+    sizes[0] /= size();
+    return sizes;
+  }
+
+  // What is wrong with the caller's `output` of an asynchronous call, or "".
+  static std::string check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
+                                  at::IntArrayRef expected_sizes) {
+    if (!output.defined()) return fmt::format("{} got an undefined output tensor", collective);
+    if (output.device() != input.device() || output.scalar_type() != input.scalar_type() ||
+        !output.sizes().equals(expected_sizes) || !output.is_contiguous()) {
+      return fmt::format("{} of {} needs a contiguous {} output of {} [{}], but got {}{} on {}", collective,
+                         tensor_text(input), input.device().str(),
+                         c10::getDtypeNames(input.scalar_type()).first, fmt::join(expected_sizes, ", "),
+                         output.is_contiguous() ? "" : "a non-contiguous ", tensor_text(output),
+                         output.device().str());
+    }
+    return "";
+  }
+
+  std::string check_peer(const char* direction, int peer, int tag) const {
+    if (peer < 0 || peer >= size()) {
+      return fmt::format("{} rank {}, but the ranks are 0..{}", direction, peer, size() - 1);
+    }
+    if (peer == rank()) {
+      return fmt::format("{} rank {}, which is this rank. HINT: copy the tensor instead", direction, peer);
+    }
+    if (tag < 0 || tag > group_->max_tag) {
+      return fmt::format("{} rank {} with tag {}, but tags must be in 0..{} (MPI_TAG_UB)", direction, peer,
+                         tag, group_->max_tag);
+    }
+    return "";
+  }
+
   // See Note [Agreeing on a collective before running it]. Returns when every rank made the same call and
-  // accepted its input; otherwise throws on every rank. `problem` is what this rank's own checks found.
+  // accepted its input; otherwise throws on every rank. `problem` is what this rank's own checks found. Its
+  // all-reduce is non-blocking underneath, so a rank that never arrives makes it time out instead of hang.
   void agree(Collective collective, const at::Tensor& tensor, int64_t argument, const std::string& problem) {
     const Signature mine = signature_of(collective, tensor, argument, problem.empty());
-    std::array<int64_t, kExtremesLength> extremes{};
+    const std::string what = describe(mine);
+    at::Tensor extremes = at::empty({kExtremesLength}, at::kLong);  // [max of each field, -(min of each)]
+    int64_t* e = extremes.data_ptr<int64_t>();
     for (int i = 0; i < kSignatureLength; ++i) {
-      extremes[i] = mine[i];
-      extremes[kSignatureLength + i] = -mine[i];
+      e[i] = mine[i];
+      e[kSignatureLength + i] = -mine[i];
     }
-    VIMO_MPI_CHECK(
-        MPI_Allreduce(MPI_IN_PLACE, extremes.data(), kExtremesLength, MPI_INT64_T, MPI_MAX, comm_));
+    auto work = new_work(what, bytes_of(tensor));
+    VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, e, kExtremesLength, MPI_INT64_T, MPI_MAX, group_->comm,
+                                  work->request()));
+    work->keep({extremes});
+    work->wait();
     bool same = true;
-    for (int i = 0; i < kSignatureLength; ++i) same = same && extremes[i] == -extremes[kSignatureLength + i];
+    for (int i = 0; i < kSignatureLength; ++i) same = same && e[i] == -e[kSignatureLength + i];
     if (same && mine[kInputAccepted] == 1) return;
 
-    std::vector<int64_t> all(static_cast<size_t>(size_) * kSignatureLength);
-    VIMO_MPI_CHECK(MPI_Allgather(mine.data(), kSignatureLength, MPI_INT64_T, all.data(), kSignatureLength,
-                                 MPI_INT64_T, comm_));
+    at::Tensor mine_tensor = at::empty({kSignatureLength}, at::kLong);
+    std::copy(mine.begin(), mine.end(), mine_tensor.data_ptr<int64_t>());
+    at::Tensor all = at::empty({size(), kSignatureLength}, at::kLong);  // [ranks, signature]
+    auto gather = new_work(what, bytes_of(tensor));
+    VIMO_MPI_CHECK(MPI_Iallgather(mine_tensor.data_ptr(), kSignatureLength, MPI_INT64_T, all.data_ptr(),
+                                  kSignatureLength, MPI_INT64_T, group_->comm, gather->request()));
+    gather->keep({mine_tensor, all});
+    gather->wait();
     auto of_rank = [&](int r) {
       Signature s;
-      std::copy_n(all.begin() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength, s.begin());
+      std::copy_n(all.data_ptr<int64_t>() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength,
+                  s.begin());
       return s;
     };
-    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank_, problem));
+    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
     std::vector<int> rejecting;
     std::vector<std::string> calls;
-    for (int r = 0; r < size_; ++r) {
+    for (int r = 0; r < size(); ++r) {
       const Signature s = of_rank(r);
       if (s[kInputAccepted] == 0) rejecting.push_back(r);
       calls.push_back(fmt::format("rank {}: {}", r, describe(s)));
@@ -340,19 +763,17 @@ class MpiCommunicator final : public Communicator {
       throw std::runtime_error(
           fmt::format("[rank {}] {} abandoned on every rank: rank(s) {} rejected their input "
                       "(their own errors say why)",
-                      rank_, describe(mine), fmt::join(rejecting, ", ")));
+                      rank(), what, fmt::join(rejecting, ", ")));
     }
     throw std::runtime_error(
         fmt::format("[rank {}] the ranks made different calls: {}. HINT: every rank must make the same "
                     "collective calls in "
                     "the same order, with the same dtype, shape, op and root (allgather needs equal shapes: "
                     "pad to the largest)",
-                    rank_, fmt::join(calls, "; ")));
+                    rank(), fmt::join(calls, "; ")));
   }
 
-  MPI_Comm comm_ = MPI_COMM_NULL;
-  int rank_ = 0;
-  int size_ = 1;
+  std::shared_ptr<MpiGroup> group_;
 };
 
 const char* thread_level_name(int level) {

@@ -1,5 +1,7 @@
-// Defines the NCCL backend of vimo::comm::Communicator: collectives on CUDA tensors, issued on the caller's
-// current CUDA stream. The NCCL unique id reaches every rank over a bootstrap communicator.
+// Defines the NCCL backend of vimo::comm::Communicator: blocking collectives on CUDA tensors issued on the
+// caller's current CUDA stream, asynchronous ones on the communicator's own stream with a Work that waits on
+// a CUDA event (with the timeout, then aborting the communicator). The NCCL unique id reaches every rank over
+// a bootstrap communicator.
 #include "comm/nccl_communicator.h"
 
 #include <ATen/core/grad_mode.h>
@@ -7,11 +9,18 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nccl.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace vimo::comm {
@@ -117,11 +126,106 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   throw std::invalid_argument("unknown ReduceOp");
 }
 
+const char* op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum:
+      return "sum";
+    case ReduceOp::Avg:
+      return "avg";
+    case ReduceOp::Max:
+      return "max";
+    case ReduceOp::Min:
+      return "min";
+  }
+  return "unknown op";
+}
+
+// "float32 [3, 4]".
+std::string tensor_text(const at::Tensor& tensor) {
+  return fmt::format("{} [{}]", c10::getDtypeNames(tensor.scalar_type()).first,
+                     fmt::join(tensor.sizes(), ", "));
+}
+
+int64_t bytes_of(const at::Tensor& tensor) {
+  return tensor.numel() * static_cast<int64_t>(tensor.element_size());
+}
+
+// A CUDA event without timing, created on the current device.
+class CudaEvent {
+ public:
+  explicit CudaEvent(int rank) {
+    VIMO_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), rank);
+  }
+  ~CudaEvent() {
+    if (event_ != nullptr) cudaEventDestroy(event_);
+  }
+  CudaEvent(const CudaEvent&) = delete;
+  CudaEvent& operator=(const CudaEvent&) = delete;
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  cudaEvent_t event_ = nullptr;
+};
+
+// Polls `event` until the GPU passed it (true) or `timeout` elapsed (false): the host-side half of the
+// timeout of Note [Collective timeouts] in mpi_communicator.cpp.
+bool wait_for_event(cudaEvent_t event, std::chrono::milliseconds timeout, int rank) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  while (true) {
+    const cudaError_t status = cudaEventQuery(event);
+    if (status == cudaSuccess) return true;
+    if (status != cudaErrorNotReady) VIMO_CUDA_CHECK(status, rank);
+    if (Clock::now() - start >= timeout) return false;
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+class NcclCommunicator;
+
+// An asynchronous collective on the communicator's stream: done when its completion event has passed.
+class NcclWork final : public Work {
+ public:
+  NcclWork(std::shared_ptr<NcclCommunicator> owner, std::string what, int64_t bytes,
+           std::chrono::milliseconds timeout, std::unique_ptr<CudaEvent> done,
+           std::vector<at::Tensor> buffers, std::function<void()> finish)
+      : owner_(std::move(owner)),
+        what_(std::move(what)),
+        bytes_(bytes),
+        timeout_(timeout),
+        done_event_(std::move(done)),
+        buffers_(std::move(buffers)),
+        finish_(std::move(finish)) {}
+  ~NcclWork() override;
+  void wait() override;
+  bool is_completed() override;
+  std::string description() const override { return what_; }
+
+ private:
+  void complete();
+
+  std::shared_ptr<NcclCommunicator> owner_;
+  std::string what_;
+  int64_t bytes_ = 0;
+  std::chrono::milliseconds timeout_;
+  std::unique_ptr<CudaEvent> done_event_;
+  std::vector<at::Tensor> buffers_;  // read or written by the collective: alive until it completes
+  std::function<void()> finish_;     // host-side work after completion (copying back into a strided tensor)
+  bool done_ = false;
+};
+
 // Unlike the MPI backend, this one does not make the ranks agree on each call's shape first (see Note
 // [Agreeing on a collective before running it] in mpi_communicator.cpp): that would cost a host round trip
 // per collective on the GPU's critical path. Mismatched calls are NCCL's to detect (or hang on, until
 // timeouts arrive).
-class NcclCommunicator final : public Communicator {
+//
+// Blocking calls only enqueue on the caller's stream and return, so they cannot time out on the host; a hung
+// one surfaces at the next host synchronisation. Asynchronous calls run on the communicator's own stream,
+// ordered after the work queued so far on the caller's stream; Work::wait polls their completion event with
+// the timeout (aborting the communicator when it passes), then makes the caller's stream wait for the event.
+// The Work holds every tensor the collective touches until the event has passed, so the caching allocator
+// cannot hand their memory to another stream early (no recordStream needed).
+class NcclCommunicator final : public Communicator, public std::enable_shared_from_this<NcclCommunicator> {
  public:
   NcclCommunicator(Communicator& bootstrap, int device)
       : rank_(bootstrap.rank()), size_(bootstrap.size()), device_(static_cast<c10::DeviceIndex>(device)) {
@@ -165,7 +269,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
-    if (comm_ == nullptr) return;
+    if (comm_ == nullptr) return;  // never made, or aborted after a timeout
     c10::cuda::CUDAGuard guard(device_);
     ncclResult_t pending = ncclSuccess;
     ncclCommGetAsyncError(comm_, &pending);
@@ -183,13 +287,7 @@ class NcclCommunicator final : public Communicator {
 
   void allreduce(at::Tensor& tensor, ReduceOp op) override {
     const ncclDataType_t type = check_input("allreduce", tensor);
-    if (op == ReduceOp::Avg && !at::isFloatingType(tensor.scalar_type())) {
-      // The same rule as the MPI backend: an integer mean would need a rounding rule nobody chose.
-      throw std::runtime_error(
-          fmt::format("[rank {}] allreduce (avg) of {} tensors is not supported. HINT: "
-                      "allreduce with Sum and divide with the rounding you want",
-                      rank_, c10::getDtypeNames(tensor.scalar_type()).first));
-    }
+    check_average("allreduce", tensor, op);
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
@@ -234,15 +332,179 @@ class NcclCommunicator final : public Communicator {
   void barrier() override {
     c10::cuda::CUDAGuard guard(device_);
     at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
-    allreduce(token, ReduceOp::Sum);
-    VIMO_CUDA_CHECK(cudaStreamSynchronize(stream()), rank_);
+    allreduce_async(token, ReduceOp::Sum)->wait();
   }
+
+  at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
+    const ncclDataType_t type = check_scatter_input(input, op);
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor send = input.contiguous();  // [size * n, ...]
+    at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
+    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
+                                           static_cast<size_t>(output.numel()), type, nccl_op(op), comm_,
+                                           stream()));
+    return output;
+  }
+
+  // NCCL has no tags: messages between two ranks arrive in the order sent, whatever the tag.
+  void send(const at::Tensor& tensor, int dst, int /*tag*/) override {
+    const ncclDataType_t type = check_input("send", tensor);
+    check_peer("send to", dst);
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor buffer = tensor.contiguous();
+    VIMO_NCCL_COMM_CHECK(
+        ncclSend(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type, dst, comm_, stream()));
+  }
+
+  void recv(at::Tensor& tensor, int src, int /*tag*/) override {
+    const ncclDataType_t type = check_input("recv", tensor);
+    check_peer("recv from", src);
+    c10::cuda::CUDAGuard guard(device_);
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
+    VIMO_NCCL_COMM_CHECK(
+        ncclRecv(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type, src, comm_, stream()));
+    if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+  }
+
+  std::shared_ptr<Work> allreduce_async(at::Tensor& tensor, ReduceOp op) override {
+    const ncclDataType_t type = check_input("allreduce", tensor);
+    check_average("allreduce", tensor, op);
+    c10::cuda::CUDAGuard guard(device_);
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.contiguous();
+    std::function<void()> finish;
+    if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
+    return launch(fmt::format("allreduce ({}) of {}", op_name(op), tensor_text(tensor)), bytes_of(tensor),
+                  {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
+                    VIMO_NCCL_COMM_CHECK(ncclAllReduce(buffer.data_ptr(), buffer.data_ptr(),
+                                                       static_cast<size_t>(buffer.numel()), type, nccl_op(op),
+                                                       comm_, side));
+                  });
+  }
+
+  std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
+    const ncclDataType_t type = check_input("allgather", input);
+    if (input.dim() == 0) {
+      throw std::runtime_error(fmt::format(
+          "[rank {}] allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it", rank_));
+    }
+    std::vector<int64_t> sizes = input.sizes().vec();
+    sizes[0] *= size_;
+    check_output("allgather", input, output, sizes);
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor send = input.contiguous();  // [n, ...]
+    return launch(fmt::format("allgather of {}", tensor_text(input)), bytes_of(input), {send, output},
+                  nullptr, [&](cudaStream_t side) {
+                    VIMO_NCCL_COMM_CHECK(ncclAllGather(send.data_ptr(), output.data_ptr(),
+                                                       static_cast<size_t>(send.numel()), type, comm_, side));
+                  });
+  }
+
+  std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
+                                             ReduceOp op) override {
+    const ncclDataType_t type = check_scatter_input(input, op);
+    check_output("reduce_scatter", input, output, scattered_sizes(input));
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor send = input.contiguous();  // [size * n, ...]
+    return launch(fmt::format("reduce_scatter ({}) of {}", op_name(op), tensor_text(input)), bytes_of(input),
+                  {send, output}, nullptr, [&](cudaStream_t side) {
+                    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
+                                                           static_cast<size_t>(output.numel()), type,
+                                                           nccl_op(op), comm_, side));
+                  });
+  }
+
+  // After a timeout: kernels waiting for a missing peer would never finish, so the communicator is torn down.
+  void abort(const std::string& reason) {
+    if (broken_.empty()) broken_ = reason;
+    if (comm_ == nullptr) return;
+    c10::cuda::CUDAGuard guard(device_);
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
+
+  void throw_if_broken(const std::string& what) const {
+    if (broken_.empty()) return;
+    throw std::runtime_error(fmt::format(
+        "[rank {}] {} refused: this communicator was aborted after an earlier failure ({}). HINT: exit and "
+        "resume from the last checkpoint",
+        rank_, what, broken_));
+  }
+
+  c10::DeviceIndex device() const { return device_; }
 
  private:
   cudaStream_t stream() const { return at::cuda::getCurrentCUDAStream(device_).stream(); }
 
+  // Orders the communicator's stream after the caller's, enqueues `enqueue` on it, and returns the Work that
+  // waits for it (see the class comment).
+  template <typename Enqueue>
+  std::shared_ptr<Work> launch(std::string what, int64_t bytes, std::vector<at::Tensor> buffers,
+                               std::function<void()> finish, Enqueue&& enqueue) {
+    if (!side_stream_) side_stream_ = at::cuda::getStreamFromPool(/*isHighPriority=*/true, device_);
+    const cudaStream_t side = side_stream_->stream();
+    CudaEvent inputs_ready(rank_);
+    VIMO_CUDA_CHECK(cudaEventRecord(inputs_ready.get(), stream()), rank_);
+    VIMO_CUDA_CHECK(cudaStreamWaitEvent(side, inputs_ready.get(), 0), rank_);
+    enqueue(side);
+    auto done = std::make_unique<CudaEvent>(rank_);
+    VIMO_CUDA_CHECK(cudaEventRecord(done->get(), side), rank_);
+    return std::make_shared<NcclWork>(shared_from_this(), std::move(what), bytes, timeout(), std::move(done),
+                                      std::move(buffers), std::move(finish));
+  }
+
+  // The same rule as the MPI backend: an integer mean would need a rounding rule nobody chose.
+  void check_average(const char* collective, const at::Tensor& tensor, ReduceOp op) const {
+    if (op != ReduceOp::Avg || at::isFloatingType(tensor.scalar_type())) return;
+    throw std::runtime_error(
+        fmt::format("[rank {}] {} (avg) of {} tensors is not supported. HINT: use Sum and divide with the "
+                    "rounding you want",
+                    rank_, collective, c10::getDtypeNames(tensor.scalar_type()).first));
+  }
+
+  ncclDataType_t check_scatter_input(const at::Tensor& input, ReduceOp op) const {
+    const ncclDataType_t type = check_input("reduce_scatter", input);
+    check_average("reduce_scatter", input, op);
+    if (input.dim() == 0 || input.size(0) % size_ != 0) {
+      throw std::runtime_error(
+          fmt::format("[rank {}] reduce_scatter splits dim 0 of {} among {} ranks, but it is not divisible. "
+                      "HINT: pad dim 0 "
+                      "to a multiple of the communicator size",
+                      rank_, tensor_text(input), size_));
+    }
+    return type;
+  }
+
+  // input [size * n, ...] -> [n, ...]
+  std::vector<int64_t> scattered_sizes(const at::Tensor& input) const {
+    std::vector<int64_t> sizes = input.sizes().vec();
+    sizes[0] /= size_;
+    return sizes;
+  }
+
+  void check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
+                    at::IntArrayRef expected_sizes) const {
+    if (!output.defined() || output.device() != input.device() ||
+        output.scalar_type() != input.scalar_type() || !output.sizes().equals(expected_sizes) ||
+        !output.is_contiguous()) {
+      throw std::runtime_error(fmt::format("[rank {}] {} of {} needs a contiguous output of {} [{}] on {}",
+                                           rank_, collective, tensor_text(input),
+                                           c10::getDtypeNames(input.scalar_type()).first,
+                                           fmt::join(expected_sizes, ", "), input.device().str()));
+    }
+  }
+
+  void check_peer(const char* direction, int peer) const {
+    if (peer < 0 || peer >= size_ || peer == rank_) {
+      throw std::runtime_error(fmt::format("[rank {}] {} rank {}, but peers are the other ranks of 0..{}",
+                                           rank_, direction, peer, size_ - 1));
+    }
+  }
+
   // Returns the NCCL datatype of `tensor`, or throws saying what is wrong with it.
   ncclDataType_t check_input(const char* collective, const at::Tensor& tensor) const {
+    throw_if_broken(collective);
     if (!tensor.defined())
       throw std::runtime_error(fmt::format("[rank {}] {} got an undefined tensor", rank_, collective));
     if (!tensor.is_cuda() || tensor.get_device() != device_) {
@@ -272,7 +534,54 @@ class NcclCommunicator final : public Communicator {
   int size_ = 1;
   c10::DeviceIndex device_ = 0;  // checked against the device count before use
   bool failed_ = false;
+  std::string broken_;                                // why the communicator was aborted, or empty
+  std::optional<c10::cuda::CUDAStream> side_stream_;  // asynchronous collectives run here
 };
+
+NcclWork::~NcclWork() {
+  if (done_) return;
+  try {
+    wait();  // the collective still reads and writes the buffers: they cannot be freed before it finishes
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+  }
+}
+
+void NcclWork::wait() {
+  if (done_) return;
+  owner_->throw_if_broken(what_);
+  c10::cuda::CUDAGuard guard(owner_->device());
+  if (!wait_for_event(done_event_->get(), timeout_, owner_->rank())) {
+    const std::string reason =
+        detail::describe_timeout(owner_->rank(), what_, bytes_, timeout_, owner_->size(),
+                                 "The NCCL communicator was aborted and is unusable from now on");
+    owner_->abort(reason);
+    throw std::runtime_error(reason);
+  }
+  complete();
+}
+
+bool NcclWork::is_completed() {
+  if (done_) return true;
+  c10::cuda::CUDAGuard guard(owner_->device());
+  const cudaError_t status = cudaEventQuery(done_event_->get());
+  if (status == cudaErrorNotReady) return false;
+  VIMO_CUDA_CHECK(status, owner_->rank());
+  complete();
+  return true;
+}
+
+// The caller's stream waits for the collective before anything queued on it later uses the results.
+void NcclWork::complete() {
+  VIMO_CUDA_CHECK(
+      cudaStreamWaitEvent(at::cuda::getCurrentCUDAStream(owner_->device()).stream(), done_event_->get(), 0),
+      owner_->rank());
+  done_ = true;
+  at::NoGradGuard no_grad;
+  if (finish_) finish_();
+  finish_ = nullptr;
+  buffers_.clear();
+}
 
 }  // namespace
 

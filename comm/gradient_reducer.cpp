@@ -1,0 +1,339 @@
+// The DDP-style gradient reducer (see gradient_reducer.h).
+#include "comm/gradient_reducer.h"
+
+#include <fmt/format.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/utils/lambda_post_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace vimo::comm {
+
+// Note [Bucketing order]
+// Backward produces gradients roughly in the reverse of the order in which modules registered their
+// parameters (the last layer's first). So buckets are filled walking the parameters from last to first:
+// bucket 0 holds the last parameters, is complete first, and is launched first. It is also kept small
+// (first_bucket_mib, 1 MiB by default as in DDP) so that communication starts as early as possible; the
+// others close once they hold bucket_mib. Parameters of different dtypes or devices cannot share a flat
+// buffer, so each (dtype, device) fills buckets of its own, and the buckets are then ordered by their
+// last parameter, still last-first.
+// Buckets are launched strictly in index order, on every rank: bucket k starts only after buckets 0..k-1
+// have, even if its own gradients were ready earlier. MPI and NCCL match collectives by the order of the
+// calls, and the order in which gradients become ready may differ between ranks (autograd's scheduling,
+// parameters unused on some ranks), so launching whatever is ready first would pair different buckets across
+// ranks. A gradient that arrives out of the expected order therefore only delays launches, never reorders
+// them. (DDP also rebuilds its buckets after the first step in the observed order; we keep the registration
+// order.)
+
+// Note [Autograd hooks for the reducer]
+// LibTorch 2.14 offers three places to learn that a parameter's gradient is ready:
+//  - Tensor::register_hook: runs on the incoming gradient *before* it is accumulated into .grad(), so with
+//    gradient accumulation it sees only this micro-step's part, not the sum the reducer must average;
+//  - torch::autograd::impl::set_post_acc_grad_hooks: runs after accumulation, but it is a single slot per
+//    tensor that torch reserves for Python's register_post_accumulate_grad_hook (its own comment: "stores
+//    only Python hooks"), so a second user would silently replace ours;
+//  - a post hook on the parameter's AccumulateGrad node (impl::grad_accumulator + Node::add_post_hook), which
+//    runs right after the node has written .grad(): what c10d's Reducer uses.
+// We use the third: it sees the accumulated .grad(), coexists with other hooks, and can be removed again
+// (del_post_hook). A tensor holds its AccumulateGrad only weakly (autograd would make a new node, without our
+// hook, once the old one died), so we keep a strong reference to each for the reducer's lifetime.
+struct GradientReducer::HookRegistrations {
+  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators;
+  std::vector<uintptr_t> keys;  // of our hook on each accumulator, for del_post_hook
+};
+
+// Note [Parameters without a gradient]
+// A parameter may get no gradient in a backward: it is frozen in this stage, its branch was not taken, or
+// it is simply unused. Its hook never fires, so its bucket would never launch, and every later bucket would
+// wait behind it. Worse, another rank may have used it and launched that bucket, leaving the two ranks with
+// different collectives in flight. So finalize() fills the missing slots of every bucket not yet launched
+// with the parameter's current .grad() (what earlier micro-steps accumulated) or zeros, and launches them in
+// order: every rank launches every bucket in every step, whatever its own graph used (DDP's
+// find_unused_parameters, without the extra all-reduce of a usage bitmap). The average then counts a rank
+// without a gradient as zero, and a parameter no rank used ends with a zero .grad(), exactly like
+// trainer::average_gradients. The price is that a bucket holding an unused parameter launches only in
+// finalize(): keep rarely used parameters registered first (they then land in the last bucket).
+
+// Note [Overlap statistics]
+// Per synchronised step the reducer notes when its first bucket launched, when its last launched, when
+// finalize() was called (backward is over) and when every bucket had finished. The communication time is
+// first launch → all done; the exposed time is finalize() → all done, the part the training loop waited for;
+// the rest ran while backward was still computing. hidden_fraction = 1 − exposed / communication over all
+// steps. With MPI the overlap depends on the progress poked from the hooks (Note [Progress of non-blocking
+// MPI collectives] in mpi_communicator.cpp).
+
+namespace {
+
+constexpr double kBytesPerMiB = 1024.0 * 1024.0;
+
+}  // namespace
+
+double ReducerStats::hidden_fraction() const {
+  if (communication_s <= 0) return 0;
+  return std::clamp(1.0 - exposed_s / communication_s, 0.0, 1.0);
+}
+
+GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr<Communicator> comm,
+                                 ReducerOptions options)
+    : params_(std::move(params)), comm_(std::move(comm)), hooks_(std::make_unique<HookRegistrations>()) {
+  if (!comm_) throw std::invalid_argument("GradientReducer: the communicator is null");
+  if (!(options.bucket_mib > 0) || !(options.first_bucket_mib > 0)) {
+    throw std::invalid_argument(fmt::format(
+        "GradientReducer: bucket sizes must be positive, got bucket_mib {} and first_bucket_mib {}",
+        options.bucket_mib, options.first_bucket_mib));
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    if (!p.defined() || !p.is_leaf() || !p.requires_grad() || p.is_sparse()) {
+      throw std::invalid_argument(
+          fmt::format("[rank {}] GradientReducer: parameter {} must be a dense leaf tensor that requires "
+                      "grad. HINT: pass "
+                      "only the trainable parameters (frozen ones need no reduction)",
+                      comm_->rank(), i));
+    }
+  }
+  build_buckets(options);
+  check_same_buckets_everywhere();
+  ready_.assign(params_.size(), false);
+  reset_step();
+
+  for (size_t i = 0; i < params_.size(); ++i) {
+    c10::intrusive_ptr<torch::autograd::Node> accumulator =
+        torch::autograd::impl::grad_accumulator(params_[i]);
+    TORCH_INTERNAL_ASSERT(accumulator, "a leaf that requires grad has an AccumulateGrad node");
+    hooks_->keys.push_back(
+        accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
+            [this, i](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
+              on_gradient_ready(i);
+              return outputs;
+            })));
+    hooks_->accumulators.push_back(std::move(accumulator));
+  }
+}
+
+GradientReducer::~GradientReducer() {
+  for (size_t i = 0; i < hooks_->accumulators.size(); ++i)
+    hooks_->accumulators[i]->del_post_hook(hooks_->keys[i]);
+  // Buckets still in flight (finalize() was skipped, or threw) are waited for by their Work's destructor.
+}
+
+// See Note [Bucketing order].
+void GradientReducer::build_buckets(const ReducerOptions& options) {
+  struct Open {
+    Bucket bucket;
+    int64_t bytes = 0;
+    bool first = true;  // the first bucket of this (dtype, device) still open
+  };
+  std::map<std::pair<int, std::string>, Open> open;  // (dtype, device) -> the bucket being filled
+  std::vector<Bucket> closed;
+  const auto cap_bytes = [&](const Open& o) {
+    return (o.first ? options.first_bucket_mib : options.bucket_mib) * kBytesPerMiB;
+  };
+  for (size_t i = params_.size(); i-- > 0;) {
+    const at::Tensor& p = params_[i];
+    Open& o = open[{static_cast<int>(p.scalar_type()), p.device().str()}];
+    o.bucket.params.push_back(i);
+    o.bytes += p.numel() * static_cast<int64_t>(p.element_size());
+    if (static_cast<double>(o.bytes) >= cap_bytes(o)) {
+      closed.push_back(std::move(o.bucket));
+      o.bucket = Bucket();
+      o.bytes = 0;
+      o.first = false;
+    }
+  }
+  for (auto& [key, o] : open) {
+    if (!o.bucket.params.empty()) closed.push_back(std::move(o.bucket));
+  }
+  // Last parameter first: a bucket's first slot is its highest parameter index.
+  std::stable_sort(closed.begin(), closed.end(),
+                   [](const Bucket& a, const Bucket& b) { return a.params.front() > b.params.front(); });
+
+  slot_of_.assign(params_.size(), {0, 0});
+  for (size_t b = 0; b < closed.size(); ++b) {
+    Bucket& bucket = closed[b];
+    int64_t elements = 0;
+    for (size_t s = 0; s < bucket.params.size(); ++s) {
+      bucket.offsets.push_back(elements);
+      elements += params_[bucket.params[s]].numel();
+      slot_of_[bucket.params[s]] = {b, s};
+    }
+    const at::Tensor& first = params_[bucket.params.front()];
+    bucket.flat = at::zeros({elements}, first.options().requires_grad(false));  // [elements]
+    bucket_params_.push_back(bucket.params);
+  }
+  buckets_ = std::move(closed);
+}
+
+// Asynchronous all-reduces do not agree on the call (Note [Agreement on asynchronous calls]), so the layout
+// they rely on is checked once here: every rank must have built the same buckets from the same parameters.
+void GradientReducer::check_same_buckets_everywhere() {
+  // [parameters, buckets, elements, a hash of every bucket's (dtype, elements) and every slot's size]
+  int64_t elements = 0;
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a over the layout's numbers
+  const auto mix = [&](uint64_t value) { hash = (hash ^ value) * 1099511628211ull; };
+  for (const Bucket& bucket : buckets_) {
+    mix(static_cast<uint64_t>(bucket.flat.scalar_type()));
+    mix(static_cast<uint64_t>(bucket.flat.numel()));
+    for (size_t p : bucket.params) mix(static_cast<uint64_t>(params_[p].numel()));
+    elements += bucket.flat.numel();
+  }
+  const int64_t layout[4] = {static_cast<int64_t>(params_.size()), static_cast<int64_t>(buckets_.size()),
+                             elements, static_cast<int64_t>(hash >> 1)};
+  at::Tensor extremes = at::empty({8}, at::kLong);  // [max of each field, -(min of each field)]
+  for (int i = 0; i < 4; ++i) {
+    extremes[i] = layout[i];
+    extremes[4 + i] = -layout[i];
+  }
+  comm_->allreduce(extremes, ReduceOp::Max);
+  const at::Tensor highest = extremes.narrow(0, 0, 4), lowest = -extremes.narrow(0, 4, 4);
+  if (!at::equal(highest, lowest)) {
+    throw std::runtime_error(fmt::format(
+        "[rank {}] GradientReducer: the ranks built different gradient buckets (this rank: {} parameters, {} "
+        "buckets, {} elements; the ranks range over {} to {} parameters and {} to {} elements). HINT: every "
+        "rank "
+        "must pass the same parameters, in the same order, with the same bucket sizes",
+        comm_->rank(), layout[0], layout[1], layout[2], lowest[0].item<int64_t>(), highest[0].item<int64_t>(),
+        lowest[2].item<int64_t>(), highest[2].item<int64_t>()));
+  }
+}
+
+void GradientReducer::on_gradient_ready(size_t param) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!require_sync_) return;  // a no_sync micro-step: the gradient stays in .grad(), accumulating
+  if (ready_[param]) {
+    throw std::runtime_error(
+        fmt::format("[rank {}] GradientReducer: parameter {} got a second gradient before finalize(). HINT: "
+                    "call finalize() "
+                    "after every synchronised backward, and run accumulation micro-steps under NoSyncGuard",
+                    comm_->rank(), param));
+  }
+  step_started_ = true;
+  ready_[param] = true;
+  const at::Tensor& grad = params_[param].grad();
+  TORCH_INTERNAL_ASSERT(grad.defined(), "AccumulateGrad ran, so the gradient is there");
+  copy_into_bucket(param, grad);
+  Bucket& bucket = buckets_[slot_of_[param].first];
+  if (--bucket.pending == 0) launch_ready_buckets();
+  poke_progress();
+}
+
+// grad: the parameter's shape, any strides -> its slot of the bucket's flat buffer.
+void GradientReducer::copy_into_bucket(size_t param, const at::Tensor& grad) {
+  const auto [b, s] = slot_of_[param];
+  Bucket& bucket = buckets_[b];
+  const at::Tensor& p = params_[param];
+  at::NoGradGuard no_grad;
+  at::Tensor slot = bucket.flat.narrow(0, bucket.offsets[s], p.numel()).view(p.sizes());
+  if (grad.defined()) {
+    slot.copy_(grad);
+  } else {
+    slot.zero_();
+  }
+}
+
+// Launches buckets in index order for as long as the next one is complete (Note [Bucketing order]).
+void GradientReducer::launch_ready_buckets() {
+  while (next_bucket_ < buckets_.size() && buckets_[next_bucket_].pending == 0) {
+    Bucket& bucket = buckets_[next_bucket_];
+    const Clock::time_point now = Clock::now();
+    if (launch_order_.empty()) first_launch_ = now;
+    last_launch_ = now;
+    bucket.work = comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
+    launch_order_.push_back(static_cast<int>(next_bucket_));
+    stats_.buckets_launched += 1;
+    stats_.bytes_reduced += bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
+    ++next_bucket_;
+  }
+}
+
+// One MPI_Test per bucket in flight: see Note [Progress of non-blocking MPI collectives].
+void GradientReducer::poke_progress() {
+  for (size_t b = 0; b < next_bucket_; ++b) {
+    if (buckets_[b].work) buckets_[b].work->is_completed();
+  }
+}
+
+void GradientReducer::finalize() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!require_sync_) return;
+  if (buckets_.empty()) return;  // no parameters: nothing to average
+  const Clock::time_point called = Clock::now();
+  const auto launched_in_backward = static_cast<int64_t>(launch_order_.size());
+  // Note [Parameters without a gradient]: fill every slot still missing, then launch the rest in order.
+  for (size_t b = next_bucket_; b < buckets_.size(); ++b) {
+    for (size_t param : buckets_[b].params) {
+      if (ready_[param]) continue;
+      copy_into_bucket(param, params_[param].grad());
+      ready_[param] = true;
+    }
+    buckets_[b].pending = 0;
+  }
+  launch_ready_buckets();
+  for (Bucket& bucket : buckets_) bucket.work->wait();
+  const Clock::time_point done = Clock::now();
+
+  at::NoGradGuard no_grad;
+  for (size_t param = 0; param < params_.size(); ++param) {
+    const auto [b, s] = slot_of_[param];
+    const at::Tensor& p = params_[param];
+    const at::Tensor average = buckets_[b].flat.narrow(0, buckets_[b].offsets[s], p.numel()).view(p.sizes());
+    if (p.grad().defined()) {
+      p.mutable_grad().copy_(average);
+    } else {
+      p.mutable_grad() = average.clone();
+    }
+  }
+
+  const auto seconds = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
+  stats_.steps += 1;
+  stats_.buckets_launched_in_backward += launched_in_backward;
+  stats_.communication_s += seconds(done - first_launch_);
+  stats_.exposed_s += seconds(done - std::max(called, first_launch_));
+  stats_.last_launch_to_done_s += seconds(done - last_launch_);
+  last_launch_order_ = launch_order_;
+  reset_step();
+}
+
+void GradientReducer::reset_step() {
+  std::fill(ready_.begin(), ready_.end(), false);
+  for (Bucket& bucket : buckets_) {
+    bucket.pending = bucket.params.size();
+    bucket.work.reset();
+  }
+  next_bucket_ = 0;
+  step_started_ = false;
+  launch_order_.clear();
+}
+
+void GradientReducer::set_require_sync(bool require_sync) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (step_started_ && require_sync != require_sync_) {
+    throw std::logic_error(fmt::format(
+        "[rank {}] GradientReducer: synchronisation switched {} between a backward and its finalize(). HINT: "
+        "call finalize() first",
+        comm_->rank(), require_sync ? "on" : "off"));
+  }
+  require_sync_ = require_sync;
+}
+
+bool GradientReducer::require_sync() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return require_sync_;
+}
+
+std::vector<int> GradientReducer::last_launch_order() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return last_launch_order_;
+}
+
+ReducerStats GradientReducer::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+}  // namespace vimo::comm

@@ -1,0 +1,123 @@
+// Defines vimo::comm::GradientReducer, data parallelism's gradient averaging in the style of PyTorch DDP's
+// Reducer: parameters grouped into buckets of a configurable size (a small first one), each bucket's
+// gradients copied into one flat buffer by an autograd hook as they become ready, and all-reduced
+// asynchronously while backward goes on; finalize() waits and writes the averages back into .grad(). Also
+// ReducerOptions, ReducerStats (how much of the communication backward hid) and NoSyncGuard for gradient
+// accumulation.
+//
+//   GradientReducer reducer(params, comm, {.bucket_mib = 25, .first_bucket_mib = 1});
+//   for each step:  loss.backward(); reducer.finalize(); optimizer.step(); ...
+//   accumulation:   { NoSyncGuard no_sync(reducer); micro_loss.backward(); }  ...  last.backward();
+//   finalize()
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "comm/communicator.h"
+
+namespace vimo::comm {
+
+struct ReducerOptions {
+  double bucket_mib = 25.0;       // a bucket closes once it holds this many MiB of gradients
+  double first_bucket_mib = 1.0;  // ... the first one (launched first) already at this many
+};
+
+// Running totals over synchronised steps; see Note [Overlap statistics] in comm/gradient_reducer.cpp.
+struct ReducerStats {
+  int64_t steps = 0;                         // synchronised steps finalized
+  int64_t buckets_launched = 0;              // all-reduces started
+  int64_t buckets_launched_in_backward = 0;  // ... of which before finalize() was called
+  int64_t bytes_reduced = 0;                 // payload of those all-reduces
+  double communication_s = 0;                // Σ first launch → every bucket done
+  double exposed_s = 0;  // Σ finalize() called → every bucket done (what backward did not hide)
+  double last_launch_to_done_s = 0;  // Σ last launch → every bucket done
+  // The share of the communication time that ran behind backward, in [0, 1].
+  double hidden_fraction() const;
+};
+
+class GradientReducer {
+ public:
+  // `params`: the trainable leaves (requires_grad), in the same order and with the same shapes and dtypes on
+  // every rank of `comm`, typically model->parameters() in registration order. A collective: checks with
+  // `comm` that every rank built the same buckets, and throws on every rank otherwise.
+  GradientReducer(std::vector<at::Tensor> params, std::shared_ptr<Communicator> comm,
+                  ReducerOptions options = {});
+  ~GradientReducer();
+  GradientReducer(const GradientReducer&) = delete;
+  GradientReducer& operator=(const GradientReducer&) = delete;
+
+  // After backward: launches the buckets still waiting (see Note [Parameters without a gradient]), waits for
+  // every bucket, and sets each parameter's .grad() to the average over the ranks. Every parameter has a
+  // defined .grad() afterwards. A no-op while synchronisation is off. Call it after every synchronised
+  // backward.
+  void finalize();
+
+  // Off: backward passes only accumulate into .grad() locally (no communication), as on the non-final
+  // micro-steps of gradient accumulation; the next synchronised backward + finalize() then averages the
+  // accumulated sums. Must not change between a backward and its finalize().
+  void set_require_sync(bool require_sync);
+  bool require_sync() const;
+
+  // The buckets, in launch order: each a list of indices into `params`. Bucket 0 holds the last parameters.
+  const std::vector<std::vector<size_t>>& bucket_parameters() const { return bucket_params_; }
+  // The order in which the last synchronised step launched its buckets (always 0, 1, 2, ...).
+  std::vector<int> last_launch_order() const;
+  ReducerStats stats() const;
+
+ private:
+  struct Bucket {
+    std::vector<size_t> params;    // indices into params_, in slot order
+    std::vector<int64_t> offsets;  // element offset of each slot in `flat`
+    at::Tensor flat;               // [total elements of its params], their dtype and device
+    size_t pending = 0;            // slots without a gradient yet in this step
+    std::shared_ptr<Work> work;    // the all-reduce in flight, or null
+  };
+  struct HookRegistrations;  // the autograd hooks (comm/gradient_reducer.cpp)
+  using Clock = std::chrono::steady_clock;
+
+  void build_buckets(const ReducerOptions& options);
+  void check_same_buckets_everywhere();
+  void on_gradient_ready(size_t param);
+  void copy_into_bucket(size_t param, const at::Tensor& grad);
+  void launch_ready_buckets();
+  void poke_progress();
+  void reset_step();
+
+  std::vector<at::Tensor> params_;
+  std::shared_ptr<Communicator> comm_;
+  std::vector<Bucket> buckets_;
+  std::vector<std::vector<size_t>> bucket_params_;
+  std::vector<std::pair<size_t, size_t>> slot_of_;  // param -> (bucket, slot)
+  std::vector<bool> ready_;                         // param got its gradient in this step
+  size_t next_bucket_ = 0;                          // the next bucket to launch
+  bool require_sync_ = true;
+  bool step_started_ = false;  // a hook fired since the last finalize()
+  std::vector<int> launch_order_, last_launch_order_;
+  Clock::time_point first_launch_, last_launch_;
+  ReducerStats stats_;
+  mutable std::mutex mutex_;  // hooks may run on autograd's device threads
+  std::unique_ptr<HookRegistrations> hooks_;
+};
+
+// Turns synchronisation off for its lifetime (the non-final micro-steps of gradient accumulation).
+class NoSyncGuard {
+ public:
+  explicit NoSyncGuard(GradientReducer& reducer) : reducer_(reducer), previous_(reducer.require_sync()) {
+    reducer_.set_require_sync(false);
+  }
+  ~NoSyncGuard() { reducer_.set_require_sync(previous_); }
+  NoSyncGuard(const NoSyncGuard&) = delete;
+  NoSyncGuard& operator=(const NoSyncGuard&) = delete;
+
+ private:
+  GradientReducer& reducer_;
+  bool previous_;
+};
+
+}  // namespace vimo::comm

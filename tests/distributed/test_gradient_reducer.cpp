@@ -1,0 +1,283 @@
+// The DDP-style GradientReducer and ZeRO-1 under mpirun (2 and 4 ranks), in float64 against one process
+// trained on the concatenated batch: an MLP with parameters of varied sizes plus one the forward never uses,
+// with bucket sizes that put several parameters per bucket, one per bucket, or all in one; gradient
+// accumulation with NoSyncGuard against the big batch; the same bucket launch order on every rank; ZeroAdamW
+// against AdamW on the reducer's averaged gradients, with 1/DP of its optimizer state per rank.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <cmath>
+#include <cstdio>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/gradient_reducer.h"
+#include "tests/comm/collective_reference.h"
+#include "trainer/optimizer.h"
+#include "trainer/zero_optimizer.h"
+
+namespace {
+using vimo::comm::GradientReducer;
+using vimo::comm::NoSyncGuard;
+using vimo::comm::ReducerOptions;
+using vimo::testing::mpi_world;
+using vimo::testing::shared_seed;
+
+constexpr int64_t kIn = 8, kHidden = 16, kWide = 32, kOut = 4;
+constexpr size_t kUnused = 2;  // the index of the parameter the forward never uses
+
+// x [n, 8] -> tanh(x W1ᵀ + b1) [n, 16] -> tanh(· W2ᵀ + b2) [n, 32] -> (· W3ᵀ + b3) · scale [n, 4].
+// Registration order: w1, b1, unused, w2, b2, w3, b3, scale (826 elements, 6608 bytes in float64).
+struct Mlp {
+  std::vector<std::pair<std::string, at::Tensor>> named;
+
+  explicit Mlp(uint64_t seed) {
+    at::manual_seed(seed);
+    const auto make = [&](const char* name, at::IntArrayRef shape) {
+      named.emplace_back(name, (at::randn(shape, at::kDouble) * 0.5).requires_grad_(true));
+    };
+    make("w1", {kHidden, kIn});
+    make("b1", {kHidden});
+    make("unused", {5});
+    make("w2", {kWide, kHidden});
+    make("b2", {kWide});
+    make("w3", {kOut, kWide});
+    make("b3", {kOut});
+    make("scale", {1});
+  }
+  std::vector<at::Tensor> params() const {
+    std::vector<at::Tensor> out;
+    for (const auto& [name, p] : named) out.push_back(p);
+    return out;
+  }
+  const at::Tensor& operator[](size_t i) const { return named[i].second; }
+
+  // Mean squared error over the rows of x [n, 8] against y [n, 4].
+  at::Tensor loss(const at::Tensor& x, const at::Tensor& y) const {
+    const Mlp& m = *this;
+    at::Tensor h = at::tanh(at::addmm(m[1], x, m[0].t()));       // [n, 16]
+    h = at::tanh(at::addmm(m[4], h, m[3].t()));                  // [n, 32]
+    const at::Tensor out = at::addmm(m[6], h, m[5].t()) * m[7];  // [n, 4]
+    return (out - y).pow(2).mean();
+  }
+};
+
+struct Batch {
+  at::Tensor x, y;  // [n, 8], [n, 4]
+  Batch rows(int64_t begin, int64_t count) const {
+    return {x.narrow(0, begin, count), y.narrow(0, begin, count)};
+  }
+};
+
+Batch global_batch(uint64_t seed, int64_t rows) {
+  at::manual_seed(seed);
+  return {at::randn({rows, kIn}, at::kDouble), at::randn({rows, kOut}, at::kDouble)};
+}
+
+// The single-process reference gets a zero gradient wherever backward gave none, as the reducer does (Note
+// [Parameters without a gradient]), so that AdamW treats the unused parameter alike on both sides.
+void zero_fill_missing_gradients(const Mlp& model) {
+  for (const auto& [name, p] : model.named) {
+    if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+  }
+}
+
+// The same integers on every rank?
+bool same_on_every_rank(const std::vector<int64_t>& values) {
+  at::Tensor mine = at::tensor(values, at::kLong);
+  at::Tensor high = mine.clone(), low = mine.clone();
+  mpi_world()->allreduce(high, vimo::comm::ReduceOp::Max);
+  mpi_world()->allreduce(low, vimo::comm::ReduceOp::Min);
+  return at::equal(high, low);
+}
+
+struct BucketCase {
+  const char* name;
+  ReducerOptions options;
+  std::vector<std::vector<size_t>> buckets;  // expected parameter indices per bucket, in launch order
+  int64_t launched_in_backward;              // per step: the buckets before the one holding `unused`
+};
+
+void PrintTo(const BucketCase& c, std::ostream* out) { *out << c.name; }
+
+class ReducerTraining : public ::testing::TestWithParam<BucketCase> {};
+
+// Float64 throughout; the reducer sums the ranks' gradients in another order than one process sums rows, so
+// the gradients differ by a few ulps, and four AdamW steps (which divide by √v) keep that within 1e-10.
+TEST_P(ReducerTraining, EndsWithTheParametersOfOneProcessOnTheWholeBatch) {
+  const BucketCase& c = GetParam();
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t per_rank = 3;
+  const int steps = 4;
+
+  Mlp distributed(seed), single(seed);
+  GradientReducer reducer(distributed.params(), mpi_world(), c.options);
+  ASSERT_EQ(reducer.bucket_parameters(), c.buckets);
+  vimo::trainer::AdamW dp_optimizer(distributed.named, {}), single_optimizer(single.named, {});
+  for (int step = 0; step < steps; ++step) {
+    const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
+    distributed
+        .loss(batch.x.narrow(0, rank * per_rank, per_rank), batch.y.narrow(0, rank * per_rank, per_rank))
+        .backward();
+    reducer.finalize();
+    ASSERT_TRUE(distributed[kUnused].grad().defined());
+    EXPECT_TRUE(distributed[kUnused].grad().eq(0).all().item<bool>());
+    dp_optimizer.step(1e-2);
+    dp_optimizer.zero_grad();
+
+    single.loss(batch.x, batch.y).backward();
+    zero_fill_missing_gradients(single);
+    single_optimizer.step(1e-2);
+    single_optimizer.zero_grad();
+  }
+  for (size_t i = 0; i < single.named.size(); ++i) {
+    EXPECT_TRUE(at::allclose(distributed[i], single[i], 1e-10, 1e-12))
+        << single.named[i].first << ": max |diff| "
+        << (distributed[i] - single[i]).abs().max().item<double>();
+  }
+
+  // Every rank launched buckets 0, 1, 2, ... in that order, and those before the unused parameter's bucket
+  // already during backward.
+  const std::vector<int> order = reducer.last_launch_order();
+  std::vector<int64_t> order64(order.begin(), order.end());
+  std::vector<int64_t> expected(c.buckets.size());
+  for (size_t b = 0; b < expected.size(); ++b) expected[b] = static_cast<int64_t>(b);
+  EXPECT_EQ(order64, expected);
+  EXPECT_TRUE(same_on_every_rank(order64)) << "the ranks launched their buckets in different orders";
+  const vimo::comm::ReducerStats stats = reducer.stats();
+  EXPECT_EQ(stats.steps, steps);
+  EXPECT_EQ(stats.buckets_launched, steps * static_cast<int64_t>(c.buckets.size()));
+  EXPECT_EQ(stats.buckets_launched_in_backward, steps * c.launched_in_backward);
+  EXPECT_EQ(stats.bytes_reduced, steps * 826 * 8);
+  EXPECT_GE(stats.hidden_fraction(), 0.0);
+  EXPECT_LE(stats.hidden_fraction(), 1.0);
+  if (rank == 0) {
+    std::printf(
+        "[ overlap  ] %s: %lld buckets, communication %.3f ms/step, exposed %.3f ms/step, hidden %.0f%%\n",
+        c.name, static_cast<long long>(c.buckets.size()), 1e3 * stats.communication_s / steps,
+        1e3 * stats.exposed_s / steps, 100 * stats.hidden_fraction());
+  }
+}
+
+// Bytes in registration order: w1 1024, b1 128, unused 40, w2 4096, b2 256, w3 1024, b3 32, scale 8. Buckets
+// fill from the last parameter: a 105-byte first bucket closes at {scale, b3, w3}, 2097-byte ones at {b2,
+// w2}, and the rest stays together.
+INSTANTIATE_TEST_SUITE_P(
+    BucketSizes, ReducerTraining,
+    ::testing::Values(BucketCase{"SeveralPerBucket",
+                                 {2097 / 1048576.0, 105 / 1048576.0},
+                                 {{7, 6, 5}, {4, 3}, {2, 1, 0}},
+                                 2},
+                      BucketCase{"OnePerBucket", {1e-9, 1e-9}, {{7}, {6}, {5}, {4}, {3}, {2}, {1}, {0}}, 5},
+                      BucketCase{"OneBucket", {}, {{7, 6, 5, 4, 3, 2, 1, 0}}, 0}),
+    [](const ::testing::TestParamInfo<BucketCase>& info) { return std::string(info.param.name); });
+
+TEST(ReducerAccumulation, NoSyncMicroStepsThenOneReductionEqualTheBigBatch) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t micro_steps = 3, micro_rows = 2, per_rank = micro_steps * micro_rows;
+  const Batch batch = global_batch(seed + 1, per_rank * ranks);
+
+  Mlp distributed(seed), single(seed);
+  GradientReducer reducer(distributed.params(), mpi_world(), {2097 / 1048576.0, 105 / 1048576.0});
+  for (int64_t m = 0; m < micro_steps; ++m) {
+    const Batch micro = batch.rows(rank * per_rank + m * micro_rows, micro_rows);
+    // Each micro-step's loss is a mean over its rows; 1/micro_steps makes the sum of them the rank's mean.
+    if (m + 1 < micro_steps) {
+      NoSyncGuard no_sync(reducer);
+      (distributed.loss(micro.x, micro.y) / micro_steps).backward();
+      reducer.finalize();  // a no-op without synchronisation
+      EXPECT_EQ(reducer.stats().buckets_launched, 0) << "a no_sync micro-step communicated";
+    } else {
+      (distributed.loss(micro.x, micro.y) / micro_steps).backward();
+      reducer.finalize();
+    }
+  }
+  EXPECT_EQ(reducer.stats().buckets_launched, 3);
+  single.loss(batch.x, batch.y).backward();
+  zero_fill_missing_gradients(single);
+  for (size_t i = 0; i < single.named.size(); ++i) {
+    EXPECT_TRUE(at::allclose(distributed[i].grad(), single[i].grad(), 1e-10, 1e-13))
+        << single.named[i].first << ": max |diff| "
+        << (distributed[i].grad() - single[i].grad()).abs().max().item<double>();
+  }
+}
+
+TEST(ReducerErrors, DifferentParametersOnOneRankFailOnEveryRank) {
+  Mlp model(1);
+  std::vector<at::Tensor> params = model.params();
+  if (mpi_world()->rank() == mpi_world()->size() - 1) params.pop_back();
+  try {
+    GradientReducer reducer(params, mpi_world(), {});
+    ADD_FAILURE() << "no error";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("the ranks built different gradient buckets"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(ReducerErrors, SecondBackwardBeforeFinalizeIsNamed) {
+  Mlp model(2);
+  GradientReducer reducer(model.params(), mpi_world(), {1e-9, 1e-9});
+  const Batch batch = global_batch(3, 2);
+  model.loss(batch.x, batch.y).backward();
+  try {
+    model.loss(batch.x, batch.y).backward();
+    ADD_FAILURE() << "no error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("got a second gradient before finalize()"), std::string::npos)
+        << e.what();
+  }
+  reducer.finalize();  // every rank is in the same state, so the step still completes
+}
+
+// Float64: ZeRO's reduce-scatter and the reducer's all-reduce add the ranks' gradients in their own orders.
+TEST(ZeroOne, MatchesAdamWOnAveragedGradientsWithOneShardOfTheState) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t per_rank = 3;
+  Mlp unsharded(seed), sharded(seed);
+  GradientReducer reducer(unsharded.params(), mpi_world(), {2097 / 1048576.0, 105 / 1048576.0});
+  vimo::trainer::AdamW adamw(unsharded.named, {});
+  vimo::trainer::ZeroAdamW zero(sharded.named, mpi_world(), {});
+  for (int step = 0; step < 4; ++step) {
+    const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
+    const Batch mine = batch.rows(rank * per_rank, per_rank);
+    unsharded.loss(mine.x, mine.y).backward();
+    reducer.finalize();
+    adamw.step(1e-2);
+    adamw.zero_grad();
+    sharded.loss(mine.x, mine.y).backward();
+    zero.step(1e-2);
+    zero.zero_grad();
+  }
+  EXPECT_EQ(zero.steps_taken(), 4);
+  for (size_t i = 0; i < unsharded.named.size(); ++i) {
+    EXPECT_TRUE(at::allclose(sharded[i], unsharded[i], 1e-10, 1e-12))
+        << unsharded.named[i].first << ": max |diff| "
+        << (sharded[i] - unsharded[i]).abs().max().item<double>();
+  }
+
+  // Optimizer state, counted from the moment tensors themselves: the shards' bytes add up to AdamW's, and no
+  // rank holds more than its ceil(826 / DP) elements' worth (two float64 moments each).
+  int64_t unsharded_bytes = 0;
+  for (const auto& [name, t] : adamw.state_tensors()) unsharded_bytes += t.numel() * 8;
+  EXPECT_EQ(unsharded_bytes, 826 * 2 * 8);
+  const int64_t mine_bytes = zero.state_bytes();
+  const at::Tensor all_bytes = mpi_world()->allgather(at::tensor({mine_bytes}, at::kLong));  // [ranks]
+  EXPECT_EQ(all_bytes.sum().item<int64_t>(), unsharded_bytes);
+  EXPECT_EQ(zero.shard_elements(), (826 + ranks - 1) / ranks);
+  EXPECT_LE(all_bytes.max().item<int64_t>(), zero.shard_elements() * 2 * 8);
+  if (rank == 0) {
+    std::printf("[ zero-1   ] optimizer state: AdamW %lld bytes per rank; ZeroAdamW over %d ranks:",
+                static_cast<long long>(unsharded_bytes), ranks);
+    for (int r = 0; r < ranks; ++r)
+      std::printf(" %lld", static_cast<long long>(all_bytes[r].item<int64_t>()));
+    std::printf(" bytes (ideal 1/DP = %.1f)\n", static_cast<double>(unsharded_bytes) / ranks);
+  }
+}
+
+}  // namespace

@@ -1,0 +1,97 @@
+// ZeRO-1 AdamW (see zero_optimizer.h).
+#include "trainer/zero_optimizer.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace vimo::trainer {
+
+// Note [ZeRO-1 shards reuse AdamW]
+// The update is AdamW's own code run on views: for each parameter that overlaps this rank's shard, a 1-D view
+// of that overlap in shard_params_ is handed to an AdamW as if it were a parameter, with its .grad() a view
+// of the same range of shard_grads_. AdamW then allocates moments of the view's size only, and its in-place
+// update lands in shard_params_. Weight decay is decided per original parameter (rank >= 2), which a 1-D view
+// would lose, so the views go to two AdamWs: one that decays everything and one that decays nothing.
+// Elementwise math on a slice equals the same math on the whole tensor, so the result is AdamW's up to the
+// summation order of the reduction (reduce-scatter here, all-reduce there).
+ZeroAdamW::ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
+                     std::shared_ptr<comm::Communicator> comm, AdamWOptions options, bool decay_all)
+    : parameters_(std::move(parameters)), comm_(std::move(comm)) {
+  if (!comm_) throw std::invalid_argument("ZeroAdamW: the communicator is null");
+  if (parameters_.empty()) throw std::invalid_argument("ZeroAdamW: no parameters");
+  const at::TensorOptions flat_options = parameters_.front().second.options().requires_grad(false);
+  for (const auto& [name, p] : parameters_) {
+    if (p.scalar_type() != parameters_.front().second.scalar_type() || p.device() != flat_options.device()) {
+      throw std::invalid_argument(fmt::format(
+          "[rank {}] ZeroAdamW: parameter '{}' is {} on {}, but '{}' is {} on {}. HINT: one ZeroAdamW per "
+          "dtype and device",
+          comm_->rank(), name, c10::getDtypeNames(p.scalar_type()).first, p.device().str(),
+          parameters_.front().first, c10::getDtypeNames(parameters_.front().second.scalar_type()).first,
+          parameters_.front().second.device().str()));
+    }
+    offsets_.push_back(total_);
+    total_ += p.numel();
+  }
+  const int64_t ranks = comm_->size();
+  shard_ = (total_ + ranks - 1) / ranks;  // the flat vector is padded to ranks * shard_ elements
+  const int64_t begin = comm_->rank() * shard_, end = begin + shard_;
+
+  at::NoGradGuard no_grad;
+  shard_params_ = at::zeros({shard_}, flat_options);  // [shard_]
+  shard_grads_ = at::zeros({shard_}, flat_options);   // [shard_]
+  std::vector<std::pair<std::string, at::Tensor>> decayed, undecayed;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    const auto& [name, p] = parameters_[i];
+    const int64_t first = std::max(begin, offsets_[i]), last = std::min(end, offsets_[i] + p.numel());
+    if (first >= last) continue;                                                // not in this rank's shard
+    at::Tensor segment = shard_params_.narrow(0, first - begin, last - first);  // [last - first]
+    segment.copy_(p.detach().reshape(-1).narrow(0, first - offsets_[i], last - first));
+    segment.mutable_grad() = shard_grads_.narrow(0, first - begin, last - first);
+    (decay_all || p.dim() >= 2 ? decayed : undecayed).emplace_back(name, segment);
+  }
+  decayed_ = std::make_unique<AdamW>(std::move(decayed), options, /*decay_all=*/true);
+  AdamWOptions without_decay = options;
+  without_decay.weight_decay = 0;
+  undecayed_ = std::make_unique<AdamW>(std::move(undecayed), without_decay);
+}
+
+void ZeroAdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  const int64_t ranks = comm_->size();
+  at::Tensor flat_grads = at::zeros({ranks * shard_}, shard_grads_.options());  // [ranks * shard_], padded
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    const at::Tensor& p = parameters_[i].second;
+    if (p.grad().defined()) flat_grads.narrow(0, offsets_[i], p.numel()).view(p.sizes()).copy_(p.grad());
+  }
+  // The blocking call, for its check that every rank passes the same flat size (a step is not overlapped).
+  shard_grads_.copy_(comm_->reduce_scatter(flat_grads, comm::ReduceOp::Avg));  // [shard_]
+  decayed_->step(lr);
+  undecayed_->step(lr);
+  const at::Tensor flat_params = comm_->allgather(shard_params_);  // [ranks * shard_]
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    at::Tensor p = parameters_[i].second;
+    p.copy_(flat_params.narrow(0, offsets_[i], p.numel()).view(p.sizes()));
+  }
+}
+
+void ZeroAdamW::zero_grad() {
+  for (auto& [name, p] : parameters_) {
+    if (p.grad().defined()) p.mutable_grad() = at::Tensor();
+  }
+}
+
+std::map<std::string, at::Tensor> ZeroAdamW::state_tensors() const {
+  std::map<std::string, at::Tensor> state = decayed_->state_tensors();
+  state.merge(undecayed_->state_tensors());
+  return state;
+}
+
+int64_t ZeroAdamW::state_bytes() const {
+  int64_t bytes = 0;
+  for (const auto& [name, t] : state_tensors()) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  return bytes;
+}
+
+}  // namespace vimo::trainer

@@ -1,0 +1,61 @@
+// Defines vimo::trainer::ZeroAdamW: AdamW sharded over the data-parallel ranks in the manner of ZeRO stage 1
+// (DeepSpeed) / Megatron's distributed optimizer. The parameters are viewed as one flat vector, padded to a
+// multiple of the DP size and cut into one contiguous shard per rank; a step reduce-scatters the gradients
+// (each rank receives the average of its shard only), runs AdamW on its shard with moments that exist only
+// for that shard, and all-gathers the updated shards back into every rank's full parameters. Communication
+// equals one all-reduce; optimizer state per rank is 1/DP of the unsharded optimizer's.
+//
+//   ZeroAdamW optimizer(model->named_parameters(), dp_comm, {});
+//   loss.backward();          // no GradientReducer: the step does the reduction
+//   optimizer.step(lr);
+//   optimizer.zero_grad();
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "trainer/optimizer.h"
+
+namespace vimo::trainer {
+
+class ZeroAdamW {
+ public:
+  // `parameters`: the same names, shapes and values on every rank of `comm`, all of one dtype and device.
+  // Weight decay follows AdamW: tensors of rank >= 2 only, unless `decay_all`.
+  ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
+            std::shared_ptr<comm::Communicator> comm, AdamWOptions options, bool decay_all = false);
+
+  // Averages the local .grad()s over the ranks (a parameter without one counts as zero, as in
+  // GradientReducer, so it still decays and its moments still move), updates this rank's shard, and writes
+  // the updated parameters on every rank. Collective: every rank calls it. The .grad()s are left as they were
+  // (local).
+  void step(double lr);
+  void zero_grad();
+  int64_t steps_taken() const { return decayed_->steps_taken(); }
+
+  // This rank's moments, "optim.<name>.exp_avg" / ".exp_avg_sq" for the part of each parameter in its shard.
+  std::map<std::string, at::Tensor> state_tensors() const;
+  // Bytes of those moment tensors: about 1/DP of AdamW's over the same parameters.
+  int64_t state_bytes() const;
+  // Elements of the flat parameter vector per rank: ceil(total / DP), the last shard padded.
+  int64_t shard_elements() const { return shard_; }
+
+ private:
+  std::vector<std::pair<std::string, at::Tensor>> parameters_;
+  std::shared_ptr<comm::Communicator> comm_;
+  std::vector<int64_t> offsets_;      // of each parameter in the flat vector
+  int64_t total_ = 0;                 // elements of all parameters
+  int64_t shard_ = 0;                 // elements per rank: ceil(total / DP)
+  at::Tensor shard_params_;           // [shard_]: this rank's slice of the flat parameters, the one updated
+  at::Tensor shard_grads_;            // [shard_]: the averaged gradient of that slice
+  std::unique_ptr<AdamW> decayed_;    // over the per-parameter views of shard_params_ with weight decay
+  std::unique_ptr<AdamW> undecayed_;  // ... and those without (weight_decay 0)
+};
+
+}  // namespace vimo::trainer
