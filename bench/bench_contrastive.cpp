@@ -1,79 +1,140 @@
-// Symmetric InfoNCE forward + backward on CPU, one thread: the fused, tiled kernel
-// (kernels::fused_symmetric_infonce) against the eager composition (kernels::symmetric_infonce on the full
-// [n, N] score matrices). Single process: n = N, the same tensors are local and gathered. float32, D = 768.
-//   build-fused/bench/bench_contrastive --benchmark_min_time=0.01
-// Counter `temp_MiB_computed` is the size of the score-shaped temporaries, COMPUTED from the shapes (not
-// measured): eager keeps per direction at least the raw dot [n, N] (for the scale's gradient) and the
-// log-softmax [n, N] for backward, and backward makes a gradient [n, N] of each, so ≥ 2·2·n·N floats live at
-// once; fused holds two [n, tile] tiles (dot products and softmax weights).
+// Symmetric InfoNCE forward + backward on CPU: the fused two-pass kernel (kernels::fused_symmetric_infonce)
+// against the eager composition (kernels::symmetric_infonce on the full [n, N] score matrices, autograd).
+// float32, D = 768. Args: N gathered rows, ranks R (n = N / R local rows), strip rows (fused only).
+//   R = 1: one process, the same tensors are local and gathered (n = N): the fused kernel uses one score
+//          matrix for both directions (4 products of N·N·D), eager makes 6.
+//   R = 4: rank 0's view in data parallelism (n = N / 4 local rows, distinct gathered tensors): two score
+//          matrices (8 products of n·N·D), eager 6.
+//   build-contrastive/bench/bench_contrastive --benchmark_min_time=0.3 --benchmark_repetitions=3
+//       --benchmark_report_aggregates_only=true                                        (one command line)
+// Threads: VIMO_BENCH_THREADS (default 1, so the figures compare kernels and not thread scheduling). "Time"
+// is wall-clock, "CPU" the whole process's CPU time (all threads): the steadier figure on a shared machine.
+//
+// Counter `peak_MiB` is MEASURED (bench/counting_allocator.h): the high-water mark of live CPU tensor bytes
+// during one forward + backward above what was live before it (the inputs), gradients of the inputs included
+// (2·N·D·4 bytes = 24 MiB at N = 4096 in one process), BLAS workspaces excluded.
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
+#include "bench/counting_allocator.h"
 #include "kernels/contrastive_loss.h"
 #include "kernels/fused_contrastive.h"
 
 namespace {
 
 constexpr int64_t kDim = 768;
-constexpr int64_t kTile = 256;
+constexpr const char* kThreadsVariable = "VIMO_BENCH_THREADS";
 constexpr double kMiB = 1024.0 * 1024.0;
+
+using vimo::bench::counting_allocator;
+using vimo::bench::CountingAllocator;
+
+int bench_threads() {
+  const char* value = std::getenv(kThreadsVariable);
+  return value ? std::max(1, std::stoi(value)) : 1;
+}
 
 at::Tensor unit_rows(int64_t rows) {
   at::Tensor x = at::randn({rows, kDim});
   return (x / x.norm(2, 1, true)).requires_grad_();
 }
 
+// Rank 0 of `ranks`: local rows are the first n of the gathered ones (separate leaves unless ranks = 1).
 struct Leaves {
-  at::Tensor texts, videos, scale;  // texts, videos [N, D]; scale scalar
+  at::Tensor text_local, text_all, video_local, video_all, scale;  // [n, D], [N, D], [n, D], [N, D], scalar
 };
 
-Leaves make_leaves(int64_t N) {
+Leaves make_leaves(int64_t N, int64_t ranks) {
   at::manual_seed(0);
-  return {unit_rows(N), unit_rows(N), at::scalar_tensor(1 / 0.07).requires_grad_()};
+  Leaves x;
+  x.text_all = unit_rows(N);
+  x.video_all = unit_rows(N);
+  if (ranks == 1) {
+    x.text_local = x.text_all;
+    x.video_local = x.video_all;
+  } else {
+    x.text_local = x.text_all.detach().narrow(0, 0, N / ranks).clone().requires_grad_();
+    x.video_local = x.video_all.detach().narrow(0, 0, N / ranks).clone().requires_grad_();
+  }
+  x.scale = at::scalar_tensor(1 / 0.07).requires_grad_();
+  return x;
 }
 
 void clear_grads(Leaves& x) {
-  for (at::Tensor* t : {&x.texts, &x.videos, &x.scale}) t->mutable_grad().reset();
+  for (at::Tensor* t : {&x.text_local, &x.text_all, &x.video_local, &x.video_all, &x.scale}) {
+    t->mutable_grad().reset();
+  }
+}
+
+// Times `step` (one forward + backward) and records the peak of live tensor bytes above the inputs.
+template <typename Step>
+void run(benchmark::State& state, Leaves& x, Step step) {
+  at::set_num_threads(bench_threads());
+  CountingAllocator& allocator = counting_allocator();
+  int64_t peak = 0;
+  for (auto _ : state) {
+    const int64_t before = allocator.live();
+    allocator.reset_peak();
+    step();
+    peak = std::max(peak, allocator.peak() - before);
+    benchmark::DoNotOptimize(x.text_all.grad().data_ptr());
+    clear_grads(x);
+  }
+  state.counters["peak_MiB"] = static_cast<double>(peak) / kMiB;
 }
 
 void BM_FusedSymmetricInfoNCE(benchmark::State& state) {
-  at::set_num_threads(1);
-  const int64_t N = state.range(0);
-  Leaves x = make_leaves(N);
-  for (auto _ : state) {
-    at::Tensor loss =
-        vimo::kernels::fused_symmetric_infonce(x.texts, x.texts, x.videos, x.videos, x.scale, 0, kTile);
-    loss.backward();
-    benchmark::DoNotOptimize(x.texts.grad().data_ptr());
-    clear_grads(x);
-  }
-  state.counters["temp_MiB_computed"] = 2.0 * N * std::min(kTile, N) * sizeof(float) / kMiB;
+  Leaves x = make_leaves(state.range(0), state.range(1));
+  const int64_t strip_rows = state.range(2);
+  run(state, x, [&] {
+    vimo::kernels::fused_symmetric_infonce(x.text_local, x.text_all, x.video_local, x.video_all, x.scale, 0,
+                                           strip_rows)
+        .backward();
+  });
 }
 
 void BM_EagerSymmetricInfoNCE(benchmark::State& state) {
-  at::set_num_threads(1);
-  const int64_t N = state.range(0);
-  Leaves x = make_leaves(N);
-  for (auto _ : state) {
-    at::Tensor text_to_video = x.scale * at::mm(x.texts, x.videos.t());  // [N, N]
-    at::Tensor video_to_text = x.scale * at::mm(x.videos, x.texts.t());  // [N, N]
-    at::Tensor loss = vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0);
-    loss.backward();
-    benchmark::DoNotOptimize(x.texts.grad().data_ptr());
-    clear_grads(x);
-  }
-  state.counters["temp_MiB_computed"] = 2.0 * 2.0 * N * N * sizeof(float) / kMiB;
+  Leaves x = make_leaves(state.range(0), state.range(1));
+  run(state, x, [&] {
+    at::Tensor text_to_video = x.scale * at::mm(x.text_local, x.video_all.t());  // [n, N]
+    at::Tensor video_to_text = x.scale * at::mm(x.video_local, x.text_all.t());  // [n, N]
+    vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
+  });
 }
 
-BENCHMARK(BM_FusedSymmetricInfoNCE)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_EagerSymmetricInfoNCE)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond);
+// One bare score-shaped product, [N, D] · [D, N]: eager makes 6 of them (2 forward, 4 backward), the fused
+// kernel 3 to 4 in one process (Note [Two-pass symmetric InfoNCE]), so this is the unit both are measured in.
+void BM_ScoreProduct(benchmark::State& state) {
+  Leaves x = make_leaves(state.range(0), 1);
+  const at::Tensor texts = x.text_all.detach(), videos = x.video_all.detach();
+  run(state, x, [&] {
+    benchmark::DoNotOptimize(at::mm(texts, videos.t()).data_ptr());
+    x.text_all.mutable_grad() = at::zeros({1});  // run() reads a gradient
+  });
+}
+
+BENCHMARK(BM_ScoreProduct)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FusedSymmetricInfoNCE)
+    ->Args({1024, 1, 256})
+    ->Args({4096, 1, 128})
+    ->Args({4096, 1, 256})
+    ->Args({4096, 1, 512})
+    ->Args({4096, 4, 256})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EagerSymmetricInfoNCE)
+    ->Args({1024, 1})
+    ->Args({4096, 1})
+    ->Args({4096, 4})
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  at::set_num_threads(1);  // one thread, so the figures compare kernels and not thread scheduling
+  counting_allocator();  // installed before any tensor exists, so every block is counted on both sides
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

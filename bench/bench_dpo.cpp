@@ -14,14 +14,13 @@
 // MiB), and excludes allocations that bypass c10's allocator (BLAS workspaces, std::vector).
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
-#include <c10/core/CPUAllocator.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
 
+#include "bench/counting_allocator.h"
 #include "kernels/fused_linear_dpo.h"
 
 namespace {
@@ -30,53 +29,8 @@ constexpr int64_t kPairs = 4, kPositions = 256, kHidden = 512, kPrompt = 64;  //
 constexpr const char* kThreadsVariable = "VIMO_BENCH_THREADS";
 constexpr double kMiB = 1024.0 * 1024.0;
 
-// Wraps LibTorch's CPU allocator and counts live bytes and their high-water mark.
-class CountingAllocator final : public c10::Allocator {
- public:
-  explicit CountingAllocator(c10::Allocator* base) : base_(base) {}
-
-  c10::DataPtr allocate(size_t bytes) override {
-    c10::DataPtr inner = base_->allocate(bytes);
-    void* data = inner.get();
-    const c10::Device device = inner.device();
-    const int64_t live = live_.fetch_add(static_cast<int64_t>(bytes)) + static_cast<int64_t>(bytes);
-    int64_t peak = peak_.load();
-    while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
-    }
-    return {data, new Block{std::move(inner), bytes, this}, &release, device};
-  }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-
-  int64_t live() const { return live_.load(); }
-  int64_t peak() const { return peak_.load(); }
-  void reset_peak() { peak_.store(live_.load()); }
-
- private:
-  struct Block {
-    c10::DataPtr inner;  // frees through the base allocator when destroyed
-    size_t bytes;
-    CountingAllocator* owner;
-  };
-  static void release(void* context) {
-    auto* block = static_cast<Block*>(context);
-    block->owner->live_.fetch_sub(static_cast<int64_t>(block->bytes));
-    delete block;
-  }
-
-  c10::Allocator* base_;
-  std::atomic<int64_t> live_{0}, peak_{0};
-};
-
-CountingAllocator& counting_allocator() {
-  static CountingAllocator* allocator = [] {
-    auto* a = new CountingAllocator(c10::GetDefaultCPUAllocator());
-    c10::SetCPUAllocator(a, /*priority=*/100);
-    return a;
-  }();
-  return *allocator;
-}
+using vimo::bench::counting_allocator;
+using vimo::bench::CountingAllocator;
 
 struct Problem {
   at::Tensor hidden, weight, targets, mask, reference;  // [2B, T, H], [V, H], [2B, T], [2B, T], [2B]

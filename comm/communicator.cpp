@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <charconv>
 #include <climits>
@@ -246,5 +247,12 @@ std::string describe_timeout(int rank, const std::string& what, int64_t bytes,
 }
 
 }  // namespace detail
+
+namespace {
+std::atomic<CollectiveObserver*> g_collective_observer{nullptr};
+}  // namespace
+
+void set_collective_observer(CollectiveObserver* observer) { g_collective_observer.store(observer); }
+CollectiveObserver* collective_observer() { return g_collective_observer.load(std::memory_order_relaxed); }
 
 }  // namespace vimo::comm

@@ -106,6 +106,19 @@ class Communicator {
   std::chrono::milliseconds timeout_ = default_collective_timeout();
 };
 
+// Observes every blocking wait on a collective (comm::Watchdog reports a rank stuck in one, and names the
+// last collective in its messages). Process-wide, set by the trainer; the backends call it around waits.
+// `name` is a string literal ("allreduce"); calls come from the thread that waits, and must be cheap.
+class CollectiveObserver {
+ public:
+  virtual ~CollectiveObserver() = default;
+  virtual void enter_collective(const char* name, int64_t bytes) = 0;
+  virtual void leave_collective() = 0;
+};
+// nullptr removes it. The observer must outlive every wait that may call it (unset before destroying it).
+void set_collective_observer(CollectiveObserver* observer);
+CollectiveObserver* collective_observer();
+
 // RAII owner of MPI_Init / MPI_Finalize. Create exactly one, first thing in main().
 class MpiRuntime {
  public:

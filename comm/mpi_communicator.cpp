@@ -283,6 +283,16 @@ struct MpiGroup {
 
 // One non-blocking MPI operation and what it needs: the buffers it reads and writes (kept alive until it
 // completes) and the work left for the host afterwards (averaging, copying back, widening back).
+// The collective's name as a string literal (what CollectiveObserver takes), from the start of a description
+// such as "allreduce (sum) of float32 [4] ...".
+const char* collective_literal(const std::string& what) {
+  for (const char* name :
+       {"allreduce", "allgather", "reduce_scatter", "broadcast", "barrier", "split", "send", "recv"}) {
+    if (what.rfind(name, 0) == 0) return name;
+  }
+  return "collective";
+}
+
 class MpiWork final : public Work {
  public:
   MpiWork(std::shared_ptr<MpiGroup> group, std::string what, int64_t bytes, std::chrono::milliseconds timeout)
@@ -318,6 +328,16 @@ class MpiWork final : public Work {
   void wait() override {
     if (done_) return;
     group_->throw_if_broken(what_);
+    // The watchdog sees every wait, so a rank stuck here is reported with the collective's name.
+    struct Observed {
+      CollectiveObserver* observer;
+      Observed(const std::string& what, int64_t bytes) : observer(collective_observer()) {
+        if (observer) observer->enter_collective(collective_literal(what), bytes);
+      }
+      ~Observed() {
+        if (observer) observer->leave_collective();
+      }
+    } observed(what_, bytes_);
     if (!poll_until_done([&] { return test(); }, timeout_)) {
       group_->broken = detail::describe_timeout(group_->rank, what_, bytes_, timeout_, group_->size,
                                                 "This communicator is unusable from now on");

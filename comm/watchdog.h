@@ -14,6 +14,8 @@
 #include <string>
 #include <thread>
 
+#include "comm/communicator.h"
+
 namespace vimo::comm {
 
 namespace detail {
@@ -68,7 +70,7 @@ void apply_watchdog_environment(WatchdogOptions& options);
 // Sends this rank's heartbeat and watches a peer's (Note [Heartbeats] in watchdog.cpp) on a thread of its
 // own, from construction until stop(). The main thread brackets each collective with enter_collective /
 // leave_collective so the heartbeat says where this rank is, and a collective that never ends is reported.
-class Watchdog {
+class Watchdog final : public CollectiveObserver {
  public:
   // Connects to the store (throwing std::runtime_error as StoreClient does) and sends the first heartbeat
   // before returning, then starts the thread.
@@ -79,8 +81,8 @@ class Watchdog {
 
   // Called by the main thread around every collective: a few relaxed atomic stores, no lock, no system call
   // besides reading the clock. `name` must outlive the watchdog (a string literal: "allreduce").
-  void enter_collective(const char* name, int64_t bytes);
-  void leave_collective();
+  void enter_collective(const char* name, int64_t bytes) override;
+  void leave_collective() override;
 
   // Ends the thread and marks this rank finished in the store, so that peers still running do not take its
   // silence for a failure. Idempotent; a failed last write is ignored (the job is ending anyway).

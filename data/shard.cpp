@@ -12,6 +12,8 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <memory>
+#include <span>
 #include <stdexcept>
 #include <utility>
 
@@ -28,6 +30,7 @@ namespace {
 constexpr uint64_t kHeaderSize = sizeof(kShardMagic) + 2 * sizeof(uint32_t);  // 16
 constexpr uint64_t kFooterSize = 2 * sizeof(uint64_t) + sizeof(kShardMagic);  // 24
 constexpr uint64_t kIndexEntrySize = 3 * sizeof(uint64_t);  // offset + checksum + encoded size
+constexpr uint64_t kMaxZstdExpansion = 32768;               // 128 KiB of output per 4 bytes of input
 constexpr const char* kRegenerateHint = "the file is corrupt: regenerate it";
 
 std::string hex(uint64_t value) { return fmt::format("{:#018x}", value); }
@@ -66,7 +69,7 @@ void put(std::vector<uint8_t>& out, T value) {
 // Bounds-checked parser over one record's bytes; errors carry the absolute file offset.
 class RecordParser {
  public:
-  RecordParser(const std::vector<uint8_t>& bytes, uint64_t file_offset, std::string context, std::string file,
+  RecordParser(std::span<const uint8_t> bytes, uint64_t file_offset, std::string context, std::string file,
                int64_t record)
       : bytes_(bytes),
         file_offset_(file_offset),
@@ -99,7 +102,7 @@ class RecordParser {
   uint64_t remaining() const { return bytes_.size() - position_; }
 
  private:
-  const std::vector<uint8_t>& bytes_;
+  std::span<const uint8_t> bytes_;
   uint64_t file_offset_;
   std::string context_, file_;
   int64_t record_;
@@ -138,6 +141,25 @@ std::vector<T> field_values(const Field& field, DType expected) {
   if (bytes) std::memcpy(values.data(), field.bytes.data(), bytes);
   return values;
 }
+
+// An allocator whose value-initialization is default-initialization, so resize() leaves bytes unset (they
+// are overwritten right away by a read).
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
 
 // Reads exactly `count` bytes at `offset` (pread: no shared file position, so reads are const and
 // thread-safe), or throws naming the file.
@@ -486,11 +508,13 @@ ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
       }
     }
     for (uint64_t i = 0; i < record_count; ++i) {
-      // An uncompressed record's encoding is its stored bytes; a compressed one is bounded so a corrupt
-      // size cannot make the reader allocate more than the format allows (zstd expands at most ~2^17x,
-      // but no record of ours is larger than 1 TiB).
-      if ((compression_ == Compression::None && sizes_[i] != stored_size(i)) ||
-          sizes_[i] < sizeof(uint32_t) || sizes_[i] > (1ull << 40)) {
+      // An uncompressed record's encoding is its stored bytes. A compressed one is bounded by what zstd can
+      // expand to, so a corrupt or crafted size cannot make the reader allocate more than the bytes on disk
+      // justify: the smallest zstd block (3-byte header + 1 RLE byte) decodes to at most 128 KiB, so a frame
+      // expands at most kMaxZstdExpansion times (plus the frame header's few bytes).
+      const uint64_t stored = stored_size(i);
+      if ((compression_ == Compression::None && sizes_[i] != stored) || sizes_[i] < sizeof(uint32_t) ||
+          sizes_[i] / kMaxZstdExpansion > stored) {
         fail(fmt::format(
                  "index says the record's encoding is {} bytes, which does not fit its {} stored bytes",
                  sizes_[i], stored_size(i)),
@@ -520,14 +544,16 @@ Record ShardReader::read_record(uint64_t index) const {
   }
   const uint64_t begin = offsets_[index];
   const auto record = static_cast<int64_t>(index);
-  std::vector<uint8_t> stored(stored_size(index));
+  // Not zero-filled: pread overwrites every byte (read_exactly throws otherwise).
+  std::vector<uint8_t, DefaultInitAllocator<uint8_t>> stored(stored_size(index));
   read_exactly(fd_, begin, stored.data(), stored.size(), path_, "record");
   const uint64_t checksum = XXH3_64bits(stored.data(), stored.size());
   if (checksum != checksums_[index]) {
     fail(fmt::format("checksum mismatch (expected {}, found {})", hex(checksums_[index]), hex(checksum)),
          record, begin);
   }
-  std::vector<uint8_t> bytes;
+  std::vector<uint8_t, DefaultInitAllocator<uint8_t>> decoded;
+  std::span<const uint8_t> bytes(stored.data(), stored.size());
   if (compression_ == Compression::Zstd) {
     const unsigned long long content = ZSTD_getFrameContentSize(stored.data(), stored.size());
     if (content != sizes_[index]) {
@@ -538,15 +564,18 @@ Record ShardReader::read_record(uint64_t index) const {
                        sizes_[index]),
            record, begin);
     }
-    bytes.resize(sizes_[index]);
-    const size_t n = ZSTD_decompress(bytes.data(), bytes.size(), stored.data(), stored.size());
-    if (ZSTD_isError(n) || n != bytes.size()) {
+    decoded.resize(sizes_[index]);
+    // One decompression context per thread: ZSTD_decompress would create and free one per record.
+    thread_local const std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> context(ZSTD_createDCtx(),
+                                                                                    &ZSTD_freeDCtx);
+    const size_t n =
+        ZSTD_decompressDCtx(context.get(), decoded.data(), decoded.size(), stored.data(), stored.size());
+    if (ZSTD_isError(n) || n != decoded.size()) {
       fail(fmt::format("zstd cannot decode the record: {}",
                        ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short frame"),
            record, begin);
     }
-  } else {
-    bytes = std::move(stored);
+    bytes = std::span<const uint8_t>(decoded.data(), decoded.size());
   }
 
   RecordParser parser(bytes, begin, fmt::format("shard {}: record {}", path_, index), path_, record);

@@ -1,34 +1,60 @@
-// Fused, tiled symmetric InfoNCE on CPU (see fused_contrastive.h).
+// Fused symmetric InfoNCE on CPU and CUDA (see fused_contrastive.h).
 //
-// Note [Tiled symmetric InfoNCE]
-// Each direction is a row-wise cross-entropy over logits S [n, N] that are a sum of branches
-//   S = Σ_b s_b · (R_b · C_bᵀ) ⊙ W_b        R_b [n, D_b] rows, C_b [N, D_b] columns, s_b a scalar scale,
-// W_b a weight per column [N] or per row [n] broadcast over the other axis, or 1. Single branch: text→video
-// has R = text_local, C = video_all; video→text R = video_local, C = text_all. Gemini router stage: an action
-// and an object branch weighted by the router softmax of the video (per column text→video, per row
-// video→text), DESIGN.md "The two losses".
-//   forward:  for each column tile [start, start + w): logits [n, w] from one matmul per branch, folded into
-//             a running row max m and a running Σ exp(logit − m) (online softmax, Milakov & Gimelshein);
-//             lse = m + log Σ. The positive logit S[i, offset + i] is a row-wise dot product, so no tile has
-//             to look for it. loss_direction = mean_i (lse_i − positive_i); L = (loss_t2v + loss_v2t) / 2.
-//   backward: dL/dS[i, j] = c · (softmax_ij − [j == offset + i]) with c = dL_out / (2n). The softmax part is
-//             recomputed per tile from the saved lse (n values per direction): P = exp(S_tile − lse), and
-//             with G_b = c · P ⊙ W_b and dots_b = R_b · C_b,tileᵀ
-//               grad_R_b += s_b · G_b · C_b,tile    grad_C_b,tile += s_b · G_bᵀ · R_b    grad_s_b += Σ G_b ⊙
-//               dots_b grad_W_b += s_b · (c · P ⊙ dots_b) summed over the axis W_b is broadcast along
-//             and the one-hot part is applied once, outside the tile loop, on the n positive pairs.
-// Memory beyond inputs and gradients: a few [n, tile] tiles per branch and O(n) vectors, never [n, N]. Tiles
-// are visited in order and each matmul is one BLAS call, so results are deterministic for a given thread
-// count. Accumulation is float32 for float32/bfloat16 inputs and float64 for float64 inputs.
+// Note [Two-pass symmetric InfoNCE]
+// Every form of the loss is a row-wise cross-entropy over scores S [n, N] that are ONE matrix product of
+// branch-concatenated, pre-scaled operands:
+//   S = Σ_b s_b · (ρ_b ⊙ R_b) · (γ_b ⊙ C_b)ᵀ = R̃ · C̃ᵀ,   R̃ = [s_b ρ_b R_b]_b [n, K],  C̃ = [γ_b C_b]_b [N, K]
+// with R_b [n, D_b] the rows, C_b [N, D_b] the columns, s_b the branch scale, ρ_b a weight per row and γ_b a
+// weight per column (router softmax of the video, DESIGN.md "The two losses"; 1 where absent) and K = Σ D_b.
+// Single branch: K = D. Gemini router stage: action and object side by side, K = D_act + D_obj.
+//
+// One process (local and gathered inputs are the same tensors, n = N, offset 0): the video→text scores are
+// the transpose of the text→video scores, so ONE matrix serves both directions: its row softmax is text→video
+// and its column softmax video→text. In data parallelism they differ (local × all in both directions) and
+// each direction is its own matrix with a row softmax only. Per matrix, in strips of `tile` rows spanning all
+// N columns (a strip holds whole rows, so each row's log-sum-exp is finished inside its strip):
+//   pass 1: S_strip = R̃_strip · C̃ᵀ (GEMM); row lse = max + log Σ exp(S − max); with the column softmax each
+//           column's (max, Σ exp) over the strip is merged into a running pair (online softmax, Milakov &
+//           Gimelshein; contrastive_math.h).
+//   pass 2: recompute S_strip (GEMM); G = dL/dS = c·(exp(S − lse_row) [+ exp(S − lse_col)]) − c·onehot, c =
+//           1/(2n) (contrastive_math.h); dL/dR̃_strip = G · C̃ (GEMM, rows owned by the strip) and
+//           dL/dC̃ += Gᵀ · R̃_strip (GEMM, per-thread accumulator, summed at the end).
+// GEMMs of n·N·K each: 4 in one process (eager autograd makes 6: two score products, four in backward), 8 in
+// data parallelism (eager 6); one fewer per matrix for the strips kept in the score cache (Note [Score
+// cache]): 3 in one process when N ≤ 2K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G,
+// and G needs S. The chain rule back through R̃ and C̃ is O((n + N)·K):
+//   dL/dR_b = s_b ρ_b ⊙ X_b   dL/dC_b = γ_b ⊙ Y_b   dL/ds_b = Σ_i ρ_b,i ⟨R_b,i, X_b,i⟩
+//   dL/dρ_b,i = s_b ⟨R_b,i, X_b,i⟩   dL/dγ_b,j = ⟨C_b,j, Y_b,j⟩       (X = dL/dR̃, Y = dL/dC̃, columns of b)
+// so no per-branch dot products are ever formed. The gradients are computed in the forward pass (Liger's
+// fused-linear-cross-entropy design): backward only multiplies the stored gradients by dL_out. Only the
+// products whose results are needed run: the router stage, which trains only the router weights γ, skips
+// dL/dR̃. Memory beyond inputs and gradients: R̃, C̃, dL/dR̃, dL/dC̃, the score cache (≤ (n + N)·K values), one
+// [tile, N] strip (and, with threads, one dL/dC̃ [N, K]) per thread, O(n + N) vectors; never [n, N] (unless it
+// fits the cache). Strips go to threads in a fixed partition and the
+// per-thread accumulators are summed in thread order, so results are deterministic for a given thread count.
+// Accumulation is float32 for float32/bfloat16 inputs and float64 for float64 inputs. On CUDA the same
+// passes run with cuBLAS products (at::mm) and the element kernels of cuda/fused_contrastive.cu.
 #include "kernels/fused_contrastive.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "kernels/contrastive_math.h"
+
+#if defined(VIMO_HAVE_CUDA)
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/cuda/fused_contrastive.cuh"
+#endif
 
 namespace vimo::kernels {
 namespace {
@@ -128,261 +154,410 @@ void check_inputs(const Layout& layout, at::TensorList inputs, int64_t positive_
   if (tile < 1) throw std::invalid_argument(where + "tile must be ≥ 1, got " + std::to_string(tile));
 }
 
-// One branch of one direction, in the accumulation dtype (see Note [Tiled symmetric InfoNCE]).
-struct Branch {
-  at::Tensor rows;     // [n, D_b], contiguous
-  at::Tensor columns;  // [N, D_b], contiguous
-  double scale = 1;
-  at::Tensor weights;  // [N] per column, [n] per row, or undefined (all ones)
-  bool weights_per_row = false;
+// One score matrix S = rows · columnsᵀ (Note [Two-pass symmetric InfoNCE]), in the accumulation dtype.
+struct ScoreMatrix {
+  at::Tensor rows;     // R̃ [n, K], contiguous
+  at::Tensor columns;  // C̃ [N, K], contiguous
+  int64_t positive_offset = 0;
+  bool column_softmax = false;  // one process: the columns are the other direction's rows
 };
 
-std::vector<Branch> make_branches(const std::vector<BranchSpec>& specs, const std::vector<at::Tensor>& inputs,
-                                  const std::vector<double>& scales, bool weights_per_row) {
-  std::vector<Branch> out;
-  for (const BranchSpec& s : specs) {
-    Branch b{inputs[s.rows], inputs[s.columns], scales[s.scale], at::Tensor(), weights_per_row};
-    if (s.weights >= 0) b.weights = inputs[s.weights].select(1, s.weight_column).contiguous();
-    out.push_back(b);
+// What the two passes produce for one score matrix.
+struct ScorePasses {
+  at::Tensor row_lse;       // [n]
+  at::Tensor column_lse;    // [N], with the column softmax only
+  at::Tensor grad_rows;     // dL/dR̃ [n, K], when asked for
+  at::Tensor grad_columns;  // dL/dC̃ [N, K], when asked for
+};
+
+// The CPU passes over strips of `strip_rows` rows. The element work runs as whole-strip ATen operations into
+// per-thread buffers (vectorized by ATen's CPU kernels: this file is not compiled per CPU capability); the
+// per-column merges and the one-hot part use contrastive_math.h like the CUDA kernels.
+template <typename scalar_t>
+void cpu_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, bool want_rows,
+                bool want_columns, ScorePasses& out) {
+  namespace math = contrastive_math;
+  const int64_t n = m.rows.size(0), N = m.columns.size(0), K = m.rows.size(1);
+  strip_rows = std::min(strip_rows, n);
+  const int64_t strips = (n + strip_rows - 1) / strip_rows;
+  const int threads = at::get_num_threads();
+  const at::TensorOptions options = m.rows.options();
+  const at::Tensor columns_t = m.columns.t();  // [K, N]
+  const bool by_column = m.column_softmax;
+
+  // Per-thread state, allocated by its thread on first use (at most one set per thread and call).
+  struct ThreadState {
+    at::Tensor scores, exps;          // [strip_rows, N]
+    at::Tensor strip_max, strip_sum;  // [N] this strip's column max and Σ exp(S − max)
+    std::vector<math::RunningLogSumExp<scalar_t>> columns;  // [N] running column statistics
+    at::Tensor grad_columns;                                // [N, K] dL/dC̃ of this thread's strips
+  };
+  std::vector<ThreadState> state(threads);
+  auto thread_state = [&]() -> ThreadState& {
+    ThreadState& s = state[at::get_thread_num()];
+    if (!s.exps.defined()) {
+      s.exps = at::empty({strip_rows, N}, options);
+      if (by_column) {
+        s.strip_max = at::empty({N}, options);
+        s.strip_sum = at::empty({N}, options);
+        s.columns.assign(N, {-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)});
+      }
+    }
+    return s;
+  };
+  // Note [Score cache]: the first strips, as many as fit in (n + N)·K values (the size of R̃ and C̃, so memory
+  // stays O((n + N)·K)), keep their scores from pass 1 to pass 2 instead of recomputing them. When n·N ≤
+  // (n + N)·K (N ≤ 2K in one process) every strip is kept and the loss costs 3 products instead of 4.
+  const bool gradients = want_rows || want_columns;
+  const int64_t cached_strips = gradients ? std::min(strips, (n + N) * K / (strip_rows * N)) : 0;
+  at::Tensor cache;  // [cached rows, N]
+  if (cached_strips > 0) cache = at::empty({std::min(n, cached_strips * strip_rows), N}, options);
+  // S_strip = R̃[first, first + count) · C̃ᵀ [count, N]: in the cache for cached strips (computed in pass 1
+  // only), otherwise in the thread's buffer.
+  auto strip_scores = [&](ThreadState& s, int64_t strip, bool second_pass) {
+    const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
+    at::Tensor scores;
+    if (strip < cached_strips) {
+      scores = cache.narrow(0, first, count);
+      if (second_pass) return scores;
+    } else {
+      if (!s.scores.defined()) s.scores = at::empty({strip_rows, N}, options);
+      scores = s.scores.narrow(0, 0, count);
+    }
+    at::mm_out(scores, m.rows.narrow(0, first, count), columns_t);
+    return scores;
+  };
+
+  // Pass 1: log-sum-exp of every row, and of every column when the matrix serves both directions.
+  out.row_lse = at::empty({n}, options);
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    ThreadState& s = thread_state();
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
+      const at::Tensor scores = strip_scores(s, strip, false);   // [count, N]
+      at::Tensor exps = s.exps.narrow(0, 0, count);              // [count, N]
+      at::Tensor row_lse = out.row_lse.narrow(0, first, count);  // [count]
+      at::amax_out(row_lse, scores, {1});
+      at::sub_out(exps, scores, row_lse.unsqueeze(1)).exp_();
+      row_lse.add_(exps.sum(1).log_());
+      if (!by_column) continue;
+      at::amax_out(s.strip_max, scores, {0});
+      at::sub_out(exps, scores, s.strip_max.unsqueeze(0)).exp_();
+      at::sum_out(s.strip_sum, exps, {0});
+      const scalar_t* block_max = s.strip_max.template data_ptr<scalar_t>();
+      const scalar_t* block_sum = s.strip_sum.template data_ptr<scalar_t>();
+      for (int64_t j = 0; j < N; ++j) math::merge_block(s.columns[j], block_max[j], block_sum[j]);
+    }
+  });
+  if (by_column) {
+    out.column_lse = at::empty({N}, options);
+    scalar_t* lse = out.column_lse.template data_ptr<scalar_t>();
+    for (int64_t j = 0; j < N; ++j) {
+      math::RunningLogSumExp<scalar_t> total{-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)};
+      for (const ThreadState& s : state) {
+        if (!s.columns.empty()) math::merge_block(total, s.columns[j].max, s.columns[j].sum);
+      }
+      lse[j] = math::log_sum_exp(total);
+    }
   }
+  if (!want_rows && !want_columns) return;
+
+  // Pass 2: G = dL/dS per strip, then the two gradient products.
+  if (want_rows) out.grad_rows = at::empty({n, K}, options);
+  if (want_columns) out.grad_columns = at::zeros({N, K}, options);
+  const scalar_t correction = math::positive_correction(by_column, coefficient);
+  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+    ThreadState& s = thread_state();
+    at::Tensor grad_columns = out.grad_columns;
+    if (want_columns && at::get_thread_num() != 0) {
+      if (!s.grad_columns.defined()) s.grad_columns = at::zeros({N, K}, options);
+      grad_columns = s.grad_columns;
+    }
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
+      at::Tensor grad = strip_scores(s, strip, true);  // S, overwritten by G [count, N]
+      // c·(exp(S − lse_row) + exp(S − lse_col)): score_gradient of contrastive_math.h on whole strips.
+      const at::Tensor row_lse = out.row_lse.narrow(0, first, count).unsqueeze(1);  // [count, 1]
+      if (by_column) {
+        at::Tensor exps = s.exps.narrow(0, 0, count);  // [count, N]
+        at::sub_out(exps, grad, row_lse).exp_();
+        grad.sub_(out.column_lse.unsqueeze(0)).exp_().add_(exps).mul_(coefficient);
+      } else {
+        grad.sub_(row_lse).exp_().mul_(coefficient);
+      }
+      scalar_t* g = grad.template data_ptr<scalar_t>();
+      for (int64_t i = 0; i < count; ++i) g[i * N + m.positive_offset + first + i] -= correction;
+      if (want_rows) {
+        at::Tensor grad_rows = out.grad_rows.narrow(0, first, count);  // [count, K]
+        at::mm_out(grad_rows, grad, m.columns);
+      }
+      if (want_columns) grad_columns.addmm_(grad.t(), m.rows.narrow(0, first, count));
+    }
+  });
+  for (int t = 1; t < threads; ++t) {
+    if (state[t].grad_columns.defined()) out.grad_columns.add_(state[t].grad_columns);
+  }
+}
+
+#if defined(VIMO_HAVE_CUDA)
+// The same passes on CUDA: cuBLAS products through at::mm on the current stream, element kernels from
+// cuda/fused_contrastive.cu. Strips run in order on one stream, so one strip buffer serves them all.
+template <typename scalar_t>
+void cuda_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, bool want_rows,
+                 bool want_columns, ScorePasses& out) {
+  const int64_t n = m.rows.size(0), N = m.columns.size(0), K = m.rows.size(1);
+  strip_rows = std::min(strip_rows, n);
+  const at::TensorOptions options = m.rows.options();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(m.rows.device().index()).stream();
+  const at::Tensor columns_t = m.columns.t();               // [K, N]
+  at::Tensor buffer = at::empty({strip_rows, N}, options);  // [tile, N]
+  auto strip_scores = [&](int64_t first, int64_t count) {
+    at::Tensor scores = buffer.narrow(0, 0, count);
+    at::mm_out(scores, m.rows.narrow(0, first, count), columns_t);
+    return scores;
+  };
+  out.row_lse = at::empty({n}, options);
+  at::Tensor running_max, running_sum;  // [N]
+  if (m.column_softmax) {
+    running_max = at::full({N}, -std::numeric_limits<double>::infinity(), options);
+    running_sum = at::zeros({N}, options);
+  }
+  for (int64_t first = 0; first < n; first += strip_rows) {
+    const int64_t count = std::min(strip_rows, n - first);
+    const at::Tensor scores = strip_scores(first, count);
+    cuda::row_log_sum_exp(scores.template data_ptr<scalar_t>(), count, N,
+                          out.row_lse.template data_ptr<scalar_t>() + first, stream);
+    if (m.column_softmax) {
+      cuda::fold_column_statistics(scores.template data_ptr<scalar_t>(), count, N,
+                                   running_max.template data_ptr<scalar_t>(),
+                                   running_sum.template data_ptr<scalar_t>(), stream);
+    }
+  }
+  if (m.column_softmax) {
+    out.column_lse = at::empty({N}, options);
+    cuda::finish_column_log_sum_exp(running_max.template data_ptr<scalar_t>(),
+                                    running_sum.template data_ptr<scalar_t>(), N,
+                                    out.column_lse.template data_ptr<scalar_t>(), stream);
+  }
+  if (!want_rows && !want_columns) return;
+  if (want_rows) out.grad_rows = at::empty({n, K}, options);
+  if (want_columns) out.grad_columns = at::zeros({N, K}, options);
+  for (int64_t first = 0; first < n; first += strip_rows) {
+    const int64_t count = std::min(strip_rows, n - first);
+    at::Tensor grad = strip_scores(first, count);  // S, overwritten by G [count, N]
+    cuda::scores_to_gradient(grad.template data_ptr<scalar_t>(), count, N,
+                             out.row_lse.template data_ptr<scalar_t>() + first,
+                             m.column_softmax ? out.column_lse.template data_ptr<scalar_t>() : nullptr,
+                             coefficient, first, m.positive_offset, stream);
+    if (want_rows) {
+      at::Tensor grad_rows = out.grad_rows.narrow(0, first, count);  // [count, K]
+      at::mm_out(grad_rows, grad, m.columns);
+    }
+    if (want_columns) out.grad_columns.addmm_(grad.t(), m.rows.narrow(0, first, count));
+  }
+}
+#endif
+
+// Both passes on the matrix's device; coefficient c = 1 / (2n) (dL_out is applied in backward).
+ScorePasses run_passes(const ScoreMatrix& m, int64_t strip_rows, double coefficient, bool want_rows,
+                       bool want_columns) {
+  ScorePasses out;
+  AT_DISPATCH_FLOATING_TYPES(m.rows.scalar_type(), "fused_symmetric_infonce", [&] {
+    if (m.rows.is_cuda()) {
+#if defined(VIMO_HAVE_CUDA)
+      cuda_passes<scalar_t>(m, strip_rows, static_cast<scalar_t>(coefficient), want_rows, want_columns, out);
+#else
+      throw std::invalid_argument(
+          "fused symmetric InfoNCE: inputs are on " + m.rows.device().str() +
+          " but vimo was built without CUDA; HINT: configure with -DVIMO_CUDA=ON on a machine with nvcc");
+#endif
+    } else {
+      cpu_passes<scalar_t>(m, strip_rows, static_cast<scalar_t>(coefficient), want_rows, want_columns, out);
+    }
+  });
   return out;
-}
-
-// The branch's weights for the tile columns [start, start + width), shaped to broadcast on [n, width].
-at::Tensor tile_weights(const Branch& b, int64_t start, int64_t width) {
-  return b.weights_per_row ? b.weights.unsqueeze(1) : b.weights.narrow(0, start, width).unsqueeze(0);
-}
-
-// The branch's weight of each row's positive pair [n].
-at::Tensor positive_weights(const Branch& b, int64_t positive_offset) {
-  return b.weights_per_row ? b.weights : b.weights.narrow(0, positive_offset, b.rows.size(0));
-}
-
-// ⟨rows_i, columns_{offset+i}⟩ [n], the raw positive dot products.
-at::Tensor positive_dots(const Branch& b, int64_t positive_offset) {
-  return (b.rows * b.columns.narrow(0, positive_offset, b.rows.size(0))).sum(1);
-}
-
-// Logits of the tile columns [start, start + width) [n, width]; `dots` receives each branch's raw
-// rows · columns_tileᵀ when given (backward needs them).
-at::Tensor tile_logits(const std::vector<Branch>& branches, int64_t start, int64_t width,
-                       std::vector<at::Tensor>* dots) {
-  at::Tensor logits;
-  for (const Branch& b : branches) {
-    at::Tensor dot = at::mm(b.rows, b.columns.narrow(0, start, width).t());  // [n, width]
-    at::Tensor term = dots ? dot * b.scale : dot.mul_(b.scale);
-    if (dots) dots->push_back(dot);
-    if (b.weights.defined()) term.mul_(tile_weights(b, start, width));
-    logits = logits.defined() ? logits.add_(term) : term;
-  }
-  return logits;
-}
-
-// Row-wise log-sum-exp of the direction's logits, one column tile at a time → lse [n].
-at::Tensor tiled_row_logsumexp(const std::vector<Branch>& branches, int64_t tile) {
-  const at::Tensor& rows = branches[0].rows;
-  const int64_t n = rows.size(0), N = branches[0].columns.size(0);
-  at::Tensor running_max = at::full({n}, -INFINITY, rows.options());  // [n]
-  at::Tensor running_sum = at::zeros({n}, rows.options());            // [n], Σ exp(logit − running_max)
-  for (int64_t start = 0; start < N; start += tile) {
-    const int64_t width = std::min(tile, N - start);
-    at::Tensor logits = tile_logits(branches, start, width, nullptr);  // [n, width]
-    at::Tensor new_max = at::maximum(running_max, logits.amax(1));     // [n]
-    // exp(−inf − finite) = 0 clears the empty sum on the first tile.
-    running_sum.mul_((running_max - new_max).exp_()).add_(logits.sub_(new_max.unsqueeze(1)).exp_().sum(1));
-    running_max = new_max;
-  }
-  return running_max + running_sum.log();  // [n]
-}
-
-// Positive logits S[i, offset + i] [n].
-at::Tensor positive_logits(const std::vector<Branch>& branches, int64_t positive_offset) {
-  at::Tensor total;
-  for (const Branch& b : branches) {
-    at::Tensor term = positive_dots(b, positive_offset).mul_(b.scale);
-    if (b.weights.defined()) term.mul_(positive_weights(b, positive_offset));
-    total = total.defined() ? total.add_(term) : term;
-  }
-  return total;
-}
-
-// Where one branch's gradients go; an undefined tensor means not needed. `weights` is the [N] or [n] column
-// of the router weights' gradient (a view).
-struct BranchGrads {
-  at::Tensor rows, columns, weights;
-  double* scale = nullptr;
-};
-
-// Adds coefficient · d(Σ_i CE_i)/d(inputs) of one direction into `grads` (one entry per branch).
-void accumulate_direction_grads(const std::vector<Branch>& branches, const at::Tensor& lse,
-                                int64_t positive_offset, int64_t tile, double coefficient,
-                                std::vector<BranchGrads>& grads) {
-  const int64_t n = branches[0].rows.size(0), N = branches[0].columns.size(0);
-  for (int64_t start = 0; start < N; start += tile) {
-    const int64_t width = std::min(tile, N - start);
-    std::vector<at::Tensor> dots;  // per branch [n, width]
-    // c · softmax of the tile [n, width]
-    const at::Tensor weighted_softmax =
-        tile_logits(branches, start, width, &dots).sub_(lse.unsqueeze(1)).exp_().mul_(coefficient);
-    for (size_t k = 0; k < branches.size(); ++k) {
-      const Branch& b = branches[k];
-      BranchGrads& g = grads[k];
-      if (g.weights.defined()) {
-        const at::Tensor contribution = weighted_softmax * dots[k];  // [n, width]
-        if (b.weights_per_row) {
-          g.weights.add_(contribution.sum(1), b.scale);
-        } else {
-          g.weights.narrow(0, start, width).add_(contribution.sum(0), b.scale);
-        }
-      }
-      if (!g.scale && !g.rows.defined() && !g.columns.defined()) continue;
-      // G_b = c · P ⊙ W_b [n, width]
-      const at::Tensor grad_logits =
-          b.weights.defined() ? weighted_softmax * tile_weights(b, start, width) : weighted_softmax;
-      if (g.scale) *g.scale += at::dot(grad_logits.reshape(-1), dots[k].reshape(-1)).item<double>();
-      if (g.rows.defined()) g.rows.addmm_(grad_logits, b.columns.narrow(0, start, width), 1, b.scale);
-      if (g.columns.defined()) g.columns.narrow(0, start, width).addmm_(grad_logits.t(), b.rows, 1, b.scale);
-    }
-  }
-  // The one-hot part of (softmax − onehot): each row's positive column, all n at once.
-  for (size_t k = 0; k < branches.size(); ++k) {
-    const Branch& b = branches[k];
-    BranchGrads& g = grads[k];
-    const at::Tensor positive_columns = b.columns.narrow(0, positive_offset, n);  // [n, D_b]
-    at::Tensor pair_weights;                                                      // [n, 1] or undefined
-    if (b.weights.defined()) pair_weights = positive_weights(b, positive_offset).unsqueeze(1);
-    auto weighted = [&](const at::Tensor& t) { return pair_weights.defined() ? t * pair_weights : t; };
-    const double factor = coefficient * b.scale;
-    if (g.rows.defined()) g.rows.sub_(weighted(positive_columns), factor);
-    if (g.columns.defined()) g.columns.narrow(0, positive_offset, n).sub_(weighted(b.rows), factor);
-    if (g.scale || g.weights.defined()) {
-      const at::Tensor dots = positive_dots(b, positive_offset);  // [n]
-      if (g.scale) {
-        *g.scale -=
-            coefficient *
-            (pair_weights.defined() ? (dots * pair_weights.squeeze(1)).sum() : dots.sum()).item<double>();
-      }
-      if (g.weights.defined()) {
-        (b.weights_per_row ? g.weights : g.weights.narrow(0, positive_offset, n)).sub_(dots, factor);
-      }
-    }
-  }
 }
 
 at::ScalarType accumulation_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Inputs in the accumulation dtype, contiguous; the scales as numbers (index → value, 0 where not a scale).
-struct Prepared {
-  std::vector<at::Tensor> tensors;
-  std::vector<double> scales;
-};
-
-Prepared prepare(const Layout& layout, at::TensorList inputs) {
-  const at::ScalarType acc = accumulation_type(inputs[0].scalar_type());
-  Prepared p;
-  p.scales.assign(inputs.size(), 0);
-  for (const at::Tensor& t : inputs) p.tensors.push_back(t.to(acc).contiguous());
-  for (const auto* direction : {&layout.text_to_video, &layout.video_to_text}) {
-    for (const BranchSpec& b : *direction) p.scales[b.scale] = inputs[b.scale].item<double>();
+// One direction's branches as one score matrix: R̃ = [s_b ρ_b R_b]_b, C̃ = [γ_b C_b]_b.
+//   tensors: the inputs in the accumulation dtype, contiguous; scales: their values by input index.
+ScoreMatrix score_matrix(const std::vector<BranchSpec>& specs, const std::vector<at::Tensor>& tensors,
+                         const std::vector<double>& scales, bool weights_per_row, int64_t positive_offset,
+                         bool column_softmax) {
+  std::vector<at::Tensor> rows, columns;
+  for (const BranchSpec& b : specs) {
+    at::Tensor row = tensors[b.rows] * scales[b.scale];  // [n, D_b]
+    at::Tensor column = tensors[b.columns];              // [N, D_b]
+    if (b.weights >= 0) {
+      const at::Tensor w = tensors[b.weights].select(1, b.weight_column).unsqueeze(1);  // [n or N, 1]
+      if (weights_per_row) {
+        row.mul_(w);
+      } else {
+        column = column * w;
+      }
+    }
+    rows.push_back(row);
+    columns.push_back(column);
   }
-  return p;
+  return {at::cat(rows, 1), at::cat(columns, 1).contiguous(), positive_offset, column_softmax};
+}
+
+// Adds `contribution` to grads[index] (out of place: a contribution may be a view of dL/dR̃ or dL/dC̃).
+void add_gradient(std::vector<at::Tensor>& grads, int index, const at::Tensor& contribution) {
+  grads[index] = grads[index].defined() ? grads[index] + contribution : contribution;
+}
+
+// The chain rule from dL/dR̃ and dL/dC̃ back to the inputs of one direction's branches (Note [Two-pass
+// symmetric InfoNCE]); adds to grads[k] for every input k with needs[k].
+void branch_gradients(const std::vector<BranchSpec>& specs, const std::vector<at::Tensor>& tensors,
+                      const std::vector<double>& scales, bool weights_per_row, const ScorePasses& passes,
+                      const std::vector<bool>& needs, std::vector<at::Tensor>& grads) {
+  int64_t first = 0;  // the branch's first column in K
+  for (const BranchSpec& b : specs) {
+    const at::Tensor& rows = tensors[b.rows];        // R_b [n, D_b]
+    const at::Tensor& columns = tensors[b.columns];  // C_b [N, D_b]
+    const int64_t width = rows.size(1);
+    const double scale = scales[b.scale];
+    at::Tensor weights;  // ρ_b [n] or γ_b [N]
+    if (b.weights >= 0) weights = tensors[b.weights].select(1, b.weight_column);
+    const at::Tensor row_weights = weights_per_row ? weights : at::Tensor();
+    const at::Tensor column_weights = weights_per_row ? at::Tensor() : weights;
+    if (passes.grad_rows.defined()) {
+      const at::Tensor x = passes.grad_rows.narrow(1, first, width);  // dL/dR̃_b [n, D_b]
+      if (needs[b.rows]) {
+        add_gradient(grads, b.rows,
+                     row_weights.defined() ? x * (row_weights.unsqueeze(1) * scale) : x * scale);
+      }
+      const bool row_weights_need = row_weights.defined() && needs[b.weights];
+      if (needs[b.scale] || row_weights_need) {
+        const at::Tensor dots = (rows * x).sum(1);  // ⟨R_b,i, X_b,i⟩ [n]
+        if (needs[b.scale]) {
+          add_gradient(grads, b.scale, row_weights.defined() ? (dots * row_weights).sum() : dots.sum());
+        }
+        if (row_weights_need) {
+          if (!grads[b.weights].defined()) grads[b.weights] = at::zeros_like(tensors[b.weights]);
+          grads[b.weights].select(1, b.weight_column).add_(dots, scale);
+        }
+      }
+    }
+    if (passes.grad_columns.defined()) {
+      const at::Tensor y = passes.grad_columns.narrow(1, first, width);  // dL/dC̃_b [N, D_b]
+      if (needs[b.columns]) {
+        add_gradient(grads, b.columns, column_weights.defined() ? y * column_weights.unsqueeze(1) : y);
+      }
+      if (column_weights.defined() && needs[b.weights]) {
+        if (!grads[b.weights].defined()) grads[b.weights] = at::zeros_like(tensors[b.weights]);
+        grads[b.weights].select(1, b.weight_column).add_((columns * y).sum(1));  // ⟨C_b,j, Y_b,j⟩ [N]
+      }
+    }
+    first += width;
+  }
+}
+
+// Whether a direction needs dL/dR̃ (rows, scales, per-row weights) and dL/dC̃ (columns, per-column weights).
+std::pair<bool, bool> wanted_products(const std::vector<BranchSpec>& specs, bool weights_per_row,
+                                      const std::vector<bool>& needs) {
+  bool rows = false, columns = false;
+  for (const BranchSpec& b : specs) {
+    rows = rows || needs[b.rows] || needs[b.scale] || (weights_per_row && b.weights >= 0 && needs[b.weights]);
+    columns = columns || needs[b.columns] || (!weights_per_row && b.weights >= 0 && needs[b.weights]);
+  }
+  return {rows, columns};
+}
+
+// One process passes the same tensor as local and as gathered for every pair; then one matrix serves both
+// directions (Note [Two-pass symmetric InfoNCE]).
+bool is_single_process(const Layout& layout, at::TensorList inputs, int64_t positive_offset) {
+  if (positive_offset != 0) return false;
+  for (size_t k = 0; k < layout.text_to_video.size(); ++k) {
+    const BranchSpec &forward = layout.text_to_video[k], &backward = layout.video_to_text[k];
+    // text_local is video→text's columns, video_all text→video's columns, and so on.
+    if (!inputs[forward.rows].is_same(inputs[backward.columns])) return false;
+    if (!inputs[forward.columns].is_same(inputs[backward.rows])) return false;
+    if (forward.weights >= 0 && !inputs[forward.weights].is_same(inputs[backward.weights])) return false;
+  }
+  return true;
 }
 
 // The loss of either layout; the inputs are one flat list so one autograd function serves both.
 class FusedSymmetricInfoNCE : public torch::autograd::Function<FusedSymmetricInfoNCE> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList inputs, bool gemini, int64_t positive_offset,
-                            int64_t tile) {
+                            int64_t tile, bool gradients_enabled) {
     const Layout& layout = layout_for(gemini);
-    const Prepared p = prepare(layout, inputs);
-    const std::vector<Branch> text_to_video = make_branches(layout.text_to_video, p.tensors, p.scales, false);
-    const std::vector<Branch> video_to_text = make_branches(layout.video_to_text, p.tensors, p.scales, true);
-    const at::Tensor lse_text_to_video = tiled_row_logsumexp(text_to_video, tile);  // [n]
-    const at::Tensor lse_video_to_text = tiled_row_logsumexp(video_to_text, tile);  // [n]
-    const at::Tensor loss = ((lse_text_to_video - positive_logits(text_to_video, positive_offset)).mean() +
-                             (lse_video_to_text - positive_logits(video_to_text, positive_offset)).mean()) /
-                            2;
-    std::vector<at::Tensor> saved(inputs.begin(), inputs.end());
-    saved.push_back(lse_text_to_video);
-    saved.push_back(lse_video_to_text);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["gemini"] = gemini;
-    ctx->saved_data["positive_offset"] = positive_offset;
-    ctx->saved_data["tile"] = tile;
-    // Which inputs want a gradient (this LibTorch has no ctx->needs_input_grad).
+    const at::ScalarType acc = accumulation_type(inputs[0].scalar_type());
+    std::vector<at::Tensor> tensors;  // the inputs in the accumulation dtype, contiguous
+    std::vector<double> scales(inputs.size(), 0);
     std::vector<bool> needs;
-    for (const at::Tensor& t : inputs) needs.push_back(t.requires_grad());
-    ctx->saved_data["needs_grad"] = needs;
+    for (const at::Tensor& t : inputs) {
+      tensors.push_back(t.detach().to(acc).contiguous());
+      needs.push_back(gradients_enabled && t.requires_grad());
+    }
+    for (const auto* direction : {&layout.text_to_video, &layout.video_to_text}) {
+      for (const BranchSpec& b : *direction) scales[b.scale] = inputs[b.scale].item<double>();
+    }
+    const int64_t n = inputs[0].size(0);
+    const double coefficient = 1.0 / static_cast<double>(2 * n);
+    std::vector<at::Tensor> grads(inputs.size());  // accumulation dtype; undefined where not needed
+    at::Tensor loss;
+    // Mean cross-entropy of a matrix's rows, given their log-sum-exp [n].
+    auto mean_cross_entropy = [](const ScoreMatrix& m, const at::Tensor& lse) {
+      const at::Tensor positives = (m.rows * m.columns.narrow(0, m.positive_offset, m.rows.size(0))).sum(1);
+      return (lse - positives).mean();  // scalar
+    };
+    if (is_single_process(layout, inputs, positive_offset)) {
+      // Gradients land on text→video's inputs: the same tensors as video→text's, so autograd sees it all.
+      const ScoreMatrix m = score_matrix(layout.text_to_video, tensors, scales, false, 0, true);
+      const auto [rows, columns] = wanted_products(layout.text_to_video, false, needs);
+      const ScorePasses passes = run_passes(m, tile, coefficient, rows, columns);
+      loss = (mean_cross_entropy(m, passes.row_lse) + mean_cross_entropy(m, passes.column_lse)) / 2;
+      branch_gradients(layout.text_to_video, tensors, scales, false, passes, needs, grads);
+    } else {
+      loss = at::zeros({}, tensors[0].options());
+      for (const bool per_row : {false, true}) {
+        const std::vector<BranchSpec>& specs = per_row ? layout.video_to_text : layout.text_to_video;
+        const ScoreMatrix m = score_matrix(specs, tensors, scales, per_row, positive_offset, false);
+        const auto [rows, columns] = wanted_products(specs, per_row, needs);
+        const ScorePasses passes = run_passes(m, tile, coefficient, rows, columns);
+        loss = loss + mean_cross_entropy(m, passes.row_lse) / 2;
+        branch_gradients(specs, tensors, scales, per_row, passes, needs, grads);
+      }
+    }
+    std::vector<int64_t> dtypes;
+    for (size_t k = 0; k < inputs.size(); ++k) {
+      dtypes.push_back(static_cast<int64_t>(inputs[k].scalar_type()));
+      if (grads[k].defined()) grads[k] = grads[k].reshape(inputs[k].sizes());
+    }
+    ctx->save_for_backward(grads);
+    ctx->saved_data["dtypes"] = dtypes;
     return loss.to(inputs[0].scalar_type());
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    variable_list saved = ctx->get_saved_variables();
-    const at::Tensor lse_video_to_text = saved.back();
-    saved.pop_back();
-    const at::Tensor lse_text_to_video = saved.back();
-    saved.pop_back();
-    const Layout& layout = layout_for(ctx->saved_data["gemini"].toBool());
-    const int64_t positive_offset = ctx->saved_data["positive_offset"].toInt();
-    const int64_t tile = ctx->saved_data["tile"].toInt();
-    const c10::List<bool> needs = ctx->saved_data["needs_grad"].toBoolList();
-    const Prepared p = prepare(layout, saved);
-    const int64_t n = saved[0].size(0);
-    // Each direction is a mean over n rows and the two directions are averaged.
-    const double coefficient = grad_outputs[0].item<double>() / static_cast<double>(2 * n);
-
-    std::vector<at::Tensor> grads(saved.size());  // accumulation dtype; undefined where not needed
-    std::vector<double> scale_grads(saved.size(), 0);
-    auto run = [&](const std::vector<BranchSpec>& specs, const at::Tensor& lse, bool weights_per_row) {
-      std::vector<BranchGrads> targets;
-      bool any = false;
-      for (const BranchSpec& s : specs) {
-        BranchGrads g;
-        auto slot = [&](int index) {
-          if (!needs.get(index)) return at::Tensor();
-          if (!grads[index].defined()) grads[index] = at::zeros_like(p.tensors[index]);
-          any = true;
-          return grads[index];
-        };
-        g.rows = slot(s.rows);
-        g.columns = slot(s.columns);
-        if (s.weights >= 0) {
-          at::Tensor weights = slot(s.weights);
-          if (weights.defined()) g.weights = weights.select(1, s.weight_column);
-        }
-        if (needs.get(s.scale)) {
-          g.scale = &scale_grads[s.scale];
-          any = true;
-        }
-        targets.push_back(g);
-      }
-      if (!any) return;
-      accumulate_direction_grads(make_branches(specs, p.tensors, p.scales, weights_per_row), lse,
-                                 positive_offset, tile, coefficient, targets);
-    };
-    run(layout.text_to_video, lse_text_to_video, false);
-    run(layout.video_to_text, lse_video_to_text, true);
-
-    std::vector<bool> is_scale(saved.size(), false);
-    for (const auto* direction : {&layout.text_to_video, &layout.video_to_text}) {
-      for (const BranchSpec& b : *direction) is_scale[b.scale] = true;
-    }
+    const variable_list grads = ctx->get_saved_variables();
+    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
     variable_list out;
-    for (size_t k = 0; k < saved.size(); ++k) {
-      if (!needs.get(k)) {
+    for (size_t k = 0; k < grads.size(); ++k) {
+      if (!grads[k].defined()) {
         out.emplace_back();
-      } else if (is_scale[k]) {
-        out.push_back(at::full(saved[k].sizes(), scale_grads[k], saved[k].options()));
-      } else {
-        out.push_back(grads[k].to(saved[k].scalar_type()));
+        continue;
       }
+      const at::Tensor scale = grad_outputs[0].to(grads[k].scalar_type());  // dL_out, 0-dim
+      out.push_back((grads[k] * scale).to(static_cast<at::ScalarType>(dtypes[k])));
     }
-    out.resize(saved.size() + 3);  // gemini, positive_offset, tile
+    out.resize(grads.size() + 4);  // gemini, positive_offset, tile, gradients_enabled
     return out;
   }
 };
+
+// Whether autograd will call backward at all: otherwise the forward skips the gradient pass.
+bool gradients_enabled(at::TensorList inputs) {
+  if (!c10::GradMode::is_enabled()) return false;
+  return std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.requires_grad(); });
+}
 
 }  // namespace
 
@@ -391,7 +566,8 @@ at::Tensor fused_symmetric_infonce(const at::Tensor& text_local, const at::Tenso
                                    const at::Tensor& scale, int64_t positive_offset, int64_t tile) {
   const std::vector<at::Tensor> inputs = {text_local, text_all, video_local, video_all, scale};
   check_inputs(kSingleLayout, inputs, positive_offset, tile);
-  return FusedSymmetricInfoNCE::apply(at::TensorList(inputs), false, positive_offset, tile);
+  return FusedSymmetricInfoNCE::apply(at::TensorList(inputs), false, positive_offset, tile,
+                                      gradients_enabled(inputs));
 }
 
 at::Tensor fused_gemini_infonce(const GeminiInfoNCEInputs& in, int64_t positive_offset, int64_t tile) {
@@ -400,7 +576,8 @@ at::Tensor fused_gemini_infonce(const GeminiInfoNCEInputs& in, int64_t positive_
                                           in.video_object_local, in.video_object_all,   in.router_local,
                                           in.router_all,         in.action_scale,       in.object_scale};
   check_inputs(kGeminiLayout, inputs, positive_offset, tile);
-  return FusedSymmetricInfoNCE::apply(at::TensorList(inputs), true, positive_offset, tile);
+  return FusedSymmetricInfoNCE::apply(at::TensorList(inputs), true, positive_offset, tile,
+                                      gradients_enabled(inputs));
 }
 
 }  // namespace vimo::kernels

@@ -1,7 +1,8 @@
-// Defines the fused, tiled symmetric InfoNCE of Gemini-MVR on CPU (DESIGN.md, "The two losses"): the same
-// loss as kernels::symmetric_infonce, on single-branch scores (stages action and object) and on the router's
-// two-branch fused score (stage router), computed from the embeddings in column tiles so the [n, N] score
-// matrix is never materialized. See Note [Tiled symmetric InfoNCE] in fused_contrastive.cpp.
+// Defines the fused, two-pass symmetric InfoNCE of Gemini-MVR on CPU and CUDA (DESIGN.md, "The two losses"):
+// the same loss as kernels::symmetric_infonce, on single-branch scores (stages action and object) and on the
+// router's two-branch fused score (stage router), computed from the embeddings in strips of rows so the
+// [n, N] score matrix is never materialized (beyond a cache the size of the inputs). See Note [Two-pass
+// symmetric InfoNCE] in fused_contrastive.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,11 +19,14 @@ namespace vimo::kernels {
 //   video_local [n, D]  this rank's video embeddings (rows of video→text)
 //   video_all   [N, D]  every rank's videos (columns of text→video)
 //   scale       scalar tensor (0-dim or one element), e.g. exp(τ) with grad or the fixed action scale 100
-//   tile        columns per tile, ≥ 1; memory beyond the inputs and their gradients is O(n · tile)
-// Differentiable w.r.t. the four embeddings and `scale` (a custom autograd function). In one process pass
-// the same tensor as local and all: autograd sums both contributions. Inputs are float32, float64 or
-// bfloat16, all of one dtype; float32/bfloat16 accumulate in float32, float64 in float64. Embeddings are
-// expected L2-normalized (not required: any values give the formula above).
+//   tile        rows per strip, ≥ 1 (a strip spans all N columns); memory beyond the inputs and their
+//               gradients is O((n + N) · D) plus O(tile · N + N · D) per thread
+// Differentiable w.r.t. the four embeddings and `scale` (a custom autograd function); the gradients are
+// computed in the forward pass when autograd will need them. In one process pass the same tensor as local
+// and all (the identical tensor, not a copy): then one score matrix serves both directions (3 to 4 matrix
+// products instead of 8) and autograd sums both contributions. CPU or CUDA tensors (CUDA when built with it).
+// Inputs are float32, float64 or bfloat16, all of one dtype; float32/bfloat16 accumulate in float32, float64
+// in float64. Embeddings are expected L2-normalized (not required: any values give the formula above).
 at::Tensor fused_symmetric_infonce(const at::Tensor& text_local, const at::Tensor& text_all,
                                    const at::Tensor& video_local, const at::Tensor& video_all,
                                    const at::Tensor& scale, int64_t positive_offset, int64_t tile = 256);

@@ -1,4 +1,14 @@
-// Fused LM-head losses on CPU: McDPO, SFT cross-entropy, reference log-probs (see fused_linear_dpo.h).
+// Fused LM-head losses: McDPO, SFT cross-entropy, reference log-probs (see fused_linear_dpo.h), on CPU and,
+// in a build with VIMO_HAVE_CUDA, on CUDA tensors; one engine serves the single-process losses and the
+// vocabulary-parallel ones of vocab_parallel_dpo.h (Note [Vocabulary-parallel LM-head losses] there).
+//
+// Note [One engine, two devices]
+// The engine below is written once: the products are at::mm / addmm on the inputs' device (MKL or cuBLAS),
+// the schedule, per-row log-probs and McDPO coefficients are host-side (one copy of [c] values per token
+// chunk from a GPU), and only the two per-tile passes differ by device: tile_statistics and tile_gradient
+// run ATen ops plus host loops on CPU, and the kernels of kernels/cuda/fused_linear_dpo.cu on CUDA; both use
+// the scalar math of dpo_math.h. A slice of the vocabulary (weight = rows [begin, begin + V) of the head)
+// changes only the target columns and adds combine_over_group after pass 1.
 //
 // Note [Fused linear LM-head losses]
 // All three losses are functions of the per-row answer log-probs
@@ -53,6 +63,13 @@
 #include <vector>
 
 #include "kernels/dpo_math.h"
+#include "kernels/fused_linear_dpo_engine.h"
+
+#if defined(VIMO_HAVE_CUDA)
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/cuda/fused_linear_dpo.cuh"
+#endif
 
 namespace vimo::kernels {
 namespace {
@@ -68,18 +85,37 @@ std::string shape_of(const at::Tensor& t) {
 
 std::string dtype_of(const at::Tensor& t) { return c10::toString(t.scalar_type()); }
 
+#if defined(VIMO_HAVE_CUDA)
+void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    throw std::runtime_error(std::string("fused LM-head loss: CUDA ") + what + " kernel failed: " +
+                             cudaGetErrorString(status) + "; HINT: the device must be sm_80 or sm_90");
+  }
+}
+#endif
+
 // Checks the four shared inputs; `pairs` adds that rows come as chosen/rejected halves.
 void check_inputs(const std::string& where, const at::Tensor& hidden, const at::Tensor& weight,
                   const at::Tensor& targets, const at::Tensor& mask, const LmHeadChunking& chunking,
-                  bool pairs) {
+                  bool pairs, int64_t vocabulary = 0) {
   auto fail = [&](const std::string& what) { throw std::invalid_argument(where + ": " + what); };
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"hidden", hidden},
                                 {"weight", weight},
                                 {"targets", targets},
                                 {"mask", mask}}) {
     if (!t.defined()) fail(std::string(name) + " is an undefined tensor");
-    if (!t.device().is_cpu()) {
-      fail(std::string(name) + " is on " + t.device().str() + "; HINT: this is the CPU kernel");
+    if (t.device() != hidden.device()) {
+      fail(std::string(name) + " is on " + t.device().str() + " but hidden is on " + hidden.device().str() +
+           "; HINT: pass all four on one device");
+    }
+#if defined(VIMO_HAVE_CUDA)
+    const bool cuda_built = true;
+#else
+    const bool cuda_built = false;
+#endif
+    if (!t.device().is_cpu() && !(t.device().is_cuda() && cuda_built)) {
+      fail(std::string(name) + " is on " + t.device().str() +
+           "; HINT: the kernel runs on CPU, and on CUDA in a build with VIMO_HAVE_CUDA");
     }
   }
   const at::ScalarType type = hidden.scalar_type();
@@ -118,8 +154,9 @@ void check_inputs(const std::string& where, const at::Tensor& hidden, const at::
   const at::Tensor answer_targets = targets.masked_select(mask);
   if (answer_targets.numel() > 0) {
     const int64_t low = answer_targets.min().item<int64_t>(), high = answer_targets.max().item<int64_t>();
-    if (low < 0 || high >= weight.size(0)) {
-      fail("targets at answer positions must lie in [0, " + std::to_string(weight.size(0)) + "), found " +
+    const int64_t V = vocabulary > 0 ? vocabulary : weight.size(0);
+    if (low < 0 || high >= V) {
+      fail("targets at answer positions must lie in [0, " + std::to_string(V) + "), found " +
            std::to_string(low < 0 ? low : high));
     }
   }
@@ -146,6 +183,7 @@ struct Task {
   LmHeadChunking chunking;
   int64_t answer_tokens = 0;  // N: all rows
   int64_t chosen_tokens = 0;  // N_c: rows 0..B−1
+  detail::VocabSlice slice;   // the vocabulary rows of `weight` (Note [Vocabulary-parallel LM-head losses])
 };
 
 // The loss and its terms from the per-row log-probs [R] (float64).
@@ -236,36 +274,136 @@ Schedule make_schedule(const at::Tensor& mask, bool coupled, int64_t chunk) {
   return s;
 }
 
-// One token chunk's operands and per-token statistics, all in the accumulation dtype.
+// One token chunk's operands and per-token statistics, all in the accumulation dtype, on the device of
+// hidden.
 struct TokenChunk {
-  at::Tensor index;  // [c] flat positions (int64)
-  at::Tensor x;      // [c, H]
-  std::vector<int64_t> target, row;
-  at::Tensor target_logit;  // [c]
-  at::Tensor lse;           // [c]
+  at::Tensor index;                  // [c] flat positions (int64)
+  at::Tensor x;                      // [c, H]
+  std::vector<int64_t> target, row;  // target: column in this slice's weight, or −1 when outside the slice
+  at::Tensor target_column;          // [c] int64 `target` on the device (CUDA only)
+  at::Tensor target_logit;           // [c] over the whole vocabulary
+  at::Tensor lse;                    // [c] over the whole vocabulary
+  at::Tensor local_scale;            // [c] exp(local max − max): 1 without a group
+  at::Tensor sum;                    // [c] Σ exp(z − max) over the whole vocabulary
 };
 
+// Combines one token chunk's per-slice statistics over the group, in place: `max`, `sum` [c] hold this
+// slice's (max, Σ exp(z − max)) and leave holding the whole vocabulary's; `target_logit` [c] holds the
+// target's logit where this slice has the target and 0 elsewhere, and leaves holding it everywhere. Two
+// all-reduces (max, then sum of the rescaled sums and target logits); see Note [Vocabulary-parallel LM-head
+// losses] in vocab_parallel_dpo.cpp.
+void combine_over_group(const VocabParallelGroup& group, at::Tensor& max, at::Tensor& sum,
+                        at::Tensor& target_logit) {
+  at::Tensor global_max = max.clone();  // [c]
+  group.allreduce(global_max, TpReduceOp::kMax);
+  at::Tensor sums = at::stack({sum * (max - global_max).exp(), target_logit});  // [2, c]
+  group.allreduce(sums, TpReduceOp::kSum);
+  max.copy_(global_max);
+  sum.copy_(sums[0]);
+  target_logit.copy_(sums[1]);
+}
+
+// Pass 1 over one logits tile [c, vc] (vocabulary columns [v0, v0 + vc) of the slice): folds each token's
+// (max, Σ exp) into running_max / running_sum [c] and picks the target logits. With keep_exp the tile is left
+// holding exp(z − tile max) for pass 2.
+template <typename scalar_t>
+void tile_statistics(at::Tensor& logits, int64_t v0, const TokenChunk& chunk, at::Tensor& running_max,
+                     at::Tensor& running_sum, bool keep_exp) {
+  const int64_t c = logits.size(0), vc = logits.size(1);
+#if defined(VIMO_HAVE_CUDA)
+  if (logits.is_cuda()) {
+    check_cuda(cuda::launch_token_statistics<scalar_t>(
+                   logits.data_ptr<scalar_t>(), c, vc, v0, chunk.target_column.data_ptr<int64_t>(),
+                   running_max.data_ptr<scalar_t>(), running_sum.data_ptr<scalar_t>(),
+                   chunk.target_logit.data_ptr<scalar_t>(), keep_exp, c10::cuda::getCurrentCUDAStream()),
+               "token statistics");
+    return;
+  }
+#endif
+  const scalar_t* z = logits.data_ptr<scalar_t>();
+  scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+  for (int64_t k = 0; k < c; ++k) {
+    const int64_t y = chunk.target[k];
+    if (y >= v0 && y < v0 + vc) target_logit[k] = z[k * vc + (y - v0)];
+  }
+  const at::Tensor block_max = logits.amax(1);  // [c]
+  logits.sub_(block_max.unsqueeze(1)).exp_();
+  const at::Tensor block_sum = logits.sum(1);  // [c]
+  const scalar_t* bm = block_max.data_ptr<scalar_t>();
+  const scalar_t* bs = block_sum.data_ptr<scalar_t>();
+  scalar_t* m = running_max.data_ptr<scalar_t>();
+  scalar_t* s = running_sum.data_ptr<scalar_t>();
+  for (int64_t k = 0; k < c; ++k) {
+    dpo_math::RunningLogSumExp<scalar_t> running{m[k], s[k]};
+    dpo_math::merge_block(running, bm[k], bs[k]);
+    m[k] = running.max;
+    s[k] = running.sum;
+  }
+}
+
+// Pass 2 over one tile, in place: grad_logits = w·(softmax − onehot) [c, vc]. The tile holds the logits, or
+// with `kept` pass 1's exp(z − tile max) (single tile).
+template <typename scalar_t>
+void tile_gradient(at::Tensor& tile, int64_t v0, const TokenChunk& chunk, const at::Tensor& token_weight,
+                   bool kept) {
+  const int64_t c = tile.size(0), vc = tile.size(1);
+#if defined(VIMO_HAVE_CUDA)
+  if (tile.is_cuda()) {
+    const at::Tensor exp_scale = kept ? token_weight * chunk.local_scale / chunk.sum : at::Tensor();  // [c]
+    check_cuda(cuda::launch_gradient_tile<scalar_t>(
+                   tile.data_ptr<scalar_t>(), c, vc, v0, chunk.target_column.data_ptr<int64_t>(),
+                   chunk.lse.data_ptr<scalar_t>(), chunk.target_logit.data_ptr<scalar_t>(),
+                   token_weight.data_ptr<scalar_t>(), kept ? exp_scale.data_ptr<scalar_t>() : nullptr,
+                   c10::cuda::getCurrentCUDAStream()),
+               "gradient tile");
+    return;
+  }
+#endif
+  if (kept) {  // p = exp(z − local max) · exp(local max − max) / Σ
+    // Without a group local_scale = exp(0) = 1 exactly: the single-process w / Σ is unchanged.
+    tile.mul_((token_weight * chunk.local_scale / chunk.sum).unsqueeze(1));
+  } else {
+    tile.sub_(chunk.lse.unsqueeze(1)).exp_().mul_(token_weight.unsqueeze(1));
+  }
+  scalar_t* d = tile.data_ptr<scalar_t>();
+  const scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
+  const scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+  const scalar_t* wt = token_weight.data_ptr<scalar_t>();
+  for (int64_t k = 0; k < c; ++k) {
+    const int64_t y = chunk.target[k];  // −1 outside the slice: never in [v0, v0 + vc)
+    if (y >= v0 && y < v0 + vc) {
+      d[k * vc + (y - v0)] = dpo_math::logit_gradient(target_logit[k], lse[k], true, wt[k]);
+    }
+  }
+}
+
 struct Passes {
-  at::Tensor row_logps;    // [R] float64
+  at::Tensor row_logps;    // [R] float64, on the CPU
   at::Tensor grad_hidden;  // [R·T, H] accumulation dtype, or undefined
   at::Tensor grad_weight;  // [V, H] accumulation dtype, or undefined
 };
 
+// The engine of Note [Fused linear LM-head losses] on the device of hidden: the products are at::mm / addmm
+// (MKL on CPU, cuBLAS on CUDA), the tile passes tile_statistics / tile_gradient; the schedule, the per-row
+// log-probs and the coefficients live on the host (one copy of [c] values per token chunk on CUDA).
 template <typename scalar_t>
 Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                         const at::Tensor& mask, const Task& task, bool need_hidden, bool need_weight) {
   const at::ScalarType acc = c10::CppTypeToScalarType<scalar_t>::value;
+  // V: the rows of this slice; global target ids map to columns y − slice.begin.
   const int64_t R = hidden.size(0), T = hidden.size(1), H = hidden.size(2), V = weight.size(0);
-  const at::Tensor x_all = hidden.reshape({R * T, H});                  // [R·T, H] input dtype
-  const at::Tensor w = weight.to(acc).contiguous();                     // [V, H]; a copy only for bfloat16
-  const at::Tensor target_ids = targets.reshape({R * T}).contiguous();  // [R·T] int64
+  const VocabParallelGroup* group = task.slice.group;
+  const bool on_cuda = hidden.is_cuda();
+  const at::Tensor x_all = hidden.reshape({R * T, H});  // [R·T, H] input dtype
+  const at::Tensor w = weight.to(acc).contiguous();     // [V, H]; a copy only for bfloat16
+  const at::Tensor target_ids = targets.reshape({R * T}).cpu().contiguous();  // [R·T] int64, host
   const int64_t* target_of = target_ids.data_ptr<int64_t>();
   const bool gradient = task.objective != Objective::kLogProbs && (need_hidden || need_weight);
   const bool coupled = gradient && task.objective == Objective::kMcDpo && task.dpo.alpha != 0;
   const int64_t token_chunk = task.chunking.tokens;
   const int64_t vocab_chunk = task.chunking.vocabulary == 0 ? V : std::min(task.chunking.vocabulary, V);
-  const Schedule schedule = make_schedule(mask, coupled, token_chunk);
-  const at::Tensor visit = at::tensor(schedule.tokens, at::kLong);  // [N]
+  const Schedule schedule = make_schedule(mask.cpu(), coupled, token_chunk);
+  const at::Tensor visit = at::tensor(schedule.tokens, at::kLong).to(hidden.device());  // [N]
 
   Passes out;
   out.row_logps = at::zeros({R}, at::kDouble);
@@ -284,7 +422,7 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
     const int64_t group_end = schedule.group_ends[g];
     const bool single_tile = group_end - group_begin <= token_chunk && vocab_chunk == V;
     std::vector<TokenChunk> chunks;
-    at::Tensor kept_exp, kept_sum;  // single tile: exp(z − max) [c, V] and Σ [c]
+    at::Tensor kept_exp;  // single tile: exp(z − local max) [c, V]
     // Pass 1.
     for (int64_t begin = group_begin; begin < group_end; begin += token_chunk) {
       const int64_t c = std::min(token_chunk, group_end - begin);
@@ -293,38 +431,41 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
       chunk.x = x_all.index_select(0, chunk.index).to(acc);  // [c, H]
       for (int64_t k = 0; k < c; ++k) {
         const int64_t flat = schedule.tokens[begin + k];
-        chunk.target.push_back(target_of[flat]);
+        const int64_t column = target_of[flat] - task.slice.begin;
+        chunk.target.push_back(column >= 0 && column < V ? column : -1);
         chunk.row.push_back(flat / T);
       }
-      chunk.target_logit = at::empty({c}, w.options());
-      scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
-      std::vector<dpo_math::RunningLogSumExp<scalar_t>> running(
-          c, {-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)});
+      if (on_cuda) chunk.target_column = at::tensor(chunk.target, at::kLong).to(hidden.device());
+      chunk.target_logit = at::zeros({c}, w.options());
+      at::Tensor max = at::full({c}, -std::numeric_limits<scalar_t>::infinity(), w.options());  // [c]
+      at::Tensor sum = at::zeros({c}, w.options());                                             // [c]
       for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
         const int64_t vc = std::min(vocab_chunk, V - v0);
         at::Tensor logits = at::mm(chunk.x, w.narrow(0, v0, vc).t());  // [c, vc]
-        const scalar_t* z = logits.data_ptr<scalar_t>();
+        tile_statistics<scalar_t>(logits, v0, chunk, max, sum, single_tile && gradient);
+        if (single_tile && gradient) kept_exp = logits;
+      }
+      const at::Tensor local_max = max.clone();  // [c]
+      if (group != nullptr) combine_over_group(*group, max, sum, chunk.target_logit);
+      chunk.sum = sum;
+      if (on_cuda) {
+        chunk.local_scale = (local_max - max).exp();
+        chunk.lse = max + sum.log();
+      } else {
+        chunk.local_scale = at::empty({c}, w.options());
+        chunk.lse = at::empty({c}, w.options());
+        const scalar_t *m = max.data_ptr<scalar_t>(), *lm = local_max.data_ptr<scalar_t>(),
+                       *s = sum.data_ptr<scalar_t>();
+        scalar_t* local_scale = chunk.local_scale.data_ptr<scalar_t>();
+        scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
         for (int64_t k = 0; k < c; ++k) {
-          const int64_t y = chunk.target[k];
-          if (y >= v0 && y < v0 + vc) target_logit[k] = z[k * vc + (y - v0)];
-        }
-        const at::Tensor block_max = logits.amax(1);  // [c]
-        logits.sub_(block_max.unsqueeze(1)).exp_();
-        const at::Tensor block_sum = logits.sum(1);  // [c]
-        const scalar_t* bm = block_max.data_ptr<scalar_t>();
-        const scalar_t* bs = block_sum.data_ptr<scalar_t>();
-        for (int64_t k = 0; k < c; ++k) dpo_math::merge_block(running[k], bm[k], bs[k]);
-        if (single_tile && gradient) {
-          kept_exp = logits;
-          kept_sum = block_sum;
+          local_scale[k] = std::exp(lm[k] - m[k]);
+          lse[k] = dpo_math::log_sum_exp(dpo_math::RunningLogSumExp<scalar_t>{m[k], s[k]});
         }
       }
-      chunk.lse = at::empty({c}, w.options());
-      scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
-      for (int64_t k = 0; k < c; ++k) {
-        lse[k] = dpo_math::log_sum_exp(running[k]);
-        row_logps[chunk.row[k]] += static_cast<double>(target_logit[k] - lse[k]);
-      }
+      const at::Tensor token_logps = (chunk.target_logit - chunk.lse).cpu();  // [c] host
+      const scalar_t* lp = token_logps.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < c; ++k) row_logps[chunk.row[k]] += static_cast<double>(lp[k]);
       chunks.push_back(std::move(chunk));
     }
     group_begin = group_end;
@@ -337,7 +478,7 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
     // Pass 2.
     for (TokenChunk& chunk : chunks) {
       const auto c = static_cast<int64_t>(chunk.row.size());
-      at::Tensor token_weight = at::empty({c}, w.options());  // w_t = −c_row [c]
+      at::Tensor token_weight = at::empty({c}, w.options().device(at::kCPU));  // w_t = −c_row [c]
       scalar_t* wt = token_weight.data_ptr<scalar_t>();
       bool any = false;
       for (int64_t k = 0; k < c; ++k) {
@@ -345,27 +486,14 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
         any = any || wt[k] != 0;
       }
       if (!any) continue;  // e.g. the rejected rows when α = 0
-      const scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
-      const scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+      token_weight = token_weight.to(hidden.device());
       at::Tensor grad_x;  // [c, H]
       for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
         const int64_t vc = std::min(vocab_chunk, V - v0);
         const at::Tensor w_chunk = w.narrow(0, v0, vc);  // [vc, H]
-        at::Tensor grad_logits;                          // [c, vc] = w·(softmax − onehot)
-        if (single_tile) {                               // p = exp(z − max) / Σ
-          grad_logits = kept_exp.mul_((token_weight / kept_sum).unsqueeze(1));
-          kept_exp = at::Tensor();
-        } else {
-          grad_logits = at::mm(chunk.x, w_chunk.t()).sub_(chunk.lse.unsqueeze(1)).exp_();
-          grad_logits.mul_(token_weight.unsqueeze(1));
-        }
-        scalar_t* d = grad_logits.data_ptr<scalar_t>();
-        for (int64_t k = 0; k < c; ++k) {
-          const int64_t y = chunk.target[k];
-          if (y >= v0 && y < v0 + vc) {
-            d[k * vc + (y - v0)] = dpo_math::logit_gradient(target_logit[k], lse[k], true, wt[k]);
-          }
-        }
+        at::Tensor grad_logits =
+            single_tile ? std::exchange(kept_exp, at::Tensor()) : at::mm(chunk.x, w_chunk.t());  // [c, vc]
+        tile_gradient<scalar_t>(grad_logits, v0, chunk, token_weight, single_tile);
         if (out.grad_hidden.defined()) {
           grad_x = grad_x.defined() ? grad_x.addmm_(grad_logits, w_chunk) : at::mm(grad_logits, w_chunk);
         }
@@ -375,12 +503,21 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
       if (out.grad_hidden.defined()) out.grad_hidden.index_copy_(0, chunk.index, grad_x);
     }
   }
+  // The Megatron "f" backward: Σ over the group of each slice's partial grad_hidden, answer rows only (the
+  // others are 0 on every rank). Every rank has the same schedule, so the same N.
+  if (group != nullptr && group->sum_grad_hidden && out.grad_hidden.defined() && visit.numel() > 0) {
+    at::Tensor rows = out.grad_hidden.index_select(0, visit);  // [N, H]
+    group->allreduce(rows, TpReduceOp::kSum);
+    out.grad_hidden.index_copy_(0, visit, rows);
+  }
   return out;
 }
 
 Passes run_passes(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                   const at::Tensor& mask, const Task& task, bool need_hidden, bool need_weight) {
   at::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard device_guard;  // the CUDA kernels launch on hidden's device's current stream
+  if (hidden.is_cuda()) device_guard.reset_device(hidden.device());
   if (hidden.scalar_type() == at::kDouble) {
     return run_passes_typed<double>(hidden, weight, targets, mask, task, need_hidden, need_weight);
   }
@@ -429,21 +566,22 @@ class FusedLinearLmHeadLoss : public torch::autograd::Function<FusedLinearLmHead
 
 bool wants_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.requires_grad(); }
 
-// The detached metrics of DESIGN.md from the per-row log-probs, formed in float64 and returned in `dtype`
+// The detached metrics of DESIGN.md from the per-row log-probs, formed in float64 on the host and returned
+// in `options` (the accumulation dtype, on hidden's device)
 // (so the float32 metrics carry one rounding, not the cancellation of logπθ − logπref in float32).
 void fill_metrics(McDpoResult& result, const at::Tensor& policy_logps, const at::Tensor& reference_logps,
-                  double beta, at::ScalarType dtype) {
-  const at::Tensor policy = policy_logps.detach().to(at::kDouble);        // [2B]
-  const at::Tensor reference = reference_logps.detach().to(at::kDouble);  // [2B]
+                  double beta, const at::TensorOptions& options) {
+  const at::Tensor policy = policy_logps.detach().to(at::kCPU, at::kDouble);        // [2B]
+  const at::Tensor reference = reference_logps.detach().to(at::kCPU, at::kDouble);  // [2B]
   const int64_t B = policy.size(0) / 2;
   const at::Tensor chosen = beta * (policy.narrow(0, 0, B) - reference.narrow(0, 0, B));    // [B]
   const at::Tensor rejected = beta * (policy.narrow(0, B, B) - reference.narrow(0, B, B));  // [B]
-  result.logps_chosen = policy.narrow(0, 0, B).to(dtype);
-  result.logps_rejected = policy.narrow(0, B, B).to(dtype);
-  result.rewards_chosen = chosen.to(dtype);
-  result.rewards_rejected = rejected.to(dtype);
-  result.accuracy = (chosen > rejected).to(at::kDouble).mean().to(dtype);
-  result.margin = (chosen - rejected).mean().to(dtype);
+  result.logps_chosen = policy.narrow(0, 0, B).to(options);
+  result.logps_rejected = policy.narrow(0, B, B).to(options);
+  result.rewards_chosen = chosen.to(options);
+  result.rewards_rejected = rejected.to(options);
+  result.accuracy = (chosen > rejected).to(at::kDouble).mean().to(options);
+  result.margin = (chosen - rejected).mean().to(options);
 }
 
 at::ScalarType accumulation_type(const at::Tensor& hidden) {
@@ -452,52 +590,80 @@ at::ScalarType accumulation_type(const at::Tensor& hidden) {
 
 }  // namespace
 
-McDpoResult fused_linear_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                               const at::Tensor& mask, const at::Tensor& reference_logps,
-                               const McDpoConfig& config, const LmHeadChunking& chunking) {
-  const std::string where = "fused_linear_mcdpo";
-  check_inputs(where, hidden, weight, targets, mask, chunking, /*pairs=*/true);
+namespace detail {
+
+McDpoResult linear_mcdpo(const std::string& where, const at::Tensor& hidden, const at::Tensor& weight,
+                         const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& reference_logps,
+                         const McDpoConfig& config, const LmHeadChunking& chunking, const VocabSlice& slice) {
+  check_inputs(where, hidden, weight, targets, mask, chunking, /*pairs=*/true, slice.vocabulary);
   check_reference(where, reference_logps, hidden.size(0));
   const int64_t B = hidden.size(0) / 2;
   Task task;
   task.objective = Objective::kMcDpo;
   task.dpo = config;
-  task.reference_logps = reference_logps.detach().to(at::kDouble).contiguous();
+  task.reference_logps = reference_logps.detach().to(at::kCPU, at::kDouble).contiguous();  // read on the host
   task.chunking = chunking;
   task.answer_tokens = mask.sum().item<int64_t>();
   task.chosen_tokens = mask.narrow(0, 0, B).sum().item<int64_t>();
+  task.slice = slice;
   const variable_list outputs = FusedLinearLmHeadLoss::apply(hidden, weight, targets, mask, task,
                                                              wants_grad(hidden), wants_grad(weight));
   McDpoResult result;
   result.loss = outputs[0];
   const LossTerms terms = loss_terms(task, outputs[1]);
-  const at::ScalarType acc = accumulation_type(hidden);
-  result.dpo_loss = at::scalar_tensor(terms.dpo, at::TensorOptions().dtype(acc));
-  result.sft_loss = at::scalar_tensor(terms.sft, at::TensorOptions().dtype(acc));
-  fill_metrics(result, outputs[1], task.reference_logps, config.beta, acc);
+  const at::TensorOptions options =
+      at::TensorOptions().dtype(accumulation_type(hidden)).device(hidden.device());
+  result.dpo_loss = at::scalar_tensor(terms.dpo, options);
+  result.sft_loss = at::scalar_tensor(terms.sft, options);
+  fill_metrics(result, outputs[1], task.reference_logps, config.beta, options);
   return result;
+}
+
+at::Tensor linear_sequence_logps(const std::string& where, const at::Tensor& hidden, const at::Tensor& weight,
+                                 const at::Tensor& targets, const at::Tensor& mask,
+                                 const LmHeadChunking& chunking, const VocabSlice& slice) {
+  check_inputs(where, hidden, weight, targets, mask, chunking, /*pairs=*/false, slice.vocabulary);
+  Task task;
+  task.chunking = chunking;
+  task.slice = slice;
+  return run_passes(hidden, weight, targets, mask, task, false, false)
+      .row_logps.to(hidden.device(), accumulation_type(hidden));
+}
+
+at::Tensor linear_cross_entropy(const std::string& where, const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& targets, const at::Tensor& mask,
+                                const LmHeadChunking& chunking, const VocabSlice& slice) {
+  check_inputs(where, hidden, weight, targets, mask, chunking, /*pairs=*/false, slice.vocabulary);
+  Task task;
+  task.objective = Objective::kCrossEntropy;
+  task.chunking = chunking;
+  task.answer_tokens = mask.sum().item<int64_t>();
+  task.slice = slice;
+  return FusedLinearLmHeadLoss::apply(hidden, weight, targets, mask, task, wants_grad(hidden),
+                                      wants_grad(weight))[0];
+}
+
+}  // namespace detail
+
+McDpoResult fused_linear_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                               const at::Tensor& mask, const at::Tensor& reference_logps,
+                               const McDpoConfig& config, const LmHeadChunking& chunking) {
+  return detail::linear_mcdpo("fused_linear_mcdpo", hidden, weight, targets, mask, reference_logps, config,
+                              chunking, {});
 }
 
 at::Tensor fused_linear_sequence_logps(const at::Tensor& hidden, const at::Tensor& weight,
                                        const at::Tensor& targets, const at::Tensor& mask,
                                        const LmHeadChunking& chunking) {
-  check_inputs("fused_linear_sequence_logps", hidden, weight, targets, mask, chunking, /*pairs=*/false);
-  Task task;
-  task.chunking = chunking;
-  return run_passes(hidden, weight, targets, mask, task, false, false)
-      .row_logps.to(accumulation_type(hidden));
+  return detail::linear_sequence_logps("fused_linear_sequence_logps", hidden, weight, targets, mask, chunking,
+                                       {});
 }
 
 at::Tensor fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
                                       const at::Tensor& targets, const at::Tensor& mask,
                                       const LmHeadChunking& chunking) {
-  check_inputs("fused_linear_cross_entropy", hidden, weight, targets, mask, chunking, /*pairs=*/false);
-  Task task;
-  task.objective = Objective::kCrossEntropy;
-  task.chunking = chunking;
-  task.answer_tokens = mask.sum().item<int64_t>();
-  return FusedLinearLmHeadLoss::apply(hidden, weight, targets, mask, task, wants_grad(hidden),
-                                      wants_grad(weight))[0];
+  return detail::linear_cross_entropy("fused_linear_cross_entropy", hidden, weight, targets, mask, chunking,
+                                      {});
 }
 
 // ----- eager compositions -----
@@ -535,11 +701,11 @@ McDpoResult eager_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, cons
   check_inputs("eager_mcdpo", hidden, weight, targets, mask, {}, true);
   check_reference("eager_mcdpo", reference_logps, hidden.size(0));
   const int64_t B = hidden.size(0) / 2;
-  const at::Tensor policy = eager_token_logps(hidden, weight, targets, mask).sum(1);  // [2B]
-  const at::Tensor reference = reference_logps.to(policy.scalar_type());              // [2B]
-  const at::Tensor chosen = policy.narrow(0, 0, B) - reference.narrow(0, 0, B);       // [B]
-  const at::Tensor rejected = policy.narrow(0, B, B) - reference.narrow(0, B, B);     // [B]
-  const at::Tensor z = config.beta * (chosen - rejected);                             // [B]
+  const at::Tensor policy = eager_token_logps(hidden, weight, targets, mask).sum(1);       // [2B]
+  const at::Tensor reference = reference_logps.to(policy.device(), policy.scalar_type());  // [2B]
+  const at::Tensor chosen = policy.narrow(0, 0, B) - reference.narrow(0, 0, B);            // [B]
+  const at::Tensor rejected = policy.narrow(0, B, B) - reference.narrow(0, B, B);          // [B]
+  const at::Tensor z = config.beta * (chosen - rejected);                                  // [B]
   McDpoResult result;
   const at::Tensor dpo =
       (-(1 - config.epsilon) * at::log_sigmoid(z) - config.epsilon * at::log_sigmoid(-z)).mean();
@@ -549,7 +715,8 @@ McDpoResult eager_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, cons
   result.loss = config.alpha * dpo + config.gamma * sft;
   result.dpo_loss = dpo.detach();
   result.sft_loss = sft.detach();
-  fill_metrics(result, policy, reference_logps, config.beta, accumulation_type(hidden));
+  fill_metrics(result, policy, reference_logps, config.beta,
+               at::TensorOptions().dtype(accumulation_type(hidden)).device(hidden.device()));
   return result;
 }
 

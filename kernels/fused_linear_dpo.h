@@ -1,7 +1,7 @@
-// Defines the fused LM-head losses of the motion LLM on CPU (DESIGN.md, "The two losses"): the McDPO loss,
-// the SFT cross-entropy and the per-sequence log-probs of the frozen reference model, each computed from the
-// hidden states and the LM head weight without ever materializing the [R, T, V] logits; plus the eager
-// LibTorch compositions they are tested and benchmarked against. One implementation serves all three
+// Defines the fused LM-head losses of the motion LLM on CPU and CUDA (DESIGN.md, "The two losses"): the McDPO
+// loss, the SFT cross-entropy and the per-sequence log-probs of the frozen reference model, each computed
+// from the hidden states and the LM head weight without ever materializing the [R, T, V] logits; plus the
+// eager LibTorch compositions they are tested and benchmarked against. One implementation serves all three
 // (see Note [Fused linear LM-head losses] in fused_linear_dpo.cpp).
 //
 // Shapes: R rows (sequences), T positions, H hidden, V vocabulary. For McDPO R = 2B: chosen rows 0..B−1,
@@ -12,6 +12,8 @@
 //   targets  [R, T]     int64 token ids; read only where the mask is set, so padding may hold anything
 //   mask     [R, T]     bool, true on answer tokens (the motion codes + end), the only tokens that count
 // float32 and bfloat16 accumulate in float32 (float64 for the per-sequence sums), float64 in float64.
+// All four tensors on one device: CPU, or CUDA in a build with VIMO_HAVE_CUDA
+// (kernels/cuda/fused_linear_dpo.cu); the results are on that device (reference_logps may be anywhere).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "kernels/contrastive_loss.h"
+#include "kernels/fused_contrastive.h"
 
 namespace vimo::models {
 namespace {
@@ -180,9 +181,38 @@ at::Tensor GeminiMVRImpl::contrastive_loss(const GeminiEmbeddings& texts, const 
   const int64_t offset = distributed ? comm->rank() * local : 0;
   const GeminiEmbeddings all_texts = distributed ? gather(texts, comm) : texts;
   const GeminiEmbeddings all_videos = distributed ? gather(videos, comm) : videos;
-  at::Tensor text_to_video = score(texts, all_videos);      // [n, N]
-  at::Tensor video_to_text = score(all_texts, videos).t();  // [n, N]
-  return kernels::symmetric_infonce(text_to_video, video_to_text, offset);
+  // The fused kernel computes exactly
+  //   symmetric_infonce(score(texts, all_videos), score(all_texts, videos).t(), offset)
+  // without an [n, N] matrix (kernels/fused_contrastive.h). In one process all_* are the very same tensors as
+  // the local ones, which lets it serve both directions from one score matrix.
+  const at::Tensor any_embedding = texts.text_action.defined() ? texts.text_action : texts.text_object;
+  const at::Tensor action_scale = at::scalar_tensor(config_.action_scale, any_embedding.options());
+  at::Tensor object_scale;
+  if (stage_ != GeminiStage::Action) object_scale = logit_scale_.clamp_max(config_.logit_scale_max).exp();
+  switch (stage_) {
+    case GeminiStage::Action:
+      return kernels::fused_symmetric_infonce(texts.text_action, all_texts.text_action, videos.video_action,
+                                              all_videos.video_action, action_scale, offset);
+    case GeminiStage::Object:
+      return kernels::fused_symmetric_infonce(texts.text_object, all_texts.text_object, videos.video_object,
+                                              all_videos.video_object, object_scale, offset);
+    case GeminiStage::Router:
+      break;
+  }
+  kernels::GeminiInfoNCEInputs inputs;
+  inputs.text_action_local = texts.text_action;
+  inputs.text_action_all = all_texts.text_action;
+  inputs.text_object_local = texts.text_object;
+  inputs.text_object_all = all_texts.text_object;
+  inputs.video_action_local = videos.video_action;
+  inputs.video_action_all = all_videos.video_action;
+  inputs.video_object_local = videos.video_object;
+  inputs.video_object_all = all_videos.video_object;
+  inputs.router_local = videos.router_weights;
+  inputs.router_all = all_videos.router_weights;
+  inputs.action_scale = action_scale;
+  inputs.object_scale = object_scale;
+  return kernels::fused_gemini_infonce(inputs, offset);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> GeminiMVRImpl::trainable_parameters() const {

@@ -115,6 +115,10 @@ std::vector<Field> fields_of(Config& c) {
       {"train", "init_from", &t.init_from, any_value()},
       {"train", "threads", &t.threads, count},
       {"train", "seed", &t.seed, any_value()},
+      {"train", "bucket_mib", &t.bucket_mib, positive},
+      {"train", "first_bucket_mib", &t.first_bucket_mib, positive},
+      {"train", "watchdog_timeout_s", &t.watchdog_timeout_s, at_least(0)},
+      {"train", "heartbeat_s", &t.heartbeat_s, positive},
   };
 }
 

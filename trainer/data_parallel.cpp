@@ -7,25 +7,6 @@
 
 namespace vimo::trainer {
 
-void average_gradients(const std::vector<at::Tensor>& params,
-                       const std::shared_ptr<comm::Communicator>& comm) {
-  if (!comm || comm->size() == 1) return;
-  std::vector<at::Tensor> grads;
-  for (const at::Tensor& p : params)
-    grads.push_back(p.grad().defined() ? p.grad().reshape(-1) : at::zeros({p.numel()}, p.options()));
-  at::Tensor flat = at::cat(grads);
-  comm->allreduce(flat, comm::ReduceOp::Avg);
-  int64_t offset = 0;
-  for (const at::Tensor& p : params) {
-    at::Tensor slice = flat.narrow(0, offset, p.numel()).view(p.sizes());
-    if (p.grad().defined())
-      p.mutable_grad().copy_(slice);
-    else
-      p.mutable_grad() = slice.clone();
-    offset += p.numel();
-  }
-}
-
 // Note [Checking DP replicas]: every rank applies the same averaged gradients to the same parameters with
 // the same ops, so replicas stay bitwise equal; a mismatch means a bug or a broken rank, and training on
 // would silently average unrelated models. Each check compares one float64 fingerprint across ranks.

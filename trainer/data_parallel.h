@@ -1,5 +1,5 @@
-// Defines the data-parallel pieces of the training loop: averaging gradients over the DP ranks, starting
-// replicas from rank 0's parameters, and checking that replicas stay identical.
+// Defines the data-parallel pieces of the training loop besides gradient averaging (comm::GradientReducer):
+// starting replicas from rank 0's parameters, and checking that replicas stay identical.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,11 +11,6 @@
 #include "models/gemini_mvr.h"
 
 namespace vimo::trainer {
-
-// Averages the gradients of `params` over all ranks in one flat all-reduce; a parameter without a gradient
-// counts as zero. (The bucketed reducer overlapped with backward is the communication issue's.)
-void average_gradients(const std::vector<at::Tensor>& params,
-                       const std::shared_ptr<comm::Communicator>& comm);
 
 // Copies rank 0's parameters to every rank.
 void broadcast_parameters(models::GeminiMVR& model, const std::shared_ptr<comm::Communicator>& comm);

@@ -12,6 +12,8 @@
 
 #include "build_info.h"
 #include "comm/communicator.h"
+#include "trainer/bench_data.h"
+#include "trainer/bench_kernels.h"
 #include "trainer/config.h"
 #include "trainer/data_cli.h"
 #include "trainer/retriever_trainer.h"
@@ -85,6 +87,15 @@ int main(int argc, char** argv) {
   auto* data = app.add_subcommand("data", "Dataset tools");
   data->require_subcommand(1);
   const vimo::trainer::DataCommands data_commands(*data);
+  // `vimo bench data` (BenchCommands adds `bench`), `vimo bench kernels`.
+  const vimo::trainer::BenchCommands bench_commands(app);
+  CLI::App* bench = app.get_subcommand("bench");
+  auto* bench_kernels =
+      bench->add_subcommand("kernels", "Fused losses vs their eager compositions: time, peak memory, goals");
+  std::string bench_kernels_out = "runs/bench/kernels.json";
+  bool bench_kernels_quick = false;
+  bench_kernels->add_option("--out", bench_kernels_out, "JSON report")->capture_default_str();
+  bench_kernels->add_flag("--quick", bench_kernels_quick, "Small sizes: a run of seconds (smoke test)");
 
   auto* version = app.add_subcommand("version", "Print the versions of vimo, LibTorch, CUDA, NCCL and MPI");
 
@@ -93,6 +104,16 @@ int main(int argc, char** argv) {
   try {
     if (*train) return run_train(config_path, overrides, resume);
     if (const std::optional<int> code = data_commands.run()) return *code;
+    if (const std::optional<int> code = bench_commands.run()) return *code;
+    if (*bench_kernels) {
+      vimo::trainer::KernelBenchOptions options = bench_kernels_quick
+                                                      ? vimo::trainer::KernelBenchOptions::quick()
+                                                      : vimo::trainer::KernelBenchOptions{};
+      options.out = bench_kernels_out;
+      vimo::trainer::print_kernel_bench(vimo::trainer::run_kernel_bench(options));
+      std::printf("\nwrote %s\n", options.out.c_str());
+      return 0;
+    }
     if (*version) print_version();
     return 0;
   } catch (const std::exception& e) {

@@ -13,10 +13,12 @@
 #include <stdexcept>
 
 #include "checkpoints/checkpoint.h"
+#include "comm/gradient_reducer.h"
 #include "data/loader.h"
 #include "data/retrieval_dataset.h"
 #include "models/gemini_mvr.h"
 #include "trainer/data_parallel.h"
+#include "trainer/job_watch.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
 
@@ -184,6 +186,11 @@ TrainResult train_retriever(const Config& config, bool resume,
                     config.data.global_batch, world));
   }
   at::set_num_threads(static_cast<int>(t.threads));
+  // A dead, stopped or stuck rank ends the job with a message naming it, instead of a hang.
+  std::unique_ptr<JobWatch> watch;
+  if (comm && world > 1 && t.watchdog_timeout_s > 0) {
+    watch = std::make_unique<JobWatch>(comm, t.watchdog_timeout_s, t.heartbeat_s);
+  }
 
   // Data: the train split streams from its shards (each rank reads only its samples); the small test split
   // is held in memory for evaluation, and its records fix the shapes every training batch is checked against.
@@ -236,6 +243,14 @@ TrainResult train_retriever(const Config& config, bool resume,
                   t.stage, count_elements(trainable), count_elements(model->parameters()), loader.size(),
                   test_set.size(), config.data.global_batch, world, start_step, t.steps));
 
+  // Gradients are averaged bucket by bucket while backward runs (Note [Bucketing order] in
+  // comm/gradient_reducer.cpp); one process needs no reducer.
+  std::unique_ptr<comm::GradientReducer> reducer;
+  if (comm && world > 1) {
+    reducer = std::make_unique<comm::GradientReducer>(trainable, comm,
+                                                      comm::ReducerOptions{t.bucket_mib, t.first_bucket_mib});
+  }
+
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
   TrainResult result;
   int64_t total_corrupt = 0;
@@ -254,7 +269,7 @@ TrainResult train_retriever(const Config& config, bool resume,
         model->encode_videos(batch.frames, batch.keypoints, batch.frame_mask);
     at::Tensor loss = model->contrastive_loss(texts, videos, comm);
     loss.backward();
-    average_gradients(trainable, comm);
+    if (reducer) reducer->finalize();
     const double grad_norm = clip_gradients(trainable, config.optim.grad_clip);
     const double lr = warmup_cosine_lr(step, t.steps, config.optim.warmup_steps, config.optim.lr,
                                        config.optim.min_lr_ratio);
@@ -285,12 +300,24 @@ TrainResult train_retriever(const Config& config, bool resume,
     if (step == t.stop_after) {
       say(comm, fmt::format("stopping after step {} as train.stop_after says; continue with --resume", step));
       result.stopped_early = true;
+      if (watch) watch->finish();
       return result;
     }
   }
+  if (reducer) {
+    const comm::ReducerStats r = reducer->stats();
+    say(comm,
+        fmt::format("gradient all-reduce: {} buckets per step, {:.0f}% of its time hidden behind backward",
+                    reducer->bucket_parameters().size(), 100.0 * r.hidden_fraction()));
+  }
+  const data::LoaderStats d = loader.stats();
+  say(comm,
+      fmt::format("data: {} batches, waited {:.2f} s in total ({:.2f} ms per step)", d.batches,
+                  d.wait_seconds, d.batches ? 1e3 * d.wait_seconds / static_cast<double>(d.batches) : 0.0));
   result.test = evaluate_retrieval(model, test_set, comm);
   log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
   say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));
+  if (watch) watch->finish();
   return result;
 }
 

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "comm/communicator.h"
+#include "comm/gradient_reducer.h"
 #include "models/gemini_mvr.h"
 #include "tests/test_support.h"
 #include "trainer/data_parallel.h"
@@ -76,11 +77,13 @@ TEST_P(DataParallel, GatheredNegativesAndAveragedGradientsEqualOneProcess) {
   const Batch batch = global_batch(per_rank * ranks, tiny());
 
   models::GeminiMVR distributed = make_model(seed, GetParam());
-  at::Tensor loss = loss_of(distributed, batch.rows(rank * per_rank, per_rank), world());
-  loss.backward();
   std::vector<at::Tensor> params;
   for (auto& [name, p] : distributed->trainable_parameters()) params.push_back(p);
-  trainer::average_gradients(params, world());
+  // Buckets of ~1 KiB: many buckets, launched during backward, as in training at scale.
+  comm::GradientReducer reducer(params, world(), {0.001, 0.0005});
+  at::Tensor loss = loss_of(distributed, batch.rows(rank * per_rank, per_rank), world());
+  loss.backward();
+  reducer.finalize();
   at::Tensor mean_loss = loss.detach().reshape({1}).clone();
   world()->allreduce(mean_loss, comm::ReduceOp::Avg);
 
@@ -116,11 +119,12 @@ TEST(DataParallelTraining, ReplicasStayIdenticalAndMatchOneProcess) {
       single_opt(single->trainable_parameters(), {});
   std::vector<at::Tensor> params;
   for (auto& [name, p] : distributed->trainable_parameters()) params.push_back(p);
+  comm::GradientReducer reducer(params, world(), {0.002, 0.001});
   for (int step = 1; step <= 3; ++step) {
     at::manual_seed(seed + 100 + step);
     const Batch batch = global_batch(per_rank * ranks, tiny());
     loss_of(distributed, batch.rows(rank * per_rank, per_rank), world()).backward();
-    trainer::average_gradients(params, world());
+    reducer.finalize();
     dp_opt.step(1e-2);
     dp_opt.zero_grad();
     loss_of(single, batch, nullptr).backward();

@@ -141,6 +141,7 @@ const std::vector<Problem> kTilingCases = {
     {6, 6, 16, 0, 1000},   // tile > N: one partial tile
     {3, 13, 32, 7, 5},     // offset > 0, last tile of 3 columns
     {16, 64, 32, 16, 16},  // several full tiles, rank 1 of 4
+    {40, 80, 4, 40, 3},    // narrow D: only some strips fit the score cache, the rest are recomputed
 };
 
 TEST(FusedContrastive, MatchesEagerInFloat64AcrossTilings) {
@@ -398,6 +399,168 @@ TEST(FusedContrastive, GeminiRejectsMisshapenInputs) {
   x.video_object_all = at::ones({4, 8}, at::kDouble);  // the object branch is D + 8 = 16 wide
   expect_invalid([&] { fused_gemini_infonce(x, p.offset, p.tile); },
                  "video_object_all must be [4, 16], got [4, 8]");
+}
+
+// ----- One process: the same tensors as local and gathered, one score matrix for both directions -----
+
+// Loss and gradients of the single-branch loss in one process (texts and videos passed as local and all).
+struct SingleProcessResult {
+  at::Tensor loss, texts_grad, videos_grad, scale_grad;
+};
+
+SingleProcessResult single_process(const at::Tensor& texts_values, const at::Tensor& videos_values,
+                                   double scale_value, at::ScalarType dtype, int64_t tile, bool fused) {
+  at::Tensor texts = texts_values.to(dtype).clone().requires_grad_();
+  at::Tensor videos = videos_values.to(dtype).clone().requires_grad_();
+  at::Tensor scale = at::scalar_tensor(scale_value, at::kDouble).requires_grad_();
+  at::Tensor loss =
+      fused ? fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, tile)
+            : symmetric_infonce(scale * at::mm(texts, videos.t()), scale * at::mm(videos, texts.t()), 0);
+  loss.backward();
+  return {loss.detach(), texts.grad(), videos.grad(), scale.grad()};
+}
+
+void expect_single_process_close(const SingleProcessResult& got, const SingleProcessResult& want, int64_t N,
+                                 double scale, double tolerance, const std::string& what) {
+  const double unit = scale / (2.0 * N);  // see expect_gradient_matches
+  EXPECT_LE(relative_error(got.loss, want.loss, 1), tolerance) << what << ": loss";
+  EXPECT_LE(relative_error(got.texts_grad, want.texts_grad, unit), tolerance) << what << ": texts";
+  EXPECT_LE(relative_error(got.videos_grad, want.videos_grad, unit), tolerance) << what << ": videos";
+  EXPECT_LE(relative_error(got.scale_grad, want.scale_grad, 1), tolerance) << what << ": scale";
+}
+
+TEST(FusedContrastive, SingleProcessMatchesEagerAcrossStripsAndDtypes) {
+  vimo::testing::seed_torch();
+  struct Case {
+    int64_t N, D, tile;
+  };
+  for (const Case c : {Case{1, 8, 4}, Case{5, 16, 2}, Case{11, 16, 1}, Case{40, 32, 7}, Case{64, 32, 1000},
+                       Case{96, 8, 5}}) {
+    const std::string what = "N=" + std::to_string(c.N) + " tile=" + std::to_string(c.tile);
+    const at::Tensor texts = unit_rows(c.N, c.D), videos = unit_rows(c.N, c.D);
+    const SingleProcessResult truth =
+        single_process(texts, videos, kInitialScale, at::kDouble, c.tile, false);
+    expect_single_process_close(single_process(texts, videos, kInitialScale, at::kDouble, c.tile, true),
+                                truth, c.N, kInitialScale, 1e-10, what + " float64");
+    // float32 on float32-rounded values against float64 on the same values
+    // (MatchesFloat64ReferenceInFloat32).
+    const at::Tensor texts32 = texts.to(at::kFloat).to(at::kDouble),
+                     videos32 = videos.to(at::kFloat).to(at::kDouble);
+    expect_single_process_close(single_process(texts32, videos32, kInitialScale, at::kFloat, c.tile, true),
+                                single_process(texts32, videos32, kInitialScale, at::kDouble, c.tile, false),
+                                c.N, kInitialScale, 1e-5, what + " float32");
+    // bfloat16: no worse than eager bfloat16 against the float64 truth on the same bfloat16 values, plus
+    // 1e-2.
+    const at::Tensor texts16 = texts.to(at::kBFloat16).to(at::kDouble);
+    const at::Tensor videos16 = videos.to(at::kBFloat16).to(at::kDouble);
+    const SingleProcessResult truth16 =
+        single_process(texts16, videos16, kInitialScale, at::kDouble, c.tile, false);
+    const SingleProcessResult fused16 =
+        single_process(texts16, videos16, kInitialScale, at::kBFloat16, c.tile, true);
+    const SingleProcessResult eager16 =
+        single_process(texts16, videos16, kInitialScale, at::kBFloat16, c.tile, false);
+    const double unit = kInitialScale / (2.0 * c.N);
+    EXPECT_LE(relative_error(fused16.loss, truth16.loss, 1),
+              relative_error(eager16.loss, truth16.loss, 1) + 1e-2)
+        << what << " bfloat16 loss";
+    EXPECT_LE(relative_error(fused16.texts_grad, truth16.texts_grad, unit),
+              relative_error(eager16.texts_grad, truth16.texts_grad, unit) + 1e-2)
+        << what << " bfloat16 texts";
+    EXPECT_LE(relative_error(fused16.videos_grad, truth16.videos_grad, unit),
+              relative_error(eager16.videos_grad, truth16.videos_grad, unit) + 1e-2)
+        << what << " bfloat16 videos";
+  }
+}
+
+// Copies of the same values are not the same tensors: the kernel must then take the data-parallel path, and
+// the gradients stay apart (local vs gathered) yet sum to the one-process gradient.
+TEST(FusedContrastive, EqualValuedCopiesTakeTheGeneralPath) {
+  vimo::testing::seed_torch();
+  const int64_t N = 9, D = 16;
+  const at::Tensor texts = unit_rows(N, D), videos = unit_rows(N, D);
+  Inputs copies{texts.clone().requires_grad_(), texts.clone().requires_grad_(),
+                videos.clone().requires_grad_(), videos.clone().requires_grad_(),
+                at::scalar_tensor(kInitialScale, at::kDouble).requires_grad_()};
+  fused_symmetric_infonce(copies.text_local, copies.text_all, copies.video_local, copies.video_all,
+                          copies.scale, 0, 4)
+      .backward();
+  const SingleProcessResult one = single_process(texts, videos, kInitialScale, at::kDouble, 4, true);
+  const double unit = kInitialScale / (2.0 * N);
+  EXPECT_LE(relative_error(copies.text_local.grad() + copies.text_all.grad(), one.texts_grad, unit), 1e-10);
+  EXPECT_LE(relative_error(copies.video_local.grad() + copies.video_all.grad(), one.videos_grad, unit),
+            1e-10);
+  EXPECT_LE(relative_error(copies.scale.grad(), one.scale_grad, 1), 1e-10);
+}
+
+TEST(FusedContrastive, GeminiSingleProcessMatchesEager) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : {Problem{6, 6, 16, 0, 4}, Problem{13, 13, 8, 0, 5}}) {
+    const GeminiInfoNCEInputs x = random_gemini_inputs(p);
+    for (const bool router_only : {false, true}) {
+      // One leaf per field pair: local and all are the same tensor, as GeminiMVR passes them in one process.
+      GeminiInfoNCEInputs fused = gemini_leaves(x, at::kDouble, kEverythingLearns);
+      GeminiInfoNCEInputs eager = gemini_leaves(x, at::kDouble, kEverythingLearns);
+      for (GeminiInfoNCEInputs* in : {&fused, &eager}) {
+        std::vector<at::Tensor*> f = fields(*in);
+        for (int k = 0; k < 10; k += 2) {
+          *f[k] = f[k + 1]->detach().clone().requires_grad_(!router_only || k == 8);
+          *f[k + 1] = *f[k];
+        }
+        if (router_only) {
+          in->action_scale = in->action_scale.detach();
+          in->object_scale = in->object_scale.detach();
+        }
+      }
+      at::Tensor fused_value = fused_gemini_infonce(fused, 0, p.tile),
+                 eager_value = eager_gemini_loss(eager, 0);
+      EXPECT_LE(relative_error(fused_value, eager_value, 1), 1e-10) << describe(p);
+      fused_value.backward();
+      eager_value.backward();
+      const double unit = (kActionScale + kInitialScale) / (2.0 * p.n);
+      std::vector<at::Tensor*> got = fields(fused), want = fields(eager);
+      for (size_t k = 0; k < got.size(); k += (k < 10 ? 2 : 1)) {
+        expect_gradient_matches(kGeminiNames[k], *got[k], *want[k], k >= 10 ? 1 : unit, 1e-10, p);
+      }
+    }
+  }
+}
+
+TEST(FusedContrastive, ThreadCountDoesNotChangeTheResult) {
+  vimo::testing::seed_torch();
+  const int threads = at::get_num_threads();
+  for (const Problem& p : {Problem{40, 40, 16, 0, 3}, Problem{12, 36, 16, 12, 5}}) {
+    const Inputs x = random_inputs(p, kInitialScale);
+    std::vector<at::Tensor> results[2];
+    for (int run = 0; run < 2; ++run) {
+      at::set_num_threads(run == 0 ? 1 : 3);
+      const Inputs in = leaves(x, at::kDouble);
+      // One process when n = N: the same tensors as local and all.
+      const bool one = p.n == p.N;
+      at::Tensor loss =
+          fused_symmetric_infonce(in.text_local, one ? in.text_local : in.text_all, in.video_local,
+                                  one ? in.video_local : in.video_all, in.scale, p.offset, p.tile);
+      loss.backward();
+      results[run] = {loss.detach(), in.text_local.grad(), in.video_local.grad(), in.scale.grad()};
+    }
+    for (size_t k = 0; k < results[0].size(); ++k) {
+      EXPECT_LE(relative_error(results[1][k], results[0][k], 1e-3), 1e-12) << describe(p) << " output " << k;
+    }
+  }
+  at::set_num_threads(threads);
+}
+
+TEST(FusedContrastive, EvaluationWithoutGradModeGivesTheSameLoss) {
+  vimo::testing::seed_torch();
+  const Problem p{10, 30, 16, 10, 4};
+  const Inputs x = leaves(random_inputs(p, kInitialScale), at::kDouble);
+  const at::Tensor trained = fused_loss(x, p);
+  at::Tensor evaluated;
+  {
+    at::NoGradGuard no_grad;
+    evaluated = fused_loss(x, p);
+  }
+  EXPECT_FALSE(evaluated.requires_grad());
+  EXPECT_EQ(evaluated.item<double>(), trained.item<double>());
 }
 
 }  // namespace

@@ -1,0 +1,383 @@
+// Implements the data loader benchmark of bench_data.h and the `vimo bench data` command.
+#include "trainer/bench_data.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <stdexcept>
+#include <thread>
+
+#include "data/collate.h"
+#include "data/loader.h"
+#include "data/manifest.h"
+#include "data/shard.h"
+#include "data/synthetic.h"
+
+namespace vimo::trainer {
+
+namespace fs = std::filesystem;
+
+// Note [What the data benchmark compares]: the goal (issue 5) is a StreamingLoader within 0.8x of reading
+// the same shard files with plain read(), both from the page cache, so that the loader never costs more than
+// the bytes it moves. Between the two ends, the "stage" rows add one step at a time, single-threaded and in
+// file order, so the differences between consecutive rows say where the loader's time goes:
+//   raw read()           read() of each file in 1 MiB blocks, nothing else (the baseline)
+//   raw read() + xxh3    the same with xxh3 over every block (data::file_xxh3): the cost of checksums
+//   pread per record     one pread into a freshly allocated buffer per record: syscall + allocation
+//   read_record          ShardReader::read_record: + checksum, zstd decode, parse, copy into Field bytes
+//   read_record+collate  + collate() of each batch into padded tensors
+//   loader, N workers    the StreamingLoader: + block-shuffled order, LRU shard cache, batch jobs handed
+//                        from N prefetch threads (0: read on the caller's thread)
+// All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
+// of records/s are equal. A zstd dataset moves fewer file bytes for the same records.
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+int open_or_throw(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0)
+    throw std::runtime_error(fmt::format("bench data: cannot open {}: {}", path, std::strerror(errno)));
+  return fd;
+}
+
+// Reads exactly `count` bytes at `offset`.
+void pread_exactly(int fd, uint64_t offset, uint8_t* out, uint64_t count, const std::string& path) {
+  while (count > 0) {
+    const ssize_t n = ::pread(fd, out, count, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      throw std::runtime_error(fmt::format("bench data: cannot read {} at offset {}", path, offset));
+    out += n;
+    offset += static_cast<uint64_t>(n);
+    count -= static_cast<uint64_t>(n);
+  }
+}
+
+PassResult whole_dataset(const BenchDataset& dataset, double seconds) {
+  return {dataset.records(), dataset.bytes(), seconds};
+}
+
+PassResult xxh3_pass(const BenchDataset& dataset) {
+  const auto start = Clock::now();
+  for (const std::string& path : dataset.shard_paths()) (void)data::file_xxh3(path);
+  return whole_dataset(dataset, seconds_since(start));
+}
+
+// The shard format's records start after the 16-byte header and lie back to back.
+constexpr uint64_t kFirstRecordOffset = 16;
+
+PassResult pread_per_record_pass(const BenchDataset& dataset) {
+  const auto start = Clock::now();
+  for (const std::string& path : dataset.shard_paths()) {
+    const data::ShardReader reader(path);
+    const int fd = open_or_throw(path);
+    uint64_t offset = kFirstRecordOffset;
+    for (uint64_t i = 0; i < reader.size(); ++i) {
+      std::vector<uint8_t> stored(reader.stored_size(i));
+      pread_exactly(fd, offset, stored.data(), stored.size(), path);
+      offset += stored.size();
+    }
+    ::close(fd);
+  }
+  return whole_dataset(dataset, seconds_since(start));
+}
+
+PassResult read_record_pass(const BenchDataset& dataset, int64_t collate_batch) {
+  const auto start = Clock::now();
+  std::vector<data::Record> records;
+  std::vector<int64_t> keys;
+  std::vector<std::string> where;
+  const auto flush = [&] {
+    if (records.empty()) return;
+    const data::CollatedBatch batch = data::collate(records, keys, where);
+    records.clear();
+    keys.clear();
+    where.clear();
+  };
+  for (const std::string& path : dataset.shard_paths()) {
+    const data::ShardReader reader(path);
+    for (uint64_t i = 0; i < reader.size(); ++i) {
+      records.push_back(reader.read_record(i));
+      if (collate_batch == 0) {
+        records.clear();
+        continue;
+      }
+      keys.push_back(static_cast<int64_t>(i));
+      where.push_back(path);
+      if (static_cast<int64_t>(records.size()) == collate_batch) flush();
+    }
+  }
+  flush();
+  return whole_dataset(dataset, seconds_since(start));
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// Times `pass` `repetitions` times; records/s and MB/s from the median, fastest and slowest pass.
+nlohmann::json measure(const std::string& name, int repetitions, const std::function<PassResult()>& pass) {
+  std::vector<double> seconds;
+  PassResult last;
+  for (int r = 0; r < repetitions; ++r) {
+    last = pass();
+    seconds.push_back(last.seconds);
+  }
+  const double mid = median(seconds);
+  const auto [fastest, slowest] = std::minmax_element(seconds.begin(), seconds.end());
+  const double megabytes = static_cast<double>(last.bytes) / 1e6, records = static_cast<double>(last.records);
+  return {{"name", name},
+          {"records", last.records},
+          {"bytes", last.bytes},
+          {"seconds", seconds},
+          {"records_per_s", records / mid},
+          {"mb_per_s", megabytes / mid},
+          {"records_per_s_min", records / *slowest},
+          {"records_per_s_max", records / *fastest}};
+}
+
+std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(std::min(colon + 2, line.size()));
+    }
+  }
+  return "unknown";
+}
+
+std::string load_average() {
+  std::ifstream loadavg("/proc/loadavg");
+  std::string one, five, fifteen;
+  loadavg >> one >> five >> fifteen;
+  return one + " " + five + " " + fifteen;
+}
+
+nlohmann::json bench_one_dataset(const DataBenchOptions& options, bool zstd) {
+  const BenchDataset dataset(options, zstd);
+  const int reps = options.repetitions;
+  (void)raw_read_pass(dataset);  // the page cache now holds every shard file
+  nlohmann::json rows = nlohmann::json::array();
+  const nlohmann::json raw = measure("raw read()", reps, [&] { return raw_read_pass(dataset); });
+  rows.push_back(raw);
+  if (options.stages) {
+    rows.push_back(measure("raw read() + xxh3", reps, [&] { return xxh3_pass(dataset); }));
+    rows.push_back(measure("pread per record", reps, [&] { return pread_per_record_pass(dataset); }));
+    rows.push_back(measure("read_record", reps, [&] { return read_record_pass(dataset, 0); }));
+    rows.push_back(measure(fmt::format("read_record + collate {}", options.batch), reps,
+                           [&] { return read_record_pass(dataset, options.batch); }));
+  }
+  for (const int workers : options.workers) {
+    rows.push_back(measure(fmt::format("loader, {} workers", workers), reps,
+                           [&] { return loader_pass(dataset, workers, options.batch); }));
+  }
+  for (nlohmann::json& row : rows)
+    row["ratio_to_raw"] = row["mb_per_s"].get<double>() / raw["mb_per_s"].get<double>();
+  return {{"compression", zstd ? "zstd" : "none"},
+          {"records", dataset.records()},
+          {"shard_bytes", dataset.bytes()},
+          {"rows", rows}};
+}
+
+}  // namespace
+
+BenchDataset::BenchDataset(const DataBenchOptions& options, bool zstd) {
+  static std::atomic<int> serial = 0;
+  dir_ = (fs::temp_directory_path() /
+          fmt::format("vimo_bench_data_{}_{}_{}", ::getpid(), serial++, zstd ? "zstd" : "plain"))
+             .string();
+  data::SynthOptions synth;
+  synth.num_train = options.records;
+  synth.num_test = 1;
+  synth.frames = options.frames;
+  synth.feature_dim = options.feature_dim;
+  synth.records_per_shard = options.records_per_shard;
+  synth.zstd = zstd;
+  try {
+    data::write_synthetic_dataset(synth, dir_);
+    const data::DatasetManifest manifest = data::read_manifest(dir_);
+    const data::SplitManifest& train = manifest.split("train");
+    for (size_t i = 0; i < train.shards.size(); ++i) {
+      shard_paths_.push_back(manifest.shard_path("train", i));
+      bytes_ += train.shards[i].bytes;
+    }
+    records_ = static_cast<int64_t>(train.records);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(dir_, ignored);
+    throw;
+  }
+}
+
+BenchDataset::~BenchDataset() {
+  std::error_code ignored;
+  fs::remove_all(dir_, ignored);
+}
+
+PassResult raw_read_pass(const BenchDataset& dataset) {
+  static thread_local std::vector<uint8_t> buffer(1 << 20);
+  const auto start = Clock::now();
+  uint64_t total = 0;
+  for (const std::string& path : dataset.shard_paths()) {
+    const int fd = open_or_throw(path);
+    while (true) {
+      const ssize_t n = ::read(fd, buffer.data(), buffer.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        ::close(fd);
+        throw std::runtime_error(fmt::format("bench data: cannot read {}: {}", path, std::strerror(errno)));
+      }
+      if (n == 0) break;
+      total += static_cast<uint64_t>(n);
+    }
+    ::close(fd);
+  }
+  const double seconds = seconds_since(start);
+  if (total != dataset.bytes()) {
+    throw std::runtime_error(fmt::format("bench data: read {} bytes of {} in {}: the dataset changed", total,
+                                         dataset.bytes(), dataset.dir()));
+  }
+  return whole_dataset(dataset, seconds);
+}
+
+PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch) {
+  data::LoaderOptions options;
+  options.dir = dataset.dir();
+  options.global_batch = std::min<int64_t>(batch, dataset.records());
+  options.workers = workers;
+  const auto start = Clock::now();
+  data::StreamingLoader loader(options);
+  int64_t records = 0;
+  for (int64_t step = 0; step < loader.batches_per_epoch(); ++step) records += loader.next().tensors.size();
+  const double seconds = seconds_since(start);
+  // drop_last leaves out the last partial batch: count only the bytes of the records read.
+  const auto bytes =
+      static_cast<uint64_t>(static_cast<double>(dataset.bytes()) * static_cast<double>(records) /
+                            static_cast<double>(dataset.records()));
+  return {records, bytes, seconds};
+}
+
+nlohmann::json run_data_bench(const DataBenchOptions& options) {
+  if (options.records <= 0 || options.batch <= 0 || options.repetitions <= 0) {
+    throw std::runtime_error(
+        fmt::format("bench data: records ({}), batch ({}) and repetitions ({}) must be "
+                    "positive",
+                    options.records, options.batch, options.repetitions));
+  }
+  nlohmann::json report;
+  report["options"] = {{"records", options.records},
+                       {"frames", options.frames},
+                       {"feature_dim", options.feature_dim},
+                       {"records_per_shard", options.records_per_shard},
+                       {"batch", options.batch},
+                       {"workers", options.workers},
+                       {"repetitions", options.repetitions},
+                       {"shuffle", true},
+                       {"page_cache", "warm"}};
+  report["machine"] = {{"nproc", std::thread::hardware_concurrency()},
+                       {"cpu", cpu_model()},
+                       {"load_average_before", load_average()}};
+  report["datasets"] = nlohmann::json::array();
+  for (const bool zstd : {false, true}) report["datasets"].push_back(bench_one_dataset(options, zstd));
+  report["machine"]["load_average_after"] = load_average();
+  if (!options.out.empty()) {
+    const fs::path out(options.out);
+    if (out.has_parent_path()) fs::create_directories(out.parent_path());
+    data::write_file_atomically(options.out, report.dump(2) + "\n");
+  }
+  return report;
+}
+
+void print_data_bench(const nlohmann::json& report) {
+  const nlohmann::json& o = report["options"];
+  const nlohmann::json& m = report["machine"];
+  fmt::print(
+      "data loader benchmark: {} records of F={} x Dv={}, batch {}, {} repetitions (median, [min, max] "
+      "records/s), page cache warm\n",
+      o["records"].get<int64_t>(), o["frames"].get<int64_t>(), o["feature_dim"].get<int64_t>(),
+      o["batch"].get<int64_t>(), o["repetitions"].get<int>());
+  fmt::print("machine: {} cores, {}, load average {} before, {} after\n", m["nproc"].get<unsigned>(),
+             m["cpu"].get<std::string>(), m["load_average_before"].get<std::string>(),
+             m["load_average_after"].get<std::string>());
+  for (const nlohmann::json& dataset : report["datasets"]) {
+    const bool zstd = dataset["compression"].get<std::string>() == "zstd";
+    fmt::print("\n{} shards: {:.1f} MB, {:.1f} KB per record\n", zstd ? "zstd" : "plain",
+               dataset["shard_bytes"].get<double>() / 1e6,
+               dataset["shard_bytes"].get<double>() / dataset["records"].get<double>() / 1e3);
+    fmt::print("  {:<26} {:>11} {:>21} {:>9} {:>8}\n", "", "records/s", "[min, max]", "MB/s", "x raw");
+    for (const nlohmann::json& row : dataset["rows"]) {
+      fmt::print("  {:<26} {:>11.0f} {:>21} {:>9.0f} {:>8.2f}\n", row["name"].get<std::string>(),
+                 row["records_per_s"].get<double>(),
+                 fmt::format("[{:.0f}, {:.0f}]", row["records_per_s_min"].get<double>(),
+                             row["records_per_s_max"].get<double>()),
+                 row["mb_per_s"].get<double>(), row["ratio_to_raw"].get<double>());
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// `vimo bench data`
+
+struct BenchCommands::Options {
+  CLI::App* data = nullptr;
+  DataBenchOptions data_options;
+};
+
+BenchCommands::BenchCommands(CLI::App& app) : options_(std::make_unique<Options>()) {
+  CLI::App* bench = app.add_subcommand("bench", "Benchmarks that print a table and write a JSON report");
+  bench->require_subcommand(1);
+  Options& o = *options_;
+  DataBenchOptions& d = o.data_options;
+  d.out = "runs/bench/data.json";
+  o.data = bench->add_subcommand(
+      "data", "Data loader throughput against raw read() of the same shard files (page cache warm)");
+  o.data->add_option("--out", d.out, "JSON report")->capture_default_str();
+  o.data->add_option("--records", d.records, "Records in the synthetic dataset")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  o.data->add_option("--workers", d.workers, "Loader worker counts, one row each (e.g. --workers 0 2)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  o.data->add_option("--batch", d.batch, "Loader batch size")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  o.data->add_option("--repetitions", d.repetitions, "Timed passes per row")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  o.data->add_option("--feature-dim", d.feature_dim, "Per-frame feature size (sets the record size)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+}
+
+BenchCommands::~BenchCommands() = default;
+
+std::optional<int> BenchCommands::run() const {
+  const Options& o = *options_;
+  if (!*o.data) return std::nullopt;
+  const nlohmann::json report = run_data_bench(o.data_options);
+  print_data_bench(report);
+  if (!o.data_options.out.empty()) fmt::print("\nwrote {}\n", o.data_options.out);
+  return 0;
+}
+
+}  // namespace vimo::trainer

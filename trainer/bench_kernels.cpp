@@ -1,0 +1,290 @@
+// `vimo bench kernels`: the fused losses against their eager compositions (see bench_kernels.h).
+//
+// Note [What the kernel benchmark measures]
+// One row = one loss at one size; each implementation runs forward + backward `repetitions` times after one
+// warm-up, on the same leaves, gradients cleared between runs. Time: the median wall-clock time and the
+// median process CPU time (all threads; on a shared machine CPU time is the steadier figure, wall time the
+// one that matters on an idle one). Memory: LibTorch's CPU allocator is wrapped by a counting allocator
+// (c10::SetCPUAllocator) that tracks live tensor bytes; `peak_MiB` is the high-water mark during one
+// forward + backward above what was live before it, gradients of the leaves included, allocations that
+// bypass c10 (BLAS workspaces, std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks
+// allocated before the counter was installed are freed through their own allocator and never counted.
+// The McDPO floor: the three LM-head products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any
+// implementation must compute; the fused kernel visits answer tokens only, eager every position.
+#include "trainer/bench_kernels.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
+#include <fmt/format.h>
+#include <time.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include "bench/counting_allocator.h"
+#include "kernels/contrastive_loss.h"
+#include "kernels/fused_contrastive.h"
+#include "kernels/fused_linear_dpo.h"
+
+namespace vimo::trainer {
+namespace {
+
+constexpr double kMiB = 1024.0 * 1024.0;
+// Issue 4's goals.
+constexpr double kDpoSpeedupGoal = 1.5, kDpoMemoryGoal = 3.0, kDpoFloorGoal = 1.3,
+                 kContrastiveSpeedupGoal = 2.0;
+
+using bench::counting_allocator;
+using bench::CountingAllocator;
+
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// Runs `step` (one forward + backward) once untimed, then `repetitions` times; `reset` clears gradients after
+// each run. Returns {"wall_ms", "cpu_ms" (medians), "peak_MiB" (largest)}.
+nlohmann::json measure(int repetitions, const std::function<void()>& step,
+                       const std::function<void()>& reset) {
+  CountingAllocator& allocator = counting_allocator();
+  step();
+  reset();
+  std::vector<double> wall, cpu;
+  int64_t peak = 0;
+  for (int r = 0; r < repetitions; ++r) {
+    const int64_t before = allocator.live();
+    allocator.reset_peak();
+    const double cpu_start = process_cpu_seconds();
+    const auto start = std::chrono::steady_clock::now();
+    step();
+    wall.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    cpu.push_back(1e3 * (process_cpu_seconds() - cpu_start));
+    peak = std::max(peak, allocator.peak() - before);
+    reset();
+  }
+  return {{"wall_ms", median(wall)}, {"cpu_ms", median(cpu)}, {"peak_MiB", static_cast<double>(peak) / kMiB}};
+}
+
+double ratio(const nlohmann::json& numerator, const nlohmann::json& denominator, const char* key) {
+  const double d = denominator[key].get<double>();
+  return d > 0 ? numerator[key].get<double>() / d : 0.0;
+}
+
+nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
+  at::manual_seed(0);
+  const int64_t R = 2 * o.dpo_pairs, T = o.dpo_positions, H = o.dpo_hidden;
+  const int64_t prompt = std::clamp<int64_t>(o.dpo_prompt, 0, T - 1);
+  at::Tensor hidden = at::randn({R, T, H}).requires_grad_();                                     // [2B, T, H]
+  at::Tensor weight = (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).requires_grad_();  // [V, H]
+  const at::Tensor targets = at::randint(0, V, {R, T}, at::kLong);                               // [2B, T]
+  const at::Tensor mask = (at::arange(T) >= prompt).unsqueeze(0).expand({R, T}).contiguous();    // [2B, T]
+  const at::Tensor reference = -9.0 * static_cast<double>(T - prompt) + at::randn({R});          // [2B]
+  const auto reset = [&] {
+    hidden.mutable_grad().reset();
+    weight.mutable_grad().reset();
+  };
+  const vimo::kernels::LmHeadChunking chunking{o.dpo_chunk_tokens, 0};
+  const nlohmann::json fused = measure(
+      o.repetitions,
+      [&] {
+        vimo::kernels::fused_linear_mcdpo(hidden, weight, targets, mask, reference, {}, chunking)
+            .loss.backward();
+      },
+      reset);
+  const nlohmann::json eager = measure(
+      o.repetitions,
+      [&] { vimo::kernels::eager_mcdpo(hidden, weight, targets, mask, reference).loss.backward(); }, reset);
+  const int64_t answer_tokens = R * (T - prompt);
+  const at::Tensor x = hidden.detach().narrow(1, prompt, T - prompt).reshape({answer_tokens, H});  // [N, H]
+  const at::Tensor w = weight.detach();                                                            // [V, H]
+  const nlohmann::json products = measure(
+      o.repetitions,
+      [&] {
+        const at::Tensor logits = at::mm(x, w.t());  // [N, V]; stands in for the logit gradient of that shape
+        const at::Tensor grad_x = at::mm(logits, w);      // [N, H]
+        const at::Tensor grad_w = at::mm(logits.t(), x);  // [V, H]
+      },
+      [] {});
+  nlohmann::json row = {{"loss", "mcdpo"},
+                        {"shape", {{"B", o.dpo_pairs}, {"T", T}, {"H", H}, {"V", V}, {"prompt", prompt}}},
+                        {"answer_tokens", answer_tokens},
+                        {"fused", fused},
+                        {"eager", eager},
+                        {"bare_products", products}};
+  const double speedup = ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
+               floor = ratio(fused, products, "cpu_ms");
+  row["eager_over_fused_cpu_time"] = speedup;
+  row["eager_over_fused_wall_time"] = ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_memory"] = memory;
+  row["fused_over_products_cpu_time"] = floor;
+  row["goals"] = {
+      {{"goal", "≥ 1.5× faster than eager (CPU time)"},
+       {"value", speedup},
+       {"met", speedup >= kDpoSpeedupGoal}},
+      {{"goal", "≥ 3× less peak memory than eager"}, {"value", memory}, {"met", memory >= kDpoMemoryGoal}},
+      {{"goal", "within 1.3× of the bare LM-head products (CPU time)"},
+       {"value", floor},
+       {"met", floor > 0 && floor <= kDpoFloorGoal}}};
+  return row;
+}
+
+nlohmann::json contrastive_row(const KernelBenchOptions& o, int64_t N) {
+  at::manual_seed(0);
+  const int64_t D = o.contrastive_dim;
+  const auto unit_rows = [&] {
+    const at::Tensor x = at::randn({N, D});
+    return (x / x.norm(2, 1, true)).requires_grad_();  // [N, D]
+  };
+  at::Tensor texts = unit_rows(), videos = unit_rows();
+  at::Tensor scale = at::scalar_tensor(1 / 0.07).requires_grad_();  // exp(τ) at its initial value
+  const auto reset = [&] {
+    for (at::Tensor* t : {&texts, &videos, &scale}) t->mutable_grad().reset();
+  };
+  const nlohmann::json fused = measure(
+      o.repetitions,
+      [&] {
+        vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, o.contrastive_tile)
+            .backward();
+      },
+      reset);
+  const nlohmann::json eager = measure(
+      o.repetitions,
+      [&] {
+        const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
+        const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
+        vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
+      },
+      reset);
+  nlohmann::json row = {{"loss", "contrastive"},
+                        {"shape", {{"N", N}, {"D", D}, {"tile", o.contrastive_tile}}},
+                        {"fused", fused},
+                        {"eager", eager}};
+  const double speedup = ratio(eager, fused, "cpu_ms");
+  row["eager_over_fused_cpu_time"] = speedup;
+  row["eager_over_fused_wall_time"] = ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_memory"] = ratio(eager, fused, "peak_MiB");
+  row["goals"] = {{{"goal", "≥ 2× faster than eager (CPU time)"},
+                   {"value", speedup},
+                   {"met", speedup >= kContrastiveSpeedupGoal}}};
+  return row;
+}
+
+std::string load_average() {
+  std::ifstream in("/proc/loadavg");
+  std::string one;
+  in >> one;
+  return one.empty() ? "unknown" : one;
+}
+
+}  // namespace
+
+KernelBenchOptions KernelBenchOptions::quick() {
+  KernelBenchOptions o;
+  o.dpo_positions = 64;
+  o.dpo_hidden = 128;
+  o.dpo_prompt = 16;
+  o.dpo_vocabularies = {1024, 2048};
+  o.contrastive_sizes = {256, 512};
+  o.contrastive_dim = 128;
+  o.contrastive_tile = 128;
+  o.repetitions = 3;
+  return o;
+}
+
+nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
+  if (options.repetitions < 1) {
+    throw std::invalid_argument("bench kernels: repetitions must be ≥ 1, got " +
+                                std::to_string(options.repetitions));
+  }
+  if (options.dpo_pairs < 1 || options.dpo_positions < 2 || options.dpo_hidden < 1 ||
+      options.contrastive_dim < 1 || options.contrastive_tile < 1) {
+    throw std::invalid_argument("bench kernels: sizes must be positive (and T ≥ 2)");
+  }
+  counting_allocator();
+  const int previous_threads = at::get_num_threads();
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  nlohmann::json report;
+  report["machine"] = {{"nproc", std::thread::hardware_concurrency()},
+                       {"torch_threads", at::get_num_threads()},
+                       {"load_average_before", load_average()}};
+  report["options"] = {{"dpo_pairs", options.dpo_pairs},
+                       {"dpo_positions", options.dpo_positions},
+                       {"dpo_hidden", options.dpo_hidden},
+                       {"dpo_prompt", options.dpo_prompt},
+                       {"dpo_vocabularies", options.dpo_vocabularies},
+                       {"dpo_chunk_tokens", options.dpo_chunk_tokens},
+                       {"contrastive_sizes", options.contrastive_sizes},
+                       {"contrastive_dim", options.contrastive_dim},
+                       {"contrastive_tile", options.contrastive_tile},
+                       {"repetitions", options.repetitions},
+                       {"dtype", "float32"}};
+  nlohmann::json rows = nlohmann::json::array();
+  for (int64_t V : options.dpo_vocabularies) rows.push_back(mcdpo_row(options, V));
+  for (int64_t N : options.contrastive_sizes) rows.push_back(contrastive_row(options, N));
+  report["rows"] = rows;
+  report["machine"]["load_average_after"] = load_average();
+  if (options.threads > 0) at::set_num_threads(previous_threads);
+  if (!options.out.empty()) {
+    namespace fs = std::filesystem;
+    const fs::path out(options.out);
+    if (out.has_parent_path()) fs::create_directories(out.parent_path());
+    std::ofstream file(out);
+    if (!(file << report.dump(2) << '\n')) {
+      throw std::runtime_error("bench kernels: cannot write the report to " + options.out +
+                               "; HINT: check that the directory is writable");
+    }
+  }
+  return report;
+}
+
+void print_kernel_bench(const nlohmann::json& report) {
+  const nlohmann::json& m = report["machine"];
+  fmt::print(
+      "fused kernels vs eager, forward + backward, float32, {} torch threads, {} cores, load average {} "
+      "before, {} after (medians of {} runs; CPU time = all threads)\n",
+      m["torch_threads"].get<int>(), m["nproc"].get<unsigned>(), m["load_average_before"].get<std::string>(),
+      m["load_average_after"].get<std::string>(), report["options"]["repetitions"].get<int>());
+  const auto cell = [](const nlohmann::json& r) {
+    return fmt::format("{:>9.1f} {:>9.1f} {:>9.1f}", r["wall_ms"].get<double>(), r["cpu_ms"].get<double>(),
+                       r["peak_MiB"].get<double>());
+  };
+  fmt::print("\n  {:<34} {:<13} {:>9} {:>9} {:>9}\n", "case", "", "wall ms", "CPU ms", "peak MiB");
+  for (const nlohmann::json& row : report["rows"]) {
+    const nlohmann::json& s = row["shape"];
+    const std::string name =
+        row["loss"] == "mcdpo"
+            ? fmt::format("McDPO B={} T={} H={} V={}", s["B"].get<int64_t>(), s["T"].get<int64_t>(),
+                          s["H"].get<int64_t>(), s["V"].get<int64_t>())
+            : fmt::format("contrastive N={} D={}", s["N"].get<int64_t>(), s["D"].get<int64_t>());
+    fmt::print("  {:<34} {:<13} {}\n", name, "fused", cell(row["fused"]));
+    fmt::print("  {:<34} {:<13} {}\n", "", "eager", cell(row["eager"]));
+    if (row.contains("bare_products"))
+      fmt::print("  {:<34} {:<13} {}\n", "", "bare products", cell(row["bare_products"]));
+    fmt::print("  {:<34} eager/fused: {:.2f}× CPU time, {:.2f}× wall time, {:.2f}× peak memory\n", "",
+               row["eager_over_fused_cpu_time"].get<double>(),
+               row["eager_over_fused_wall_time"].get<double>(), row["eager_over_fused_memory"].get<double>());
+    for (const nlohmann::json& goal : row["goals"]) {
+      fmt::print("  {:<34} goal {:<52} {:>6.2f}  {}\n", "", goal["goal"].get<std::string>(),
+                 goal["value"].get<double>(), goal["met"].get<bool>() ? "met" : "NOT met");
+    }
+  }
+}
+
+}  // namespace vimo::trainer
