@@ -12,6 +12,7 @@
 
 #include "build_info.h"
 #include "comm/communicator.h"
+#include "trainer/bench_comm.h"
 #include "trainer/bench_data.h"
 #include "trainer/bench_kernels.h"
 #include "trainer/config.h"
@@ -96,6 +97,11 @@ int main(int argc, char** argv) {
   bool bench_kernels_quick = false;
   bench_kernels->add_option("--out", bench_kernels_out, "JSON report")->capture_default_str();
   bench_kernels->add_flag("--quick", bench_kernels_quick, "Small sizes: a run of seconds (smoke test)");
+  auto* bench_comm = bench->add_subcommand(
+      "comm",
+      "Collectives through our Communicator against raw MPI (algbw, busbw, 4 KiB-256 MiB) and the share of "
+      "gradient reduction hidden behind backward; run under mpirun");
+  const vimo::trainer::CommBenchCommand comm_bench(*bench_comm);
 
   auto* version = app.add_subcommand("version", "Print the versions of vimo, LibTorch, CUDA, NCCL and MPI");
 
@@ -105,6 +111,7 @@ int main(int argc, char** argv) {
     if (*train) return run_train(config_path, overrides, resume);
     if (const std::optional<int> code = data_commands.run()) return *code;
     if (const std::optional<int> code = bench_commands.run()) return *code;
+    if (*bench_comm) return comm_bench.run();
     if (*bench_kernels) {
       vimo::trainer::KernelBenchOptions options = bench_kernels_quick
                                                       ? vimo::trainer::KernelBenchOptions::quick()

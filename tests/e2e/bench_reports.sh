@@ -10,4 +10,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/kernels.json" || fail "bad kernels.json"
 "$vimo" bench data --records 256 --repetitions 1 --out "$work/data.json" > "$work/data.log"
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/data.json" || fail "bad data.json"
+mpirun --oversubscribe --bind-to none -np 2 "$vimo" bench comm --max-mib 1 --iters 2 --no-overlap \
+  --out "$work/comm.json" > "$work/comm.log"
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/comm.json" || fail "bad comm.json"
 echo "1 passed, 0 failed"

@@ -1,0 +1,494 @@
+// Implements the communication benchmark of bench_comm.h (`vimo bench comm`, bench/bench_comm.cpp).
+//
+// Note [What the communication benchmark compares]
+// The question (issue 3) is what our Communicator costs over the MPI library underneath, so every size is
+// run through four paths on the same float32 buffers, in the same process, one after the other:
+//   ours             the blocking Communicator call: agreement all-reduce (Note [Agreeing on a collective
+//                    before running it] in comm/mpi_communicator.cpp), then MPI_I<collective> on a duplicate
+//                    of MPI_COMM_WORLD, then Work::wait()'s MPI_Test loop (spin 50 µs, yield to 20 ms, then
+//                    sleep 200 µs between polls); allgather / reduce_scatter allocate their output
+//   ours async       the *_async call + Work::wait() on preallocated buffers: no agreement, no allocation
+//   raw              MPI_Allreduce / MPI_Allgather / MPI_Reduce_scatter_block on MPI_COMM_WORLD: the baseline
+//   raw nonblocking  MPI_I<collective> + MPI_Wait: the primitive our backend uses, progressed without pauses
+// So ours vs ours async is the agreement + allocation, ours async vs raw nonblocking is how Work::wait polls,
+// and raw nonblocking vs raw is Open MPI's non-blocking (libnbc) algorithms against its blocking (tuned)
+// ones. Each iteration is timed between MPI barriers and its time is the slowest rank's (an all-reduce max);
+// a size's figure is the median over iterations after warm-up. Sizes follow nccl-tests: the all-reduce
+// buffer, the all-gather output, the reduce-scatter input; algbw = size / time, busbw = algbw · 2(n−1)/n for
+// all-reduce and (n−1)/n for the other two, so busbw is comparable across rank counts. The all-reduce buffer
+// holds zeros, so repeated in-place sums neither overflow nor hit denormals.
+//
+// Note [What the overlap measurement reports]
+// A data-parallel step of an MLP (depth square float32 layers of `width`, ReLU between, squared-error loss),
+// gradients averaged by GradientReducer at DP = world size. The hidden fraction is ReducerStats'
+// (Note [Overlap statistics] in comm/gradient_reducer.cpp): communication = first bucket launched → every
+// bucket done, exposed = finalize() called (backward over) → every bucket done, hidden = 1 − exposed /
+// communication, summed over the timed steps (the warm-up step is subtracted out). It is per rank; the report
+// gives rank 0's and the minimum over ranks.
+#include "trainer/bench_comm.h"
+
+#include <ATen/Parallel.h>
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "comm/gradient_reducer.h"
+
+namespace vimo::trainer {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr double kMiB = 1024.0 * 1024.0;
+constexpr double kRatioGoal = 0.95;               // issue 3: ours >= 0.95x raw ...
+constexpr int64_t kRatioGoalFromBytes = 1 << 20;  // ... at >= 1 MiB
+constexpr double kHiddenGoal = 0.70;              // issue 3: >= 70 % of gradient reduction hidden at DP = 2
+
+constexpr CommCollective kCollectives[] = {CommCollective::Allreduce, CommCollective::Allgather,
+                                           CommCollective::ReduceScatter};
+constexpr CommPath kPaths[] = {CommPath::Ours, CommPath::OursAsync, CommPath::Raw, CommPath::RawNonblocking};
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+void check_mpi(int status, const char* call) {
+  if (status != MPI_SUCCESS)
+    throw std::runtime_error(fmt::format("bench comm: {} failed ({})", call, status));
+}
+
+double max_over_ranks(double value) {
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD), "MPI_Allreduce");
+  return value;
+}
+
+double min_over_ranks(double value) {
+  check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
+  return value;
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+std::string load_average() {
+  std::ifstream loadavg("/proc/loadavg");
+  std::string one, five, fifteen;
+  loadavg >> one >> five >> fifteen;
+  return one + " " + five + " " + fifteen;
+}
+
+std::string size_text(int64_t bytes) {
+  if (bytes >= (int64_t{1} << 20)) return fmt::format("{} MiB", bytes >> 20);
+  return fmt::format("{} KiB", bytes >> 10);
+}
+
+// Runs the call of `path` (MPI requests, where any, are completed before returning).
+void call_collective(CommPath path, CollectiveBuffers& b, comm::Communicator& comm) {
+  float* full = b.full.data_ptr<float>();
+  float* shard = b.shard.data_ptr<float>();
+  const int full_count = static_cast<int>(b.full.numel());
+  const int shard_count = static_cast<int>(b.shard.numel());
+  MPI_Request request = MPI_REQUEST_NULL;
+  switch (b.collective) {
+    case CommCollective::Allreduce:
+      switch (path) {
+        case CommPath::Ours:
+          comm.allreduce(b.full, comm::ReduceOp::Sum);
+          return;
+        case CommPath::OursAsync:
+          comm.allreduce_async(b.full, comm::ReduceOp::Sum)->wait();
+          return;
+        case CommPath::Raw:
+          check_mpi(MPI_Allreduce(MPI_IN_PLACE, full, full_count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
+                    "MPI_Allreduce");
+          return;
+        case CommPath::RawNonblocking:
+          check_mpi(
+              MPI_Iallreduce(MPI_IN_PLACE, full, full_count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &request),
+              "MPI_Iallreduce");
+          break;
+      }
+      break;
+    case CommCollective::Allgather:
+      switch (path) {
+        case CommPath::Ours:
+          comm.allgather(b.shard);  // returns a fresh [bytes / 4] output
+          return;
+        case CommPath::OursAsync:
+          comm.allgather_async(b.shard, b.full)->wait();
+          return;
+        case CommPath::Raw:
+          check_mpi(
+              MPI_Allgather(shard, shard_count, MPI_FLOAT, full, shard_count, MPI_FLOAT, MPI_COMM_WORLD),
+              "MPI_Allgather");
+          return;
+        case CommPath::RawNonblocking:
+          check_mpi(MPI_Iallgather(shard, shard_count, MPI_FLOAT, full, shard_count, MPI_FLOAT,
+                                   MPI_COMM_WORLD, &request),
+                    "MPI_Iallgather");
+          break;
+      }
+      break;
+    case CommCollective::ReduceScatter:
+      switch (path) {
+        case CommPath::Ours:
+          comm.reduce_scatter(b.full, comm::ReduceOp::Sum);  // returns a fresh [bytes / 4 / n] output
+          return;
+        case CommPath::OursAsync:
+          comm.reduce_scatter_async(b.full, b.shard, comm::ReduceOp::Sum)->wait();
+          return;
+        case CommPath::Raw:
+          check_mpi(MPI_Reduce_scatter_block(full, shard, shard_count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
+                    "MPI_Reduce_scatter_block");
+          return;
+        case CommPath::RawNonblocking:
+          check_mpi(MPI_Ireduce_scatter_block(full, shard, shard_count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
+                                              &request),
+                    "MPI_Ireduce_scatter_block");
+          break;
+      }
+      break;
+  }
+  check_mpi(MPI_Wait(&request, MPI_STATUS_IGNORE), "MPI_Wait");
+}
+
+// The sizes of the sweep: min_bytes, min_bytes · factor, ... up to max_bytes.
+std::vector<int64_t> sweep_sizes(const CommBenchOptions& options) {
+  std::vector<int64_t> sizes;
+  for (int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.size_factor) {
+    sizes.push_back(bytes);
+  }
+  return sizes;
+}
+
+nlohmann::json bench_collective(CommCollective collective, int64_t bytes, const CommBenchOptions& options,
+                                comm::Communicator& comm) {
+  CollectiveBuffers buffers(collective, bytes, comm.size());
+  const int iterations = bytes < kRatioGoalFromBytes ? 4 * options.iterations : options.iterations;
+  const double bus_factor = bus_bandwidth_factor(collective, comm.size());
+  nlohmann::json row = {
+      {"collective", collective_name(collective)}, {"bytes", bytes}, {"iterations", iterations}};
+  double ours_s = 0, raw_s = 0;
+  // Paths take turns per iteration, so a burst of load on the machine falls on all of them alike.
+  std::vector<std::vector<double>> times(std::size(kPaths));
+  for (int i = 0; i < options.warmup + iterations; ++i) {
+    for (size_t p = 0; p < std::size(kPaths); ++p) {
+      const double seconds = time_collective(kPaths[p], buffers, comm);
+      if (i >= options.warmup) times[p].push_back(seconds);
+    }
+  }
+  for (size_t p = 0; p < std::size(kPaths); ++p) {
+    const double seconds = median(times[p]);
+    const double algbw = static_cast<double>(bytes) / seconds / 1e9;
+    const auto [low, high] = std::minmax_element(times[p].begin(), times[p].end());
+    row[path_name(kPaths[p])] = {{"time_us", seconds * 1e6},
+                                 {"time_us_min", *low * 1e6},
+                                 {"time_us_max", *high * 1e6},
+                                 {"algbw_GBps", algbw},
+                                 {"busbw_GBps", algbw * bus_factor}};
+    if (kPaths[p] == CommPath::Ours) ours_s = seconds;
+    if (kPaths[p] == CommPath::Raw) raw_s = seconds;
+  }
+  row["ours_over_raw"] = raw_s / ours_s;  // bandwidth ratio: > 1 means ours is faster
+  row["ours_async_over_raw"] = raw_s / row["ours_async"]["time_us"].get<double>() * 1e6;
+  return row;
+}
+
+// x [batch, width] -> relu(x W1ᵀ + b1) -> ... -> (· Wdᵀ + bd) [batch, width]; loss = mean squared output.
+struct Mlp {
+  std::vector<at::Tensor> params;  // w1 [width, width], b1 [width], w2, b2, ...
+  Mlp(int64_t width, int64_t depth) {
+    at::manual_seed(20261124);  // the same initial parameters on every rank
+    for (int64_t l = 0; l < depth; ++l) {
+      params.push_back((at::randn({width, width}) / std::sqrt(static_cast<double>(width))).requires_grad_());
+      params.push_back(at::zeros({width}).requires_grad_());
+    }
+  }
+  at::Tensor loss(const at::Tensor& x) const {
+    at::Tensor h = x;
+    for (size_t l = 0; l < params.size(); l += 2) {
+      h = at::addmm(params[l + 1], h, params[l].t());
+      if (l + 2 < params.size()) h = at::relu(h);
+    }
+    return h.pow(2).mean();
+  }
+  int64_t numel() const {
+    int64_t n = 0;
+    for (const at::Tensor& p : params) n += p.numel();
+    return n;
+  }
+};
+
+nlohmann::json bench_overlap(const CommBenchOptions& options,
+                             const std::shared_ptr<comm::Communicator>& comm) {
+  const int previous_threads = at::get_num_threads();
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  Mlp model(options.overlap_width, options.overlap_depth);
+  comm::GradientReducer reducer(model.params, comm, {options.bucket_mib, options.first_bucket_mib});
+  at::manual_seed(1000 + comm->rank());  // each rank its own rows, as in data parallelism
+  const at::Tensor x = at::randn({options.overlap_batch, options.overlap_width});
+
+  comm::ReducerStats before;
+  std::vector<double> forward_s, backward_s, finalize_s, step_s;
+  for (int step = 0; step <= options.overlap_steps; ++step) {
+    if (step == 1) before = reducer.stats();  // step 0 is the warm-up
+    for (at::Tensor& p : model.params) p.mutable_grad() = at::Tensor();
+    comm->barrier();
+    const Clock::time_point start = Clock::now();
+    const at::Tensor loss = model.loss(x);
+    const double forward = seconds_since(start);
+    loss.backward();
+    const double backward = seconds_since(start) - forward;
+    reducer.finalize();
+    const double total = seconds_since(start);
+    if (step == 0) continue;
+    forward_s.push_back(forward);
+    backward_s.push_back(backward);
+    finalize_s.push_back(total - forward - backward);
+    step_s.push_back(total);
+  }
+  const comm::ReducerStats after = reducer.stats();
+  if (options.threads > 0) at::set_num_threads(previous_threads);
+
+  const double communication = after.communication_s - before.communication_s;
+  const double exposed = after.exposed_s - before.exposed_s;
+  const double hidden = communication > 0 ? std::clamp(1.0 - exposed / communication, 0.0, 1.0) : 0.0;
+  const int64_t steps = after.steps - before.steps;
+  const double per_step = 1.0 / static_cast<double>(std::max<int64_t>(steps, 1));
+  return {
+      {"definition",
+       "hidden = 1 - exposed / communication over the timed steps; communication = first bucket launched -> "
+       "every bucket done, exposed = finalize() called (backward over) -> every bucket done (ReducerStats, "
+       "Note [Overlap statistics] in comm/gradient_reducer.cpp)"},
+      {"model",
+       fmt::format("MLP, {} float32 linear layers of {}x{}, ReLU, batch {} per rank", options.overlap_depth,
+                   options.overlap_width, options.overlap_width, options.overlap_batch)},
+      {"parameters", model.numel()},
+      {"dp", comm->size()},
+      {"threads_per_rank", at::get_num_threads()},
+      {"bucket_mib", options.bucket_mib},
+      {"first_bucket_mib", options.first_bucket_mib},
+      {"buckets", reducer.bucket_parameters().size()},
+      {"steps", steps},
+      {"bytes_reduced_per_step", static_cast<double>(after.bytes_reduced - before.bytes_reduced) * per_step},
+      {"buckets_launched_in_backward_per_step",
+       static_cast<double>(after.buckets_launched_in_backward - before.buckets_launched_in_backward) *
+           per_step},
+      {"communication_ms_per_step", communication * per_step * 1e3},
+      {"exposed_ms_per_step", exposed * per_step * 1e3},
+      {"forward_ms", median(forward_s) * 1e3},
+      {"backward_ms", median(backward_s) * 1e3},
+      {"finalize_ms", median(finalize_s) * 1e3},
+      {"step_ms", median(step_s) * 1e3},
+      {"hidden_fraction", hidden},
+      {"hidden_fraction_min_over_ranks", min_over_ranks(hidden)},
+      {"goal", kHiddenGoal},
+  };
+}
+
+}  // namespace
+
+const char* collective_name(CommCollective collective) {
+  switch (collective) {
+    case CommCollective::Allreduce:
+      return "allreduce";
+    case CommCollective::Allgather:
+      return "allgather";
+    case CommCollective::ReduceScatter:
+      return "reduce_scatter";
+  }
+  return "unknown";
+}
+
+const char* path_name(CommPath path) {
+  switch (path) {
+    case CommPath::Ours:
+      return "ours";
+    case CommPath::OursAsync:
+      return "ours_async";
+    case CommPath::Raw:
+      return "raw";
+    case CommPath::RawNonblocking:
+      return "raw_nonblocking";
+  }
+  return "unknown";
+}
+
+double bus_bandwidth_factor(CommCollective collective, int ranks) {
+  const double n = ranks;
+  return collective == CommCollective::Allreduce ? 2.0 * (n - 1) / n : (n - 1) / n;
+}
+
+CollectiveBuffers::CollectiveBuffers(CommCollective collective_, int64_t bytes_, int ranks)
+    : collective(collective_), bytes(bytes_) {
+  if (bytes <= 0 || bytes % (4 * ranks) != 0) {
+    throw std::invalid_argument(fmt::format(
+        "bench comm: a message of {} bytes cannot be split into float32 shards for {} ranks. HINT: use a "
+        "multiple of {} bytes",
+        bytes, ranks, 4 * ranks));
+  }
+  // Touched once here, so that no path pays the first-touch page faults.
+  full = at::zeros({bytes / 4});
+  shard = at::zeros({bytes / 4 / ranks});
+}
+
+double time_collective(CommPath path, CollectiveBuffers& buffers, comm::Communicator& comm) {
+  check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+  const Clock::time_point start = Clock::now();
+  call_collective(path, buffers, comm);
+  const double seconds = seconds_since(start);
+  return max_over_ranks(seconds);
+}
+
+nlohmann::json run_comm_bench(const CommBenchOptions& options,
+                              const std::shared_ptr<comm::Communicator>& comm) {
+  if (!comm) throw std::invalid_argument("bench comm: the communicator is null");
+  if (options.size_factor < 2 || options.min_bytes <= 0 || options.max_bytes < options.min_bytes ||
+      options.iterations <= 0 || options.warmup < 0) {
+    throw std::invalid_argument(fmt::format(
+        "bench comm: need min_bytes > 0, max_bytes >= min_bytes, size_factor >= 2, iterations > 0 and warmup "
+        ">= 0; got {}, {}, {}, {}, {}",
+        options.min_bytes, options.max_bytes, options.size_factor, options.iterations, options.warmup));
+  }
+  const bool main_rank = comm->rank() == 0;
+  nlohmann::json report;
+  report["ranks"] = comm->size();
+  report["backend"] = comm->backend_name();
+  report["mpi"] = comm::mpi_library_version();
+  report["machine"] = {{"nproc", std::thread::hardware_concurrency()},
+                       {"load_average_before", load_average()}};
+  report["definitions"] = {
+      {"size", "all-reduce buffer, all-gather output, reduce-scatter input (nccl-tests)"},
+      {"time",
+       "median over iterations of the slowest rank's wall-clock time, each iteration between barriers"},
+      {"algbw", "size / time"},
+      {"busbw", "algbw * 2(n-1)/n (all-reduce), algbw * (n-1)/n (all-gather, reduce-scatter)"},
+      {"ours_over_raw", "raw time / ours time (bandwidth ratio); goal >= 0.95 at >= 1 MiB"},
+  };
+  report["options"] = {{"min_bytes", options.min_bytes},
+                       {"max_bytes", options.max_bytes},
+                       {"iterations", options.iterations},
+                       {"warmup", options.warmup}};
+
+  nlohmann::json rows = nlohmann::json::array();
+  for (CommCollective collective : kCollectives) {
+    for (int64_t bytes : sweep_sizes(options)) {
+      rows.push_back(bench_collective(collective, bytes, options, *comm));
+      if (main_rank) {
+        const nlohmann::json& r = rows.back();
+        fmt::print(stderr, "  {} {}: ours {:.0f} us, raw {:.0f} us\n", collective_name(collective),
+                   size_text(bytes), r["ours"]["time_us"].get<double>(), r["raw"]["time_us"].get<double>());
+      }
+    }
+  }
+  report["collectives"] = rows;
+
+  // The goal over every row at >= 1 MiB: the worst ratio.
+  double worst = 1e300;
+  for (const nlohmann::json& r : rows) {
+    if (r["bytes"].get<int64_t>() >= kRatioGoalFromBytes)
+      worst = std::min(worst, r["ours_over_raw"].get<double>());
+  }
+  if (worst < 1e300)
+    report["ratio_goal"] = {
+        {"goal", kRatioGoal}, {"worst_at_1MiB_and_above", worst}, {"met", worst >= kRatioGoal}};
+
+  if (options.overlap) report["overlap"] = bench_overlap(options, comm);
+  report["machine"]["load_average_after"] = load_average();
+
+  if (main_rank && !options.out.empty()) {
+    const std::filesystem::path path(options.out);
+    if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path());
+    std::ofstream file(path);
+    if (!file)
+      throw std::runtime_error(fmt::format("bench comm: cannot write the report to {}", options.out));
+    file << report.dump(2) << "\n";
+  }
+  return report;
+}
+
+void print_comm_bench(const nlohmann::json& report) {
+  const nlohmann::json& m = report["machine"];
+  fmt::print("{} ranks, {} backend, {} | machine: {} cores, load average {} before, {} after\n",
+             report["ranks"].get<int>(), report["backend"].get<std::string>(),
+             report["mpi"].get<std::string>(), m["nproc"].get<unsigned>(),
+             m["load_average_before"].get<std::string>(), m["load_average_after"].get<std::string>());
+  fmt::print("time: median of the slowest rank; busbw in GB/s; ours/raw = raw time / ours time\n\n");
+  fmt::print("{:<15} {:>8} | {:>10} {:>10} {:>10} {:>10} | {:>8} {:>8} {:>8} | {:>8} {:>8}\n", "collective",
+             "size", "ours us", "async us", "raw us", "rawnb us", "ours bw", "raw bw", "rawnb bw", "ours/raw",
+             "async/raw");
+  for (const nlohmann::json& r : report["collectives"]) {
+    fmt::print(
+        "{:<15} {:>8} | {:>10.0f} {:>10.0f} {:>10.0f} {:>10.0f} | {:>8.2f} {:>8.2f} {:>8.2f} | {:>8.2f} "
+        "{:>8.2f}\n",
+        r["collective"].get<std::string>(), size_text(r["bytes"].get<int64_t>()),
+        r["ours"]["time_us"].get<double>(), r["ours_async"]["time_us"].get<double>(),
+        r["raw"]["time_us"].get<double>(), r["raw_nonblocking"]["time_us"].get<double>(),
+        r["ours"]["busbw_GBps"].get<double>(), r["raw"]["busbw_GBps"].get<double>(),
+        r["raw_nonblocking"]["busbw_GBps"].get<double>(), r["ours_over_raw"].get<double>(),
+        r["ours_async_over_raw"].get<double>());
+  }
+  if (report.contains("ratio_goal")) {
+    const nlohmann::json& g = report["ratio_goal"];
+    fmt::print("\nours/raw at >= 1 MiB: worst {:.2f} (goal >= {:.2f}): {}\n",
+               g["worst_at_1MiB_and_above"].get<double>(), g["goal"].get<double>(),
+               g["met"].get<bool>() ? "met" : "NOT met");
+  }
+  if (report.contains("overlap")) {
+    const nlohmann::json& o = report["overlap"];
+    fmt::print(
+        "\noverlap at DP = {}: {} ({} parameters, {} buckets, {} thread(s) per rank)\n"
+        "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
+        "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward\n"
+        "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n",
+        o["dp"].get<int>(), o["model"].get<std::string>(), o["parameters"].get<int64_t>(),
+        o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(), o["step_ms"].get<double>(),
+        o["forward_ms"].get<double>(), o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
+        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
+        o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
+        100 * o["hidden_fraction"].get<double>(), 100 * o["hidden_fraction_min_over_ranks"].get<double>(),
+        100 * o["goal"].get<double>());
+  }
+}
+
+CommBenchCommand::CommBenchCommand(CLI::App& command) {
+  options_.out = "runs/bench/comm.json";
+  command.add_option("--out", options_.out, "JSON report (written by rank 0)")->capture_default_str();
+  command.add_option("--max-mib", max_mib_, "Largest message in MiB (sizes run from 4 KiB in powers of 4)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command.add_option("--iters", options_.iterations, "Timed iterations per size (x4 below 1 MiB)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      .add_option("--overlap-steps", options_.overlap_steps,
+                  "Timed training steps of the overlap measurement")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command.add_flag("!--no-overlap", options_.overlap, "Skip the overlap measurement");
+}
+
+int CommBenchCommand::run() const {
+  CommBenchOptions options = options_;
+  options.max_bytes = static_cast<int64_t>(max_mib_ * kMiB);
+  const std::shared_ptr<comm::Communicator> comm = comm::make_mpi_communicator();
+  const nlohmann::json report = run_comm_bench(options, comm);
+  if (comm->rank() == 0) {
+    print_comm_bench(report);
+    if (!options.out.empty()) fmt::print("\nwrote {}\n", options.out);
+  }
+  return 0;
+}
+
+}  // namespace vimo::trainer
