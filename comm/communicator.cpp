@@ -19,14 +19,13 @@
 #include <stdexcept>
 #include <string_view>
 
+#include "comm/launcher_env.h"
+
 namespace vimo::comm {
 
-// The launcher's environment variables, all in one place (see DESIGN.md, "Communication").
+// vimo's own knobs of the communicators, all in one place (the launcher's variables are in
+// comm/launcher_env.h; see DESIGN.md, "Communication").
 namespace env {
-constexpr const char* kOpenMpiRank = "OMPI_COMM_WORLD_RANK";
-constexpr const char* kOpenMpiSize = "OMPI_COMM_WORLD_SIZE";
-constexpr const char* kOpenMpiLocalRank = "OMPI_COMM_WORLD_LOCAL_RANK";
-constexpr const char* kOpenMpiLocalSize = "OMPI_COMM_WORLD_LOCAL_SIZE";
 // Seconds a collective may wait for the other ranks (Note [Collective timeouts] in mpi_communicator.cpp).
 constexpr const char* kCollectiveTimeout = "VIMO_COMM_TIMEOUT_S";
 // "1": asynchronous calls agree on the call like blocking ones (Note [Agreement on asynchronous calls]).
@@ -39,23 +38,6 @@ constexpr std::chrono::milliseconds kDefaultCollectiveTimeout{600'000};
 
 namespace {
 
-// The value of `name` as an int, or nullopt when unset. Strict: the whole value must be a decimal integer
-// (no spaces, no '+', no trailing text) that fits an int, because a half-parsed rank is worse than an error.
-std::optional<int> read_int_variable(const char* name) {
-  const char* raw = std::getenv(name);
-  if (raw == nullptr) return std::nullopt;
-  const std::string_view text(raw);
-  int value = 0;
-  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
-  if (error == std::errc::result_out_of_range) {
-    throw std::runtime_error(fmt::format("{}='{}' is out of the range of an int", name, text));
-  }
-  if (error != std::errc() || end != text.data() + text.size() || text.empty()) {
-    throw std::runtime_error(fmt::format("{}='{}' is not an integer", name, text));
-  }
-  return value;
-}
-
 std::string this_host_name() {
   char name[HOST_NAME_MAX + 1] = {};
   if (gethostname(name, sizeof(name) - 1) != 0) {
@@ -66,44 +48,23 @@ std::string this_host_name() {
 
 }  // namespace
 
+// Note [World from the launcher]
+// launch_environment() reads whichever launcher started us (Note [Launcher precedence] in launcher_env.cpp)
+// and throws, naming the variable, on a malformed, out-of-range or incomplete set, so WorldInfo only copies
+// it. One field does not survive the copy: a launcher may not say how many ranks share this host (torchrun
+// without LOCAL_WORLD_SIZE, Slurm with uneven tasks per node and no SLURM_NODEID), and WorldInfo has no way
+// to say "unknown". We then report local_rank + 1, the smallest size consistent with what the launcher did
+// say, so a check of "enough GPUs for the ranks on this host" errs towards running and failing with the
+// device's own error rather than towards a skip nobody asked for.
 WorldInfo world_from_environment() {
+  const LaunchEnvironment launch = launch_environment();
   WorldInfo world;
   world.host = this_host_name();
-  const std::optional<int> rank = read_int_variable(env::kOpenMpiRank);
-  const std::optional<int> size = read_int_variable(env::kOpenMpiSize);
-  const std::optional<int> local_rank = read_int_variable(env::kOpenMpiLocalRank);
-  const std::optional<int> local_size = read_int_variable(env::kOpenMpiLocalSize);
-  if (!rank && !size && !local_rank && !local_size) return world;  // not launched by mpirun: one process
-
-  // mpirun always sets all four; a partial set means a hand-made or truncated environment.
-  for (const char* name :
-       {env::kOpenMpiRank, env::kOpenMpiSize, env::kOpenMpiLocalRank, env::kOpenMpiLocalSize}) {
-    if (std::getenv(name) == nullptr) {
-      throw std::runtime_error(fmt::format(
-          "{} is not set although other OMPI_COMM_WORLD_* variables are. HINT: launch with mpirun, or unset "
-          "all "
-          "of {}, {}, {} and {} to run as a single process",
-          name, env::kOpenMpiRank, env::kOpenMpiSize, env::kOpenMpiLocalRank, env::kOpenMpiLocalSize));
-    }
-  }
-  auto require = [](bool ok, const std::string& what) {
-    if (!ok)
-      throw std::runtime_error(what + ". HINT: these variables come from mpirun; do not set them by hand");
-  };
-  require(*size >= 1, fmt::format("{}={} is out of range: expected at least 1", env::kOpenMpiSize, *size));
-  require(*rank >= 0 && *rank < *size, fmt::format("{}={} is out of range: expected 0 <= rank < {}={}",
-                                                   env::kOpenMpiRank, *rank, env::kOpenMpiSize, *size));
-  require(*local_size >= 1 && *local_size <= *size,
-          fmt::format("{}={} is out of range: expected 1 <= local size <= {}={}", env::kOpenMpiLocalSize,
-                      *local_size, env::kOpenMpiSize, *size));
-  require(*local_rank >= 0 && *local_rank < *local_size,
-          fmt::format("{}={} is out of range: expected 0 <= local rank < {}={}", env::kOpenMpiLocalRank,
-                      *local_rank, env::kOpenMpiLocalSize, *local_size));
-  world.rank = *rank;
-  world.world_size = *size;
-  world.local_rank = *local_rank;
-  world.local_size = *local_size;
-  world.launcher = "openmpi";
+  world.launcher = launch.launcher;
+  world.rank = launch.rank;
+  world.world_size = launch.world_size;
+  world.local_rank = launch.local_rank;
+  world.local_size = launch.local_size.value_or(launch.local_rank + 1);
   return world;
 }
 

@@ -91,6 +91,14 @@ class Communicator {
   virtual std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
                                                      ReduceOp op) = 0;
 
+  // Blocking all-gather / reduce-scatter into the caller's `output` (the shapes of the *_async calls), with
+  // the blocking calls' agreement. Use these where the same collective runs every step: allgather() and
+  // reduce_scatter() return a fresh tensor, and the first touch of a fresh multi-MiB buffer costs page faults
+  // that can take longer than the collective itself (bench/README.md, "Communication"). The defaults call the
+  // allocating version and copy; the MPI backend overrides them.
+  virtual void allgather_into(const at::Tensor& input, at::Tensor& output);
+  virtual void reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op);
+
   // A collective over this communicator (every rank calls it): returns a communicator over the ranks that
   // passed the same `color` (>= 0), ranked by `key`, ties broken by the rank here (MPI_Comm_split's rules).
   // The result is independent of this one, may outlive it, and starts with this one's timeout. A negative

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -214,33 +215,51 @@ int64_t bytes_of(const at::Tensor& tensor) {
 
 // Note [Collective timeouts]
 // MPI has no timeout: a rank whose peer never joins a collective waits inside MPI_Wait forever. So every
-// operation here is non-blocking underneath (the agreement of blocking calls included), and waiting means
+// operation that waits for peers to arrive is non-blocking underneath (asynchronous calls, point-to-point,
+// and the agreement of blocking calls, after which their payload is blocking: Note [Blocking payloads after
+// the agreement]), and waiting means
 // polling MPI_Test until the request completes or the communicator's timeout has passed since the wait
 // began. (Since the wait began, not since the launch: a Work may be waited on long after it started, and an
-// MPI collective only advances while we poll, see Note [Progress of non-blocking MPI collectives].) The poll
-// spins at first (a collective whose ranks have all arrived completes within microseconds), then yields the
-// core, and after kYieldFor sleeps between polls, so a rank that waits minutes for a slow peer leaves the CPU
-// to others (several ranks may share a core).
+// MPI collective only advances while we poll, see Note [Progress of non-blocking MPI collectives].) How the
+// poll spends the wait is Note [Spinning, yielding and sleeping while waiting].
 // A timed-out request cannot be taken back: MPI_Cancel is undefined for collectives, and the peers may still
 // join later and match it. So the communicator becomes unusable: it keeps the request's buffers alive (MPI
 // may still write into them), never frees its MPI communicator, and every later call on it fails at once
 // naming the first failure. The error names the call, its size in bytes, this rank and the timeout; which
 // rank is missing is the heartbeat watchdog's to report, over the TCP store.
-constexpr auto kSpinFor = std::chrono::microseconds(50);
+//
+// Note [Spinning, yielding and sleeping while waiting]
+// A wait polls MPI_Test in three phases: it spins (polls back to back), then yields the core between polls
+// (std::this_thread::yield), and once kYieldFor has passed it sleeps kSleepBetweenPolls between polls, so a
+// rank that waits minutes for a slow peer leaves the CPU to others. How long it spins depends on whether this
+// node runs more ranks than it has cores:
+//   - not oversubscribed: spin for all of kYieldFor, as MPI_Wait does. Yielding here costs far more than it
+//     saves: Linux's CFS hands the core to any other runnable process (a compiler, a data-loader thread) for
+//     at least its minimum slice, a millisecond or more, although the collective might have finished a few
+//     microseconds later. With only 50 µs of spinning, the blocking calls, which wait twice (agreement, then
+//     payload), were 2-4 ms slower than MPI's own at 1-4 MiB on a busy 2-core machine (bench/README.md,
+//     "Communication").
+//   - oversubscribed (more ranks on this node than cores, as in the 4-rank tests on 2 cores): spin only
+//     kOversubscribedSpinFor, then yield, since a spinning rank may be keeping the very peer it waits for off
+//     the core. Open MPI's own progress loop makes the same choice (mpi_yield_when_idle).
+// The node's rank count comes from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) when the world communicator is
+// made; communicators split from it inherit the choice.
+constexpr auto kOversubscribedSpinFor = std::chrono::microseconds(50);
 constexpr auto kYieldFor = std::chrono::milliseconds(20);
 constexpr auto kSleepBetweenPolls = std::chrono::microseconds(200);
 
 // Calls `test` (one non-blocking MPI poll, true when done) until it returns true; returns false when
-// `timeout` passed first. See Note [Collective timeouts].
+// `timeout` passed first. Spins for `spin_for` first. See Note [Collective timeouts] and Note [Spinning,
+// yielding and sleeping while waiting].
 template <typename Test>
-bool poll_until_done(Test&& test, std::chrono::milliseconds timeout) {
+bool poll_until_done(Test&& test, std::chrono::milliseconds timeout, std::chrono::microseconds spin_for) {
   using Clock = std::chrono::steady_clock;
   const Clock::time_point start = Clock::now();
   while (true) {
     if (test()) return true;
     const Clock::duration waited = Clock::now() - start;
     if (waited >= timeout) return false;
-    if (waited < kSpinFor) continue;
+    if (waited < spin_for) continue;
     if (waited < kYieldFor) {
       std::this_thread::yield();
     } else {
@@ -255,6 +274,8 @@ struct MpiGroup {
   int rank = 0;
   int size = 1;
   int max_tag = 32767;  // MPI_TAG_UB, at least 32767 by the standard
+  // How long a wait spins before it yields: Note [Spinning, yielding and sleeping while waiting].
+  std::chrono::microseconds spin_for = kOversubscribedSpinFor;
   // Why this communicator is unusable (the first timeout), or empty. See Note [Collective timeouts].
   std::string broken;
   // Buffers of requests abandoned on timeout: MPI may still write into them, so they live as long as we do.
@@ -293,6 +314,25 @@ const char* collective_literal(const std::string& what) {
   return "collective";
 }
 
+// Note [Blocking payloads after the agreement]
+// A blocking collective first agrees on the call (Note [Agreeing on a collective before running it]): a
+// non-blocking all-reduce with the timeout of Note [Collective timeouts]. When it completes, every rank of
+// the communicator has entered this very call with a matching input, so the payload cannot wait for a rank
+// that went elsewhere, threw, or never came: the hangs a timeout exists for are ruled out before a byte of it
+// moves. The payload then runs as MPI's blocking collective (MPI_Allreduce, MPI_Allgather, ...), which Open
+// MPI serves with coll/tuned's algorithms (ring, Rabenseifner, recursive doubling, chosen per size and rank
+// count) instead of libnbc's schedules: at 1 MiB on 2 ranks, libnbc's all-gather took ~90 µs against ~60 µs
+// (bench/README.md, "Communication"). What the payload can still meet is a peer that dies or stops in the
+// milliseconds between: a dead peer makes mpirun end the job, and a stopped one is what the heartbeat
+// watchdog reports (comm/watchdog.h), naming the rank and this collective, which it sees through
+// CollectiveObserver as it sees every wait. Asynchronous calls stay non-blocking end to end: they exist to
+// overlap, and they skip the agreement.
+enum class Call {
+  Blocking,     // agreed, then MPI's blocking collective
+  Async,        // started non-blocking without agreement (the default for *_async)
+  AgreedAsync,  // agreed, then started non-blocking (*_async with VIMO_COMM_CHECK_ASYNC=1)
+};
+
 class MpiWork final : public Work {
  public:
   MpiWork(std::shared_ptr<MpiGroup> group, std::string what, int64_t bytes, std::chrono::milliseconds timeout)
@@ -325,20 +365,21 @@ class MpiWork final : public Work {
   void on_completion(std::function<void()> finish) { finish_ = std::move(finish); }
   const MPI_Status& status() const { return status_; }
 
+  // Runs `call`, a blocking MPI call that does this work's operation, in place of a non-blocking start and
+  // wait: see Note [Blocking payloads after the agreement]. On return the work is done.
+  template <typename Call>
+  void run_blocking(Call&& call) {
+    group_->throw_if_broken(what_);
+    const Observed observed(what_, bytes_);
+    VIMO_MPI_CHECK(call());
+    finish();
+  }
+
   void wait() override {
     if (done_) return;
     group_->throw_if_broken(what_);
-    // The watchdog sees every wait, so a rank stuck here is reported with the collective's name.
-    struct Observed {
-      CollectiveObserver* observer;
-      Observed(const std::string& what, int64_t bytes) : observer(collective_observer()) {
-        if (observer) observer->enter_collective(collective_literal(what), bytes);
-      }
-      ~Observed() {
-        if (observer) observer->leave_collective();
-      }
-    } observed(what_, bytes_);
-    if (!poll_until_done([&] { return test(); }, timeout_)) {
+    const Observed observed(what_, bytes_);
+    if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for)) {
       group_->broken = detail::describe_timeout(group_->rank, what_, bytes_, timeout_, group_->size,
                                                 "This communicator is unusable from now on");
       group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
@@ -355,17 +396,34 @@ class MpiWork final : public Work {
   std::string description() const override { return what_; }
 
  private:
+  // The watchdog sees every wait, so a rank stuck in one is reported with the collective's name.
+  struct Observed {
+    CollectiveObserver* observer;
+    Observed(const std::string& what, int64_t bytes) : observer(collective_observer()) {
+      if (observer) observer->enter_collective(collective_literal(what), bytes);
+    }
+    ~Observed() {
+      if (observer) observer->leave_collective();
+    }
+    Observed(const Observed&) = delete;
+    Observed& operator=(const Observed&) = delete;
+  };
+
   // One MPI_Test; on completion runs the host-side finish exactly once.
   bool test() {
     int flag = 0;
     VIMO_MPI_CHECK(MPI_Test(&request_, &flag, &status_));
     if (!flag) return false;
+    finish();
+    return true;
+  }
+
+  void finish() {
     done_ = true;
     at::NoGradGuard no_grad;  // the copies are communication, not part of any graph
     if (finish_) finish_();
     finish_ = nullptr;
     buffers_.clear();
-    return true;
   }
 
   std::shared_ptr<MpiGroup> group_;
@@ -408,22 +466,26 @@ class MpiCommunicator final : public Communicator {
     // A private duplicate: our collectives never match messages of other code using MPI_COMM_WORLD.
     VIMO_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &group_->comm));
     adopt();
+    group_->spin_for = oversubscribed() ? kOversubscribedSpinFor
+                                        : std::chrono::duration_cast<std::chrono::microseconds>(kYieldFor);
   }
 
-  // Takes ownership of `owned` (a communicator made by split), freed with the group.
-  explicit MpiCommunicator(MPI_Comm owned) : group_(std::make_shared<MpiGroup>()) {
+  // Takes ownership of `owned` (a communicator made by split), freed with the group; waits spin as the
+  // parent's do.
+  MpiCommunicator(MPI_Comm owned, std::chrono::microseconds spin_for) : group_(std::make_shared<MpiGroup>()) {
     group_->comm = owned;
     adopt();
+    group_->spin_for = spin_for;
   }
 
   int rank() const override { return group_->rank; }
   int size() const override { return group_->size; }
   std::string backend_name() const override { return "mpi"; }
 
-  void allreduce(at::Tensor& tensor, ReduceOp op) override { start_allreduce(tensor, op, true)->wait(); }
+  void allreduce(at::Tensor& tensor, ReduceOp op) override { start_allreduce(tensor, op, Call::Blocking); }
 
   std::shared_ptr<Work> allreduce_async(at::Tensor& tensor, ReduceOp op) override {
-    return start_allreduce(tensor, op, detail::check_async_calls());
+    return start_allreduce(tensor, op, detail::check_async_calls() ? Call::AgreedAsync : Call::Async);
   }
 
   at::Tensor allgather(const at::Tensor& tensor) override {
@@ -431,34 +493,38 @@ class MpiCommunicator final : public Communicator {
     std::vector<int64_t> sizes = tensor.sizes().vec();
     sizes[0] *= size();
     at::Tensor output = at::empty(sizes, tensor.options().requires_grad(false));  // [size * n, ...]
-    start_allgather(tensor, output)->wait();
+    start_allgather(tensor, output, Call::Blocking);
     return output;
   }
 
   std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
-    std::string problem = check_gather_input(input);
-    if (problem.empty()) {
-      std::vector<int64_t> sizes = input.sizes().vec();
-      sizes[0] *= size();
-      problem = check_output("allgather", input, output, sizes);
-    }
-    admit(Collective::Allgather, input, 0, problem, detail::check_async_calls());
-    return start_allgather(input, output);
+    admit(Collective::Allgather, input, 0, check_gather_into(input, output), detail::check_async_calls());
+    return start_allgather(input, output, Call::Async);
+  }
+
+  void allgather_into(const at::Tensor& input, at::Tensor& output) override {
+    admit(Collective::Allgather, input, 0, check_gather_into(input, output), true);
+    start_allgather(input, output, Call::Blocking);
   }
 
   at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
     admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_input(input, op), true);
     at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
-    start_reduce_scatter(input, output, op)->wait();
+    start_reduce_scatter(input, output, op, Call::Blocking);
     return output;
   }
 
   std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
                                              ReduceOp op) override {
-    std::string problem = check_scatter_input(input, op);
-    if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input));
-    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), problem, detail::check_async_calls());
-    return start_reduce_scatter(input, output, op);
+    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_into(input, output, op),
+          detail::check_async_calls());
+    return start_reduce_scatter(input, output, op, Call::Async);
+  }
+
+  void reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op) override {
+    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_into(input, output, op),
+          true);
+    start_reduce_scatter(input, output, op, Call::Blocking);
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
@@ -471,10 +537,10 @@ class MpiCommunicator final : public Communicator {
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
     auto work = new_work(describe(Collective::Broadcast, tensor, root), bytes_of(tensor));
-    VIMO_MPI_CHECK(MPI_Ibcast(buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                              wire_type(buffer.scalar_type()), root, group_->comm, work->request()));
-    work->keep({buffer});
-    work->wait();
+    work->run_blocking([&] {
+      return MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.numel()), wire_type(buffer.scalar_type()),
+                       root, group_->comm);
+    });
     if (!buffer.is_same(tensor)) tensor.copy_(buffer);
   }
 
@@ -513,7 +579,7 @@ class MpiCommunicator final : public Communicator {
           VIMO_MPI_CHECK(MPI_Iprobe(src, tag, group_->comm, &flag, &probed));
           return flag != 0;
         },
-        timeout());
+        timeout(), group_->spin_for);
     if (!arrived) {
       // Nothing was posted, so nothing is abandoned: the communicator stays usable.
       throw std::runtime_error(
@@ -554,7 +620,7 @@ class MpiCommunicator final : public Communicator {
     admit(Collective::Split, at::Tensor(), 0, problem, true);
     MPI_Comm group = MPI_COMM_NULL;
     VIMO_MPI_CHECK(MPI_Comm_split(group_->comm, color, key, &group));
-    auto child = std::make_shared<MpiCommunicator>(group);
+    auto child = std::make_shared<MpiCommunicator>(group, group_->spin_for);
     child->set_timeout(timeout());
     return child;
   }
@@ -569,6 +635,19 @@ class MpiCommunicator final : public Communicator {
     int found = 0;
     VIMO_MPI_CHECK(MPI_Comm_get_attr(group_->comm, MPI_TAG_UB, &max_tag, &found));
     if (found && max_tag != nullptr) group_->max_tag = *max_tag;
+  }
+
+  // Whether this node runs more of the communicator's ranks than it has cores (a collective). See Note
+  // [Spinning, yielding and sleeping while waiting].
+  bool oversubscribed() {
+    MPI_Comm node = MPI_COMM_NULL;
+    VIMO_MPI_CHECK(
+        MPI_Comm_split_type(group_->comm, MPI_COMM_TYPE_SHARED, group_->rank, MPI_INFO_NULL, &node));
+    int ranks_here = 1;
+    VIMO_MPI_CHECK(MPI_Comm_size(node, &ranks_here));
+    VIMO_MPI_CHECK(MPI_Comm_free(&node));
+    const unsigned cores = std::thread::hardware_concurrency();
+    return cores == 0 || static_cast<unsigned>(ranks_here) > cores;
   }
 
   std::shared_ptr<MpiWork> new_work(std::string what, int64_t bytes) {
@@ -590,10 +669,10 @@ class MpiCommunicator final : public Communicator {
 
   // Starts the reduction of `tensor` in place, through a float32 copy for half types (Note [Half types over
   // MPI]) or a contiguous copy for strided tensors; the result is written back on completion.
-  std::shared_ptr<MpiWork> start_allreduce(at::Tensor& tensor, ReduceOp op, bool agree_first) {
+  std::shared_ptr<MpiWork> start_allreduce(at::Tensor& tensor, ReduceOp op, Call call) {
     std::string problem = check_input("allreduce", tensor);
     if (problem.empty()) problem = check_average("allreduce", tensor, op);
-    admit(Collective::Allreduce, tensor, static_cast<int64_t>(op), problem, agree_first);
+    admit(Collective::Allreduce, tensor, static_cast<int64_t>(op), problem, call != Call::Async);
 
     at::NoGradGuard no_grad;
     const bool widen = is_half(tensor.scalar_type());
@@ -601,32 +680,46 @@ class MpiCommunicator final : public Communicator {
         widen ? tensor.to(tensor.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
               : tensor.contiguous();
     auto work = new_work(describe(Collective::Allreduce, tensor, static_cast<int64_t>(op)), bytes_of(tensor));
-    VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                                  widen ? MPI_FLOAT : wire_type(buffer.scalar_type()), reduction(op),
-                                  group_->comm, work->request()));
     work->keep({buffer, tensor});
     work->on_completion([buffer, target = tensor, op, ranks = size()]() mutable {
       if (op == ReduceOp::Avg) buffer.div_(ranks);
       if (!buffer.is_same(target)) target.copy_(buffer);
     });
+    const auto count = static_cast<int>(buffer.numel());
+    const MPI_Datatype type = widen ? MPI_FLOAT : wire_type(buffer.scalar_type());
+    if (call == Call::Blocking) {
+      work->run_blocking([&] {
+        return MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), count, type, reduction(op), group_->comm);
+      });
+    } else {
+      VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count, type, reduction(op), group_->comm,
+                                    work->request()));
+    }
     return work;
   }
 
   // `input` [n, ...] -> `output` [size * n, ...] (checked and admitted). Moves bits only, so half types
   // travel as 16-bit words.
-  std::shared_ptr<MpiWork> start_allgather(const at::Tensor& input, at::Tensor& output) {
+  std::shared_ptr<MpiWork> start_allgather(const at::Tensor& input, at::Tensor& output, Call call) {
     const at::Tensor send = input.contiguous();  // [n, ...]
     const int count = static_cast<int>(send.numel());
     const MPI_Datatype type = wire_type(send.scalar_type());
     auto work = new_work(describe(Collective::Allgather, input, 0), bytes_of(input));
-    VIMO_MPI_CHECK(MPI_Iallgather(send.data_ptr(), count, type, output.data_ptr(), count, type, group_->comm,
-                                  work->request()));
     work->keep({send, output});
+    if (call == Call::Blocking) {
+      work->run_blocking([&] {
+        return MPI_Allgather(send.data_ptr(), count, type, output.data_ptr(), count, type, group_->comm);
+      });
+    } else {
+      VIMO_MPI_CHECK(MPI_Iallgather(send.data_ptr(), count, type, output.data_ptr(), count, type,
+                                    group_->comm, work->request()));
+    }
     return work;
   }
 
   // `input` [size * n, ...] -> `output` [n, ...] (checked and admitted), through float32 for half types.
-  std::shared_ptr<MpiWork> start_reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op) {
+  std::shared_ptr<MpiWork> start_reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op,
+                                                Call call) {
     at::NoGradGuard no_grad;
     const bool widen = is_half(input.scalar_type());
     const at::Tensor send =
@@ -635,14 +728,22 @@ class MpiCommunicator final : public Communicator {
     at::Tensor receive = widen ? at::empty(output.sizes(), output.options().dtype(at::kFloat)) : output;
     auto work =
         new_work(describe(Collective::ReduceScatter, input, static_cast<int64_t>(op)), bytes_of(input));
-    VIMO_MPI_CHECK(MPI_Ireduce_scatter_block(
-        send.data_ptr(), receive.data_ptr(), static_cast<int>(send.numel() / size()),
-        widen ? MPI_FLOAT : wire_type(send.scalar_type()), reduction(op), group_->comm, work->request()));
     work->keep({send, receive, output});
     work->on_completion([receive, target = output, op, ranks = size()]() mutable {
       if (op == ReduceOp::Avg) receive.div_(ranks);
       if (!receive.is_same(target)) target.copy_(receive);
     });
+    const auto count = static_cast<int>(send.numel() / size());
+    const MPI_Datatype type = widen ? MPI_FLOAT : wire_type(send.scalar_type());
+    if (call == Call::Blocking) {
+      work->run_blocking([&] {
+        return MPI_Reduce_scatter_block(send.data_ptr(), receive.data_ptr(), count, type, reduction(op),
+                                        group_->comm);
+      });
+    } else {
+      VIMO_MPI_CHECK(MPI_Ireduce_scatter_block(send.data_ptr(), receive.data_ptr(), count, type,
+                                               reduction(op), group_->comm, work->request()));
+    }
     return work;
   }
 
@@ -697,6 +798,24 @@ class MpiCommunicator final : public Communicator {
           "to a multiple of the communicator size",
           tensor_text(input), size(), input.size(0), size());
     }
+    return problem;
+  }
+
+  // What is wrong with an all-gather of `input` into the caller's `output`, or "".
+  std::string check_gather_into(const at::Tensor& input, const at::Tensor& output) const {
+    std::string problem = check_gather_input(input);
+    if (problem.empty()) {
+      std::vector<int64_t> sizes = input.sizes().vec();
+      sizes[0] *= size();
+      problem = check_output("allgather", input, output, sizes);
+    }
+    return problem;
+  }
+
+  // What is wrong with a reduce-scatter of `input` into the caller's `output`, or "".
+  std::string check_scatter_into(const at::Tensor& input, const at::Tensor& output, ReduceOp op) const {
+    std::string problem = check_scatter_input(input, op);
+    if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input));
     return problem;
   }
 
@@ -821,10 +940,48 @@ std::shared_ptr<Communicator> Communicator::split(int /*color*/, int /*key*/) {
       rank(), backend_name(), backend_name()));
 }
 
+// The bases' defaults (declared in comm/communicator.h): correct for any backend, at the cost of a fresh
+// output and a copy; the MPI backend overrides them.
+void Communicator::allgather_into(const at::Tensor& input, at::Tensor& output) {
+  const at::Tensor gathered = allgather(input);
+  if (!output.sizes().equals(gathered.sizes()) || output.scalar_type() != gathered.scalar_type()) {
+    throw std::runtime_error(fmt::format("[rank {}] allgather_into needs a {} output, but got {}", rank(),
+                                         tensor_text(gathered), tensor_text(output)));
+  }
+  at::NoGradGuard no_grad;
+  output.copy_(gathered);
+}
+
+void Communicator::reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op) {
+  const at::Tensor reduced = reduce_scatter(input, op);
+  if (!output.sizes().equals(reduced.sizes()) || output.scalar_type() != reduced.scalar_type()) {
+    throw std::runtime_error(fmt::format("[rank {}] reduce_scatter_into needs a {} output, but got {}",
+                                         rank(), tensor_text(reduced), tensor_text(output)));
+  }
+  at::NoGradGuard no_grad;
+  output.copy_(reduced);
+}
+
+// Note [Open MPI's non-blocking all-reduce algorithm]
+// Every all-reduce here is an MPI_Iallreduce (Note [Collective timeouts]) in place. Open MPI 4 and 5 run it
+// in coll/libnbc, whose default choice (nbc_iallreduce.c) is a binomial tree whenever the call is in place or
+// the communicator has fewer than 4 ranks: the whole buffer goes up a reduction tree and back down, so rank 0
+// moves 2·log2(p) full buffers, where MPI_Allreduce (coll/tuned) uses a ring or Rabenseifner and moves about
+// 2(p-1)/p of one. At 16-256 MiB on 2 ranks that made our all-reduce 1.5-2x slower than MPI_Allreduce on the
+// same buffers (bench/README.md, "Communication"). libnbc's ring handles in-place calls (it receives into a
+// temporary) and any count, so unless the user chose an algorithm, we select it before MPI_Init reads its
+// parameters. For small messages the ring's 2(p-1) rounds cost a few more latencies than the tree's
+// 2·log2(p); the agreement all-reduces are 224 bytes, where that is microseconds. Other MPI libraries ignore
+// the variable.
+constexpr const char* kIallreduceAlgorithmVariable = "OMPI_MCA_coll_libnbc_iallreduce_algorithm";
+constexpr const char* kIallreduceRing = "1";
+
 MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   int initialized = 0;
   VIMO_MPI_CHECK(MPI_Initialized(&initialized));
   if (initialized) return;  // someone else (a host program, a test harness) owns MPI
+  // See Note [Open MPI's non-blocking all-reduce algorithm]; 0 keeps a value the user set.
+  setenv(kIallreduceAlgorithmVariable, kIallreduceRing, 0);
   int provided = MPI_THREAD_SINGLE;
   VIMO_MPI_CHECK(MPI_Init_thread(argc, argv, kRequiredThreadLevel, &provided));
   if (provided < kRequiredThreadLevel) {

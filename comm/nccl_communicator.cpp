@@ -1,7 +1,8 @@
 // Defines the NCCL backend of vimo::comm::Communicator: blocking collectives on CUDA tensors issued on the
 // caller's current CUDA stream, asynchronous ones on the communicator's own stream with a Work that waits on
-// a CUDA event (with the timeout, then aborting the communicator). The NCCL unique id reaches every rank over
-// a bootstrap communicator.
+// a CUDA event (with the timeout, then aborting the communicator). Communicators are non-blocking NCCL ones
+// (every call bounded by the timeout); the unique id reaches every rank over a bootstrap communicator or the
+// job's rendezvous store, and split() makes one communicator per group with ncclCommSplit.
 #include "comm/nccl_communicator.h"
 
 #include <ATen/core/grad_mode.h>
@@ -12,16 +13,26 @@
 #include <fmt/ranges.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
+
+#include "comm/job_store.h"
+
+// ncclCommSplit with a config, and non-blocking communicators that report ncclInProgress, are NCCL 2.18's.
+#if NCCL_VERSION_CODE < NCCL_VERSION(2, 18, 0)
+#error "vimo's NCCL backend needs NCCL >= 2.18 (see Note [One NCCL] in cmake/Dependencies.cmake)"
+#endif
 
 namespace vimo::comm {
 namespace {
@@ -45,14 +56,20 @@ std::string nccl_hint(ncclResult_t status) {
   }
 }
 
-[[noreturn]] void throw_nccl_failure(ncclResult_t status, const char* call, const char* file, int line,
-                                     int rank, ncclComm_t comm) {
+// Reads NCCL's last error of `comm`, so call it before aborting `comm`.
+std::string describe_nccl_failure(ncclResult_t status, const char* call, const char* file, int line, int rank,
+                                  ncclComm_t comm) {
   std::string reason = ncclGetErrorString(status);
   if (comm != nullptr) {
     const char* last = ncclGetLastError(comm);
     if (last != nullptr && *last != '\0') reason += fmt::format(" ({})", last);
   }
-  throw std::runtime_error(detail::describe_failed_call(rank, call, file, line, reason, nccl_hint(status)));
+  return detail::describe_failed_call(rank, call, file, line, reason, nccl_hint(status));
+}
+
+[[noreturn]] void throw_nccl_failure(ncclResult_t status, const char* call, const char* file, int line,
+                                     int rank, ncclComm_t comm) {
+  throw std::runtime_error(describe_nccl_failure(status, call, file, line, rank, comm));
 }
 
 [[noreturn]] void throw_cuda_failure(cudaError_t status, const char* call, const char* file, int line,
@@ -181,6 +198,75 @@ bool wait_for_event(cudaEvent_t event, std::chrono::milliseconds timeout, int ra
   }
 }
 
+// Note [Non-blocking NCCL communicators]
+// A blocking NCCL communicator can hold its caller forever, out of reach of any timeout: in
+// ncclCommInitRank when a peer never calls it, in ncclCommSplit, or in the first collective between two
+// peers, whose connection set-up waits for the peer. So every communicator here is made with
+// config.blocking = 0: each NCCL call then returns at once, with ncclInProgress when its work is not done
+// yet, and the communicator's state (ncclCommGetAsyncError) stays ncclInProgress until it is. NCCL's user
+// guide asks that the state be polled until it leaves ncclInProgress before the next call on that
+// communicator, and await_state() does, bounded by the communicator's timeout:
+//   - after creating one (ncclCommInitRankConfig, ncclCommSplit), on the new communicator (and on the parent
+//     of a split); a timeout or an error aborts the new one, and the error names the rank, the size of the
+//     communicator being made and the timeout (await_creation);
+//   - after enqueueing a collective or send/recv (VIMO_NCCL_COMM_CHECK), on the communicator; a timeout
+//     aborts it like a timed-out Work, since a half-enqueued collective cannot be taken back.
+// Polls start at 10 us and back off to 1 ms: an enqueue is usually done by the first poll, while creation
+// takes milliseconds to seconds. ncclCommAbort and ncclCommDestroy stay blocking, as NCCL makes them.
+ncclConfig_t nonblocking_config() {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return config;
+}
+
+// Polls `comm` until its state leaves ncclInProgress and returns that state, or ncclInProgress when
+// `deadline` passed first.
+ncclResult_t await_state(ncclComm_t comm, std::chrono::steady_clock::time_point deadline) {
+  auto pause = std::chrono::microseconds(10);
+  while (true) {
+    ncclResult_t state = ncclInProgress;
+    const ncclResult_t queried = ncclCommGetAsyncError(comm, &state);
+    if (queried != ncclSuccess) return queried;
+    if (state != ncclInProgress) return state;
+    if (std::chrono::steady_clock::now() >= deadline) return ncclInProgress;
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds(1000));
+  }
+}
+
+// Waits until the communicator that `call` (ncclCommInitRankConfig or ncclCommSplit of `parent`) is making
+// in `*created` is ready, after the call returned `started`; returns it. Otherwise aborts it and throws (see
+// Note [Non-blocking NCCL communicators]); `size` is the size of the communicator being made.
+ncclComm_t await_creation(ncclComm_t* created, ncclResult_t started, ncclComm_t parent, const char* call,
+                          const char* file, int line, int rank, int size, int device,
+                          std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  ncclResult_t state = started;
+  ncclComm_t state_of = *created;  // whose state `state` is, for NCCL's last error
+  if (state == ncclSuccess || state == ncclInProgress) {
+    if (parent != nullptr) {
+      state = await_state(parent, deadline);
+      state_of = parent;
+    }
+    if (state == ncclSuccess && *created == nullptr) {
+      state = ncclInternalError;  // not expected: only NCCL_SPLIT_NOCOLOR makes none, and we never pass it
+    } else if (state == ncclSuccess) {
+      state = await_state(*created, deadline);
+      state_of = *created;
+    }
+  }
+  if (state == ncclSuccess) return *created;
+  std::string message =
+      state == ncclInProgress
+          ? detail::describe_timeout(
+                rank, fmt::format("creating an NCCL communicator ({}) on cuda:{}", call, device), 0, timeout,
+                size, "The unfinished NCCL communicator was aborted")
+          : describe_nccl_failure(state, call, file, line, rank, state_of);
+  if (*created != nullptr) ncclCommAbort(*created);
+  *created = nullptr;
+  throw std::runtime_error(message);
+}
+
 class NcclCommunicator;
 
 // An asynchronous collective on the communicator's stream: done when its completion event has passed.
@@ -219,54 +305,18 @@ class NcclWork final : public Work {
 // per collective on the GPU's critical path. Mismatched calls are NCCL's to detect (or hang on, until
 // timeouts arrive).
 //
-// Blocking calls only enqueue on the caller's stream and return, so they cannot time out on the host; a hung
-// one surfaces at the next host synchronisation. Asynchronous calls run on the communicator's own stream,
-// ordered after the work queued so far on the caller's stream; Work::wait polls their completion event with
-// the timeout (aborting the communicator when it passes), then makes the caller's stream wait for the event.
+// Blocking calls only enqueue on the caller's stream and return, so once enqueued they cannot time out on the
+// host (the enqueue itself can: Note [Non-blocking NCCL communicators]); a hung one surfaces at the next host
+// synchronisation. Asynchronous calls run on the communicator's own stream, ordered after the work queued so
+// far on the caller's stream; Work::wait polls their completion event with the timeout (aborting the
+// communicator when it passes), then makes the caller's stream wait for the event.
 // The Work holds every tensor the collective touches until the event has passed, so the caching allocator
 // cannot hand their memory to another stream early (no recordStream needed).
 class NcclCommunicator final : public Communicator, public std::enable_shared_from_this<NcclCommunicator> {
  public:
-  NcclCommunicator(Communicator& bootstrap, int device)
-      : rank_(bootstrap.rank()), size_(bootstrap.size()), device_(static_cast<c10::DeviceIndex>(device)) {
-    // Local preparation may fail on some ranks only; they must not leave the others waiting in the broadcast
-    // below, so every rank first learns (through the bootstrap) whether all are ready.
-    std::string problem;
-    ncclUniqueId id;
-    std::memset(&id, 0, sizeof(id));
-    try {
-      int devices = 0;
-      VIMO_CUDA_CHECK(cudaGetDeviceCount(&devices), rank_);
-      if (device < 0 || device >= devices) {
-        throw std::runtime_error(
-            fmt::format("[rank {}] make_nccl_communicator: CUDA device {} does not exist "
-                        "(this process sees {}). HINT: pass the local rank modulo the device "
-                        "count, and check CUDA_VISIBLE_DEVICES",
-                        rank_, device, devices));
-      }
-      VIMO_CUDA_CHECK(cudaSetDevice(device), rank_);
-      if (rank_ == 0) VIMO_NCCL_CHECK(ncclGetUniqueId(&id), rank_);
-    } catch (const std::exception& e) {
-      problem = e.what();
-    }
-    at::Tensor ready = at::full({1}, problem.empty() ? 1 : 0, at::kInt);
-    bootstrap.allreduce(ready, ReduceOp::Min);
-    if (!problem.empty()) throw std::runtime_error(problem);
-    if (ready.item<int>() == 0) {
-      throw std::runtime_error(
-          fmt::format("[rank {}] make_nccl_communicator: another rank failed to prepare its "
-                      "GPU (its own error says why)",
-                      rank_));
-    }
-
-    // The id is 128 opaque bytes that rank 0 drew: it names the communicator every rank joins.
-    static_assert(sizeof(ncclUniqueId) == NCCL_UNIQUE_ID_BYTES);
-    at::Tensor id_bytes = at::empty({NCCL_UNIQUE_ID_BYTES}, at::kByte);  // [128] on the CPU
-    std::memcpy(id_bytes.data_ptr(), &id, sizeof(id));
-    bootstrap.broadcast(id_bytes, 0);
-    std::memcpy(&id, id_bytes.data_ptr(), sizeof(id));
-    VIMO_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_), rank_);
-  }
+  // Adopts `comm`, a ready communicator (see make_nccl_communicator and split).
+  NcclCommunicator(ncclComm_t comm, int rank, int size, c10::DeviceIndex device)
+      : comm_(comm), rank_(rank), size_(size), device_(device) {}
 
   ~NcclCommunicator() override {
     if (comm_ == nullptr) return;  // never made, or aborted after a timeout
@@ -415,6 +465,49 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
                   });
   }
 
+  // Every rank first learns whether any rank passed a negative color, so that all fail together (the MPI
+  // backend's rule) instead of the others waiting in ncclCommSplit for a rank that threw. That costs one
+  // small all-reduce, which a split (made once per group, at start-up) can afford. The result is a
+  // non-blocking communicator too, with this one's device and timeout.
+  std::shared_ptr<Communicator> split(int color, int key) override {
+    c10::cuda::CUDAGuard guard(device_);
+    at::Tensor first_negative = at::full({1}, color < 0 ? rank_ : size_,
+                                         at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device_));
+    allreduce_async(first_negative, ReduceOp::Min)->wait();
+    if (color < 0) {
+      throw std::runtime_error(
+          fmt::format("[rank {}] split got color {}, but colors must be >= 0. HINT: give every rank a group "
+                      "number 0, 1, ...; a rank that belongs to no group still needs a color of its own",
+                      rank_, color));
+    }
+    if (const int first = first_negative.item<int>(); first < size_) {
+      throw std::runtime_error(fmt::format(
+          "[rank {}] split refused: rank {} passed a negative color (its own error says which), so no rank "
+          "splits",
+          rank_, first));
+    }
+    ncclConfig_t config = nonblocking_config();
+    ncclComm_t group = nullptr;
+    const ncclResult_t started = ncclCommSplit(comm_, color, key, &group, &config);
+    // The group's size is unknown until NCCL made it: errors name this communicator's size.
+    group = await_creation(&group, started, comm_, "ncclCommSplit", __FILE__, __LINE__, rank_, size_, device_,
+                           timeout());
+    int group_rank = 0, group_size = 0;
+    const ncclResult_t rank_status = ncclCommUserRank(group, &group_rank);
+    const ncclResult_t size_status = ncclCommCount(group, &group_size);
+    if (rank_status != ncclSuccess || size_status != ncclSuccess) {
+      const ncclResult_t status = rank_status != ncclSuccess ? rank_status : size_status;
+      const std::string message =
+          describe_nccl_failure(status, rank_status != ncclSuccess ? "ncclCommUserRank" : "ncclCommCount",
+                                __FILE__, __LINE__, rank_, group);
+      ncclCommAbort(group);
+      throw std::runtime_error(message);
+    }
+    auto result = std::make_shared<NcclCommunicator>(group, group_rank, group_size, device_);
+    result->set_timeout(timeout());
+    return result;
+  }
+
   // After a timeout: kernels waiting for a missing peer would never finish, so the communicator is torn down.
   void abort(const std::string& reason) {
     if (broken_.empty()) broken_ = reason;
@@ -523,10 +616,23 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     return type;
   }
 
+  // See Note [Non-blocking NCCL communicators]: ncclInProgress means "still being enqueued".
   void check(ncclResult_t status, const char* call, const char* file, int line) {
+    if (status == ncclInProgress) status = await_enqueue(call);
     if (status == ncclSuccess) return;
     failed_ = true;
     throw_nccl_failure(status, call, file, line, rank_, comm_);
+  }
+
+  ncclResult_t await_enqueue(const char* call) {
+    const ncclResult_t state = await_state(comm_, std::chrono::steady_clock::now() + timeout());
+    if (state != ncclInProgress) return state;
+    const std::string_view call_text(call);
+    const std::string reason = detail::describe_timeout(
+        rank_, fmt::format("enqueueing {}", call_text.substr(0, call_text.find('('))), 0, timeout(), size_,
+        "The NCCL communicator was aborted and is unusable from now on");
+    abort(reason);
+    throw std::runtime_error(reason);
   }
 
   ncclComm_t comm_ = nullptr;
@@ -585,8 +691,84 @@ void NcclWork::complete() {
 
 }  // namespace
 
+namespace {
+
+// What a rank does before the unique id travels: selects its GPU and, on rank 0, draws the id. A failure
+// comes back as `problem` rather than thrown, so that the bootstrap tells every rank before any of them waits
+// for the id (a rank that threw here would leave the others waiting in NCCL's init).
+struct Preparation {
+  std::string problem;  // empty when this rank is ready
+  ncclUniqueId id{};    // rank 0's, drawn here; the others' is overwritten by the bootstrap
+};
+
+Preparation prepare_rank(int rank, int size, int device) {
+  Preparation prepared;
+  try {
+    if (size < 1 || rank < 0 || rank >= size) {
+      throw std::runtime_error(fmt::format(
+          "[rank {}] make_nccl_communicator: rank {} of {} ranks is out of range: expected 0 <= rank < size",
+          rank, rank, size));
+    }
+    int devices = 0;
+    VIMO_CUDA_CHECK(cudaGetDeviceCount(&devices), rank);
+    if (device < 0 || device >= devices) {
+      throw std::runtime_error(
+          fmt::format("[rank {}] make_nccl_communicator: CUDA device {} does not exist "
+                      "(this process sees {}). HINT: pass the local rank modulo the device "
+                      "count, and check CUDA_VISIBLE_DEVICES",
+                      rank, device, devices));
+    }
+    VIMO_CUDA_CHECK(cudaSetDevice(device), rank);
+    if (rank == 0) VIMO_NCCL_CHECK(ncclGetUniqueId(&prepared.id), rank);
+  } catch (const std::exception& e) {
+    prepared.problem = e.what();
+  }
+  return prepared;
+}
+
+// Every rank holds rank 0's id: joins the communicator it names (on `device`, made current by prepare_rank).
+std::shared_ptr<Communicator> join(const ncclUniqueId& id, int rank, int size, int device) {
+  const std::chrono::milliseconds timeout = default_collective_timeout();
+  ncclConfig_t config = nonblocking_config();
+  ncclComm_t comm = nullptr;
+  const ncclResult_t started = ncclCommInitRankConfig(&comm, size, id, rank, &config);
+  comm = await_creation(&comm, started, nullptr, "ncclCommInitRankConfig", __FILE__, __LINE__, rank, size,
+                        device, timeout);
+  return std::make_shared<NcclCommunicator>(comm, rank, size, static_cast<c10::DeviceIndex>(device));
+}
+
+}  // namespace
+
 std::shared_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device) {
-  return std::make_shared<NcclCommunicator>(bootstrap, device);
+  const int rank = bootstrap.rank();
+  const int size = bootstrap.size();
+  Preparation prepared = prepare_rank(rank, size, device);
+  // Every rank learns the lowest rank that failed to prepare (`size` when none) before any waits for the id.
+  at::Tensor first_failed = at::full({1}, prepared.problem.empty() ? size : rank, at::kInt);
+  bootstrap.allreduce(first_failed, ReduceOp::Min);
+  if (!prepared.problem.empty()) throw std::runtime_error(prepared.problem);
+  if (const int failed = first_failed.item<int>(); failed < size) {
+    throw std::runtime_error(
+        fmt::format("[rank {}] make_nccl_communicator: rank {} failed to prepare its GPU (its own error says "
+                    "why), so no rank goes on",
+                    rank, failed));
+  }
+  // The id is 128 opaque bytes that rank 0 drew: it names the communicator every rank joins.
+  static_assert(sizeof(ncclUniqueId) == NCCL_UNIQUE_ID_BYTES);
+  at::Tensor id_bytes = at::empty({NCCL_UNIQUE_ID_BYTES}, at::kByte);  // [128] on the CPU
+  std::memcpy(id_bytes.data_ptr(), &prepared.id, sizeof(prepared.id));
+  bootstrap.broadcast(id_bytes, 0);
+  std::memcpy(&prepared.id, id_bytes.data_ptr(), sizeof(prepared.id));
+  return join(prepared.id, rank, size, device);
+}
+
+std::shared_ptr<Communicator> make_nccl_communicator(StoreClient& store, const std::string& key, int rank,
+                                                     int size, int device) {
+  Preparation prepared = prepare_rank(rank, size, device);
+  // An out-of-range rank or size is refused by exchange_unique_id before it touches the store.
+  const std::span<uint8_t> id(reinterpret_cast<uint8_t*>(&prepared.id), sizeof(prepared.id));
+  exchange_unique_id(store, key, rank, size, id, prepared.problem, default_collective_timeout());
+  return join(prepared.id, rank, size, device);
 }
 
 std::string nccl_library_version() {

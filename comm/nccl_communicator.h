@@ -1,18 +1,41 @@
 // Defines the NCCL backend of vimo::comm::Communicator for CUDA tensors. Only built when CUDA is enabled
-// (VIMO_HAVE_CUDA); the unique id travels over a bootstrap communicator (MPI today, rendezvous later).
+// (VIMO_HAVE_CUDA). The unique id that names a communicator travels over a bootstrap communicator (MPI) or
+// the job's rendezvous store (torchrun, srun: no MPI needed); split() makes one communicator per group.
 #pragma once
+
+#include <memory>
+#include <string>
 
 #include "comm/communicator.h"
 
 namespace vimo::comm {
 
-// Creates an NCCL communicator with the same ranks as `bootstrap`, on CUDA device `device`.
-// Blocking collectives and send/recv are enqueued on the caller's current CUDA stream (so they return before
-// the GPU ran them and cannot time out on the host). Asynchronous ones run on the communicator's own stream
-// after the work already queued on the caller's; their Work::wait blocks the host until they finished (or
-// aborts the communicator after the timeout) and then orders the caller's stream after them. NCCL has no
-// message tags: send/recv ignore `tag`, and messages between two ranks arrive in the order sent.
+class StoreClient;
+
+// Creates an NCCL communicator with the same ranks as `bootstrap`, on CUDA device `device` (made the
+// calling thread's current device). A collective over `bootstrap`: rank 0 draws the unique id and broadcasts
+// it, after every rank learned that all of them selected their GPU (else every rank throws, the others naming
+// the first rank that failed).
+//
+// Every NCCL communicator is non-blocking (Note [Non-blocking NCCL communicators] in nccl_communicator.cpp):
+// creating it, splitting it and enqueueing a call fail after its timeout (default_collective_timeout() when
+// it is made) instead of hanging, aborting it. Blocking collectives and send/recv are enqueued on the
+// caller's current CUDA stream (so they return before the GPU ran them and cannot time out on the host once
+// enqueued). Asynchronous ones run on the communicator's own stream after the work already queued on the
+// caller's; their Work::wait blocks the host until they finished (or aborts the communicator after the
+// timeout) and then orders the caller's stream after them. NCCL has no message tags: send/recv ignore `tag`,
+// and messages between two ranks arrive in the order sent. split() follows Communicator::split
+// (ncclCommSplit, plus one small all-reduce so that a negative color fails on every rank).
 std::shared_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device);
+
+// The same communicator without MPI: `size` ranks, each calling this with its own `rank`, a StoreClient of
+// the job's store made with that rank (connect_job_store in comm/job_store.h), and the same `key`, unique
+// to this communicator in the job ("nccl/world"). Rank 0 publishes the unique id under `key` and the others
+// fetch it, after every rank learned through the store whether all of them prepared their GPU; see
+// exchange_unique_id in comm/job_store.h for the errors (a failed rank is named on every rank; a rank that
+// never comes is named after default_collective_timeout()).
+std::shared_ptr<Communicator> make_nccl_communicator(StoreClient& store, const std::string& key, int rank,
+                                                     int size, int device);
 
 // "2.27.7" style version of the NCCL library linked in.
 std::string nccl_library_version();

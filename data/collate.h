@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -26,7 +27,27 @@ struct CollatedBatch {
 
 at::ScalarType torch_dtype(DType dtype);
 
-// `where[i]` names record i for errors (e.g. "shard /d/train/shard_00003.bin: record 17").
+// Memory for batch tensors that is handed back when the last tensor using it is freed, and reused for the
+// next batch of the same size. See Note [Why batches reuse their memory] in data/collate.cpp. Thread-safe;
+// tensors may outlive the pool (their memory is then freed, not cached).
+class TensorPool {
+ public:
+  // Keeps at most `max_cached_bytes` of freed memory for reuse.
+  explicit TensorPool(size_t max_cached_bytes);
+  // An uninitialised CPU tensor of `shape` and `dtype`, contiguous, 64-byte aligned.
+  at::Tensor empty(at::IntArrayRef shape, at::ScalarType dtype);
+  size_t cached_bytes() const;
+  int64_t reused() const;  // allocations served from freed memory
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+// `where[i]` names record i for errors (e.g. "shard /d/train/shard_00003.bin: record 17"). With a `pool`,
+// the batch's tensors come from it.
+CollatedBatch collate(const std::vector<RecordView>& records, const std::vector<int64_t>& keys,
+                      const std::vector<std::string>& where, TensorPool* pool = nullptr);
 CollatedBatch collate(const std::vector<Record>& records, const std::vector<int64_t>& keys,
                       const std::vector<std::string>& where);
 

@@ -34,7 +34,8 @@ StreamingLoader::StreamingLoader(LoaderOptions options)
             }
             return records;
           }(),
-          options_.seed, options_.shuffle_block, options_.shuffle) {
+          options_.seed, options_.shuffle_block, options_.shuffle),
+      pool_(options_.pool_bytes) {
   const LoaderOptions& o = options_;
   const std::string where = fmt::format("loader for {} split '{}'", o.dir, o.split);
   if (!o.kind.empty() && manifest_.kind != o.kind) {
@@ -135,7 +136,11 @@ std::shared_ptr<ShardReader> StreamingLoader::open_shard(uint32_t shard) {
 
 LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   const std::vector<SampleRef> refs = local_refs(epoch, step);
-  std::vector<Record> records;
+  // Each record is read into a buffer of this thread's, kept across batches, and its fields are collated
+  // straight from there: once warm, reading a batch allocates only its tensors (from pool_).
+  thread_local std::vector<RecordBuffer> buffers;
+  if (buffers.size() < refs.size()) buffers.resize(refs.size());
+  std::vector<RecordView> records;
   std::vector<int64_t> keys;
   std::vector<std::string> where;
   records.reserve(refs.size());
@@ -144,7 +149,7 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   for (const SampleRef& ref : refs) {
     try {
       const std::shared_ptr<ShardReader> reader = open_shard(ref.shard);
-      records.push_back(reader->read_record(ref.record));
+      records.push_back(reader->read_view(ref.record, buffers[records.size()]));
       bytes += reader->stored_size(ref.record);
       where.push_back(fmt::format("shard {}: record {}", reader->path(), ref.record));
       keys.push_back(ref.key);
@@ -161,7 +166,7 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   LoaderBatch batch;
   batch.epoch = epoch;
   batch.step = step;
-  batch.tensors = collate(records, keys, where);
+  batch.tensors = collate(records, keys, where, &pool_);
   batch.keys = std::move(keys);
   batch.corrupt_skipped = skipped;
   std::lock_guard<std::mutex> lock(mutex_);
@@ -269,6 +274,9 @@ void StreamingLoader::load_state(const SamplerState& state) {
 
 std::string StreamingLoader::order_fingerprint() const {
   std::string text = fmt::format("shuffle={} block={}", options_.shuffle, options_.shuffle_block);
+  // Without drop_last the epochs have another batch count. Named only then, so fingerprints saved before
+  // this option existed (always drop_last) still match.
+  if (!options_.drop_last) text += " pad_last";
   for (const ShardEntry& shard : split_->shards)
     text += fmt::format(";{}:{}:{}", shard.file, shard.records, shard.xxh3);
   return fmt::format("{:016x}", XXH3_64bits(text.data(), text.size()));

@@ -34,6 +34,8 @@ struct LoaderOptions {
   int prefetch = 4;              // batches read ahead (bounds memory: prefetch × local batch records)
   bool skip_corrupt = false;     // skip and count corrupt records instead of stopping
   size_t open_shards = 64;       // shard files kept open (least recently used are closed)
+  // Freed batch memory kept for the next batches (Note [Why batches reuse their memory] in data/collate.cpp).
+  size_t pool_bytes = size_t{256} << 20;
 };
 
 // One rank's batch, as the trainer receives it.
@@ -71,7 +73,7 @@ class StreamingLoader {
   LoaderStats stats() const;
 
   // Identifies what the order depends on besides the seed: the split's shards (names, record counts, hashes),
-  // shuffle and shuffle_block. A checkpoint stores it so a resume on changed data is an error, not a silent
+  // shuffle, shuffle_block and drop_last. A checkpoint stores it so a resume on changed data is an error, not a silent
   // change of the remaining batches.
   std::string order_fingerprint() const;
 
@@ -103,6 +105,7 @@ class StreamingLoader {
   std::deque<std::shared_ptr<Job>> pending_;  // jobs in batch order, until next() returns them
   bool stopping_ = false;
   LoaderStats stats_;
+  TensorPool pool_;
   std::vector<std::thread> workers_;
 };
 

@@ -45,7 +45,8 @@ std::string printable_magic(const char* bytes) {
 }
 
 // Product of a shape's extents times the element size, or throws when it overflows or is negative.
-uint64_t checked_byte_count(const std::vector<int64_t>& shape, DType dtype, const std::string& where) {
+// `where` names the field or record in the error ("field 'x'").
+uint64_t checked_byte_count(const std::vector<int64_t>& shape, DType dtype, std::string_view where) {
   uint64_t count = dtype_size(dtype);
   for (const int64_t extent : shape) {
     if (extent < 0)
@@ -67,15 +68,12 @@ void put(std::vector<uint8_t>& out, T value) {
 }
 
 // Bounds-checked parser over one record's bytes; errors carry the absolute file offset.
+// Reads a record's encoding field by field; every failure is a CorruptDataError naming the file, the record
+// and the offset. It formats nothing until it fails: it runs once per record on the loader's hot path.
 class RecordParser {
  public:
-  RecordParser(std::span<const uint8_t> bytes, uint64_t file_offset, std::string context, std::string file,
-               int64_t record)
-      : bytes_(bytes),
-        file_offset_(file_offset),
-        context_(std::move(context)),
-        file_(std::move(file)),
-        record_(record) {}
+  RecordParser(std::span<const uint8_t> bytes, uint64_t file_offset, const std::string& file, int64_t record)
+      : bytes_(bytes), file_offset_(file_offset), file_(file), record_(record) {}
 
   template <typename T>
   T get(const char* what) {
@@ -94,9 +92,9 @@ class RecordParser {
   }
   // Offsets inside a compressed record are positions in its decoded bytes, after the record's file offset.
   [[noreturn]] void fail(const std::string& what) const {
-    throw CorruptDataError(
-        fmt::format("{} at offset {}: {}; {}", context_, file_offset_ + position_, what, kRegenerateHint),
-        file_, record_, file_offset_ + position_);
+    throw CorruptDataError(fmt::format("shard {}: record {} at offset {}: {}; {}", file_, record_,
+                                       file_offset_ + position_, what, kRegenerateHint),
+                           file_, record_, file_offset_ + position_);
   }
   bool done() const { return position_ == bytes_.size(); }
   uint64_t remaining() const { return bytes_.size() - position_; }
@@ -104,7 +102,7 @@ class RecordParser {
  private:
   std::span<const uint8_t> bytes_;
   uint64_t file_offset_;
-  std::string context_, file_;
+  const std::string& file_;
   int64_t record_;
   uint64_t position_ = 0;
 };
@@ -141,25 +139,6 @@ std::vector<T> field_values(const Field& field, DType expected) {
   if (bytes) std::memcpy(values.data(), field.bytes.data(), bytes);
   return values;
 }
-
-// An allocator whose value-initialization is default-initialization, so resize() leaves bytes unset (they
-// are overwritten right away by a read).
-template <typename T>
-struct DefaultInitAllocator : std::allocator<T> {
-  template <typename U>
-  struct rebind {
-    using other = DefaultInitAllocator<U>;
-  };
-  using std::allocator<T>::allocator;
-  template <typename U>
-  void construct(U* p) noexcept {
-    ::new (static_cast<void*>(p)) U;
-  }
-  template <typename U, typename... Args>
-  void construct(U* p, Args&&... args) {
-    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
-  }
-};
 
 // Reads exactly `count` bytes at `offset` (pread: no shared file position, so reads are const and
 // thread-safe), or throws naming the file.
@@ -537,23 +516,24 @@ uint64_t ShardReader::stored_size(uint64_t index) const {
   return end - offsets_[index];
 }
 
-Record ShardReader::read_record(uint64_t index) const {
+RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
   if (index >= offsets_.size()) {
     throw std::runtime_error(fmt::format("shard {}: record {} requested, but the shard has {} records", path_,
                                          index, offsets_.size()));
   }
   const uint64_t begin = offsets_[index];
   const auto record = static_cast<int64_t>(index);
-  // Not zero-filled: pread overwrites every byte (read_exactly throws otherwise).
-  std::vector<uint8_t, DefaultInitAllocator<uint8_t>> stored(stored_size(index));
+  // A plain record is read straight into `buffer`; a compressed one into this thread's scratch, then decoded
+  // into `buffer`. Neither is zero-filled: pread and zstd overwrite every byte (or we throw).
+  thread_local RecordBuffer compressed;
+  RecordBuffer& stored = compression_ == Compression::Zstd ? compressed : buffer;
+  stored.resize(stored_size(index));
   read_exactly(fd_, begin, stored.data(), stored.size(), path_, "record");
   const uint64_t checksum = XXH3_64bits(stored.data(), stored.size());
   if (checksum != checksums_[index]) {
     fail(fmt::format("checksum mismatch (expected {}, found {})", hex(checksums_[index]), hex(checksum)),
          record, begin);
   }
-  std::vector<uint8_t, DefaultInitAllocator<uint8_t>> decoded;
-  std::span<const uint8_t> bytes(stored.data(), stored.size());
   if (compression_ == Compression::Zstd) {
     const unsigned long long content = ZSTD_getFrameContentSize(stored.data(), stored.size());
     if (content != sizes_[index]) {
@@ -564,22 +544,22 @@ Record ShardReader::read_record(uint64_t index) const {
                        sizes_[index]),
            record, begin);
     }
-    decoded.resize(sizes_[index]);
+    buffer.resize(sizes_[index]);
     // One decompression context per thread: ZSTD_decompress would create and free one per record.
     thread_local const std::unique_ptr<ZSTD_DCtx, decltype(&ZSTD_freeDCtx)> context(ZSTD_createDCtx(),
                                                                                     &ZSTD_freeDCtx);
     const size_t n =
-        ZSTD_decompressDCtx(context.get(), decoded.data(), decoded.size(), stored.data(), stored.size());
-    if (ZSTD_isError(n) || n != decoded.size()) {
+        ZSTD_decompressDCtx(context.get(), buffer.data(), buffer.size(), stored.data(), stored.size());
+    if (ZSTD_isError(n) || n != buffer.size()) {
       fail(fmt::format("zstd cannot decode the record: {}",
                        ZSTD_isError(n) ? ZSTD_getErrorName(n) : "short frame"),
            record, begin);
     }
-    bytes = std::span<const uint8_t>(decoded.data(), decoded.size());
   }
 
-  RecordParser parser(bytes, begin, fmt::format("shard {}: record {}", path_, index), path_, record);
-  Record result;
+  const std::span<const uint8_t> bytes(buffer.data(), buffer.size());
+  RecordParser parser(bytes, begin, path_, record);
+  RecordView result;
   const auto field_count = parser.get<uint32_t>("field count");
   // Each field takes at least 12 bytes (name length, dtype, rank, byte count): bound the reservation.
   if (field_count > parser.remaining() / 12) {
@@ -588,10 +568,10 @@ Record ShardReader::read_record(uint64_t index) const {
   }
   result.fields.reserve(field_count);
   for (uint32_t f = 0; f < field_count; ++f) {
-    Field field;
+    FieldView field;
     const auto name_length = parser.get<uint16_t>("field name length");
     const uint8_t* name = parser.take(name_length, "field name");
-    field.name.assign(reinterpret_cast<const char*>(name), name_length);
+    field.name = std::string_view(reinterpret_cast<const char*>(name), name_length);
     const auto dtype = parser.get<uint8_t>("dtype");
     if (!valid_dtype(dtype))
       parser.fail(fmt::format("field '{}': unknown dtype code {} (expected 1-7)", field.name, dtype));
@@ -602,20 +582,51 @@ Record ShardReader::read_record(uint64_t index) const {
     const auto byte_count = parser.get<uint64_t>("byte count");
     uint64_t expected = 0;
     try {
-      expected = checked_byte_count(field.shape, field.dtype, "field '" + field.name + "'");
+      expected = checked_byte_count(field.shape, field.dtype, "");  // named below, only when it fails
     } catch (const std::runtime_error& e) {
-      parser.fail(e.what());
+      parser.fail(fmt::format("field '{}'{}", field.name, e.what()));
     }
     if (byte_count != expected) {
       parser.fail(fmt::format("field '{}': byte count {} does not match its shape (expected {})", field.name,
                               byte_count, expected));
     }
-    const uint8_t* data = parser.take(byte_count, "field data");
-    field.bytes.assign(data, data + byte_count);
+    field.bytes = std::span<const uint8_t>(parser.take(byte_count, "field data"), byte_count);
     result.fields.push_back(std::move(field));
   }
   if (!parser.done()) parser.fail(fmt::format("{} trailing bytes after the last field", parser.remaining()));
   return result;
+}
+
+Record ShardReader::read_record(uint64_t index) const {
+  RecordBuffer buffer;
+  const RecordView view = read_view(index, buffer);
+  Record result;
+  result.fields.reserve(view.fields.size());
+  for (const FieldView& v : view.fields) {
+    Field field;
+    field.name = std::string(v.name);
+    field.dtype = v.dtype;
+    field.shape = v.shape;
+    field.bytes.assign(v.bytes.begin(), v.bytes.end());
+    result.fields.push_back(std::move(field));
+  }
+  return result;
+}
+
+const FieldView* RecordView::find(std::string_view name) const {
+  for (const FieldView& field : fields) {
+    if (field.name == name) return &field;
+  }
+  return nullptr;
+}
+
+RecordView RecordView::of(const Record& record) {
+  RecordView view;
+  view.fields.reserve(record.fields.size());
+  for (const Field& field : record.fields) {
+    view.fields.push_back({field.name, field.dtype, field.shape, std::span<const uint8_t>(field.bytes)});
+  }
+  return view;
 }
 
 }  // namespace vimo::data

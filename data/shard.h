@@ -15,8 +15,11 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <memory>
+#include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace vimo::data {
@@ -63,6 +66,45 @@ struct Record {
   const Field& get(const std::string& name) const;
 };
 
+// An allocator whose value-initialization is default-initialization, so resize() leaves bytes unset (they
+// are overwritten right away by a read).
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// Reusable storage for ShardReader::read_view: a record's (decoded) bytes, which its RecordView points into.
+using RecordBuffer = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
+// A field of a record, viewing the bytes of the RecordBuffer it was read into (no copy).
+struct FieldView {
+  std::string_view name;
+  DType dtype = DType::UInt8;
+  std::vector<int64_t> shape;
+  std::span<const uint8_t> bytes;  // product(shape) * dtype_size(dtype) bytes
+};
+
+// A record's fields as views: valid while the buffer they view is alive and not reused.
+struct RecordView {
+  std::vector<FieldView> fields;
+  // The field named `name`, or nullptr.
+  const FieldView* find(std::string_view name) const;
+  // Views of `record`'s fields (valid while `record` lives).
+  static RecordView of(const Record& record);
+};
+
 // Bad bytes in a shard (checksum mismatch, truncation, malformed index or record). The message names the
 // file, the record (when known) and the byte offset; the fields repeat them for callers that count skips.
 class CorruptDataError : public std::runtime_error {
@@ -107,6 +149,10 @@ class ShardReader {
   ShardReader& operator=(const ShardReader&) = delete;
   uint64_t size() const { return offsets_.size(); }
   Record read_record(uint64_t index) const;
+  // The same record without copying its fields: they view `buffer`, which holds the record's bytes (decoded,
+  // for zstd) until its next use. Validates exactly as read_record does. The loader's path: one buffer per
+  // record in flight, reused across batches, so reading allocates nothing once warm.
+  RecordView read_view(uint64_t index, RecordBuffer& buffer) const;
   const std::string& path() const { return path_; }
   Compression compression() const { return compression_; }
   uint64_t file_size() const { return file_size_; }

@@ -21,7 +21,7 @@ struct CommBenchOptions {
   int64_t min_bytes = int64_t{4} << 10;    // 4 KiB
   int64_t max_bytes = int64_t{256} << 20;  // 256 MiB; sizes grow by `size_factor` from min_bytes
   int size_factor = 4;
-  int iterations = 10;  // timed iterations per size (x4 below 1 MiB), after `warmup` untimed ones
+  int iterations = 10;  // timed iterations per size at least (x4 below 1 MiB; more for fast sizes)
   int warmup = 2;
   bool overlap = true;            // also run the training-step overlap measurement
   int overlap_steps = 5;          // timed training steps (after one warm-up step)

@@ -35,7 +35,9 @@ namespace fs = std::filesystem;
 //   raw read() + xxh3    the same with xxh3 over every block (data::file_xxh3): the cost of checksums
 //   pread per record     one pread into a freshly allocated buffer per record: syscall + allocation
 //   read_record          ShardReader::read_record: + checksum, zstd decode, parse, copy into Field bytes
-//   read_record+collate  + collate() of each batch into padded tensors
+//   read_view            ShardReader::read_view, the loader's path: the same without the copy, into a
+//                        reused buffer
+//   read_view+collate    + collate() of each batch into padded tensors from a TensorPool, as the loader does
 //   loader, N workers    the StreamingLoader: + block-shuffled order, LRU shard cache, batch jobs handed
 //                        from N prefetch threads (0: read on the caller's thread)
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
@@ -98,14 +100,27 @@ PassResult pread_per_record_pass(const BenchDataset& dataset) {
   return whole_dataset(dataset, seconds_since(start));
 }
 
-PassResult read_record_pass(const BenchDataset& dataset, int64_t collate_batch) {
+PassResult read_record_pass(const BenchDataset& dataset) {
   const auto start = Clock::now();
-  std::vector<data::Record> records;
+  for (const std::string& path : dataset.shard_paths()) {
+    const data::ShardReader reader(path);
+    for (uint64_t i = 0; i < reader.size(); ++i) (void)reader.read_record(i);
+  }
+  return whole_dataset(dataset, seconds_since(start));
+}
+
+// The loader's read path, in file order on one thread: read_view into reused buffers, then (when
+// `collate_batch` > 0) collate from a TensorPool.
+PassResult read_view_pass(const BenchDataset& dataset, int64_t collate_batch) {
+  data::TensorPool pool(size_t{256} << 20);
+  std::vector<data::RecordBuffer> buffers(static_cast<size_t>(std::max<int64_t>(collate_batch, 1)));
+  const auto start = Clock::now();
+  std::vector<data::RecordView> records;
   std::vector<int64_t> keys;
   std::vector<std::string> where;
   const auto flush = [&] {
     if (records.empty()) return;
-    const data::CollatedBatch batch = data::collate(records, keys, where);
+    const data::CollatedBatch batch = data::collate(records, keys, where, &pool);
     records.clear();
     keys.clear();
     where.clear();
@@ -113,7 +128,7 @@ PassResult read_record_pass(const BenchDataset& dataset, int64_t collate_batch) 
   for (const std::string& path : dataset.shard_paths()) {
     const data::ShardReader reader(path);
     for (uint64_t i = 0; i < reader.size(); ++i) {
-      records.push_back(reader.read_record(i));
+      records.push_back(reader.read_view(i, buffers[records.size()]));
       if (collate_batch == 0) {
         records.clear();
         continue;
@@ -183,9 +198,10 @@ nlohmann::json bench_one_dataset(const DataBenchOptions& options, bool zstd) {
   if (options.stages) {
     rows.push_back(measure("raw read() + xxh3", reps, [&] { return xxh3_pass(dataset); }));
     rows.push_back(measure("pread per record", reps, [&] { return pread_per_record_pass(dataset); }));
-    rows.push_back(measure("read_record", reps, [&] { return read_record_pass(dataset, 0); }));
-    rows.push_back(measure(fmt::format("read_record + collate {}", options.batch), reps,
-                           [&] { return read_record_pass(dataset, options.batch); }));
+    rows.push_back(measure("read_record", reps, [&] { return read_record_pass(dataset); }));
+    rows.push_back(measure("read_view", reps, [&] { return read_view_pass(dataset, 0); }));
+    rows.push_back(measure(fmt::format("read_view + collate {}", options.batch), reps,
+                           [&] { return read_view_pass(dataset, options.batch); }));
   }
   for (const int workers : options.workers) {
     rows.push_back(measure(fmt::format("loader, {} workers", workers), reps,

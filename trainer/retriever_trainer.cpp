@@ -208,6 +208,7 @@ TrainResult train_retriever(const Config& config, bool resume,
   loader_options.workers = static_cast<int>(config.data.workers);
   loader_options.prefetch = static_cast<int>(config.data.prefetch);
   loader_options.skip_corrupt = config.data.skip_corrupt;
+  loader_options.drop_last = config.data.drop_last;
   data::StreamingLoader loader(loader_options);
 
   // Model: same seed on every rank, and rank 0's values broadcast so replicas start identical.

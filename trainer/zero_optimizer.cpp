@@ -60,19 +60,22 @@ ZeroAdamW::ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
 void ZeroAdamW::step(double lr) {
   at::NoGradGuard no_grad;
   const int64_t ranks = comm_->size();
-  at::Tensor flat_grads = at::zeros({ranks * shard_}, shard_grads_.options());  // [ranks * shard_], padded
+  // One flat buffer reused every step: a fresh one would pay its page faults each time (see
+  // Communicator::allgather_into).
+  if (!flat_buffer_.defined()) flat_buffer_ = at::empty({ranks * shard_}, shard_grads_.options());
+  flat_buffer_.zero_();  // padding and parameters without a gradient contribute zeros
   for (size_t i = 0; i < parameters_.size(); ++i) {
     const at::Tensor& p = parameters_[i].second;
-    if (p.grad().defined()) flat_grads.narrow(0, offsets_[i], p.numel()).view(p.sizes()).copy_(p.grad());
+    if (p.grad().defined()) flat_buffer_.narrow(0, offsets_[i], p.numel()).view(p.sizes()).copy_(p.grad());
   }
-  // The blocking call, for its check that every rank passes the same flat size (a step is not overlapped).
-  shard_grads_.copy_(comm_->reduce_scatter(flat_grads, comm::ReduceOp::Avg));  // [shard_]
+  // The blocking calls, for their check that every rank passes the same flat size (a step is not overlapped).
+  comm_->reduce_scatter_into(flat_buffer_, shard_grads_, comm::ReduceOp::Avg);  // [shard_]
   decayed_->step(lr);
   undecayed_->step(lr);
-  const at::Tensor flat_params = comm_->allgather(shard_params_);  // [ranks * shard_]
+  comm_->allgather_into(shard_params_, flat_buffer_);  // [ranks * shard_]
   for (size_t i = 0; i < parameters_.size(); ++i) {
     at::Tensor p = parameters_[i].second;
-    p.copy_(flat_params.narrow(0, offsets_[i], p.numel()).view(p.sizes()));
+    p.copy_(flat_buffer_.narrow(0, offsets_[i], p.numel()).view(p.sizes()));
   }
 }
 

@@ -54,6 +54,7 @@ class ZeroAdamW {
   int64_t shard_ = 0;                 // elements per rank: ceil(total / DP)
   at::Tensor shard_params_;           // [shard_]: this rank's slice of the flat parameters, the one updated
   at::Tensor shard_grads_;            // [shard_]: the averaged gradient of that slice
+  at::Tensor flat_buffer_;            // [ranks * shard_]: gradients going out, then parameters coming back
   std::unique_ptr<AdamW> decayed_;    // over the per-parameter views of shard_params_ with weight decay
   std::unique_ptr<AdamW> undecayed_;  // ... and those without (weight_decay 0)
 };

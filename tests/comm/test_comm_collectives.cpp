@@ -87,6 +87,10 @@ TEST_P(ReduceScatter, EachRankGetsTheReductionOfItsRows) {
   mpi_world()->reduce_scatter_async(inputs[rank], output, op)->wait();
   expect_reduced(output, my_rows_everywhere, op, accumulation_of(dtype), "async");
 
+  at::Tensor into = at::empty({rows, 3}, inputs.options());  // [2, 3]
+  mpi_world()->reduce_scatter_into(inputs[rank], into, op);
+  expect_reduced(into, my_rows_everywhere, op, accumulation_of(dtype), "blocking into");
+
   const at::Tensor storage = inputs[rank].t().contiguous();  // [3, ranks*2]
   const at::Tensor view = storage.t();                       // [ranks*2, 3], not contiguous
   ASSERT_FALSE(view.is_contiguous());
@@ -253,6 +257,40 @@ TEST(AsyncWork, BadOutputIsRejectedOnThisRank) {
   EXPECT_CONTAINS(
       error_of([&] { mpi_world()->reduce_scatter_async(at::zeros({ranks * 2}), doubles, ReduceOp::Sum); }),
       "needs a contiguous cpu output of float32 [2]");
+  expect_still_usable(*mpi_world());
+}
+
+// allgather_into moves bits, so it must equal the allocating call exactly, for every dtype.
+TEST(IntoCalls, AllgatherIntoEqualsAllgather) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  for (at::ScalarType dtype :
+       {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf, at::kLong, at::kInt, at::kByte}) {
+    const at::Tensor inputs = all_inputs(dtype, shared_seed(), ranks, {3, 5});  // [ranks, 3, 5]
+    at::Tensor output = at::full({ranks * 3, 5}, 7, inputs.options());          // [ranks*3, 5]
+    mpi_world()->allgather_into(inputs[rank], output);
+    EXPECT_TRUE(at::equal(output, inputs.reshape({ranks * 3, 5}))) << dtype_name(dtype);
+  }
+}
+
+// The blocking *_into calls agree on the call first, so one rank's bad output fails every rank (instead of
+// leaving the others in the collective), and the communicator stays usable.
+TEST(IntoCalls, OneRanksBadOutputFailsEveryRank) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  at::Tensor output = at::empty({rank == 0 ? ranks * 3 + 1 : ranks * 3, 2});
+  const std::string gather = error_of([&] { mpi_world()->allgather_into(at::zeros({3, 2}), output); });
+  if (rank == 0) {
+    EXPECT_CONTAINS(gather,
+                    "needs a contiguous cpu output of float32 [" + std::to_string(ranks * 3) + ", 2]");
+  } else {
+    EXPECT_CONTAINS(gather, "rank(s) 0 rejected their input");
+  }
+  at::Tensor shard = at::empty({rank == ranks - 1 ? 3 : 2}, at::kFloat);
+  const std::string scatter =
+      error_of([&] { mpi_world()->reduce_scatter_into(at::zeros({ranks * 2}), shard, ReduceOp::Sum); });
+  EXPECT_NE(scatter, "(nothing thrown)");
+  if (rank == ranks - 1) {
+    EXPECT_CONTAINS(scatter, "needs a contiguous cpu output of float32 [2]");
+  }
   expect_still_usable(*mpi_world());
 }
 

@@ -1,14 +1,18 @@
 // The NCCL backend under mpirun: every collective on CUDA tensors against the MPI backend on the same inputs
-// (and all_gather_with_grad against plain autograd). Built only with CUDA; skips, saying why, without one GPU
-// per rank. Under `-np 1` it still runs NCCL's whole path (init, streams, dtypes) on a single GPU.
+// (and all_gather_with_grad against plain autograd); the unique id through the rendezvous store instead of
+// MPI; split() against the MPI backend's. Built only with CUDA; skips, saying why, without one GPU per rank.
+// Under `-np 1` it still runs NCCL's whole path (init, streams, dtypes, a split into one group) on one GPU.
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <torch/cuda.h>
 
+#include <chrono>
+#include <memory>
 #include <regex>
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/job_store.h"
 #include "comm/nccl_communicator.h"
 #include "tests/comm/collective_reference.h"
 
@@ -129,6 +133,103 @@ TEST_F(NcclCommunicator, AllGatherWithGradMatchesTheCpuGradient) {
   const at::Tensor on_cpu = gradient(mpi_world(), at::Device(at::kCPU));
   const at::Tensor on_cuda = gradient(nccl_, at::Device(at::kCUDA, device_));
   EXPECT_TRUE(at::allclose(on_cuda, on_cpu, 1e-12, 1e-12)) << (on_cuda - on_cpu).abs().max().item<double>();
+}
+
+// The message `body` throws, or "(nothing thrown)".
+template <typename Body>
+std::string error_of(Body&& body) {
+  try {
+    body();
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return "(nothing thrown)";
+}
+
+// A store key no earlier communicator of this run used: every rank makes the same calls, so the same keys.
+std::string fresh_key(const std::string& what) {
+  static int made = 0;
+  return "nccl/test/" + what + "/" + std::to_string(made++);
+}
+
+// The unique id through the store, as under torchrun (the store is formed over MPI here only because mpirun
+// started the ranks): the same collectives must give the MPI backend's results.
+TEST_F(NcclCommunicator, StoreBootstrapGivesTheSameCommunicator) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const std::unique_ptr<vimo::comm::JobStore> job = vimo::comm::start_job_store(*mpi_world());
+  const std::unique_ptr<vimo::comm::StoreClient> store = vimo::comm::connect_job_store(*job, rank);
+  const std::shared_ptr<vimo::comm::Communicator> nccl =
+      vimo::comm::make_nccl_communicator(*store, fresh_key("world"), rank, ranks, device_);
+  EXPECT_EQ(nccl->backend_name(), "nccl");
+  EXPECT_EQ(nccl->rank(), rank);
+  EXPECT_EQ(nccl->size(), ranks);
+  EXPECT_EQ(nccl->timeout(), vimo::comm::default_collective_timeout());
+  const at::Tensor inputs =
+      vimo::testing::all_inputs(at::kLong, shared_seed(), ranks, {3, 5});  // [ranks, 3, 5]
+  at::Tensor on_cuda = on_gpu(inputs[rank]);
+  nccl->allreduce(on_cuda, ReduceOp::Sum);
+  EXPECT_TRUE(at::equal(on_cuda.cpu(), inputs.sum(0)));
+  nccl->barrier();
+}
+
+// The last rank asks for a device that does not exist: every rank fails, the others naming it, none hangs.
+TEST_F(NcclCommunicator, StoreBootstrapNamesTheRankThatCouldNotPrepare) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const std::unique_ptr<vimo::comm::JobStore> job = vimo::comm::start_job_store(*mpi_world());
+  const std::unique_ptr<vimo::comm::StoreClient> store = vimo::comm::connect_job_store(*job, rank);
+  const int failing = ranks - 1;
+  const std::string error = error_of([&] {
+    vimo::comm::make_nccl_communicator(*store, fresh_key("missing_gpu"), rank, ranks,
+                                       rank == failing ? 4096 : device_);
+  });
+  if (rank == failing) {
+    EXPECT_NE(error.find("CUDA device 4096 does not exist"), std::string::npos) << error;
+  } else {
+    EXPECT_NE(error.find("rank " + std::to_string(failing) + " failed to prepare"), std::string::npos)
+        << error;
+  }
+  mpi_world()->barrier();  // rank 0's store outlives every rank's use of it
+}
+
+// Groups of even and odd ranks, ordered backwards by key: the same groups, ranks and sums as MPI's split.
+// The group outlives the communicator it was split from, and starts with its timeout.
+TEST_F(NcclCommunicator, SplitMatchesTheMpiSplit) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int color = rank % 2, key = -rank;
+  std::shared_ptr<vimo::comm::Communicator> group;
+  {
+    std::shared_ptr<vimo::comm::Communicator> parent =
+        vimo::comm::make_nccl_communicator(*mpi_world(), device_);
+    parent->set_timeout(std::chrono::seconds(123));
+    group = parent->split(color, key);
+  }
+  const std::shared_ptr<vimo::comm::Communicator> reference = mpi_world()->split(color, key);
+  EXPECT_EQ(group->backend_name(), "nccl");
+  EXPECT_EQ(group->rank(), reference->rank());
+  EXPECT_EQ(group->size(), reference->size());
+  EXPECT_EQ(group->timeout(), std::chrono::seconds(123));
+  const at::Tensor inputs = vimo::testing::all_inputs(at::kLong, shared_seed(), ranks, {4});  // [ranks, 4]
+  at::Tensor on_cpu = inputs[rank].clone();
+  reference->allreduce(on_cpu, ReduceOp::Sum);
+  at::Tensor on_cuda = on_gpu(inputs[rank]);
+  group->allreduce(on_cuda, ReduceOp::Sum);
+  EXPECT_TRUE(at::equal(on_cuda.cpu(), on_cpu));
+  // Splitting a split works the same way: one group per rank.
+  const std::shared_ptr<vimo::comm::Communicator> alone = group->split(group->rank(), 0);
+  EXPECT_EQ(alone->size(), 1);
+  EXPECT_EQ(alone->rank(), 0);
+  group->barrier();
+}
+
+TEST_F(NcclCommunicator, SplitWithANegativeColorFailsOnEveryRank) {
+  const int rank = mpi_world()->rank();
+  const std::string error = error_of([&] { nccl_->split(rank == 0 ? -1 : 0, 0); });
+  if (rank == 0) {
+    EXPECT_NE(error.find("split got color -1, but colors must be >= 0"), std::string::npos) << error;
+  } else {
+    EXPECT_NE(error.find("rank 0 passed a negative color"), std::string::npos) << error;
+  }
+  nccl_->barrier();  // refused on every rank before NCCL saw it: the communicator is still whole
 }
 
 }  // namespace

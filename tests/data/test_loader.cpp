@@ -3,13 +3,17 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "data/collate.h"
@@ -212,6 +216,78 @@ TEST(Collate, PadsTheFirstExtentAndChecksTheRest) {
   expect_error([&] { b.field("nope"); }, {"'nope'", "key", "values"});
 }
 
+// Views and pooled memory give the same batch as owning records and fresh memory, padding included, even
+// when the pooled block was left full of garbage by the previous batch.
+TEST(Collate, ViewsIntoPooledMemoryEqualRecordsIntoFreshMemory) {
+  const std::vector<Record> records = {keyed_record(2), keyed_record(7), keyed_record(4)};
+  const std::vector<int64_t> keys = {2, 7, 4};
+  const std::vector<std::string> where = {"r0", "r1", "r2"};
+  const CollatedBatch fresh = collate(records, keys, where);
+  std::vector<RecordView> views;
+  for (const Record& r : records) views.push_back(RecordView::of(r));
+  TensorPool pool(size_t{16} << 20);
+  for (int round = 0; round < 3; ++round) {
+    CollatedBatch pooled = collate(views, keys, where, &pool);
+    for (const auto& [name, tensor] : fresh.fields) {
+      EXPECT_TRUE(pooled.field(name).equal(tensor)) << name << " round " << round;
+      if (fresh.lengths.count(name)) EXPECT_TRUE(pooled.lengths.at(name).equal(fresh.lengths.at(name)));
+    }
+    for (auto& [name, tensor] : pooled.fields) {
+      if (tensor.is_floating_point())
+        tensor.fill_(std::numeric_limits<float>::quiet_NaN());
+      else
+        tensor.fill_(99);  // garbage the next round's padding must not show
+    }
+  }
+  EXPECT_GE(pool.reused(), 2 * static_cast<int64_t>(fresh.fields.size()));
+}
+
+TEST(TensorPool, ReusesFreedMemoryWithinItsLimitAndOutlivesItself) {
+  at::Tensor survivor;
+  {
+    TensorPool pool(size_t{1} << 20);  // 1 MiB
+    void* first = nullptr;
+    {
+      const at::Tensor a = pool.empty({100, 50}, at::kFloat);  // 20000 bytes: one 64 KiB block
+      EXPECT_TRUE(a.is_contiguous());
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(a.data_ptr()) % 64, 0u);
+      first = a.data_ptr();
+    }
+    EXPECT_EQ(pool.cached_bytes(), size_t{64} << 10);
+    const at::Tensor b = pool.empty({10000}, at::kByte);  // also rounds to 64 KiB: the same block
+    EXPECT_EQ(b.data_ptr(), first);
+    EXPECT_EQ(pool.reused(), 1);
+    EXPECT_EQ(pool.cached_bytes(), 0u);
+    {
+      const at::Tensor big = pool.empty({2 << 20}, at::kByte);  // 2 MiB: over the limit when freed
+    }
+    EXPECT_EQ(pool.cached_bytes(), 0u);
+    survivor = pool.empty({3, 3}, at::kDouble);
+    survivor.fill_(1.5);
+  }
+  EXPECT_EQ(survivor.sum().item<double>(), 13.5);  // still valid after the pool is gone
+  survivor = at::Tensor();                         // and frees its block without the pool
+}
+
+TEST(TensorPool, ThreadsAllocatingAndFreeingSeeOnlyTheirOwnValues) {
+  TensorPool pool(size_t{8} << 20);
+  std::vector<std::thread> threads;
+  std::atomic<int> wrong = 0;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 200; ++i) {
+        at::Tensor x = pool.empty({1 + (i % 3) * 5000}, at::kInt);
+        x.fill_(t * 1000 + i);
+        std::this_thread::yield();
+        if (!x.eq(t * 1000 + i).all().item<bool>()) ++wrong;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(pool.reused(), 0);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // SampleOrder
 
@@ -341,6 +417,22 @@ TEST_F(LoaderTest, WithoutDropLastTheLastBatchWrapsToTheEpochStart) {
             std::vector<int64_t>(keys.begin(), keys.begin() + 7));
   EXPECT_EQ(std::set<int64_t>(keys.begin(), keys.end()).size(), 53u);
   EXPECT_EQ(loader.state().epoch, 1);
+}
+
+// The fingerprint a checkpoint keeps names what the order depends on besides the seed (so that a resume
+// with another setting is refused), and nothing else (so that a resume on another DP size is accepted).
+TEST_F(LoaderTest, OrderFingerprintChangesWithWhatChangesTheOrderOnly) {
+  const LoaderOptions base = keyed_options(dir_, 12, 0, 1, seed_);
+  const std::string reference = StreamingLoader(base).order_fingerprint();
+  LoaderOptions other_dp = keyed_options(dir_, 12, 1, 3, seed_);
+  other_dp.workers = 0;
+  EXPECT_EQ(StreamingLoader(other_dp).order_fingerprint(), reference);
+  LoaderOptions padded = base;
+  padded.drop_last = false;
+  EXPECT_NE(StreamingLoader(padded).order_fingerprint(), reference);
+  LoaderOptions blocks = base;
+  blocks.shuffle_block = base.shuffle_block + 1;
+  EXPECT_NE(StreamingLoader(blocks).order_fingerprint(), reference);
 }
 
 TEST_F(LoaderTest, EachRankReadsOnlyItsOwnRecords) {

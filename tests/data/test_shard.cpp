@@ -2,6 +2,7 @@
 // and crash safety of the writer.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -108,6 +109,33 @@ TEST_P(ShardBothCompressions, RoundTripOfRandomRecordsIsByteExact) {
                {f.path, "record " + std::to_string(reader.size())});
 }
 
+// read_view is the loader's path: it must see exactly what read_record sees, reusing one buffer across
+// records of different sizes (so a stale byte from a longer record would show).
+TEST_P(ShardBothCompressions, ReadViewMatchesTheWrittenRecordsInAReusedBuffer) {
+  ShardFixture f(GetParam());
+  const ShardReader reader(f.path);
+  RecordBuffer buffer;
+  std::vector<uint64_t> order(reader.size());
+  for (uint64_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), f.rng);
+  for (const uint64_t i : order) {
+    const RecordView view = reader.read_view(i, buffer);
+    ASSERT_EQ(view.fields.size(), f.records[i].fields.size()) << "record " << i;
+    for (size_t k = 0; k < view.fields.size(); ++k) {
+      const FieldView& a = view.fields[k];
+      const Field& b = f.records[i].fields[k];
+      EXPECT_EQ(a.name, b.name);
+      EXPECT_EQ(a.dtype, b.dtype) << a.name;
+      EXPECT_EQ(a.shape, b.shape) << a.name;
+      EXPECT_EQ(std::vector<uint8_t>(a.bytes.begin(), a.bytes.end()), b.bytes) << a.name;
+      EXPECT_EQ(view.find(b.name), &a);
+    }
+    EXPECT_EQ(view.find("no such field"), nullptr);
+  }
+  expect_error([&] { reader.read_view(reader.size(), buffer); },
+               {f.path, "record " + std::to_string(reader.size())});
+}
+
 TEST(Shard, EmptyShardHasNoRecords) {
   const std::string path = (test_dir() / "empty.bin").string();
   write_shard(path, {});
@@ -176,6 +204,11 @@ TEST_P(ShardBothCompressions, FlippedByteGivesChecksumErrorNamingTheRecord) {
         [&] { reader.read_record(i); },
         {f.path, "record " + std::to_string(victim) + " at offset " + std::to_string(f.offsets[victim]),
          "checksum mismatch", "regenerate"});
+    RecordBuffer buffer;
+    expect_error(
+        [&] { reader.read_view(i, buffer); },
+        {f.path, "record " + std::to_string(victim) + " at offset " + std::to_string(f.offsets[victim]),
+         "checksum mismatch"});
     try {
       reader.read_record(i);
     } catch (const CorruptDataError& e) {  // the type callers use to skip and count

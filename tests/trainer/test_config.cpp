@@ -44,6 +44,11 @@ namespace {
   X(data.dir) \
   X(data.global_batch) \
   X(data.seed) \
+  X(data.shuffle_block) \
+  X(data.workers) \
+  X(data.prefetch) \
+  X(data.skip_corrupt) \
+  X(data.drop_last) \
   X(optim.lr) \
   X(optim.min_lr_ratio) \
   X(optim.warmup_steps) \
@@ -153,6 +158,11 @@ data:
   dir: "data/with space"
   global_batch: 128
   seed: 18446744073709551615
+  shuffle_block: 17
+  workers: 0
+  prefetch: 9
+  skip_corrupt: true
+  drop_last: false
 optim:
   lr: 3.0e-4
   min_lr_ratio: 0
@@ -195,6 +205,11 @@ train:
   expected.data.dir = "data/with space";
   expected.data.global_batch = 128;
   expected.data.seed = std::numeric_limits<uint64_t>::max();
+  expected.data.shuffle_block = 17;
+  expected.data.workers = 0;
+  expected.data.prefetch = 9;
+  expected.data.skip_corrupt = true;
+  expected.data.drop_last = false;
   expected.optim.lr = 3.0e-4;
   expected.optim.min_lr_ratio = 0;
   expected.optim.warmup_steps = 0;
