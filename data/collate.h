@@ -44,6 +44,38 @@ class TensorPool {
   std::shared_ptr<State> state_;
 };
 
+// Collates records one at a time, each as soon as it is read, into tensors of `capacity` rows: the loader's
+// path, so that a record's bytes are copied into the batch while they are still in the core's cache (Note
+// [Collating record by record] in data/collate.cpp). The first record sets the fields; a later record whose
+// first extent is longer than any before regrows the tensors. Errors are collate()'s.
+class Collator {
+ public:
+  Collator(int64_t capacity, TensorPool* pool);
+  // Appends `record` (its views may be reused once this returns); `where` names it for errors.
+  void add(const RecordView& record, int64_t key, std::string where);
+  int64_t size() const { return static_cast<int64_t>(keys_.size()); }
+  // The batch of the records added (fewer rows than `capacity` when fewer were added).
+  CollatedBatch finish();
+
+ private:
+  struct Column {
+    std::string name;
+    DType dtype = DType::UInt8;
+    std::vector<int64_t> shape;    // the first record's
+    int64_t row_elements = 0;      // elements per row at the current padded length
+    int64_t max_len = 0;           // the current padded first extent
+    std::vector<int64_t> lengths;  // first extent of each record so far
+    at::Tensor values;             // [capacity, max_len, rest...]
+  };
+  void grow(Column& column, int64_t max_len);
+  at::Tensor allocate(const std::vector<int64_t>& shape, DType dtype);
+  int64_t capacity_;
+  TensorPool* pool_;
+  std::vector<Column> columns_;
+  std::vector<int64_t> keys_;
+  std::string first_where_;
+};
+
 // `where[i]` names record i for errors (e.g. "shard /d/train/shard_00003.bin: record 17"). With a `pool`,
 // the batch's tensors come from it.
 CollatedBatch collate(const std::vector<RecordView>& records, const std::vector<int64_t>& keys,

@@ -136,23 +136,19 @@ std::shared_ptr<ShardReader> StreamingLoader::open_shard(uint32_t shard) {
 
 LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   const std::vector<SampleRef> refs = local_refs(epoch, step);
-  // Each record is read into a buffer of this thread's, kept across batches, and its fields are collated
-  // straight from there: once warm, reading a batch allocates only its tensors (from pool_).
-  thread_local std::vector<RecordBuffer> buffers;
-  if (buffers.size() < refs.size()) buffers.resize(refs.size());
-  std::vector<RecordView> records;
-  std::vector<int64_t> keys;
-  std::vector<std::string> where;
-  records.reserve(refs.size());
+  // Each record is read into this thread's buffer and copied into the batch at once, while its bytes are in
+  // the core's cache (Note [Collating record by record] in data/collate.cpp); the batch's tensors come from
+  // pool_, so once warm a batch allocates nothing else of its size.
+  thread_local RecordBuffer buffer;
+  Collator collator(static_cast<int64_t>(refs.size()), &pool_);
   uint64_t bytes = 0;
   int64_t skipped = 0;
   for (const SampleRef& ref : refs) {
     try {
       const std::shared_ptr<ShardReader> reader = open_shard(ref.shard);
-      records.push_back(reader->read_view(ref.record, buffers[records.size()]));
+      const RecordView record = reader->read_view(ref.record, buffer);
+      collator.add(record, ref.key, fmt::format("shard {}: record {}", reader->path(), ref.record));
       bytes += reader->stored_size(ref.record);
-      where.push_back(fmt::format("shard {}: record {}", reader->path(), ref.record));
-      keys.push_back(ref.key);
     } catch (const CorruptDataError& error) {
       if (!options_.skip_corrupt) {
         throw std::runtime_error(
@@ -166,11 +162,12 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   LoaderBatch batch;
   batch.epoch = epoch;
   batch.step = step;
-  batch.tensors = collate(records, keys, where, &pool_);
-  batch.keys = std::move(keys);
+  batch.tensors = collator.finish();
+  batch.keys.assign(batch.tensors.keys.data_ptr<int64_t>(),
+                    batch.tensors.keys.data_ptr<int64_t>() + batch.tensors.keys.numel());
   batch.corrupt_skipped = skipped;
   std::lock_guard<std::mutex> lock(mutex_);
-  stats_.records += static_cast<int64_t>(records.size());
+  stats_.records += batch.tensors.size();
   stats_.stored_bytes += bytes;
   return batch;
 }

@@ -2,11 +2,12 @@
 // CPU kernel (fused_contrastive.cpp) and its CUDA twin (cuda/fused_contrastive.cu): the online log-sum-exp
 // (reused from dpo_math.h), the gradient of one score, dL/dS = c·(softmax_row + softmax_column) − c·onehot,
 // and where the one-hot part falls. See Note [Two-pass symmetric InfoNCE] in fused_contrastive.cpp.
-// Every function is `VIMO_HOST_DEVICE inline` and templated on the value type (float or double). The CPU
-// kernel uses the statistics merges and the one-hot rule per column and per row as they are; it evaluates
-// score_gradient's formula as in-place whole-strip ATen operations (ATen's vectorized exp: this project does
-// not compile its own code per CPU capability), so the formula lives here once and both devices cite it. The
-// exponential is a parameter so a vector type (e.g. at::vec::Vectorized) can use the same function.
+// Every function is `VIMO_HOST_DEVICE inline` and templated on the value type (float or double). The CUDA
+// kernels use them as they are. The CPU kernel uses the one-hot rule as it is and evaluates score_gradient's
+// formula factored so that one exponential per score serves both softmaxes (Note [Shared exponentials] in
+// fused_contrastive.cpp), as whole-strip ATen operations (ATen's vectorized exp: this project does not
+// compile its own code per CPU capability). The exponential is a parameter so a vector type (e.g.
+// at::vec::Vectorized) can use the same function.
 #pragma once
 
 #include <cmath>

@@ -14,26 +14,28 @@
 // each direction is its own matrix with a row softmax only. Per matrix, in strips of `tile` rows spanning all
 // N columns (a strip holds whole rows, so each row's log-sum-exp is finished inside its strip):
 //   pass 1: S_strip = R̃_strip · C̃ᵀ (GEMM); row lse = max + log Σ exp(S − max); with the column softmax each
-//           column's (max, Σ exp) over the strip is merged into a running pair (online softmax, Milakov &
-//           Gimelshein; contrastive_math.h).
+//           column's Σ exp over the strip is folded into running sums (online softmax, Milakov & Gimelshein).
 //   pass 2: recompute S_strip (GEMM); G = dL/dS = c·(exp(S − lse_row) [+ exp(S − lse_col)]) − c·onehot, c =
 //           1/(2n) (contrastive_math.h); dL/dR̃_strip = G · C̃ (GEMM, rows owned by the strip) and
 //           dL/dC̃ += Gᵀ · R̃_strip (GEMM, per-thread accumulator, summed at the end).
-// GEMMs of n·N·K each: 4 in one process (eager autograd makes 6: two score products, four in backward), 8 in
-// data parallelism (eager 6); one fewer per matrix for the strips kept in the score cache (Note [Score
-// cache]): 3 in one process when N ≤ 2K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G,
-// and G needs S. The chain rule back through R̃ and C̃ is O((n + N)·K):
+// Without the column softmax a strip's rows are finished inside it, so its pass 2 follows its pass 1 at once,
+// without recomputing S. On CPU each visit takes one exponential per score (Note [Shared exponentials]).
+// GEMMs of n·N·K each: 4 in one process (eager autograd makes 6: two score products, four in backward), 6 in
+// data parallelism (eager 6); in one process one fewer for the strips kept in the score cache (Note [Score
+// cache]): 3 when N ≤ 2K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G, and G needs S. The
+// chain rule back through R̃ and C̃ is O((n + N)·K):
 //   dL/dR_b = s_b ρ_b ⊙ X_b   dL/dC_b = γ_b ⊙ Y_b   dL/ds_b = Σ_i ρ_b,i ⟨R_b,i, X_b,i⟩
 //   dL/dρ_b,i = s_b ⟨R_b,i, X_b,i⟩   dL/dγ_b,j = ⟨C_b,j, Y_b,j⟩       (X = dL/dR̃, Y = dL/dC̃, columns of b)
 // so no per-branch dot products are ever formed. The gradients are computed in the forward pass (Liger's
 // fused-linear-cross-entropy design): backward only multiplies the stored gradients by dL_out. Only the
 // products whose results are needed run: the router stage, which trains only the router weights γ, skips
-// dL/dR̃. Memory beyond inputs and gradients: R̃, C̃, dL/dR̃, dL/dC̃, the score cache (≤ (n + N)·K values), one
-// [tile, N] strip (and, with threads, one dL/dC̃ [N, K]) per thread, O(n + N) vectors; never [n, N] (unless it
-// fits the cache). Strips go to threads in a fixed partition and the
-// per-thread accumulators are summed in thread order, so results are deterministic for a given thread count.
-// Accumulation is float32 for float32/bfloat16 inputs and float64 for float64 inputs. On CUDA the same
-// passes run with cuBLAS products (at::mm) and the element kernels of cuda/fused_contrastive.cu.
+// dL/dR̃. Memory beyond inputs and gradients: R̃, C̃, dL/dR̃, dL/dC̃, the score cache (≤ (n + N)·K values), two
+// [tile, N] strips (and, with threads, one dL/dC̃ [N, K]) per thread, O(n + N) vectors; never [n, N] (unless
+// it fits the cache). Strips go to threads in a fixed partition and the per-thread accumulators are summed in
+// thread order, so results are deterministic for a given thread count. Accumulation is float32 for
+// float32/bfloat16 inputs and float64 for float64 inputs. On CUDA the two passes (two visits per strip also
+// without the column softmax, no score cache) run with cuBLAS products (at::mm) and the element kernels of
+// cuda/fused_contrastive.cu.
 #include "kernels/fused_contrastive.h"
 
 #include <ATen/Dispatch.h>
@@ -170,9 +172,28 @@ struct ScorePasses {
   at::Tensor grad_columns;  // dL/dC̃ [N, K], when asked for
 };
 
+// Note [Shared exponentials]
+// The CPU passes take ONE exponential per score per visit, E = exp(S − m_i) with m_i the row's max, and form
+// both softmaxes from it instead of exp(S − lse_row) and exp(S − lse_col) (contrastive_math::score_gradient):
+//   row:    exp(S_ij − lse_i) = E_ij / Σ_j E_ij                          (lse_i = m_i + log Σ_j E_ij)
+//   column: exp(S_ij − lse_j) = E_ij · u_i / σ_j,  u_i = exp(m_i − M),   σ_j = Σ_i E_ij · u_i
+// with M the largest score of the matrix, so lse_j = M + log σ_j and σ = Eᵀ·u is a matrix-vector product per
+// strip (folded across strips and threads with a running M, like the online softmax). Then
+//   G = dL/dS = E ⊙ (a·1ᵀ + u·bᵀ) − c·onehot,   a_i = c / Σ_j E_ij,   b_j = c / σ_j
+// one element pass, no exponential beyond E. Exact in the floating-point sense, not an approximation: every
+// factor is a correctly computed exp or sum, and no cancellation occurs (all terms are positive). It breaks
+// down only where a term that matters underflows: for column j the terms that matter are within ~40 of the
+// column's max μ_j, so if M − μ_j ≤ kFarColumnGap (40) every such term has E_ij, u_i ≥ e^-80 (normal in
+// float32 and float64) and what underflows weighs < N·e^-80 against σ_j ≥ e^-40. Columns farther below M (a
+// scale of 100 or more with a video no caption matches) are "far": their σ_j and gradient column are computed
+// from their scores directly, S[:, far] = R̃·C̃_farᵀ (a product of |far| columns only, none in the usual case),
+// as exp(S − lse_j) per score. Without the column softmax (data parallelism) each strip's rows are finished
+// inside the strip, so the gradient follows pass 1 at once: one visit per strip, no recomputation.
+constexpr double kFarColumnGap = 40;
+
 // The CPU passes over strips of `strip_rows` rows. The element work runs as whole-strip ATen operations into
 // per-thread buffers (vectorized by ATen's CPU kernels: this file is not compiled per CPU capability); the
-// per-column merges and the one-hot part use contrastive_math.h like the CUDA kernels.
+// one-hot part uses contrastive_math.h like the CUDA kernels. See Note [Shared exponentials].
 template <typename scalar_t>
 void cpu_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, bool want_rows,
                 bool want_columns, ScorePasses& out) {
@@ -184,116 +205,182 @@ void cpu_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, 
   const at::TensorOptions options = m.rows.options();
   const at::Tensor columns_t = m.columns.t();  // [K, N]
   const bool by_column = m.column_softmax;
+  const bool gradients = want_rows || want_columns;
 
   // Per-thread state, allocated by its thread on first use (at most one set per thread and call).
   struct ThreadState {
-    at::Tensor scores, exps;          // [strip_rows, N]
-    at::Tensor strip_max, strip_sum;  // [N] this strip's column max and Σ exp(S − max)
-    std::vector<math::RunningLogSumExp<scalar_t>> columns;  // [N] running column statistics
-    at::Tensor grad_columns;                                // [N, K] dL/dC̃ of this thread's strips
+    at::Tensor scores;   // [strip_rows, N] strips outside the score cache
+    at::Tensor factors;  // [strip_rows, N] a·1ᵀ + u·bᵀ of Note [Shared exponentials]
+    scalar_t reference = -std::numeric_limits<scalar_t>::infinity();  // largest score seen (this thread's M)
+    at::Tensor column_sum, column_max;  // [N] Σ_i E_ij·exp(m_i − reference), max_i S_ij
+    at::Tensor grad_columns;            // [N, K] dL/dC̃ of this thread's strips (threads other than 0)
   };
   std::vector<ThreadState> state(threads);
-  auto thread_state = [&]() -> ThreadState& {
-    ThreadState& s = state[at::get_thread_num()];
-    if (!s.exps.defined()) {
-      s.exps = at::empty({strip_rows, N}, options);
-      if (by_column) {
-        s.strip_max = at::empty({N}, options);
-        s.strip_sum = at::empty({N}, options);
-        s.columns.assign(N, {-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)});
-      }
-    }
-    return s;
-  };
+  auto thread_state = [&]() -> ThreadState& { return state[at::get_thread_num()]; };
   // Note [Score cache]: the first strips, as many as fit in (n + N)·K values (the size of R̃ and C̃, so memory
-  // stays O((n + N)·K)), keep their scores from pass 1 to pass 2 instead of recomputing them. When n·N ≤
-  // (n + N)·K (N ≤ 2K in one process) every strip is kept and the loss costs 3 products instead of 4.
-  const bool gradients = want_rows || want_columns;
-  const int64_t cached_strips = gradients ? std::min(strips, (n + N) * K / (strip_rows * N)) : 0;
+  // stays O((n + N)·K)), keep their exponentials E from pass 1 to pass 2 instead of recomputing them. When
+  // n·N ≤ (n + N)·K (N ≤ 2K in one process) every strip is kept and the loss costs 3 products instead of 4.
+  // Only the two-pass case (the column softmax) has a pass 2.
+  const int64_t cached_strips = gradients && by_column ? std::min(strips, (n + N) * K / (strip_rows * N)) : 0;
+  // The cached strips' products run as one product each over all cached rows (a larger GEMM, threaded by
+  // the BLAS): their scores before pass 1, their gradient products after pass 2's element work.
   at::Tensor cache;  // [cached rows, N]
-  if (cached_strips > 0) cache = at::empty({std::min(n, cached_strips * strip_rows), N}, options);
-  // S_strip = R̃[first, first + count) · C̃ᵀ [count, N]: in the cache for cached strips (computed in pass 1
-  // only), otherwise in the thread's buffer.
-  auto strip_scores = [&](ThreadState& s, int64_t strip, bool second_pass) {
+  const int64_t cached_rows = std::min(n, cached_strips * strip_rows);
+  if (cached_strips > 0) {
+    cache = at::empty({cached_rows, N}, options);
+    at::mm_out(cache, m.rows.narrow(0, 0, cached_rows), columns_t);
+  }
+
+  at::Tensor row_max = at::empty({n}, options), row_sum = at::empty({n}, options);  // m_i, Σ_j E_ij
+  // E of a strip [count, N]: S = R̃[first, first + count) · C̃ᵀ overwritten by exp(S − m). The first visit
+  // also finds m, Σ_j E_ij and, with the column softmax, each column's max; a later visit of a cached strip
+  // finds E in the cache, of another strip recomputes it. Cached strips' scores are in the cache already.
+  auto strip_exponentials = [&](ThreadState& s, int64_t strip, bool first_visit) {
     const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
     at::Tensor scores;
     if (strip < cached_strips) {
       scores = cache.narrow(0, first, count);
-      if (second_pass) return scores;
+      if (!first_visit) return scores;
     } else {
       if (!s.scores.defined()) s.scores = at::empty({strip_rows, N}, options);
       scores = s.scores.narrow(0, 0, count);
+      at::mm_out(scores, m.rows.narrow(0, first, count), columns_t);
     }
-    at::mm_out(scores, m.rows.narrow(0, first, count), columns_t);
+    at::Tensor max = row_max.narrow(0, first, count);  // [count]
+    if (first_visit) {
+      at::amax_out(max, scores, {1});
+      if (by_column) {
+        const at::Tensor strip_max = scores.amax(0);  // [N]
+        s.column_max = s.column_max.defined() ? at::maximum(s.column_max, strip_max) : strip_max;
+      }
+    }
+    scores.sub_(max.unsqueeze(1)).exp_();
+    if (first_visit) {
+      at::Tensor sum = row_sum.narrow(0, first, count);
+      at::sum_out(sum, scores, {1});
+    }
     return scores;
   };
-
-  // Pass 1: log-sum-exp of every row, and of every column when the matrix serves both directions.
-  out.row_lse = at::empty({n}, options);
-  at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
-    ThreadState& s = thread_state();
-    for (int64_t strip = begin; strip < end; ++strip) {
-      const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
-      const at::Tensor scores = strip_scores(s, strip, false);   // [count, N]
-      at::Tensor exps = s.exps.narrow(0, 0, count);              // [count, N]
-      at::Tensor row_lse = out.row_lse.narrow(0, first, count);  // [count]
-      at::amax_out(row_lse, scores, {1});
-      at::sub_out(exps, scores, row_lse.unsqueeze(1)).exp_();
-      row_lse.add_(exps.sum(1).log_());
-      if (!by_column) continue;
-      at::amax_out(s.strip_max, scores, {0});
-      at::sub_out(exps, scores, s.strip_max.unsqueeze(0)).exp_();
-      at::sum_out(s.strip_sum, exps, {0});
-      const scalar_t* block_max = s.strip_max.template data_ptr<scalar_t>();
-      const scalar_t* block_sum = s.strip_sum.template data_ptr<scalar_t>();
-      for (int64_t j = 0; j < N; ++j) math::merge_block(s.columns[j], block_max[j], block_sum[j]);
+  // Folds a strip's E into the thread's column sums: σ += Eᵀ·exp(m − reference), with the reference raised
+  // to the strip's largest max when that is larger (the sums so far rescaled).
+  auto fold_columns = [&](ThreadState& s, int64_t strip, const at::Tensor& exponentials) {
+    const int64_t first = strip * strip_rows, count = exponentials.size(0);
+    const at::Tensor max = row_max.narrow(0, first, count);
+    const scalar_t strip_reference = max.max().template item<scalar_t>();
+    const at::Tensor part = at::mv(exponentials.t(), (max - strip_reference).exp_());  // [N]
+    if (!s.column_sum.defined()) {
+      s.column_sum = part;
+      s.reference = strip_reference;
+    } else if (strip_reference <= s.reference) {
+      s.column_sum.add_(part, std::exp(strip_reference - s.reference));
+    } else {
+      s.column_sum.mul_(std::exp(s.reference - strip_reference)).add_(part);
+      s.reference = strip_reference;
     }
-  });
-  if (by_column) {
-    out.column_lse = at::empty({N}, options);
-    scalar_t* lse = out.column_lse.template data_ptr<scalar_t>();
-    for (int64_t j = 0; j < N; ++j) {
-      math::RunningLogSumExp<scalar_t> total{-std::numeric_limits<scalar_t>::infinity(), scalar_t(0)};
-      for (const ThreadState& s : state) {
-        if (!s.columns.empty()) math::merge_block(total, s.columns[j].max, s.columns[j].sum);
+  };
+
+  // Filled after pass 1 with the column softmax: a, u, b of Note [Shared exponentials] and the far columns.
+  at::Tensor row_factor, column_factor, row_weight;  // a [n], b [N], u [n]
+  at::Tensor far, far_columns_t;                     // far columns' indices [F] and C̃_farᵀ [K, F]
+  // G = dL/dS of a strip from its E (in place), then the two gradient products (cached strips: all at once
+  // after pass 2).
+  const scalar_t correction = math::positive_correction(by_column, coefficient);
+  auto strip_gradient = [&](ThreadState& s, int64_t strip, at::Tensor grad) {
+    const int64_t first = strip * strip_rows, count = grad.size(0);
+    const at::Tensor rows = m.rows.narrow(0, first, count);  // R̃ strip [count, K]
+    if (by_column) {
+      if (!s.factors.defined()) s.factors = at::empty({strip_rows, N}, options);
+      at::Tensor factors = s.factors.narrow(0, 0, count);  // a·1ᵀ + u·bᵀ [count, N]
+      at::addr_out(factors, row_factor.narrow(0, first, count).unsqueeze(1),
+                   row_weight.narrow(0, first, count), column_factor);
+      grad.mul_(factors);
+      if (far.numel() > 0) {  // c·exp(S − lse_j) on the far columns, from their scores
+        const at::Tensor far_scores = at::mm(rows, far_columns_t);  // [count, F]
+        grad.index_add_(
+            1, far,
+            far_scores.sub_(out.column_lse.index_select(0, far).unsqueeze(0)).exp_().mul_(coefficient));
       }
-      lse[j] = math::log_sum_exp(total);
+    } else {
+      grad.mul_(row_factor.narrow(0, first, count).unsqueeze(1));
     }
-  }
-  if (!want_rows && !want_columns) return;
-
-  // Pass 2: G = dL/dS per strip, then the two gradient products.
+    scalar_t* g = grad.template data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) g[i * N + m.positive_offset + first + i] -= correction;
+    if (strip < cached_strips) return;
+    if (want_rows) {
+      at::Tensor grad_rows = out.grad_rows.narrow(0, first, count);  // [count, K]
+      at::mm_out(grad_rows, grad, m.columns);
+    }
+    if (want_columns) {
+      at::Tensor grad_columns = out.grad_columns;
+      if (at::get_thread_num() != 0) {
+        if (!s.grad_columns.defined()) s.grad_columns = at::zeros({N, K}, options);
+        grad_columns = s.grad_columns;
+      }
+      grad_columns.addmm_(grad.t(), rows);
+    }
+  };
   if (want_rows) out.grad_rows = at::empty({n, K}, options);
   if (want_columns) out.grad_columns = at::zeros({N, K}, options);
-  const scalar_t correction = math::positive_correction(by_column, coefficient);
+  // Without the column softmax a strip's gradient needs only its own rows' sums: a = c / Σ_j E_ij, set per
+  // strip inside pass 1.
+  const bool one_visit = gradients && !by_column;
+  if (one_visit) row_factor = at::empty({n}, options);
+
+  // Pass 1: the row statistics, the column statistics with the column softmax, and without it the gradients.
   at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
     ThreadState& s = thread_state();
-    at::Tensor grad_columns = out.grad_columns;
-    if (want_columns && at::get_thread_num() != 0) {
-      if (!s.grad_columns.defined()) s.grad_columns = at::zeros({N, K}, options);
-      grad_columns = s.grad_columns;
-    }
     for (int64_t strip = begin; strip < end; ++strip) {
-      const int64_t first = strip * strip_rows, count = std::min(strip_rows, n - first);
-      at::Tensor grad = strip_scores(s, strip, true);  // S, overwritten by G [count, N]
-      // c·(exp(S − lse_row) + exp(S − lse_col)): score_gradient of contrastive_math.h on whole strips.
-      const at::Tensor row_lse = out.row_lse.narrow(0, first, count).unsqueeze(1);  // [count, 1]
-      if (by_column) {
-        at::Tensor exps = s.exps.narrow(0, 0, count);  // [count, N]
-        at::sub_out(exps, grad, row_lse).exp_();
-        grad.sub_(out.column_lse.unsqueeze(0)).exp_().add_(exps).mul_(coefficient);
-      } else {
-        grad.sub_(row_lse).exp_().mul_(coefficient);
+      at::Tensor exponentials = strip_exponentials(s, strip, true);  // [count, N]
+      if (by_column) fold_columns(s, strip, exponentials);
+      if (one_visit) {
+        const int64_t first = strip * strip_rows, count = exponentials.size(0);
+        at::Tensor a = row_factor.narrow(0, first, count);  // c / Σ_j E_ij
+        at::reciprocal_out(a, row_sum.narrow(0, first, count)).mul_(coefficient);
+        strip_gradient(s, strip, exponentials);
       }
-      scalar_t* g = grad.template data_ptr<scalar_t>();
-      for (int64_t i = 0; i < count; ++i) g[i * N + m.positive_offset + first + i] -= correction;
-      if (want_rows) {
-        at::Tensor grad_rows = out.grad_rows.narrow(0, first, count);  // [count, K]
-        at::mm_out(grad_rows, grad, m.columns);
-      }
-      if (want_columns) grad_columns.addmm_(grad.t(), m.rows.narrow(0, first, count));
     }
   });
+  out.row_lse = row_max + row_sum.log();
+  if (by_column) {
+    // Combine the threads' column statistics into M, σ and μ, then lse_j = M + log σ_j except on far columns.
+    scalar_t reference = -std::numeric_limits<scalar_t>::infinity();
+    for (const ThreadState& s : state) {
+      if (s.column_sum.defined()) reference = std::max(reference, s.reference);
+    }
+    at::Tensor column_sum = at::zeros({N}, options), column_max;  // σ, μ [N]
+    for (const ThreadState& s : state) {
+      if (!s.column_sum.defined()) continue;
+      column_sum.add_(s.column_sum, std::exp(s.reference - reference));
+      column_max = column_max.defined() ? at::maximum(column_max, s.column_max) : s.column_max;
+    }
+    out.column_lse = column_sum.log().add_(reference);
+    far = (column_max < reference - kFarColumnGap).nonzero().squeeze(1);  // [F]
+    if (far.numel() > 0) {
+      far_columns_t = m.columns.index_select(0, far).t();  // [K, F]
+      out.column_lse.index_put_({far}, at::logsumexp(at::mm(m.rows, far_columns_t), {0}));
+    }
+    if (gradients) {
+      row_factor = row_sum.reciprocal().mul_(coefficient);        // a [n]
+      row_weight = (row_max - reference).exp_();                  // u [n]
+      column_factor = column_sum.reciprocal().mul_(coefficient);  // b [N]
+      if (far.numel() > 0) column_factor.index_fill_(0, far, 0);
+    }
+  }
+
+  // Pass 2 (the column softmax only): G = dL/dS per strip, then the two gradient products.
+  if (gradients && by_column) {
+    at::parallel_for(0, strips, 1, [&](int64_t begin, int64_t end) {
+      ThreadState& s = thread_state();
+      for (int64_t strip = begin; strip < end; ++strip) {
+        strip_gradient(s, strip, strip_exponentials(s, strip, false));
+      }
+    });
+    if (cached_rows > 0 && want_rows) {
+      at::Tensor grad_rows = out.grad_rows.narrow(0, 0, cached_rows);  // [cached rows, K]
+      at::mm_out(grad_rows, cache, m.columns);
+    }
+    if (cached_rows > 0 && want_columns) out.grad_columns.addmm_(cache.t(), m.rows.narrow(0, 0, cached_rows));
+  }
   for (int t = 1; t < threads; ++t) {
     if (state[t].grad_columns.defined()) out.grad_columns.add_(state[t].grad_columns);
   }

@@ -5,10 +5,12 @@
 // Note [One engine, two devices]
 // The engine below is written once: the products are at::mm / addmm on the inputs' device (MKL or cuBLAS),
 // the schedule, per-row log-probs and McDPO coefficients are host-side (one copy of [c] values per token
-// chunk from a GPU), and only the two per-tile passes differ by device: tile_statistics and tile_gradient
-// run ATen ops plus host loops on CPU, and the kernels of kernels/cuda/fused_linear_dpo.cu on CUDA; both use
-// the scalar math of dpo_math.h. A slice of the vocabulary (weight = rows [begin, begin + V) of the head)
-// changes only the target columns and adds combine_over_group after pass 1.
+// chunk from a GPU), and only the per-tile passes differ by device: pass 1's tile_statistics runs ATen ops
+// plus host loops on CPU and a kernel of kernels/cuda/fused_linear_dpo.cu on CUDA; pass 2 is
+// cpu_chunk_gradient on CPU (the products take the per-token factors, Note [Row scales in the products]) and
+// tile_gradient + the products on CUDA; both use the scalar math of dpo_math.h. A slice of the vocabulary
+// (weight = rows [begin, begin + V) of the head) changes only the target columns and adds combine_over_group
+// after pass 1.
 //
 // Note [Fused linear LM-head losses]
 // All three losses are functions of the per-row answer log-probs
@@ -24,7 +26,8 @@
 //          token, merged over vocabulary chunks into the running log-sum-exp (dpo_math::merge_block).
 //   then:  per-row log-probs; c_row from them.
 //   pass 2 (per tile, only when a gradient is needed): G = w·(softmax − onehot) in the accumulation dtype,
-//          grad_hidden_chunk += G·W_chunk, grad_W_chunk += Gᵀ·X_chunk.
+//          grad_hidden_chunk += G·W_chunk, grad_W_chunk += Gᵀ·X_chunk (on CPU the same products without
+//          forming G, Note [Row scales in the products]).
 // McDPO couples tokens: c_row depends on Δ of the row's pair, known only once every token of the pair has
 // been through pass 1. So tokens are visited pair by pair (chosen row i, then rejected row B + i), whole
 // pairs packed into groups of at most `tokens` answer tokens; after a group's pass 1 its pairs are complete
@@ -52,6 +55,7 @@
 // products already use both cores. bench/README.md has the 1- and 2-thread figures.
 #include "kernels/fused_linear_dpo.h"
 
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -303,6 +307,9 @@ void combine_over_group(const VocabParallelGroup& group, at::Tensor& max, at::Te
   target_logit.copy_(sums[1]);
 }
 
+// Values of a tile that one thread's element passes visit at a time: 512 KiB of float32, within a core's L2.
+constexpr int64_t kCacheBlockValues = 128 * 1024;
+
 // Pass 1 over one logits tile [c, vc] (vocabulary columns [v0, v0 + vc) of the slice): folds each token's
 // (max, Σ exp) into running_max / running_sum [c] and picks the target logits. With keep_exp the tile is left
 // holding exp(z − tile max) for pass 2.
@@ -326,9 +333,20 @@ void tile_statistics(at::Tensor& logits, int64_t v0, const TokenChunk& chunk, at
     const int64_t y = chunk.target[k];
     if (y >= v0 && y < v0 + vc) target_logit[k] = z[k * vc + (y - v0)];
   }
-  const at::Tensor block_max = logits.amax(1);  // [c]
-  logits.sub_(block_max.unsqueeze(1)).exp_();
-  const at::Tensor block_sum = logits.sum(1);  // [c]
+  // Max, exp and sum of a block of rows while the block is in cache (the tile is tens of MiB), blocks spread
+  // over the threads.
+  const at::Tensor block_max = at::empty({c}, logits.options()), block_sum = at::empty({c}, logits.options());
+  const int64_t rows_per_block = std::max<int64_t>(1, kCacheBlockValues / vc);
+  at::parallel_for(0, c, rows_per_block, [&](int64_t begin, int64_t end) {
+    for (int64_t first = begin; first < end; first += rows_per_block) {
+      const int64_t count = std::min(rows_per_block, end - first);
+      at::Tensor block = logits.narrow(0, first, count);  // [count, vc]
+      at::Tensor max = block_max.narrow(0, first, count), sum = block_sum.narrow(0, first, count);
+      at::amax_out(max, block, {1});
+      block.sub_(max.unsqueeze(1)).exp_();
+      at::sum_out(sum, block, {1});
+    }
+  });
   const scalar_t* bm = block_max.data_ptr<scalar_t>();
   const scalar_t* bs = block_sum.data_ptr<scalar_t>();
   scalar_t* m = running_max.data_ptr<scalar_t>();
@@ -341,47 +359,85 @@ void tile_statistics(at::Tensor& logits, int64_t v0, const TokenChunk& chunk, at
   }
 }
 
-// Pass 2 over one tile, in place: grad_logits = w·(softmax − onehot) [c, vc]. The tile holds the logits, or
-// with `kept` pass 1's exp(z − tile max) (single tile).
+#if defined(VIMO_HAVE_CUDA)
+// Pass 2 over one CUDA tile, in place: grad_logits = w·(softmax − onehot) [c, vc]. The tile holds the logits,
+// or with `kept` pass 1's exp(z − tile max) (single tile). The CPU's pass 2 is cpu_chunk_gradient.
 template <typename scalar_t>
 void tile_gradient(at::Tensor& tile, int64_t v0, const TokenChunk& chunk, const at::Tensor& token_weight,
                    bool kept) {
   const int64_t c = tile.size(0), vc = tile.size(1);
-#if defined(VIMO_HAVE_CUDA)
-  if (tile.is_cuda()) {
-    const at::Tensor exp_scale = kept ? token_weight * chunk.local_scale / chunk.sum : at::Tensor();  // [c]
-    check_cuda(cuda::launch_gradient_tile<scalar_t>(
-                   tile.data_ptr<scalar_t>(), c, vc, v0, chunk.target_column.data_ptr<int64_t>(),
-                   chunk.lse.data_ptr<scalar_t>(), chunk.target_logit.data_ptr<scalar_t>(),
-                   token_weight.data_ptr<scalar_t>(), kept ? exp_scale.data_ptr<scalar_t>() : nullptr,
-                   c10::cuda::getCurrentCUDAStream()),
-               "gradient tile");
-    return;
-  }
-#endif
-  if (kept) {  // p = exp(z − local max) · exp(local max − max) / Σ
-    // Without a group local_scale = exp(0) = 1 exactly: the single-process w / Σ is unchanged.
-    tile.mul_((token_weight * chunk.local_scale / chunk.sum).unsqueeze(1));
-  } else {
-    tile.sub_(chunk.lse.unsqueeze(1)).exp_().mul_(token_weight.unsqueeze(1));
-  }
-  scalar_t* d = tile.data_ptr<scalar_t>();
-  const scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
-  const scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
-  const scalar_t* wt = token_weight.data_ptr<scalar_t>();
-  for (int64_t k = 0; k < c; ++k) {
-    const int64_t y = chunk.target[k];  // −1 outside the slice: never in [v0, v0 + vc)
-    if (y >= v0 && y < v0 + vc) {
-      d[k * vc + (y - v0)] = dpo_math::logit_gradient(target_logit[k], lse[k], true, wt[k]);
-    }
-  }
+  const at::Tensor exp_scale = kept ? token_weight * chunk.local_scale / chunk.sum : at::Tensor();  // [c]
+  check_cuda(cuda::launch_gradient_tile<scalar_t>(
+                 tile.data_ptr<scalar_t>(), c, vc, v0, chunk.target_column.data_ptr<int64_t>(),
+                 chunk.lse.data_ptr<scalar_t>(), chunk.target_logit.data_ptr<scalar_t>(),
+                 token_weight.data_ptr<scalar_t>(), kept ? exp_scale.data_ptr<scalar_t>() : nullptr,
+                 c10::cuda::getCurrentCUDAStream()),
+             "gradient tile");
 }
+#endif
 
 struct Passes {
   at::Tensor row_logps;    // [R] float64, on the CPU
   at::Tensor grad_hidden;  // [R·T, H] accumulation dtype, or undefined
   at::Tensor grad_weight;  // [V, H] accumulation dtype, or undefined
 };
+
+// Note [Row scales in the products]
+// On CPU pass 2 never forms G = w·(softmax − onehot) [c, vc]: every row of G is the tile's exponentials E
+// times one factor per token, r_k = w_k·exp(local max − max)/Σ (pass 1's kept tile) or w_k (a recomputed tile
+// E = exp(z − lse)), except at the target, whose w·(p − 1) must be formed as w·expm1(z_y − lse) (dpo_math.h).
+// So the target entry of E is set to 0 and its term t_k = w_k·expm1(z_y − lse_k) handled on its own, and the
+// factors move into the products' operands, where they cost O(c·H) instead of a pass over [c, vc]:
+//   grad_x = diag(r)·(E·W) + t ⊙ W[y]         grad_W += Eᵀ·(diag(r)·X),  grad_W[y] += t ⊙ X
+// The same sums as G·W and Gᵀ·X, rounded in another order; no cancellation is introduced (E ≥ 0 holds only
+// the non-target probabilities, as G's non-target entries did). CUDA keeps its gradient-tile kernel.
+template <typename scalar_t>
+void cpu_chunk_gradient(const TokenChunk& chunk, const at::Tensor& w, const at::Tensor& token_weight,
+                        int64_t vocab_chunk, at::Tensor kept, Passes& out) {
+  const auto c = static_cast<int64_t>(chunk.row.size());
+  const int64_t V = w.size(0);
+  const scalar_t* wt = token_weight.data_ptr<scalar_t>();
+  const scalar_t* lse = chunk.lse.data_ptr<scalar_t>();
+  const scalar_t* target_logit = chunk.target_logit.data_ptr<scalar_t>();
+  // r [c]: turns a row of E into w·softmax (Note [Row scales in the products]).
+  const at::Tensor row_scale = kept.defined() ? token_weight * chunk.local_scale / chunk.sum : token_weight;
+  std::vector<int64_t> target_tokens, target_columns;  // tokens whose target lies in this slice, its column
+  std::vector<scalar_t> target_terms;                  // t_k = w_k·expm1(z_y − lse_k)
+  for (int64_t k = 0; k < c; ++k) {
+    if (chunk.target[k] < 0) continue;
+    target_tokens.push_back(k);
+    target_columns.push_back(chunk.target[k]);
+    target_terms.push_back(dpo_math::logit_gradient(target_logit[k], lse[k], true, wt[k]));
+  }
+  const at::Tensor scaled_x = out.grad_weight.defined() ? chunk.x * row_scale.unsqueeze(1) : at::Tensor();
+  at::Tensor grad_x;  // E·W summed over the vocabulary chunks [c, H]
+  for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
+    const int64_t vc = std::min(vocab_chunk, V - v0);
+    const at::Tensor w_chunk = w.narrow(0, v0, vc);  // [vc, H]
+    const at::Tensor exps =
+        kept.defined() ? kept
+                       : at::mm(chunk.x, w_chunk.t()).sub_(chunk.lse.unsqueeze(1)).exp_();  // E [c, vc]
+    scalar_t* e = exps.data_ptr<scalar_t>();
+    for (size_t k = 0; k < target_tokens.size(); ++k) {
+      const int64_t y = target_columns[k];
+      if (y >= v0 && y < v0 + vc) e[target_tokens[k] * vc + (y - v0)] = 0;
+    }
+    if (out.grad_hidden.defined())
+      grad_x = grad_x.defined() ? grad_x.addmm_(exps, w_chunk) : at::mm(exps, w_chunk);
+    if (out.grad_weight.defined()) out.grad_weight.narrow(0, v0, vc).addmm_(exps.t(), scaled_x);
+  }
+  const at::Tensor tokens = at::tensor(target_tokens, at::kLong),
+                   columns = at::tensor(target_columns, at::kLong);
+  const at::Tensor terms =
+      at::tensor(at::ArrayRef<scalar_t>(target_terms), w.options()).unsqueeze(1);  // [targets, 1]
+  if (out.grad_hidden.defined()) {
+    grad_x.mul_(row_scale.unsqueeze(1)).index_add_(0, tokens, w.index_select(0, columns) * terms);
+    // Answer positions are distinct, so a copy (not an add) places the rows.
+    out.grad_hidden.index_copy_(0, chunk.index, grad_x);
+  }
+  if (out.grad_weight.defined())
+    out.grad_weight.index_add_(0, columns, chunk.x.index_select(0, tokens) * terms);
+}
 
 // The engine of Note [Fused linear LM-head losses] on the device of hidden: the products are at::mm / addmm
 // (MKL on CPU, cuBLAS on CUDA), the tile passes tile_statistics / tile_gradient; the schedule, the per-row
@@ -486,13 +542,18 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
         any = any || wt[k] != 0;
       }
       if (!any) continue;  // e.g. the rejected rows when α = 0
+      const at::Tensor kept = single_tile ? std::exchange(kept_exp, at::Tensor()) : at::Tensor();  // [c, V]
+      if (!on_cuda) {
+        cpu_chunk_gradient<scalar_t>(chunk, w, token_weight, vocab_chunk, kept, out);
+        continue;
+      }
+#if defined(VIMO_HAVE_CUDA)
       token_weight = token_weight.to(hidden.device());
       at::Tensor grad_x;  // [c, H]
       for (int64_t v0 = 0; v0 < V; v0 += vocab_chunk) {
         const int64_t vc = std::min(vocab_chunk, V - v0);
-        const at::Tensor w_chunk = w.narrow(0, v0, vc);  // [vc, H]
-        at::Tensor grad_logits =
-            single_tile ? std::exchange(kept_exp, at::Tensor()) : at::mm(chunk.x, w_chunk.t());  // [c, vc]
+        const at::Tensor w_chunk = w.narrow(0, v0, vc);                              // [vc, H]
+        at::Tensor grad_logits = single_tile ? kept : at::mm(chunk.x, w_chunk.t());  // [c, vc]
         tile_gradient<scalar_t>(grad_logits, v0, chunk, token_weight, single_tile);
         if (out.grad_hidden.defined()) {
           grad_x = grad_x.defined() ? grad_x.addmm_(grad_logits, w_chunk) : at::mm(grad_logits, w_chunk);
@@ -501,6 +562,7 @@ Passes run_passes_typed(const at::Tensor& hidden, const at::Tensor& weight, cons
       }
       // Answer positions are distinct, so a copy (not an add) places the rows.
       if (out.grad_hidden.defined()) out.grad_hidden.index_copy_(0, chunk.index, grad_x);
+#endif
     }
   }
   // The Megatron "f" backward: Σ over the group of each slice's partial grad_hidden, answer rows only (the

@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 
@@ -35,9 +36,10 @@ namespace fs = std::filesystem;
 //   raw read() + xxh3    the same with xxh3 over every block (data::file_xxh3): the cost of checksums
 //   pread per record     one pread into a freshly allocated buffer per record: syscall + allocation
 //   read_record          ShardReader::read_record: + checksum, zstd decode, parse, copy into Field bytes
-//   read_view            ShardReader::read_view, the loader's path: the same without the copy, into a
+//   read_view            ShardReader::read_view, the loader's path: the same without the copy, into one
 //                        reused buffer
-//   read_view+collate    + collate() of each batch into padded tensors from a TensorPool, as the loader does
+//   read_view+collate    + each record copied into its batch's padded tensors at once (data::Collator over a
+//                        TensorPool), as the loader does
 //   loader, N workers    the StreamingLoader: + block-shuffled order, LRU shard cache, batch jobs handed
 //                        from N prefetch threads (0: read on the caller's thread)
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
@@ -109,36 +111,27 @@ PassResult read_record_pass(const BenchDataset& dataset) {
   return whole_dataset(dataset, seconds_since(start));
 }
 
-// The loader's read path, in file order on one thread: read_view into reused buffers, then (when
-// `collate_batch` > 0) collate from a TensorPool.
+// The loader's read path, in file order on one thread: read_view into one reused buffer, then (when
+// `collate_batch` > 0) each record straight into a Collator over a TensorPool.
 PassResult read_view_pass(const BenchDataset& dataset, int64_t collate_batch) {
   data::TensorPool pool(size_t{256} << 20);
-  std::vector<data::RecordBuffer> buffers(static_cast<size_t>(std::max<int64_t>(collate_batch, 1)));
+  data::RecordBuffer buffer;
   const auto start = Clock::now();
-  std::vector<data::RecordView> records;
-  std::vector<int64_t> keys;
-  std::vector<std::string> where;
-  const auto flush = [&] {
-    if (records.empty()) return;
-    const data::CollatedBatch batch = data::collate(records, keys, where, &pool);
-    records.clear();
-    keys.clear();
-    where.clear();
-  };
+  std::optional<data::Collator> collator;
   for (const std::string& path : dataset.shard_paths()) {
     const data::ShardReader reader(path);
     for (uint64_t i = 0; i < reader.size(); ++i) {
-      records.push_back(reader.read_view(i, buffers[records.size()]));
-      if (collate_batch == 0) {
-        records.clear();
-        continue;
+      const data::RecordView record = reader.read_view(i, buffer);
+      if (collate_batch == 0) continue;
+      if (!collator) collator.emplace(collate_batch, &pool);
+      collator->add(record, static_cast<int64_t>(i), path);
+      if (collator->size() == collate_batch) {
+        (void)collator->finish();
+        collator.reset();
       }
-      keys.push_back(static_cast<int64_t>(i));
-      where.push_back(path);
-      if (static_cast<int64_t>(records.size()) == collate_batch) flush();
     }
   }
-  flush();
+  if (collator) (void)collator->finish();
   return whole_dataset(dataset, seconds_since(start));
 }
 

@@ -472,6 +472,30 @@ TEST(FusedContrastive, SingleProcessMatchesEagerAcrossStripsAndDtypes) {
   }
 }
 
+// Note [Shared exponentials] in fused_contrastive.cpp: a column whose largest score lies more than 40 below
+// the matrix's largest is "far" and takes its own path. Videos equal to e_0, a direction no caption has
+// (their first coordinate is 0), score exactly 0 against every caption while matched pairs score ~0.9·scale:
+// at scale 100 (the action branch) those columns are ~90 below the top and the rest are not; at scale 1e4
+// nearly every column is far.
+TEST(FusedContrastive, SingleProcessFarColumnsMatchEager) {
+  vimo::testing::seed_torch();
+  const int64_t N = 24, D = 16, far_videos = 3;
+  at::Tensor texts = at::randn({N, D}, at::kDouble);
+  texts.select(1, 0).zero_();
+  texts = texts / texts.norm(2, 1, true);  // [N, D]
+  at::Tensor videos = texts + 0.3 * at::randn({N, D}, at::kDouble);
+  videos = videos / videos.norm(2, 1, true);  // [N, D]
+  videos.narrow(0, 0, far_videos).zero_().select(1, 0).fill_(1);
+  for (const double scale : {100.0, 1e4}) {
+    for (const int64_t tile : {5, 1000}) {
+      const std::string what = "scale=" + std::to_string(scale) + " tile=" + std::to_string(tile);
+      expect_single_process_close(single_process(texts, videos, scale, at::kDouble, tile, true),
+                                  single_process(texts, videos, scale, at::kDouble, tile, false), N, scale,
+                                  1e-10, what);
+    }
+  }
+}
+
 // Copies of the same values are not the same tensors: the kernel must then take the data-parallel path, and
 // the gradients stay apart (local vs gathered) yet sum to the one-process gradient.
 TEST(FusedContrastive, EqualValuedCopiesTakeTheGeneralPath) {
