@@ -26,7 +26,7 @@ namespace vimo::comm {
 // vimo's own knobs of the communicators, all in one place (the launcher's variables are in
 // comm/launcher_env.h; see DESIGN.md, "Communication").
 namespace env {
-// Seconds a collective may wait for the other ranks (Note [Collective timeouts] in mpi_communicator.cpp).
+// Seconds a collective may wait for the other ranks (Note [Collective timeouts] in mpi_internal.h).
 constexpr const char* kCollectiveTimeout = "VIMO_COMM_TIMEOUT_S";
 // "1": asynchronous calls agree on the call like blocking ones (Note [Agreement on asynchronous calls]).
 constexpr const char* kCheckAsyncCalls = "VIMO_COMM_CHECK_ASYNC";
@@ -192,6 +192,20 @@ bool read_check_async_calls() {
 bool check_async_calls() {
   static const bool check = read_check_async_calls();
   return check;
+}
+
+const char* reduce_op_name(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum:
+      return "sum";
+    case ReduceOp::Avg:
+      return "avg";
+    case ReduceOp::Max:
+      return "max";
+    case ReduceOp::Min:
+      return "min";
+  }
+  return "unknown op";
 }
 
 std::string describe_timeout(int rank, const std::string& what, int64_t bytes,

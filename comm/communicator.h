@@ -29,7 +29,7 @@ WorldInfo world_from_environment();
 
 // The timeout every communicator starts with: VIMO_COMM_TIMEOUT_S seconds (a positive number, fractions
 // allowed) when set, else 600 s. Read once; an override is logged to stderr. Throws std::runtime_error naming
-// the variable when its value is malformed. See Note [Collective timeouts] in comm/mpi_communicator.cpp.
+// the variable when its value is malformed. See Note [Collective timeouts] in comm/mpi_internal.h.
 std::chrono::milliseconds default_collective_timeout();
 
 // A collective in flight, returned by the *_async calls of Communicator. The tensors passed to the call
@@ -44,7 +44,7 @@ class Work {
   virtual void wait() = 0;
   // Whether the collective has finished (its results are then in place). Never blocks; on MPI, each call also
   // drives the collective forward (see Note [Progress of non-blocking MPI collectives] in
-  // comm/mpi_communicator.cpp).
+  // comm/mpi_work.cpp).
   virtual bool is_completed() = 0;
   // "allreduce (avg) of float32 [1024]": the call, for logs and errors.
   virtual std::string description() const = 0;
@@ -82,7 +82,7 @@ class Communicator {
   // Asynchronous collectives: the same results as the blocking calls, in the tensors given, once the returned
   // Work has finished. Several may be in flight at once. They check their own inputs (throwing on this rank
   // only) but do not make the ranks agree on the call first: see Note [Agreement on asynchronous calls] in
-  // comm/mpi_communicator.cpp.
+  // comm/mpi_agreement.cpp.
   //   allreduce_async:      `tensor` in place.
   //   allgather_async:      `input` [n, ...] -> `output` [size * n, ...], contiguous, same dtype and device.
   //   reduce_scatter_async: `input` [size * n, ...] -> `output` [n, ...], contiguous, same dtype and device.
@@ -149,6 +149,9 @@ std::string mpi_library_version();
 at::Tensor all_gather_with_grad(const at::Tensor& tensor, const std::shared_ptr<Communicator>& comm);
 
 namespace detail {
+// "sum", "avg", "max" or "min": the op as every backend's descriptions and errors name it.
+const char* reduce_op_name(ReduceOp op);
+
 // The one format of a failed library call in every backend, e.g.
 //   "[rank 1] MPI_Allreduce failed at comm/mpi_communicator.cpp:88: <reason>. HINT: <hint>"
 // `call` may be the whole call expression (only the function name is kept); `file` is __FILE__ (shortened to

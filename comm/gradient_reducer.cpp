@@ -65,7 +65,7 @@ struct GradientReducer::HookRegistrations {
 // first launch → all done; the exposed time is finalize() → all done, the part the training loop waited for;
 // the rest ran while backward was still computing. hidden_fraction = 1 − exposed / communication over all
 // steps. With MPI the overlap depends on the progress poked from the hooks (Note [Progress of non-blocking
-// MPI collectives] in mpi_communicator.cpp).
+// MPI collectives] in mpi_work.cpp).
 
 namespace {
 

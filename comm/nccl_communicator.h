@@ -17,7 +17,7 @@ class StoreClient;
 // it, after every rank learned that all of them selected their GPU (else every rank throws, the others naming
 // the first rank that failed).
 //
-// Every NCCL communicator is non-blocking (Note [Non-blocking NCCL communicators] in nccl_communicator.cpp):
+// Every NCCL communicator is non-blocking (Note [Non-blocking NCCL communicators] in nccl_init.cpp):
 // creating it, splitting it and enqueueing a call fail after its timeout (default_collective_timeout() when
 // it is made) instead of hanging, aborting it. Blocking collectives and send/recv are enqueued on the
 // caller's current CUDA stream (so they return before the GPU ran them and cannot time out on the host once

@@ -34,9 +34,9 @@ namespace vimo::comm {
 // Counters made by Add are stored as decimal text, so `get` of a counter reads "42".
 // Get and Wait park on the server until their keys exist or their timeout ends, so a waiting rank costs no
 // polling; the server answers Timeout with the keys still missing, which is how a barrier names the ranks
-// that never arrived (Note [Store barrier] in store.cpp). Bounds are checked on the header before anything
-// is allocated: before its Hello succeeds a peer may send one frame of at most 8 KiB; after it, frames of at
-// most StoreLimits::max_frame_bytes(). A longer frame, a key over max_key_bytes, a value over
+// that never arrived (Note [Store barrier] in store_client.cpp). Bounds are checked on the header before
+// anything is allocated: before its Hello succeeds a peer may send one frame of at most 8 KiB; after it,
+// frames of at most StoreLimits::max_frame_bytes(). A longer frame, a key over max_key_bytes, a value over
 // max_value_bytes, more than max_keys_per_request keys, a wrong version, an unknown type, a field running
 // past its frame or bytes after the last field: each gets an Error reply, is logged, and closes that
 // connection only. A wrong token gets a generic Error (nothing about the right one) and is closed, and so is
@@ -75,7 +75,7 @@ class StoreServer {
   // Get and Wait requests parked now, waiting for keys.
   std::size_t waiting_requests() const;
 
-  struct State;  // the io thread's state (store.cpp)
+  struct State;  // the io thread's state (store_server.cpp)
 
  private:
   std::unique_ptr<State> state_;
@@ -122,7 +122,7 @@ class StoreClient {
   // "host:port", as errors name it.
   const std::string& endpoint() const { return endpoint_; }
 
-  struct Connection;  // the socket and its io_context (store.cpp)
+  struct Connection;  // the socket and its io_context (store_client.cpp)
 
  private:
   StoreClientOptions options_;

@@ -4,7 +4,7 @@
 // The question (issue 3) is what our Communicator costs over the MPI library underneath, so every size is
 // run through four paths on the same float32 buffers, in the same process, one after the other:
 //   ours             the blocking Communicator call: agreement all-reduce (Note [Agreeing on a collective
-//                    before running it] in comm/mpi_communicator.cpp), then MPI_I<collective> on a duplicate
+//                    before running it] in comm/mpi_agreement.cpp), then MPI_I<collective> on a duplicate
 //                    of MPI_COMM_WORLD, then Work::wait()'s MPI_Test loop (spin 50 µs, yield to 20 ms, then
 //                    sleep 200 µs between polls); all-gather and reduce-scatter are allgather_into /
 //                    reduce_scatter_into, on the same preallocated buffers as the other paths

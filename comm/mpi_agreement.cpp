@@ -1,0 +1,196 @@
+// Defines the agreement every blocking MPI collective makes before its payload moves (declared in
+// comm/mpi_internal.h): the ranks exchange a signature of the call and fail together when they differ. See
+// Note [Agreeing on a collective before running it].
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cstdlib>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "comm/mpi_internal.h"
+
+namespace vimo::comm::mpi_detail {
+namespace {
+
+const char* op_name(int64_t op) { return detail::reduce_op_name(static_cast<ReduceOp>(op)); }
+
+// Note [Agreeing on a collective before running it]
+// MPI matches collectives by order alone. A rank that passes another shape, dtype, op or root makes the
+// others read garbage or hang, and a rank that rejects its input and throws leaves the others waiting
+// forever. So every blocking collective first exchanges a small fixed-size signature of the call (which
+// collective, dtype, op or root, shape, and whether this rank's own checks passed). Up to
+// kGatherAgreementRanks ranks (VIMO_COMM_AGREEMENT_GATHER_RANKS), every rank all-gathers every signature (one
+// round of messages: the cheapest exchange there is, which matters because it is a fixed cost paid by every
+// blocking call; an all-reduce takes 2(p-1) rounds in Open MPI's non-blocking ring) and compares them itself.
+// Beyond that, where p messages per rank would add up, the ranks all-reduce [s, -s] with MPI_MAX, which hands
+// every rank both the maximum and the minimum of each field: they agree exactly when the two are equal, and
+// only on disagreement do they gather the signatures. Either way every rank sees the same data, so on
+// disagreement all of them take the error path together and throw errors that name every rank's call, and
+// nobody is left waiting. Split agrees on the call only: its color and key differ between ranks by design.
+// Asynchronous calls skip the agreement by default: see Note [Agreement on asynchronous calls].
+//
+// Note [Agreement on asynchronous calls]
+// For an asynchronous call the agreement would be a blocking all-reduce at launch: the rank that reaches a
+// gradient bucket first would wait there for the slowest rank to reach the same bucket, serialising backward
+// with communication, which is what asynchronous calls exist to avoid. So they check only their own inputs
+// (throwing on this rank alone) and rely on the caller to issue the same calls everywhere: GradientReducer
+// builds identical buckets on every rank and checks that layout once, at construction, with blocking calls.
+// A mismatch that slips through shows up as MPI's own error (a truncated message) or, when a rank skipped a
+// call, as the timeout of Note [Collective timeouts] naming the call. VIMO_COMM_CHECK_ASYNC=1 makes
+// asynchronous calls run the agreement first, like blocking ones: a debugging aid for a suspected mismatch.
+constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
+enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
+constexpr int kSignatureLength = kSizes + kSignatureDims;
+constexpr int kExtremesLength = 2 * kSignatureLength;  // [max of each field, -(min of each field)]
+constexpr int kGatherAgreementRanks = 64;  // up to here the agreement is an all-gather of signatures
+constexpr const char* kGatherAgreementVariable = "VIMO_COMM_AGREEMENT_GATHER_RANKS";
+
+// kGatherAgreementRanks, or VIMO_COMM_AGREEMENT_GATHER_RANKS when set (a non-negative integer; the tests set
+// 0 to run the all-reduce path on few ranks). Read once.
+int gather_agreement_ranks() {
+  static const int ranks = [] {
+    const char* value = std::getenv(kGatherAgreementVariable);
+    if (value == nullptr || *value == '\0') return kGatherAgreementRanks;
+    char* end = nullptr;
+    const long parsed = std::strtol(value, &end, 10);
+    if (*end != '\0' || parsed < 0 || parsed > INT_MAX) {
+      throw std::runtime_error(
+          fmt::format("{}='{}' is not a non-negative integer", kGatherAgreementVariable, value));
+    }
+    return static_cast<int>(parsed);
+  }();
+  return ranks;
+}
+using Signature = std::array<int64_t, kSignatureLength>;
+
+Signature signature_of(Collective collective, const at::Tensor& tensor, int64_t argument, bool accepted) {
+  Signature s{};
+  s[kCollective] = static_cast<int64_t>(collective);
+  s[kArgument] = argument;
+  s[kInputAccepted] = accepted ? 1 : 0;
+  s[kDtype] = -1;
+  if (tensor.defined()) {
+    s[kDtype] = static_cast<int64_t>(tensor.scalar_type());
+    s[kDims] = tensor.dim();
+    s[kNumel] = tensor.numel();
+    for (int64_t d = 0; d < std::min<int64_t>(tensor.dim(), kSignatureDims); ++d)
+      s[kSizes + d] = tensor.size(d);
+  }
+  return s;
+}
+
+// "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "reduce_scatter (avg) of float64 [4, 2]",
+// "broadcast from rank 1 of float32 [2]", "barrier", "split".
+std::string describe(const Signature& s) {
+  const auto collective = static_cast<Collective>(s[kCollective]);
+  if (collective == Collective::Barrier) return "barrier";
+  if (collective == Collective::Split) return "split";
+  std::string text;
+  switch (collective) {
+    case Collective::Allreduce:
+      text = fmt::format("allreduce ({})", op_name(s[kArgument]));
+      break;
+    case Collective::ReduceScatter:
+      text = fmt::format("reduce_scatter ({})", op_name(s[kArgument]));
+      break;
+    case Collective::Allgather:
+      text = "allgather";
+      break;
+    default:
+      text = fmt::format("broadcast from rank {}", s[kArgument]);
+  }
+  if (s[kDtype] < 0) return text + " of an undefined tensor";
+  std::vector<int64_t> shown(s.begin() + kSizes,
+                             s.begin() + kSizes + std::min<int64_t>(s[kDims], kSignatureDims));
+  text += fmt::format(" of {} [{}{}]", c10::getDtypeNames(static_cast<at::ScalarType>(s[kDtype])).first,
+                      fmt::join(shown, ", "), s[kDims] > kSignatureDims ? ", ..." : "");
+  return text;
+}
+
+}  // namespace
+
+std::string describe(Collective collective, const at::Tensor& tensor, int64_t argument) {
+  return describe(signature_of(collective, tensor, argument, true));
+}
+
+// See Note [Agreeing on a collective before running it]. Returns when every rank made the same call and
+// accepted its input; otherwise throws on every rank. `problem` is what this rank's own checks found. Its
+// collectives are non-blocking underneath, so a rank that never arrives makes it time out instead of hang.
+void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds timeout, Collective collective,
+           const at::Tensor& tensor, int64_t argument, const std::string& problem) {
+  const int rank = group->rank;
+  const int size = group->size;
+  auto new_work = [&](std::string what, int64_t bytes) {
+    return std::make_shared<MpiWork>(group, std::move(what), bytes, timeout);
+  };
+  const Signature mine = signature_of(collective, tensor, argument, problem.empty());
+  const std::string what = describe(mine);
+  if (size > gather_agreement_ranks()) {
+    at::Tensor extremes = at::empty({kExtremesLength}, at::kLong);  // [max of each field, -(min of each)]
+    int64_t* e = extremes.data_ptr<int64_t>();
+    for (int i = 0; i < kSignatureLength; ++i) {
+      e[i] = mine[i];
+      e[kSignatureLength + i] = -mine[i];
+    }
+    auto work = new_work(what, bytes_of(tensor));
+    VIMO_MPI_CHECK(
+        MPI_Iallreduce(MPI_IN_PLACE, e, kExtremesLength, MPI_INT64_T, MPI_MAX, group->comm, work->request()));
+    work->keep({extremes});
+    work->wait();
+    bool same = true;
+    for (int i = 0; i < kSignatureLength; ++i) same = same && e[i] == -e[kSignatureLength + i];
+    if (same && mine[kInputAccepted] == 1) return;
+  }
+
+  at::Tensor mine_tensor = at::empty({kSignatureLength}, at::kLong);
+  std::copy(mine.begin(), mine.end(), mine_tensor.data_ptr<int64_t>());
+  at::Tensor all = at::empty({size, kSignatureLength}, at::kLong);  // [ranks, signature]
+  auto gather = new_work(what, bytes_of(tensor));
+  VIMO_MPI_CHECK(MPI_Iallgather(mine_tensor.data_ptr(), kSignatureLength, MPI_INT64_T, all.data_ptr(),
+                                kSignatureLength, MPI_INT64_T, group->comm, gather->request()));
+  gather->keep({mine_tensor, all});
+  gather->wait();
+  const int64_t* rows = all.data_ptr<int64_t>();
+  bool agreed = true;
+  for (int r = 0; r < size && agreed; ++r) {
+    const int64_t* row = rows + static_cast<ptrdiff_t>(r) * kSignatureLength;
+    agreed = std::equal(mine.begin(), mine.end(), row) && row[kInputAccepted] == 1;
+  }
+  if (agreed) return;
+  auto of_rank = [&](int r) {
+    Signature s;
+    std::copy_n(all.data_ptr<int64_t>() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength,
+                s.begin());
+    return s;
+  };
+  if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank, problem));
+  std::vector<int> rejecting;
+  std::vector<std::string> calls;
+  for (int r = 0; r < size; ++r) {
+    const Signature s = of_rank(r);
+    if (s[kInputAccepted] == 0) rejecting.push_back(r);
+    calls.push_back(fmt::format("rank {}: {}", r, describe(s)));
+  }
+  if (!rejecting.empty()) {
+    throw std::runtime_error(
+        fmt::format("[rank {}] {} abandoned on every rank: rank(s) {} rejected their input "
+                    "(their own errors say why)",
+                    rank, what, fmt::join(rejecting, ", ")));
+  }
+  throw std::runtime_error(
+      fmt::format("[rank {}] the ranks made different calls: {}. HINT: every rank must make the same "
+                  "collective calls in "
+                  "the same order, with the same dtype, shape, op and root (allgather needs equal shapes: "
+                  "pad to the largest)",
+                  rank, fmt::join(calls, "; ")));
+}
+
+}  // namespace vimo::comm::mpi_detail

@@ -1,0 +1,134 @@
+// Defines the pieces of the MPI backend that every call goes through (declared in comm/mpi_internal.h): the
+// error of a failed MPI call, MpiWork (one non-blocking operation, its wait with the timeout and the
+// progress it pokes), and how tensors are named in messages.
+#include <ATen/core/grad_mode.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <mpi.h>
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "comm/communicator.h"
+#include "comm/mpi_internal.h"
+
+namespace vimo::comm::mpi_detail {
+namespace {
+
+// This process's rank in MPI_COMM_WORLD, or -1 before MPI_Init / after MPI_Finalize (for error messages).
+int world_rank_for_errors() {
+  int initialized = 0, finalized = 0, rank = -1;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return rank;
+}
+
+// The collective's name as a string literal (what CollectiveObserver takes), from the start of a description
+// such as "allreduce (sum) of float32 [4] ...".
+const char* collective_literal(const std::string& what) {
+  for (const char* name :
+       {"allreduce", "allgather", "reduce_scatter", "broadcast", "barrier", "split", "send", "recv"}) {
+    if (what.rfind(name, 0) == 0) return name;
+  }
+  return "collective";
+}
+
+}  // namespace
+
+[[noreturn]] void throw_mpi_failure(int status, const char* call, const char* file, int line) {
+  char text[MPI_MAX_ERROR_STRING] = {};
+  int length = 0;
+  const std::string reason = MPI_Error_string(status, text, &length) == MPI_SUCCESS
+                                 ? std::string(text, length)
+                                 : fmt::format("MPI error code {}", status);
+  throw std::runtime_error(detail::describe_failed_call(
+      world_rank_for_errors(), call, file, line, reason,
+      "if another rank failed first, its error is the cause; otherwise rerun with --mca btl_base_verbose 100 "
+      "to see the transport's view"));
+}
+
+// Note [Progress of non-blocking MPI collectives]
+// Open MPI runs its non-blocking collectives (libnbc) without a progress thread over shared memory and TCP: a
+// collective moves to its next round only while this process is inside some MPI call (MPI_Test, MPI_Wait, or
+// any other). Left alone during a long backward, an MPI_Iallreduce therefore mostly runs when wait() finally
+// polls it, and the overlap is lost. We cannot add a progress thread of our own: MPI is initialised
+// MPI_THREAD_SERIALIZED (Note [MPI thread level]), so a thread calling MPI_Test while the main thread is in a
+// collective would be undefined behaviour. Instead the thread that owns the work pokes progress at the points
+// it controls: Work::is_completed() is one MPI_Test, and GradientReducer calls it on every bucket in flight
+// each time a gradient becomes ready and each time it launches a bucket: often enough for the rounds to
+// advance during backward, and cheap (an MPI_Test costs about a microsecond). The NCCL backend needs none of
+// this: the GPU runs its collectives on their own stream.
+
+MpiWork::~MpiWork() {
+  if (done_ || request_ == MPI_REQUEST_NULL) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (finalized) return;
+  if (!group_->broken.empty()) {  // the request may never complete: its memory must stay valid
+    group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+    return;
+  }
+  try {
+    wait();  // MPI may still read and write the buffers: they cannot be freed before it finishes
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+  }
+}
+
+void MpiWork::wait() {
+  if (done_) return;
+  group_->throw_if_broken(what_);
+  const Observed observed(what_, bytes_);
+  if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for)) {
+    group_->broken = detail::describe_timeout(group_->rank, what_, bytes_, timeout_, group_->size,
+                                              "This communicator is unusable from now on");
+    group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
+    throw std::runtime_error(group_->broken);
+  }
+}
+
+bool MpiWork::is_completed() {
+  if (done_) return true;
+  group_->throw_if_broken(what_);
+  return test();
+}
+
+MpiWork::Observed::Observed(const std::string& what, int64_t bytes) : observer(collective_observer()) {
+  if (observer) observer->enter_collective(collective_literal(what), bytes);
+}
+
+MpiWork::Observed::~Observed() {
+  if (observer) observer->leave_collective();
+}
+
+bool MpiWork::test() {
+  int flag = 0;
+  VIMO_MPI_CHECK(MPI_Test(&request_, &flag, &status_));
+  if (!flag) return false;
+  finish();
+  return true;
+}
+
+void MpiWork::finish() {
+  done_ = true;
+  at::NoGradGuard no_grad;  // the copies are communication, not part of any graph
+  if (finish_) finish_();
+  finish_ = nullptr;
+  buffers_.clear();
+}
+
+// "float32 [3, 4]".
+std::string tensor_text(const at::Tensor& tensor) {
+  if (!tensor.defined()) return "an undefined tensor";
+  return fmt::format("{} [{}]", c10::getDtypeNames(tensor.scalar_type()).first,
+                     fmt::join(tensor.sizes(), ", "));
+}
+
+int64_t bytes_of(const at::Tensor& tensor) {
+  return tensor.defined() ? tensor.numel() * static_cast<int64_t>(tensor.element_size()) : 0;
+}
+
+}  // namespace vimo::comm::mpi_detail
