@@ -17,6 +17,8 @@
 #include <stdexcept>
 #include <utility>
 
+#include "data/shard_mapping.h"
+
 namespace vimo::data {
 
 // Note [Native little-endian I/O]: the format is little-endian, and integers are written and read with
@@ -385,8 +387,8 @@ void ShardWriter::finish() {
     throw std::runtime_error(
         fmt::format("shard {}: cannot rename {} into place: {}", path_, temp_path_, rename_error));
   }
-  std::string dir = std::filesystem::path(path_).parent_path().string();
-  if (dir.empty()) dir = ".";
+  const std::filesystem::path parent = std::filesystem::path(path_).parent_path();
+  const std::string dir = parent.empty() ? std::string(".") : parent.string();
   const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
   if (dir_fd >= 0) {
     ::fsync(dir_fd);
@@ -500,6 +502,9 @@ ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
              static_cast<int64_t>(i), index_offset_ + (2 * record_count + i) * sizeof(uint64_t));
       }
     }
+    // Records are read through a mapping when one can be made (Note [Reading shards through a mapping]).
+    mapping_ = std::make_unique<ShardMapping>(fd_, file_size_, path_);
+    if (mapping_->data() == nullptr) mapping_.reset();
   } catch (...) {
     ::close(fd_);
     fd_ = -1;
@@ -523,12 +528,19 @@ RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
   }
   const uint64_t begin = offsets_[index];
   const auto record = static_cast<int64_t>(index);
-  // A plain record is read straight into `buffer`; a compressed one into this thread's scratch, then decoded
-  // into `buffer`. Neither is zero-filled: pread and zstd overwrite every byte (or we throw).
-  thread_local RecordBuffer compressed;
-  RecordBuffer& stored = compression_ == Compression::Zstd ? compressed : buffer;
-  stored.resize(stored_size(index));
-  read_exactly(fd_, begin, stored.data(), stored.size(), path_, "record");
+  // The stored bytes: in the mapping when there is one; otherwise read, a plain record straight into
+  // `buffer` and a compressed one into this thread's scratch. Buffers are not zero-filled: pread and zstd
+  // overwrite every byte (or we throw).
+  std::span<const uint8_t> stored;
+  if (mapping_) {
+    stored = std::span<const uint8_t>(mapping_->data() + begin, stored_size(index));
+  } else {
+    thread_local RecordBuffer compressed;
+    RecordBuffer& target = compression_ == Compression::Zstd ? compressed : buffer;
+    target.resize(stored_size(index));
+    read_exactly(fd_, begin, target.data(), target.size(), path_, "record");
+    stored = std::span<const uint8_t>(target.data(), target.size());
+  }
   const uint64_t checksum = XXH3_64bits(stored.data(), stored.size());
   if (checksum != checksums_[index]) {
     fail(fmt::format("checksum mismatch (expected {}, found {})", hex(checksums_[index]), hex(checksum)),
@@ -557,7 +569,8 @@ RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
     }
   }
 
-  const std::span<const uint8_t> bytes(buffer.data(), buffer.size());
+  const std::span<const uint8_t> bytes =
+      compression_ == Compression::Zstd ? std::span<const uint8_t>(buffer.data(), buffer.size()) : stored;
   RecordParser parser(bytes, begin, path_, record);
   RecordView result;
   const auto field_count = parser.get<uint32_t>("field count");

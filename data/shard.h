@@ -85,8 +85,10 @@ struct DefaultInitAllocator : std::allocator<T> {
   }
 };
 
-// Reusable storage for ShardReader::read_view: a record's (decoded) bytes, which its RecordView points into.
+// Reusable storage for ShardReader::read_view: a record's bytes when they must be copied or decoded.
 using RecordBuffer = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
+
+class ShardMapping;
 
 // A field of a record, viewing the bytes of the RecordBuffer it was read into (no copy).
 struct FieldView {
@@ -149,9 +151,11 @@ class ShardReader {
   ShardReader& operator=(const ShardReader&) = delete;
   uint64_t size() const { return offsets_.size(); }
   Record read_record(uint64_t index) const;
-  // The same record without copying its fields: they view `buffer`, which holds the record's bytes (decoded,
-  // for zstd) until its next use. Validates exactly as read_record does. The loader's path: one buffer per
-  // record in flight, reused across batches, so reading allocates nothing once warm.
+  // The same record without copying its fields: they view the reader's mapping of the file (plain shards;
+  // valid while the reader lives, see Note [Reading shards through a mapping] in data/shard_mapping.cpp) or
+  // `buffer` (zstd, or when the file could not be mapped; valid until the buffer's next use). Validates
+  // exactly as read_record does. The loader's path: one buffer per thread, so reading allocates nothing once
+  // warm.
   RecordView read_view(uint64_t index, RecordBuffer& buffer) const;
   const std::string& path() const { return path_; }
   Compression compression() const { return compression_; }
@@ -166,6 +170,7 @@ class ShardReader {
   Compression compression_ = Compression::None;
   uint64_t file_size_ = 0, index_offset_ = 0;
   std::vector<uint64_t> offsets_, checksums_, sizes_;
+  std::unique_ptr<ShardMapping> mapping_;  // the whole file, or null: records are then read with pread
 };
 
 }  // namespace vimo::data

@@ -230,7 +230,9 @@ TEST(Collate, ViewsIntoPooledMemoryEqualRecordsIntoFreshMemory) {
     CollatedBatch pooled = collate(views, keys, where, &pool);
     for (const auto& [name, tensor] : fresh.fields) {
       EXPECT_TRUE(pooled.field(name).equal(tensor)) << name << " round " << round;
-      if (fresh.lengths.count(name)) EXPECT_TRUE(pooled.lengths.at(name).equal(fresh.lengths.at(name)));
+      if (fresh.lengths.count(name)) {
+        EXPECT_TRUE(pooled.lengths.at(name).equal(fresh.lengths.at(name)));
+      }
     }
     for (auto& [name, tensor] : pooled.fields) {
       if (tensor.is_floating_point())

@@ -1,6 +1,7 @@
 // Tests the shard format: round trips of random records, the named error for each kind of corruption,
 // and crash safety of the writer.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "data/shard.h"
+#include "data/shard_mapping.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
 
@@ -134,6 +136,20 @@ TEST_P(ShardBothCompressions, ReadViewMatchesTheWrittenRecordsInAReusedBuffer) {
   }
   expect_error([&] { reader.read_view(reader.size(), buffer); },
                {f.path, "record " + std::to_string(reader.size())});
+}
+
+// A shard that shrinks while a reader has it mapped (cp over a dataset during training) must end the process
+// with a message naming the file, not a bare SIGBUS. Run in a child process (a death test).
+TEST_P(ShardBothCompressions, ShardTruncatedWhileOpenExitsNamingIt) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  ShardFixture f(GetParam());
+  const ShardReader reader(f.path);
+  RecordBuffer buffer;
+  const uint64_t last = reader.size() - 1;
+  ASSERT_NO_THROW(reader.read_view(last, buffer));
+  ASSERT_EQ(::truncate(f.path.c_str(), 0), 0);
+  EXPECT_EXIT(reader.read_view(last, buffer), ::testing::ExitedWithCode(kShardChangedExitCode),
+              "shard .*shard_00000.bin became shorter while it was being read");
 }
 
 TEST(Shard, EmptyShardHasNoRecords) {
