@@ -162,10 +162,14 @@ void Collator::grow(Column& column, int64_t max_len) {
   column.row_elements = values.numel() / capacity_;
 }
 
-void Collator::add(const RecordView& record, int64_t key, std::string where) {
+std::string RecordOrigin::describe() const {
+  return record < 0 ? std::string(source) : fmt::format("shard {}: record {}", source, record);
+}
+
+void Collator::add(const RecordView& record, int64_t key, const RecordOrigin& origin) {
   if (size() == capacity_) throw std::logic_error("Collator: more records than its capacity");
   if (keys_.empty()) {
-    first_where_ = where;
+    first_where_ = origin.describe();
     for (const FieldView& field : record.fields) {
       Column column;
       column.name = std::string(field.name);
@@ -181,13 +185,14 @@ void Collator::add(const RecordView& record, int64_t key, std::string where) {
     }
   }
   // Check every field against the first record's before copying any, so that a bad record leaves no row.
-  std::vector<const FieldView*> found(columns_.size());
+  std::vector<const FieldView*>& found = found_;  // reused: no allocation per record
+  found.resize(columns_.size());
   for (size_t c = 0; c < columns_.size(); ++c) {
     const Column& column = columns_[c];
     const FieldView* field = record.find(column.name);
     if (!field)
       throw std::runtime_error(fmt::format("{}: missing field '{}' (present in the batch's first record, {})",
-                                           where, column.name, first_where_));
+                                           origin.describe(), column.name, first_where_));
     const bool same_tail =
         field->shape.size() == column.shape.size() &&
         std::equal(field->shape.begin() + (column.shape.empty() ? 0 : 1), field->shape.end(),
@@ -196,7 +201,7 @@ void Collator::add(const RecordView& record, int64_t key, std::string where) {
       throw std::runtime_error(
           fmt::format("{}: field '{}' is {} [{}], but {} has {} [{}] (only the first extent may "
                       "differ within a batch)",
-                      where, column.name, dtype_name(field->dtype), fmt::join(field->shape, ", "),
+                      origin.describe(), column.name, dtype_name(field->dtype), fmt::join(field->shape, ", "),
                       first_where_, dtype_name(column.dtype), fmt::join(column.shape, ", ")));
     }
     found[c] = field;
@@ -235,7 +240,7 @@ CollatedBatch collate(const std::vector<RecordView>& records, const std::vector<
     throw std::logic_error("collate: records, keys and names differ in length");
   }
   Collator collator(static_cast<int64_t>(records.size()), pool);
-  for (size_t i = 0; i < records.size(); ++i) collator.add(records[i], keys[i], where[i]);
+  for (size_t i = 0; i < records.size(); ++i) collator.add(records[i], keys[i], {where[i]});
   return collator.finish();
 }
 

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "data/shard.h"
@@ -44,6 +45,14 @@ class TensorPool {
   std::shared_ptr<State> state_;
 };
 
+// Where a record came from, for error messages: a shard file and record index ("shard F: record R"), or a
+// caller's label alone when `record` < 0. Formatted only when an error names it, not per record.
+struct RecordOrigin {
+  std::string_view source;
+  int64_t record = -1;
+  std::string describe() const;
+};
+
 // Collates records one at a time, each as soon as it is read, into tensors of `capacity` rows: the loader's
 // path, so that a record's bytes are copied into the batch while they are still in the core's cache (Note
 // [Collating record by record] in data/collate.cpp). The first record sets the fields; a later record whose
@@ -51,8 +60,8 @@ class TensorPool {
 class Collator {
  public:
   Collator(int64_t capacity, TensorPool* pool);
-  // Appends `record` (its views may be reused once this returns); `where` names it for errors.
-  void add(const RecordView& record, int64_t key, std::string where);
+  // Appends `record` (its views may be reused once this returns); `origin` names it for errors.
+  void add(const RecordView& record, int64_t key, const RecordOrigin& origin);
   int64_t size() const { return static_cast<int64_t>(keys_.size()); }
   // The batch of the records added (fewer rows than `capacity` when fewer were added).
   CollatedBatch finish();
@@ -74,6 +83,7 @@ class Collator {
   std::vector<Column> columns_;
   std::vector<int64_t> keys_;
   std::string first_where_;
+  std::vector<const FieldView*> found_;  // add()'s fields of the record, in column order
 };
 
 // `where[i]` names record i for errors (e.g. "shard /d/train/shard_00003.bin: record 17"). With a `pool`,

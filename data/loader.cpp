@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -94,19 +95,14 @@ int64_t StreamingLoader::batches_per_epoch() const {
 
 std::vector<SampleRef> StreamingLoader::local_refs(int64_t epoch, int64_t step) const {
   const int64_t local = options_.global_batch / options_.dp_size;
-  const int64_t begin = step * options_.global_batch + options_.dp_rank * local;
-  std::vector<SampleRef> refs;
-  refs.reserve(static_cast<size_t>(local));
   // Positions past the epoch's end exist only without drop_last: they wrap to the epoch's start.
-  for (int64_t i = 0; i < local; ++i) refs.push_back(order_.at(epoch, (begin + i) % order_.size()));
-  return refs;
+  return order_.range(epoch, step * options_.global_batch + options_.dp_rank * local, local);
 }
 
 std::vector<int64_t> StreamingLoader::global_keys(int64_t epoch, int64_t step) const {
   std::vector<int64_t> keys;
-  for (int64_t i = 0; i < options_.global_batch; ++i) {
-    keys.push_back(order_.at(epoch, (step * options_.global_batch + i) % order_.size()).key);
-  }
+  for (const SampleRef& ref : order_.range(epoch, step * options_.global_batch, options_.global_batch))
+    keys.push_back(ref.key);
   return keys;
 }
 
@@ -140,14 +136,20 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   // the core's cache (Note [Collating record by record] in data/collate.cpp); the batch's tensors come from
   // pool_, so once warm a batch allocates nothing else of its size.
   thread_local RecordBuffer buffer;
+  thread_local RecordView record;
   Collator collator(static_cast<int64_t>(refs.size()), &pool_);
   uint64_t bytes = 0;
   int64_t skipped = 0;
+  // The batch's shards, looked up in the shared LRU cache once each rather than once per record.
+  std::vector<std::pair<uint32_t, std::shared_ptr<ShardReader>>> readers;
   for (const SampleRef& ref : refs) {
     try {
-      const std::shared_ptr<ShardReader> reader = open_shard(ref.shard);
-      const RecordView record = reader->read_view(ref.record, buffer);
-      collator.add(record, ref.key, fmt::format("shard {}: record {}", reader->path(), ref.record));
+      auto it =
+          std::find_if(readers.begin(), readers.end(), [&](const auto& r) { return r.first == ref.shard; });
+      if (it == readers.end()) it = readers.emplace(readers.end(), ref.shard, open_shard(ref.shard));
+      const ShardReader* reader = it->second.get();
+      reader->read_view(ref.record, buffer, record);
+      collator.add(record, ref.key, {reader->path(), static_cast<int64_t>(ref.record)});
       bytes += reader->stored_size(ref.record);
     } catch (const CorruptDataError& error) {
       if (!options_.skip_corrupt) {

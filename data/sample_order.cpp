@@ -88,6 +88,22 @@ SampleRef SampleOrder::at(int64_t epoch, int64_t position) const {
         fmt::format("sample order: position {} of epoch {} is outside [0, {})", position, epoch, total_));
   }
   std::lock_guard<std::mutex> lock(mutex_);
+  return locate(epoch, position);
+}
+
+std::vector<SampleRef> SampleOrder::range(int64_t epoch, int64_t begin, int64_t count) const {
+  if (begin < 0 || count < 0 || epoch < 0) {
+    throw std::runtime_error(
+        fmt::format("sample order: range of {} samples from position {} of epoch {}", count, begin, epoch));
+  }
+  std::vector<SampleRef> refs;
+  refs.reserve(static_cast<size_t>(count));
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (int64_t i = 0; i < count; ++i) refs.push_back(locate(epoch, (begin + i) % total_));
+  return refs;
+}
+
+SampleRef SampleOrder::locate(int64_t epoch, int64_t position) const {
   if (layout_.epoch != epoch) build_layout(epoch);
   const int64_t block = position / block_;
   if (cached_block_ != block) build_block(epoch, block);

@@ -38,6 +38,9 @@ class SampleOrder {
   int64_t size() const { return total_; }  // samples per epoch
   // The sample at `position` (0 <= position < size()) of `epoch`. Thread-safe; caches one block.
   SampleRef at(int64_t epoch, int64_t position) const;
+  // The `count` samples from `begin` on (positions wrap to the epoch's start past size()), under one lock:
+  // what a batch needs, without a lock per sample.
+  std::vector<SampleRef> range(int64_t epoch, int64_t begin, int64_t count) const;
 
  private:
   struct EpochLayout {
@@ -47,6 +50,7 @@ class SampleOrder {
   };
   void build_layout(int64_t epoch) const;
   void build_block(int64_t epoch, int64_t block) const;
+  SampleRef locate(int64_t epoch, int64_t position) const;  // with mutex_ held
 
   std::vector<uint64_t> shard_records_;
   std::vector<int64_t> shard_keys_;  // key of each shard's first record (manifest order)

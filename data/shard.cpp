@@ -522,6 +522,12 @@ uint64_t ShardReader::stored_size(uint64_t index) const {
 }
 
 RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
+  RecordView result;
+  read_view(index, buffer, result);
+  return result;
+}
+
+void ShardReader::read_view(uint64_t index, RecordBuffer& buffer, RecordView& result) const {
   if (index >= offsets_.size()) {
     throw std::runtime_error(fmt::format("shard {}: record {} requested, but the shard has {} records", path_,
                                          index, offsets_.size()));
@@ -572,16 +578,16 @@ RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
   const std::span<const uint8_t> bytes =
       compression_ == Compression::Zstd ? std::span<const uint8_t>(buffer.data(), buffer.size()) : stored;
   RecordParser parser(bytes, begin, path_, record);
-  RecordView result;
   const auto field_count = parser.get<uint32_t>("field count");
   // Each field takes at least 12 bytes (name length, dtype, rank, byte count): bound the reservation.
   if (field_count > parser.remaining() / 12) {
     parser.fail(
         fmt::format("field count {} does not fit in the record's {} bytes", field_count, bytes.size()));
   }
-  result.fields.reserve(field_count);
+  // resize, not clear + push_back: a reused `result` keeps its fields' shape vectors and their capacity.
+  result.fields.resize(field_count);
   for (uint32_t f = 0; f < field_count; ++f) {
-    FieldView field;
+    FieldView& field = result.fields[f];
     const auto name_length = parser.get<uint16_t>("field name length");
     const uint8_t* name = parser.take(name_length, "field name");
     field.name = std::string_view(reinterpret_cast<const char*>(name), name_length);
@@ -604,10 +610,8 @@ RecordView ShardReader::read_view(uint64_t index, RecordBuffer& buffer) const {
                               byte_count, expected));
     }
     field.bytes = std::span<const uint8_t>(parser.take(byte_count, "field data"), byte_count);
-    result.fields.push_back(std::move(field));
   }
   if (!parser.done()) parser.fail(fmt::format("{} trailing bytes after the last field", parser.remaining()));
-  return result;
 }
 
 Record ShardReader::read_record(uint64_t index) const {

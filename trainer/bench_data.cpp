@@ -111,20 +111,21 @@ PassResult read_record_pass(const BenchDataset& dataset) {
   return whole_dataset(dataset, seconds_since(start));
 }
 
-// The loader's read path, in file order on one thread: read_view into one reused buffer, then (when
+// The loader's read path, in file order on one thread: read_view into one reused buffer and view, then (when
 // `collate_batch` > 0) each record straight into a Collator over a TensorPool.
 PassResult read_view_pass(const BenchDataset& dataset, int64_t collate_batch) {
   data::TensorPool pool(size_t{256} << 20);
   data::RecordBuffer buffer;
+  data::RecordView record;
   const auto start = Clock::now();
   std::optional<data::Collator> collator;
   for (const std::string& path : dataset.shard_paths()) {
     const data::ShardReader reader(path);
     for (uint64_t i = 0; i < reader.size(); ++i) {
-      const data::RecordView record = reader.read_view(i, buffer);
+      reader.read_view(i, buffer, record);
       if (collate_batch == 0) continue;
       if (!collator) collator.emplace(collate_batch, &pool);
-      collator->add(record, static_cast<int64_t>(i), path);
+      collator->add(record, static_cast<int64_t>(i), {path, static_cast<int64_t>(i)});
       if (collator->size() == collate_batch) {
         (void)collator->finish();
         collator.reset();

@@ -214,6 +214,15 @@ TEST(Collate, PadsTheFirstExtentAndChecksTheRest) {
   records[2].fields.pop_back();
   expect_error([&] { collate(records, {0, 3, 5}, {"r0", "r1", "r2"}); }, {"r2", "missing field 'values'"});
   expect_error([&] { b.field("nope"); }, {"'nope'", "key", "values"});
+  // The loader's origins (file and record), formatted only for the error.
+  Collator collator(2, nullptr);
+  collator.add(RecordView::of(records[0]), 0, {"/d/shard_00001.bin", 4});
+  expect_error(
+      [&] {
+        collator.add(RecordView::of(records[2]), 5, {"/d/shard_00002.bin", 17});
+      },
+      {"shard /d/shard_00002.bin: record 17", "missing field 'values'",
+       "shard /d/shard_00001.bin: record 4"});
 }
 
 // Views and pooled memory give the same batch as owning records and fresh memory, padding included, even
@@ -318,6 +327,23 @@ TEST(SampleOrder, EachEpochIsAPermutationThatDependsOnlyOnSeedAndEpoch) {
   const SampleRef ref = a.at(1, 7);
   const int64_t starts[] = {0, 5, 5, 14, 17};
   EXPECT_EQ(ref.key, starts[ref.shard] + static_cast<int64_t>(ref.record));
+}
+
+TEST(SampleOrder, RangeIsAtForEachPositionAndWrapsPastTheEpoch) {
+  const SampleOrder order({5, 0, 9, 3, 7}, vimo::testing::fresh_seed(), 4);
+  for (const int64_t begin : {int64_t{0}, int64_t{3}, int64_t{21}}) {
+    const std::vector<SampleRef> refs = order.range(1, begin, 10);  // 21 + 10 wraps past 24
+    ASSERT_EQ(refs.size(), 10u);
+    for (int64_t i = 0; i < 10; ++i) {
+      const SampleRef want = order.at(1, (begin + i) % order.size());
+      const SampleRef& got = refs[static_cast<size_t>(i)];
+      EXPECT_EQ(got.key, want.key) << "position " << begin + i;
+      EXPECT_EQ(got.shard, want.shard);
+      EXPECT_EQ(got.record, want.record);
+    }
+  }
+  EXPECT_TRUE(order.range(0, 5, 0).empty());
+  expect_error([&] { (void)order.range(0, -1, 2); }, {"position -1"});
 }
 
 TEST(SampleOrder, BlocksMixShardsAndUnshuffledOrderIsTheManifestOrder) {

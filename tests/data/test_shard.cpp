@@ -134,6 +134,21 @@ TEST_P(ShardBothCompressions, ReadViewMatchesTheWrittenRecordsInAReusedBuffer) {
     }
     EXPECT_EQ(view.find("no such field"), nullptr);
   }
+  // One RecordView reused across records (the loader's way) gives the same fields as a fresh one each time.
+  RecordView reused;
+  for (const uint64_t i : order) {
+    RecordBuffer fresh_buffer;
+    const RecordView fresh = reader.read_view(i, fresh_buffer);
+    reader.read_view(i, buffer, reused);
+    ASSERT_EQ(reused.fields.size(), fresh.fields.size()) << "record " << i;
+    for (size_t k = 0; k < fresh.fields.size(); ++k) {
+      EXPECT_EQ(reused.fields[k].name, fresh.fields[k].name);
+      EXPECT_EQ(reused.fields[k].dtype, fresh.fields[k].dtype);
+      EXPECT_EQ(reused.fields[k].shape, fresh.fields[k].shape);
+      EXPECT_TRUE(std::equal(reused.fields[k].bytes.begin(), reused.fields[k].bytes.end(),
+                             fresh.fields[k].bytes.begin(), fresh.fields[k].bytes.end()));
+    }
+  }
   expect_error([&] { reader.read_view(reader.size(), buffer); },
                {f.path, "record " + std::to_string(reader.size())});
 }
