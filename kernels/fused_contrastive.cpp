@@ -22,14 +22,14 @@
 // without recomputing S. On CPU each visit takes one exponential per score (Note [Shared exponentials]).
 // GEMMs of n·N·K each: 4 in one process (eager autograd makes 6: two score products, four in backward), 6 in
 // data parallelism (eager 6); in one process one fewer for the strips kept in the score cache (Note [Score
-// cache]): 3 when N ≤ 2K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G, and G needs S. The
+// cache]): 3 when N ≤ 4K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G, and G needs S. The
 // chain rule back through R̃ and C̃ is O((n + N)·K):
 //   dL/dR_b = s_b ρ_b ⊙ X_b   dL/dC_b = γ_b ⊙ Y_b   dL/ds_b = Σ_i ρ_b,i ⟨R_b,i, X_b,i⟩
 //   dL/dρ_b,i = s_b ⟨R_b,i, X_b,i⟩   dL/dγ_b,j = ⟨C_b,j, Y_b,j⟩       (X = dL/dR̃, Y = dL/dC̃, columns of b)
 // so no per-branch dot products are ever formed. The gradients are computed in the forward pass (Liger's
 // fused-linear-cross-entropy design): backward only multiplies the stored gradients by dL_out. Only the
 // products whose results are needed run: the router stage, which trains only the router weights γ, skips
-// dL/dR̃. Memory beyond inputs and gradients: R̃, C̃, dL/dR̃, dL/dC̃, the score cache (≤ (n + N)·K values), two
+// dL/dR̃. Memory beyond inputs and gradients: R̃, C̃, dL/dR̃, dL/dC̃, the score cache (≤ 2(n + N)·K values), two
 // [tile, N] strips (and, with threads, one dL/dC̃ [N, K]) per thread, O(n + N) vectors; never [n, N] (unless
 // it fits the cache). Strips go to threads in a fixed partition and the per-thread accumulators are summed in
 // thread order, so results are deterministic for a given thread count. Accumulation is float32 for
@@ -190,6 +190,7 @@ struct ScorePasses {
 // as exp(S − lse_j) per score. Without the column softmax (data parallelism) each strip's rows are finished
 // inside the strip, so the gradient follows pass 1 at once: one visit per strip, no recomputation.
 constexpr double kFarColumnGap = 40;
+constexpr int64_t kScoreCacheFactor = 2;  // Note [Score cache]
 
 // The CPU passes over strips of `strip_rows` rows. The element work runs as whole-strip ATen operations into
 // per-thread buffers (vectorized by ATen's CPU kernels: this file is not compiled per CPU capability); the
@@ -217,11 +218,14 @@ void cpu_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, 
   };
   std::vector<ThreadState> state(threads);
   auto thread_state = [&]() -> ThreadState& { return state[at::get_thread_num()]; };
-  // Note [Score cache]: the first strips, as many as fit in (n + N)·K values (the size of R̃ and C̃, so memory
-  // stays O((n + N)·K)), keep their exponentials E from pass 1 to pass 2 instead of recomputing them. When
-  // n·N ≤ (n + N)·K (N ≤ 2K in one process) every strip is kept and the loss costs 3 products instead of 4.
-  // Only the two-pass case (the column softmax) has a pass 2.
-  const int64_t cached_strips = gradients && by_column ? std::min(strips, (n + N) * K / (strip_rows * N)) : 0;
+  // Note [Score cache]: the first strips, as many as fit in kScoreCacheFactor·(n + N)·K values (twice the
+  // size of R̃ and C̃, so memory stays O((n + N)·K)), keep their exponentials E from pass 1 to pass 2 instead
+  // of recomputing them. When n·N ≤ 2(n + N)·K (N ≤ 4K in one process) every strip is kept and the loss costs
+  // 3 products instead of 4; at N = 4096, K = 768 three quarters are (3.25 products). Once the size of the
+  // inputs, the cache held 37.5 % there (3.6 products); twice costs 24 MiB more at that size and took
+  // 15-25 % less time there (bench/README.md). Only the two-pass case (the column softmax) has a pass 2.
+  const int64_t cached_strips =
+      gradients && by_column ? std::min(strips, kScoreCacheFactor * (n + N) * K / (strip_rows * N)) : 0;
   // The cached strips' products run as one product each over all cached rows (a larger GEMM, threaded by
   // the BLAS): their scores before pass 1, their gradient products after pass 2's element work.
   at::Tensor cache;  // [cached rows, N]

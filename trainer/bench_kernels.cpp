@@ -1,16 +1,18 @@
 // `vimo bench kernels`: the fused losses against their eager compositions (see bench_kernels.h).
 //
 // Note [What the kernel benchmark measures]
-// One row = one loss at one size; each implementation runs forward + backward `repetitions` times after one
-// warm-up, on the same leaves, gradients cleared between runs. Time: the median wall-clock time and the
-// median process CPU time (all threads; on a shared machine CPU time is the steadier figure, wall time the
-// one that matters on an idle one). Memory: LibTorch's CPU allocator is wrapped by a counting allocator
-// (c10::SetCPUAllocator) that tracks live tensor bytes; `peak_MiB` is the high-water mark during one
-// forward + backward above what was live before it, gradients of the leaves included, allocations that
-// bypass c10 (BLAS workspaces, std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks
-// allocated before the counter was installed are freed through their own allocator and never counted.
-// The McDPO floor: the three LM-head products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any
-// implementation must compute; the fused kernel visits answer tokens only, eager every position.
+// One row = one loss at one size; each implementation runs forward + backward once as a warm-up, then
+// `repetitions` rounds in which each runs once in turn, on the same leaves, gradients cleared between runs.
+// Ratios are the median of the rounds' ratios (each round's contenders ran seconds apart, so a slow minute
+// of a shared machine cancels). Time: the median wall-clock time and the median process CPU time (all
+// threads; on a shared machine CPU time is the steadier figure, wall time the one that matters on an idle
+// one). Memory: LibTorch's CPU allocator is wrapped by a counting allocator (c10::SetCPUAllocator) that
+// tracks live tensor bytes; `peak_MiB` is the high-water mark during one forward + backward above what was
+// live before it, gradients of the leaves included, allocations that bypass c10 (BLAS workspaces,
+// std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks allocated before the counter was
+// installed are freed through their own allocator and never counted. The McDPO floor: the three LM-head
+// products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any implementation must compute; the
+// fused kernel visits answer tokens only, eager every position.
 #include "trainer/bench_kernels.h"
 
 #include <ATen/ATen.h>
@@ -58,28 +60,60 @@ double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-// Runs `step` (one forward + backward) once untimed, then `repetitions` times; `reset` clears gradients after
-// each run. Returns {"wall_ms", "cpu_ms" (medians), "peak_MiB" (largest)}.
-nlohmann::json measure(int repetitions, const std::function<void()>& step,
-                       const std::function<void()>& reset) {
+// One implementation of a row: `step` runs one forward + backward, `reset` clears gradients after it.
+struct Contender {
+  std::function<void()> step;
+  std::function<void()> reset;
+};
+
+// Runs each contender once untimed, then `repetitions` rounds in which every contender runs once, in turn:
+// a slow minute of a shared machine then slows every contender of its round, not one of them, and the
+// per-round ratios (paired_ratio) cancel it. Returns per contender {"wall_ms", "cpu_ms" (medians),
+// "peak_MiB" (largest), "cpu_ms_runs", "wall_ms_runs" (each round's, in order)}.
+std::vector<nlohmann::json> measure_side_by_side(int repetitions, const std::vector<Contender>& contenders) {
   CountingAllocator& allocator = counting_allocator();
-  step();
-  reset();
-  std::vector<double> wall, cpu;
-  int64_t peak = 0;
-  for (int r = 0; r < repetitions; ++r) {
-    const int64_t before = allocator.live();
-    allocator.reset_peak();
-    const double cpu_start = process_cpu_seconds();
-    const auto start = std::chrono::steady_clock::now();
-    step();
-    wall.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-    cpu.push_back(1e3 * (process_cpu_seconds() - cpu_start));
-    peak = std::max(peak, allocator.peak() - before);
-    reset();
+  for (const Contender& c : contenders) {
+    c.step();
+    c.reset();
   }
-  return {{"wall_ms", median(wall)}, {"cpu_ms", median(cpu)}, {"peak_MiB", static_cast<double>(peak) / kMiB}};
+  const size_t k = contenders.size();
+  std::vector<std::vector<double>> wall(k), cpu(k);
+  std::vector<int64_t> peak(k, 0);
+  for (int r = 0; r < repetitions; ++r) {
+    for (size_t i = 0; i < k; ++i) {
+      const int64_t before = allocator.live();
+      allocator.reset_peak();
+      const double cpu_start = process_cpu_seconds();
+      const auto start = std::chrono::steady_clock::now();
+      contenders[i].step();
+      wall[i].push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+      cpu[i].push_back(1e3 * (process_cpu_seconds() - cpu_start));
+      peak[i] = std::max(peak[i], allocator.peak() - before);
+      contenders[i].reset();
+    }
+  }
+  std::vector<nlohmann::json> results;
+  for (size_t i = 0; i < k; ++i) {
+    results.push_back({{"wall_ms", median(wall[i])},
+                       {"cpu_ms", median(cpu[i])},
+                       {"peak_MiB", static_cast<double>(peak[i]) / kMiB},
+                       {"wall_ms_runs", wall[i]},
+                       {"cpu_ms_runs", cpu[i]}});
+  }
+  return results;
+}
+
+// The median over rounds of numerator / denominator for `key` ("cpu_ms" or "wall_ms"): each round's
+// contenders ran minutes apart at most seconds, so this is steadier than the ratio of the medians.
+double paired_ratio(const nlohmann::json& numerator, const nlohmann::json& denominator,
+                    const std::string& key) {
+  const std::vector<double> a = numerator[key + "_runs"], b = denominator[key + "_runs"];
+  std::vector<double> ratios;
+  for (size_t r = 0; r < std::min(a.size(), b.size()); ++r) {
+    if (b[r] > 0) ratios.push_back(a[r] / b[r]);
+  }
+  return ratios.empty() ? 0.0 : median(ratios);
 }
 
 double ratio(const nlohmann::json& numerator, const nlohmann::json& denominator, const char* key) {
@@ -101,37 +135,35 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
     weight.mutable_grad().reset();
   };
   const vimo::kernels::LmHeadChunking chunking{o.dpo_chunk_tokens, 0};
-  const nlohmann::json fused = measure(
-      o.repetitions,
-      [&] {
-        vimo::kernels::fused_linear_mcdpo(hidden, weight, targets, mask, reference, {}, chunking)
-            .loss.backward();
-      },
-      reset);
-  const nlohmann::json eager = measure(
-      o.repetitions,
-      [&] { vimo::kernels::eager_mcdpo(hidden, weight, targets, mask, reference).loss.backward(); }, reset);
   const int64_t answer_tokens = R * (T - prompt);
   const at::Tensor x = hidden.detach().narrow(1, prompt, T - prompt).reshape({answer_tokens, H});  // [N, H]
   const at::Tensor w = weight.detach();                                                            // [V, H]
-  const nlohmann::json products = measure(
+  const std::vector<nlohmann::json> measured = measure_side_by_side(
       o.repetitions,
-      [&] {
-        const at::Tensor logits = at::mm(x, w.t());  // [N, V]; stands in for the logit gradient of that shape
-        const at::Tensor grad_x = at::mm(logits, w);      // [N, H]
-        const at::Tensor grad_w = at::mm(logits.t(), x);  // [V, H]
-      },
-      [] {});
+      {{[&] {
+          vimo::kernels::fused_linear_mcdpo(hidden, weight, targets, mask, reference, {}, chunking)
+              .loss.backward();
+        },
+        reset},
+       {[&] { vimo::kernels::eager_mcdpo(hidden, weight, targets, mask, reference).loss.backward(); }, reset},
+       {[&] {
+          const at::Tensor logits =
+              at::mm(x, w.t());  // [N, V]; stands in for the logit gradient of that shape
+          const at::Tensor grad_x = at::mm(logits, w);      // [N, H]
+          const at::Tensor grad_w = at::mm(logits.t(), x);  // [V, H]
+        },
+        [] {}}});
+  const nlohmann::json &fused = measured[0], &eager = measured[1], &products = measured[2];
   nlohmann::json row = {{"loss", "mcdpo"},
                         {"shape", {{"B", o.dpo_pairs}, {"T", T}, {"H", H}, {"V", V}, {"prompt", prompt}}},
                         {"answer_tokens", answer_tokens},
                         {"fused", fused},
                         {"eager", eager},
                         {"bare_products", products}};
-  const double speedup = ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
-               floor = ratio(fused, products, "cpu_ms");
+  const double speedup = paired_ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
+               floor = paired_ratio(fused, products, "cpu_ms");
   row["eager_over_fused_cpu_time"] = speedup;
-  row["eager_over_fused_wall_time"] = ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_wall_time"] = paired_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = memory;
   row["fused_over_products_cpu_time"] = floor;
   row["goals"] = {
@@ -157,28 +189,27 @@ nlohmann::json contrastive_row(const KernelBenchOptions& o, int64_t N) {
   const auto reset = [&] {
     for (at::Tensor* t : {&texts, &videos, &scale}) t->mutable_grad().reset();
   };
-  const nlohmann::json fused = measure(
-      o.repetitions,
-      [&] {
-        vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, o.contrastive_tile)
-            .backward();
-      },
-      reset);
-  const nlohmann::json eager = measure(
-      o.repetitions,
-      [&] {
-        const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
-        const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
-        vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
-      },
-      reset);
+  const std::vector<nlohmann::json> measured = measure_side_by_side(
+      o.repetitions, {{[&] {
+                         vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0,
+                                                                o.contrastive_tile)
+                             .backward();
+                       },
+                       reset},
+                      {[&] {
+                         const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
+                         const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
+                         vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
+                       },
+                       reset}});
+  const nlohmann::json &fused = measured[0], &eager = measured[1];
   nlohmann::json row = {{"loss", "contrastive"},
                         {"shape", {{"N", N}, {"D", D}, {"tile", o.contrastive_tile}}},
                         {"fused", fused},
                         {"eager", eager}};
-  const double speedup = ratio(eager, fused, "cpu_ms");
+  const double speedup = paired_ratio(eager, fused, "cpu_ms");
   row["eager_over_fused_cpu_time"] = speedup;
-  row["eager_over_fused_wall_time"] = ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_wall_time"] = paired_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = ratio(eager, fused, "peak_MiB");
   row["goals"] = {{{"goal", "≥ 2× faster than eager (CPU time)"},
                    {"value", speedup},
@@ -258,7 +289,8 @@ void print_kernel_bench(const nlohmann::json& report) {
   const nlohmann::json& m = report["machine"];
   fmt::print(
       "fused kernels vs eager, forward + backward, float32, {} torch threads, {} cores, load average {} "
-      "before, {} after (medians of {} runs; CPU time = all threads)\n",
+      "before, {} after (medians of {} interleaved rounds; ratios: median of the rounds' ratios; CPU time = "
+      "all threads)\n",
       m["torch_threads"].get<int>(), m["nproc"].get<unsigned>(), m["load_average_before"].get<std::string>(),
       m["load_average_after"].get<std::string>(), report["options"]["repetitions"].get<int>());
   const auto cell = [](const nlohmann::json& r) {

@@ -22,7 +22,7 @@ struct KernelBenchOptions {
   // Contrastive: one row per batch size N (n = N, single process), embedding width D, column tile. float32.
   std::vector<int64_t> contrastive_sizes = {1024, 4096};
   int64_t contrastive_dim = 768, contrastive_tile = 256;
-  int repetitions = 3;  // timed runs per row after one warm-up; the report gives the median
+  int repetitions = 5;  // timed rounds per row after one warm-up (every implementation once per round)
   int threads = 0;      // LibTorch intra-op threads for the run; 0 keeps the current setting
   std::string out;      // JSON report path; empty: none
 
@@ -32,10 +32,11 @@ struct KernelBenchOptions {
 };
 
 // Runs every row and returns the report: per row the fused and eager (and, for McDPO, bare-product) median
-// wall and CPU times, peak MiB, the ratios, and the goals (McDPO: ≥ 1.5× faster and ≥ 3× less peak memory
-// than eager, within 1.3× of the bare products on the same tokens; contrastive: ≥ 2× faster than eager),
-// with the options and the machine (threads, nproc, load average). Writes it to options.out when set (parent
-// directories created). Installs the counting allocator (c10::SetCPUAllocator) on first use.
+// wall and CPU times, peak MiB, the ratios (medians of per-round ratios, Note [What the kernel benchmark
+// measures]) and the goals (McDPO: ≥ 1.5× faster and ≥ 3× less peak memory than eager, within 1.3× of the
+// bare products on the same tokens; contrastive: ≥ 2× faster than eager), with the options and the machine
+// (threads, nproc, load average). Writes it to options.out when set (parent directories created). Installs
+// the counting allocator (c10::SetCPUAllocator) on first use.
 nlohmann::json run_kernel_bench(const KernelBenchOptions& options);
 
 // Prints the report as tables on stdout.

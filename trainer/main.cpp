@@ -97,6 +97,11 @@ int main(int argc, char** argv) {
   bool bench_kernels_quick = false;
   bench_kernels->add_option("--out", bench_kernels_out, "JSON report")->capture_default_str();
   bench_kernels->add_flag("--quick", bench_kernels_quick, "Small sizes: a run of seconds (smoke test)");
+  int bench_kernels_repetitions = 0;
+  bench_kernels
+      ->add_option("--repetitions", bench_kernels_repetitions,
+                   "Timed rounds per row (default 5, --quick 3); each implementation runs once per round")
+      ->check(CLI::PositiveNumber);
   auto* bench_comm = bench->add_subcommand(
       "comm",
       "Collectives through our Communicator against raw MPI (algbw, busbw, 4 KiB-256 MiB) and the share of "
@@ -117,6 +122,7 @@ int main(int argc, char** argv) {
                                                       ? vimo::trainer::KernelBenchOptions::quick()
                                                       : vimo::trainer::KernelBenchOptions{};
       options.out = bench_kernels_out;
+      if (bench_kernels_repetitions > 0) options.repetitions = bench_kernels_repetitions;
       vimo::trainer::print_kernel_bench(vimo::trainer::run_kernel_bench(options));
       std::printf("\nwrote %s\n", options.out.c_str());
       return 0;

@@ -7,10 +7,37 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/vimo-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 fail() { echo "FAIL: $*" >&2; exit 1; }
 "$vimo" bench kernels --quick --out "$work/kernels.json" > "$work/kernels.log"
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/kernels.json" || fail "bad kernels.json"
+# Every row of each report, with its measured figures and ratios (times and ratios positive: they were measured).
+python3 - "$work/kernels.json" <<'PY' || fail "bad kernels.json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert [row["loss"] for row in r["rows"]] == ["mcdpo", "mcdpo", "contrastive", "contrastive"], r["rows"]
+for row in r["rows"]:
+    for who in ["fused", "eager"] + (["bare_products"] if row["loss"] == "mcdpo" else []):
+        assert len(row[who]["cpu_ms_runs"]) == r["options"]["repetitions"], (who, row[who])
+        assert row[who]["cpu_ms"] > 0 and row[who]["peak_MiB"] > 0, (who, row[who])
+    assert row["eager_over_fused_cpu_time"] > 0 and row["eager_over_fused_memory"] > 0, row
+    assert all("met" in goal for goal in row["goals"]), row["goals"]
+PY
 "$vimo" bench data --records 256 --repetitions 1 --out "$work/data.json" > "$work/data.log"
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/data.json" || fail "bad data.json"
+python3 - "$work/data.json" <<'PY' || fail "bad data.json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert [d["compression"] for d in r["datasets"]] == ["none", "zstd"], r["datasets"]
+for d in r["datasets"]:
+    assert d["rows"][0]["name"] == "raw read()" and d["rows"][-1]["name"].startswith("loader"), d["rows"]
+    assert all(row["mb_per_s"] > 0 and row["ratio_to_raw"] > 0 for row in d["rows"]), d["rows"]
+PY
 mpirun --oversubscribe --bind-to none -np 2 "$vimo" bench comm --max-mib 1 --iters 2 --no-overlap \
   --out "$work/comm.json" > "$work/comm.log"
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r" "$work/comm.json" || fail "bad comm.json"
+python3 - "$work/comm.json" <<'PY' || fail "bad comm.json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["ranks"] == 2, r["ranks"]
+rows = r["collectives"]
+assert {row["collective"] for row in rows} == {"allreduce", "allgather", "reduce_scatter"}, rows
+assert {row["bytes"] for row in rows} == {4096, 16384, 65536, 262144, 1048576}, rows  # 4 KiB to 1 MiB
+for row in rows:
+    assert row["ours"]["time_us"] > 0 and row["raw"]["time_us"] > 0 and row["ours_over_raw"] > 0, row
+PY
 echo "1 passed, 0 failed"
