@@ -46,10 +46,6 @@ const char* op_name(int64_t op) { return detail::reduce_op_name(static_cast<Redu
 // A mismatch that slips through shows up as MPI's own error (a truncated message) or, when a rank skipped a
 // call, as the timeout of Note [Collective timeouts] naming the call. VIMO_COMM_CHECK_ASYNC=1 makes
 // asynchronous calls run the agreement first, like blocking ones: a debugging aid for a suspected mismatch.
-constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
-enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
-constexpr int kSignatureLength = kSizes + kSignatureDims;
-constexpr int kExtremesLength = 2 * kSignatureLength;  // [max of each field, -(min of each field)]
 constexpr int kGatherAgreementRanks = 64;  // up to here the agreement is an all-gather of signatures
 constexpr const char* kGatherAgreementVariable = "VIMO_COMM_AGREEMENT_GATHER_RANKS";
 
@@ -69,13 +65,34 @@ int gather_agreement_ranks() {
   }();
   return ranks;
 }
-using Signature = std::array<int64_t, kSignatureLength>;
 
-Signature signature_of(Collective collective, const at::Tensor& tensor, int64_t argument, bool accepted) {
-  Signature s{};
+// The string literal CollectiveObserver takes for `collective`.
+const char* literal_of(Collective collective) {
+  switch (collective) {
+    case Collective::Barrier:
+      return "barrier";
+    case Collective::Allreduce:
+      return "allreduce";
+    case Collective::Allgather:
+      return "allgather";
+    case Collective::Broadcast:
+      return "broadcast";
+    case Collective::Split:
+      return "split";
+    case Collective::ReduceScatter:
+      return "reduce_scatter";
+  }
+  return "collective";
+}
+
+}  // namespace
+
+CallName::CallName(Collective collective, const at::Tensor& tensor, int64_t argument)
+    : literal_(literal_of(collective)) {
+  Signature& s = signature_;
   s[kCollective] = static_cast<int64_t>(collective);
   s[kArgument] = argument;
-  s[kInputAccepted] = accepted ? 1 : 0;
+  s[kInputAccepted] = 1;
   s[kDtype] = -1;
   if (tensor.defined()) {
     s[kDtype] = static_cast<int64_t>(tensor.scalar_type());
@@ -84,7 +101,6 @@ Signature signature_of(Collective collective, const at::Tensor& tensor, int64_t 
     for (int64_t d = 0; d < std::min<int64_t>(tensor.dim(), kSignatureDims); ++d)
       s[kSizes + d] = tensor.size(d);
   }
-  return s;
 }
 
 // "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "reduce_scatter (avg) of float64 [4, 2]",
@@ -115,60 +131,47 @@ std::string describe(const Signature& s) {
   return text;
 }
 
-}  // namespace
-
-std::string describe(Collective collective, const at::Tensor& tensor, int64_t argument) {
-  return describe(signature_of(collective, tensor, argument, true));
-}
-
-// See Note [Agreeing on a collective before running it]. Returns when every rank made the same call and
-// accepted its input; otherwise throws on every rank. `problem` is what this rank's own checks found. Its
-// collectives are non-blocking underneath, so a rank that never arrives makes it time out instead of hang.
-void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds timeout, Collective collective,
-           const at::Tensor& tensor, int64_t argument, const std::string& problem) {
+// See Note [Agreeing on a collective before running it]. Its collectives are non-blocking underneath, so a
+// rank that never arrives makes it time out instead of hang. They exchange through group->agreement, and
+// their MpiWorks live on this stack: Note [The fixed cost of a blocking call].
+void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds timeout, const CallName& call,
+           int64_t bytes, const std::string& problem) {
   const int rank = group->rank;
   const int size = group->size;
-  auto new_work = [&](std::string what, int64_t bytes) {
-    return std::make_shared<MpiWork>(group, std::move(what), bytes, timeout);
-  };
-  const Signature mine = signature_of(collective, tensor, argument, problem.empty());
-  const std::string what = describe(mine);
+  MpiGroup::AgreementBuffers& buffers = group->agreement;
+  Signature& mine = buffers.mine;
+  mine = call.signature();
+  mine[kInputAccepted] = problem.empty() ? 1 : 0;
   if (size > gather_agreement_ranks()) {
-    at::Tensor extremes = at::empty({kExtremesLength}, at::kLong);  // [max of each field, -(min of each)]
-    int64_t* e = extremes.data_ptr<int64_t>();
+    int64_t* e = buffers.extremes.data();  // [max of each field, -(min of each field)]
     for (int i = 0; i < kSignatureLength; ++i) {
       e[i] = mine[i];
       e[kSignatureLength + i] = -mine[i];
     }
-    auto work = new_work(what, bytes_of(tensor));
-    VIMO_MPI_CHECK(
-        MPI_Iallreduce(MPI_IN_PLACE, e, kExtremesLength, MPI_INT64_T, MPI_MAX, group->comm, work->request()));
-    work->keep({extremes});
-    work->wait();
+    MpiWork work(group, call, bytes, timeout);
+    VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, e, static_cast<int>(buffers.extremes.size()), MPI_INT64_T,
+                                  MPI_MAX, group->comm, work.request()));
+    work.wait();
     bool same = true;
     for (int i = 0; i < kSignatureLength; ++i) same = same && e[i] == -e[kSignatureLength + i];
     if (same && mine[kInputAccepted] == 1) return;
   }
 
-  at::Tensor mine_tensor = at::empty({kSignatureLength}, at::kLong);
-  std::copy(mine.begin(), mine.end(), mine_tensor.data_ptr<int64_t>());
-  at::Tensor all = at::empty({size, kSignatureLength}, at::kLong);  // [ranks, signature]
-  auto gather = new_work(what, bytes_of(tensor));
-  VIMO_MPI_CHECK(MPI_Iallgather(mine_tensor.data_ptr(), kSignatureLength, MPI_INT64_T, all.data_ptr(),
-                                kSignatureLength, MPI_INT64_T, group->comm, gather->request()));
-  gather->keep({mine_tensor, all});
-  gather->wait();
-  const int64_t* rows = all.data_ptr<int64_t>();
+  std::vector<int64_t>& all = buffers.all;  // [ranks, signature]
+  all.resize(static_cast<size_t>(size) * kSignatureLength);
+  MpiWork gather(group, call, bytes, timeout);
+  VIMO_MPI_CHECK(MPI_Iallgather(mine.data(), kSignatureLength, MPI_INT64_T, all.data(), kSignatureLength,
+                                MPI_INT64_T, group->comm, gather.request()));
+  gather.wait();
   bool agreed = true;
   for (int r = 0; r < size && agreed; ++r) {
-    const int64_t* row = rows + static_cast<ptrdiff_t>(r) * kSignatureLength;
+    const int64_t* row = all.data() + static_cast<ptrdiff_t>(r) * kSignatureLength;
     agreed = std::equal(mine.begin(), mine.end(), row) && row[kInputAccepted] == 1;
   }
   if (agreed) return;
   auto of_rank = [&](int r) {
     Signature s;
-    std::copy_n(all.data_ptr<int64_t>() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength,
-                s.begin());
+    std::copy_n(all.data() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength, s.begin());
     return s;
   };
   if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank, problem));
@@ -183,7 +186,7 @@ void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds tim
     throw std::runtime_error(
         fmt::format("[rank {}] {} abandoned on every rank: rank(s) {} rejected their input "
                     "(their own errors say why)",
-                    rank, what, fmt::join(rejecting, ", ")));
+                    rank, call.text(), fmt::join(rejecting, ", ")));
   }
   throw std::runtime_error(
       fmt::format("[rank {}] the ranks made different calls: {}. HINT: every rank must make the same "

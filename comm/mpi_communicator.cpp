@@ -1,6 +1,6 @@
 // Defines the MPI backend of vimo::comm::Communicator (CPU tensors, over a duplicate of MPI_COMM_WORLD or a
 // split of one): MpiCommunicator, its input checks and its collectives, each admitted by the agreement of
-// comm/mpi_agreement.cpp and run as an MpiWork (comm/mpi_work.cpp).
+// comm/mpi_agreement.cpp and run as MPI's blocking call (run_blocking) or as an MpiWork (comm/mpi_work.cpp).
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -69,42 +68,46 @@ class MpiCommunicator final : public Communicator {
   }
 
   at::Tensor allgather(const at::Tensor& tensor) override {
-    admit(Collective::Allgather, tensor, 0, check_gather_input(tensor), true);
-    std::vector<int64_t> sizes = tensor.sizes().vec();
+    const CallName call(Collective::Allgather, tensor, 0);
+    admit(call, bytes_of(tensor), check_gather_input(tensor), true);
+    at::DimVector sizes(tensor.sizes());
     sizes[0] *= size();
     at::Tensor output = at::empty(sizes, tensor.options().requires_grad(false));  // [size * n, ...]
-    start_allgather(tensor, output, Call::Blocking);
+    start_allgather(call, tensor, output, Call::Blocking);
     return output;
   }
 
   std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
-    admit(Collective::Allgather, input, 0, check_gather_into(input, output), detail::check_async_calls());
-    return start_allgather(input, output, Call::Async);
+    const CallName call(Collective::Allgather, input, 0);
+    admit(call, bytes_of(input), check_gather_into(input, output), detail::check_async_calls());
+    return start_allgather(call, input, output, Call::Async);
   }
 
   void allgather_into(const at::Tensor& input, at::Tensor& output) override {
-    admit(Collective::Allgather, input, 0, check_gather_into(input, output), true);
-    start_allgather(input, output, Call::Blocking);
+    const CallName call(Collective::Allgather, input, 0);
+    admit(call, bytes_of(input), check_gather_into(input, output), true);
+    start_allgather(call, input, output, Call::Blocking);
   }
 
   at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
-    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_input(input, op), true);
+    const CallName call(Collective::ReduceScatter, input, static_cast<int64_t>(op));
+    admit(call, bytes_of(input), check_scatter_input(input, op), true);
     at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
-    start_reduce_scatter(input, output, op, Call::Blocking);
+    start_reduce_scatter(call, input, output, op, Call::Blocking);
     return output;
   }
 
   std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
                                              ReduceOp op) override {
-    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_into(input, output, op),
-          detail::check_async_calls());
-    return start_reduce_scatter(input, output, op, Call::Async);
+    const CallName call(Collective::ReduceScatter, input, static_cast<int64_t>(op));
+    admit(call, bytes_of(input), check_scatter_into(input, output, op), detail::check_async_calls());
+    return start_reduce_scatter(call, input, output, op, Call::Async);
   }
 
   void reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op) override {
-    admit(Collective::ReduceScatter, input, static_cast<int64_t>(op), check_scatter_into(input, output, op),
-          true);
-    start_reduce_scatter(input, output, op, Call::Blocking);
+    const CallName call(Collective::ReduceScatter, input, static_cast<int64_t>(op));
+    admit(call, bytes_of(input), check_scatter_into(input, output, op), true);
+    start_reduce_scatter(call, input, output, op, Call::Blocking);
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
@@ -112,31 +115,31 @@ class MpiCommunicator final : public Communicator {
     if (problem.empty() && (root < 0 || root >= size())) {
       problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
     }
-    admit(Collective::Broadcast, tensor, root, problem, true);
+    const CallName call(Collective::Broadcast, tensor, root);
+    admit(call, bytes_of(tensor), problem, true);
 
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
-    auto work = new_work(describe(Collective::Broadcast, tensor, root), bytes_of(tensor));
-    work->run_blocking([&] {
+    run_blocking(*group_, call, bytes_of(tensor), [&] {
       return MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.numel()), wire_type(buffer.scalar_type()),
                        root, group_->comm);
     });
-    if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+    write_back(buffer, tensor, false, size());
   }
 
   // The agreement is an all-reduce, whose result depends on every rank's input: no rank can leave it before
   // all have entered, so it is itself the barrier (and it also catches a rank calling something else).
-  void barrier() override { admit(Collective::Barrier, at::Tensor(), 0, "", true); }
+  void barrier() override { admit(CallName(Collective::Barrier, at::Tensor(), 0), 0, "", true); }
 
   void send(const at::Tensor& tensor, int dst, int tag) override {
-    const std::string what = fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag);
-    group_->throw_if_broken(what);
+    CallName call("send", fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag));
+    group_->throw_if_broken(call);
     std::string problem = check_input("send", tensor);
     if (problem.empty()) problem = check_peer("send to", dst, tag);
     if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
 
     const at::Tensor buffer = tensor.contiguous();
-    auto work = new_work(what, bytes_of(tensor));
+    auto work = new_work(std::move(call), bytes_of(tensor));
     VIMO_MPI_CHECK(MPI_Isend(buffer.data_ptr(), static_cast<int>(buffer.numel()),
                              wire_type(buffer.scalar_type()), dst, tag, group_->comm, work->request()));
     work->keep({buffer});
@@ -144,8 +147,9 @@ class MpiCommunicator final : public Communicator {
   }
 
   void recv(at::Tensor& tensor, int src, int tag) override {
-    const std::string what = fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag);
-    group_->throw_if_broken(what);
+    const CallName call("recv",
+                        fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag));
+    group_->throw_if_broken(call);
     std::string problem = check_input("recv", tensor);
     if (problem.empty()) problem = check_peer("recv from", src, tag);
     if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
@@ -163,7 +167,7 @@ class MpiCommunicator final : public Communicator {
     if (!arrived) {
       // Nothing was posted, so nothing is abandoned: the communicator stays usable.
       throw std::runtime_error(
-          detail::describe_timeout(rank(), what, bytes_of(tensor), timeout(), size(),
+          detail::describe_timeout(rank(), call.text(), bytes_of(tensor), timeout(), size(),
                                    "No message arrived, so the communicator stays usable"));
     }
     const MPI_Datatype type = wire_type(tensor.scalar_type());
@@ -174,17 +178,17 @@ class MpiCommunicator final : public Communicator {
       VIMO_MPI_CHECK(MPI_Get_count(&probed, MPI_BYTE, &bytes));
       // Receive it anyway, so that the sender is released and the next message of this tag is the next one.
       at::Tensor discard = at::empty({bytes}, at::kByte);
-      receive_into(discard, MPI_BYTE, src, tag, what);
+      receive_into(discard, MPI_BYTE, src, tag, call);
       throw std::runtime_error(
           fmt::format("[rank {}] {}: the message held {} bytes, but {} needs {}. HINT: the sender must send "
                       "a tensor of the "
                       "receiver's shape and dtype",
-                      rank(), what, bytes, tensor_text(tensor), bytes_of(tensor)));
+                      rank(), call.text(), bytes, tensor_text(tensor), bytes_of(tensor)));
     }
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
-    receive_into(buffer, type, src, tag, what);
-    if (!buffer.is_same(tensor)) tensor.copy_(buffer);
+    receive_into(buffer, type, src, tag, call);
+    write_back(buffer, tensor, false, size());
   }
 
   std::shared_ptr<Communicator> split(int color, int key) override {
@@ -197,7 +201,7 @@ class MpiCommunicator final : public Communicator {
     }
     // Colors and keys differ between ranks by design, so only the call itself is agreed on. After the
     // agreement every rank is inside the split, so the blocking MPI call cannot wait for a missing rank.
-    admit(Collective::Split, at::Tensor(), 0, problem, true);
+    admit(CallName(Collective::Split, at::Tensor(), 0), 0, problem, true);
     MPI_Comm group = MPI_COMM_NULL;
     VIMO_MPI_CHECK(MPI_Comm_split(group_->comm, color, key, &group));
     auto child = std::make_shared<MpiCommunicator>(group, group_->spin_for);
@@ -230,106 +234,108 @@ class MpiCommunicator final : public Communicator {
     return cores == 0 || static_cast<unsigned>(ranks_here) > cores;
   }
 
-  std::shared_ptr<MpiWork> new_work(std::string what, int64_t bytes) {
-    return std::make_shared<MpiWork>(group_, std::move(what), bytes, timeout());
+  std::shared_ptr<MpiWork> new_work(CallName call, int64_t bytes) {
+    return std::make_shared<MpiWork>(group_, std::move(call), bytes, timeout());
   }
 
   // The gate every collective passes before its payload moves: refuses calls on a broken communicator, then
   // either agrees on the call with every rank (Note [Agreeing on a collective before running it]) or, for
   // asynchronous calls, only throws this rank's own `problem` (Note [Agreement on asynchronous calls]).
-  void admit(Collective collective, const at::Tensor& tensor, int64_t argument, const std::string& problem,
-             bool agree_first) {
-    group_->throw_if_broken(describe(collective, tensor, argument));
+  // `bytes` is the payload's size, for a timeout's message.
+  void admit(const CallName& call, int64_t bytes, const std::string& problem, bool agree_first) {
+    group_->throw_if_broken(call);
     if (agree_first) {
-      agree(group_, timeout(), collective, tensor, argument, problem);
+      agree(group_, timeout(), call, bytes, problem);
     } else if (!problem.empty()) {
       throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
     }
   }
 
-  // Starts the reduction of `tensor` in place, through a float32 copy for half types (Note [Half types over
-  // MPI]) or a contiguous copy for strided tensors; the result is written back on completion.
-  std::shared_ptr<MpiWork> start_allreduce(at::Tensor& tensor, ReduceOp op, Call call) {
+  // Reduces `tensor` in place, through a float32 copy for half types (Note [Half types over MPI]) or a
+  // contiguous copy for strided tensors, written back at the end. A blocking call returns no Work: Note [The
+  // fixed cost of a blocking call].
+  std::shared_ptr<MpiWork> start_allreduce(at::Tensor& tensor, ReduceOp op, Call mode) {
     std::string problem = check_input("allreduce", tensor);
     if (problem.empty()) problem = check_average("allreduce", tensor, op);
-    admit(Collective::Allreduce, tensor, static_cast<int64_t>(op), problem, call != Call::Async);
+    const CallName call(Collective::Allreduce, tensor, static_cast<int64_t>(op));
+    const int64_t bytes = bytes_of(tensor);
+    admit(call, bytes, problem, mode != Call::Async);
 
     at::NoGradGuard no_grad;
     const bool widen = is_half(tensor.scalar_type());
     at::Tensor buffer =
         widen ? tensor.to(tensor.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
               : tensor.contiguous();
-    auto work = new_work(describe(Collective::Allreduce, tensor, static_cast<int64_t>(op)), bytes_of(tensor));
-    work->keep({buffer, tensor});
-    work->on_completion([buffer, target = tensor, op, ranks = size()]() mutable {
-      if (op == ReduceOp::Avg) buffer.div_(ranks);
-      if (!buffer.is_same(target)) target.copy_(buffer);
-    });
     const auto count = static_cast<int>(buffer.numel());
     const MPI_Datatype type = widen ? MPI_FLOAT : wire_type(buffer.scalar_type());
-    if (call == Call::Blocking) {
-      work->run_blocking([&] {
+    const bool average = op == ReduceOp::Avg;
+    if (mode == Call::Blocking) {
+      run_blocking(*group_, call, bytes, [&] {
         return MPI_Allreduce(MPI_IN_PLACE, buffer.data_ptr(), count, type, reduction(op), group_->comm);
       });
-    } else {
-      VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count, type, reduction(op), group_->comm,
-                                    work->request()));
+      write_back(buffer, tensor, average, size());
+      return nullptr;
     }
+    auto work = new_work(call, bytes);
+    work->keep({buffer, tensor});
+    work->write_back_on_completion(buffer, tensor, average);
+    VIMO_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buffer.data_ptr(), count, type, reduction(op), group_->comm,
+                                  work->request()));
     return work;
   }
 
-  // `input` [n, ...] -> `output` [size * n, ...] (checked and admitted). Moves bits only, so half types
-  // travel as 16-bit words.
-  std::shared_ptr<MpiWork> start_allgather(const at::Tensor& input, at::Tensor& output, Call call) {
+  // `input` [n, ...] -> `output` [size * n, ...] (checked and admitted as `call`). Moves bits only, so half
+  // types travel as 16-bit words. A blocking call returns no Work.
+  std::shared_ptr<MpiWork> start_allgather(const CallName& call, const at::Tensor& input, at::Tensor& output,
+                                           Call mode) {
     const at::Tensor send = input.contiguous();  // [n, ...]
     const int count = static_cast<int>(send.numel());
     const MPI_Datatype type = wire_type(send.scalar_type());
-    auto work = new_work(describe(Collective::Allgather, input, 0), bytes_of(input));
-    work->keep({send, output});
-    if (call == Call::Blocking) {
-      work->run_blocking([&] {
+    if (mode == Call::Blocking) {
+      run_blocking(*group_, call, bytes_of(input), [&] {
         return MPI_Allgather(send.data_ptr(), count, type, output.data_ptr(), count, type, group_->comm);
       });
-    } else {
-      VIMO_MPI_CHECK(MPI_Iallgather(send.data_ptr(), count, type, output.data_ptr(), count, type,
-                                    group_->comm, work->request()));
+      return nullptr;
     }
+    auto work = new_work(call, bytes_of(input));
+    work->keep({send, output});
+    VIMO_MPI_CHECK(MPI_Iallgather(send.data_ptr(), count, type, output.data_ptr(), count, type, group_->comm,
+                                  work->request()));
     return work;
   }
 
-  // `input` [size * n, ...] -> `output` [n, ...] (checked and admitted), through float32 for half types.
-  std::shared_ptr<MpiWork> start_reduce_scatter(const at::Tensor& input, at::Tensor& output, ReduceOp op,
-                                                Call call) {
+  // `input` [size * n, ...] -> `output` [n, ...] (checked and admitted as `call`), through float32 for half
+  // types. A blocking call returns no Work.
+  std::shared_ptr<MpiWork> start_reduce_scatter(const CallName& call, const at::Tensor& input,
+                                                at::Tensor& output, ReduceOp op, Call mode) {
     at::NoGradGuard no_grad;
     const bool widen = is_half(input.scalar_type());
     const at::Tensor send =
         widen ? input.to(input.options().dtype(at::kFloat), false, false, at::MemoryFormat::Contiguous)
               : input.contiguous();  // [size * n, ...]
     at::Tensor receive = widen ? at::empty(output.sizes(), output.options().dtype(at::kFloat)) : output;
-    auto work =
-        new_work(describe(Collective::ReduceScatter, input, static_cast<int64_t>(op)), bytes_of(input));
-    work->keep({send, receive, output});
-    work->on_completion([receive, target = output, op, ranks = size()]() mutable {
-      if (op == ReduceOp::Avg) receive.div_(ranks);
-      if (!receive.is_same(target)) target.copy_(receive);
-    });
     const auto count = static_cast<int>(send.numel() / size());
     const MPI_Datatype type = widen ? MPI_FLOAT : wire_type(send.scalar_type());
-    if (call == Call::Blocking) {
-      work->run_blocking([&] {
+    const bool average = op == ReduceOp::Avg;
+    if (mode == Call::Blocking) {
+      run_blocking(*group_, call, bytes_of(input), [&] {
         return MPI_Reduce_scatter_block(send.data_ptr(), receive.data_ptr(), count, type, reduction(op),
                                         group_->comm);
       });
-    } else {
-      VIMO_MPI_CHECK(MPI_Ireduce_scatter_block(send.data_ptr(), receive.data_ptr(), count, type,
-                                               reduction(op), group_->comm, work->request()));
+      write_back(receive, output, average, size());
+      return nullptr;
     }
+    auto work = new_work(call, bytes_of(input));
+    work->keep({send, receive, output});
+    work->write_back_on_completion(receive, output, average);
+    VIMO_MPI_CHECK(MPI_Ireduce_scatter_block(send.data_ptr(), receive.data_ptr(), count, type, reduction(op),
+                                             group_->comm, work->request()));
     return work;
   }
 
   // Receives the probed message into `buffer` (contiguous), waiting at most the timeout.
-  void receive_into(at::Tensor& buffer, MPI_Datatype type, int src, int tag, const std::string& what) {
-    auto work = new_work(what, bytes_of(buffer));
+  void receive_into(at::Tensor& buffer, MPI_Datatype type, int src, int tag, const CallName& call) {
+    auto work = new_work(call, bytes_of(buffer));
     VIMO_MPI_CHECK(MPI_Irecv(buffer.data_ptr(), static_cast<int>(buffer.numel()), type, src, tag,
                              group_->comm, work->request()));
     work->keep({buffer});
@@ -385,7 +391,7 @@ class MpiCommunicator final : public Communicator {
   std::string check_gather_into(const at::Tensor& input, const at::Tensor& output) const {
     std::string problem = check_gather_input(input);
     if (problem.empty()) {
-      std::vector<int64_t> sizes = input.sizes().vec();
+      at::DimVector sizes(input.sizes());
       sizes[0] *= size();
       problem = check_output("allgather", input, output, sizes);
     }
@@ -400,8 +406,8 @@ class MpiCommunicator final : public Communicator {
   }
 
   // input [size * n, ...] -> [n, ...]
-  std::vector<int64_t> scattered_sizes(const at::Tensor& input) const {
-    std::vector<int64_t> sizes = input.sizes().vec();
+  at::DimVector scattered_sizes(const at::Tensor& input) const {
+    at::DimVector sizes(input.sizes());
     sizes[0] /= size();
     return sizes;
   }

@@ -1,15 +1,16 @@
 // Defines what the files of the MPI backend (comm/mpi_*.cpp) share, none of it part of vimo's API:
-// VIMO_MPI_CHECK, how tensors travel over MPI (wire_type, reduction), the collectives the ranks agree on, how
-// a wait polls (poll_until_done, with Note [Collective timeouts]), MpiGroup, a communicator's MPI state, and
-// MpiWork, one non-blocking MPI operation.
+// VIMO_MPI_CHECK, how tensors travel over MPI (wire_type, reduction), the collectives the ranks agree on and
+// how a call is named (CallName), how a wait polls (poll_until_done, with Note [Collective timeouts]),
+// MpiGroup, a communicator's MPI state, run_blocking, the payload of a blocking call, and MpiWork, one
+// non-blocking MPI operation.
 #pragma once
 
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <array>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <stdexcept>
@@ -84,6 +85,51 @@ inline MPI_Op reduction(ReduceOp op) {
 // comm/mpi_agreement.cpp.
 enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split, ReduceScatter };
 
+// What the ranks compare before a collective, as int64 fields: which collective, dtype, op or root, shape,
+// and whether this rank's own checks passed.
+inline constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
+enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
+inline constexpr int kSignatureLength = kSizes + kSignatureDims;
+using Signature = std::array<int64_t, kSignatureLength>;
+
+// "allreduce (sum) of int64 [5]": a collective's signature as errors name it (mpi_agreement.cpp).
+std::string describe(const Signature& signature);
+
+// Note [The fixed cost of a blocking call]
+// Besides its payload, a blocking collective pays a fixed cost per call: the agreement's round trip (an
+// MPI_Iallgather of a 120-byte signature, under a microsecond on 2 ranks over shared memory) and the host's
+// work around both. That host work used to cost more than the round trip: three descriptions formatted with
+// fmt that only errors read, two tensors allocated for the agreement's buffers, two shared MpiWorks, a
+// std::function and a vector of kept tensors. In bench_comm_report's 4 KiB rows on 2 ranks, where the fixed
+// cost is all there is, ours took 2.2-2.4 µs more than raw MPI. So the blocking path allocates nothing it can
+// avoid: a call is named by CallName, the numbers of its signature, formatted only when an error, a timeout
+// or Work::description() asks for the text; the agreement exchanges through buffers the communicator keeps
+// (MpiGroup::agreement) and waits on an MpiWork on its stack; the payload runs through run_blocking and
+// write_back, with no MpiWork at all. The watchdog needs no text either: CollectiveObserver takes a string
+// literal and a byte count. The 4 KiB gap fell to 0.7-1.2 µs, mostly the round trip itself, and the worst
+// ours/raw at 1-4 MiB rose from 0.88 to 0.94 (within the machine's run-to-run noise of a few percent there).
+// Asynchronous calls still allocate their MpiWork, since it must outlive the call.
+
+// A call as errors, timeouts and Work::description() name it ("allreduce (sum) of float32 [4]"). A collective
+// keeps the numbers of its signature and formats them only when asked (Note [The fixed cost of a blocking
+// call]); a point-to-point call carries its text.
+class CallName {
+ public:
+  CallName(Collective collective, const at::Tensor& tensor, int64_t argument);  // mpi_agreement.cpp
+  CallName(const char* literal, std::string text) : literal_(literal), text_(std::move(text)) {}
+
+  // The collective's signature, this rank's input marked accepted (zeros for point-to-point calls).
+  const Signature& signature() const { return signature_; }
+  // "allreduce", "send", ...: the string literal CollectiveObserver takes.
+  const char* literal() const { return literal_; }
+  std::string text() const { return text_.empty() ? describe(signature_) : text_; }
+
+ private:
+  Signature signature_{};
+  const char* literal_;
+  std::string text_;  // empty for collectives
+};
+
 // Note [Collective timeouts]
 // MPI has no timeout: a rank whose peer never joins a collective waits inside MPI_Wait forever. So every
 // operation that waits for peers to arrive is non-blocking underneath (asynchronous calls, point-to-point,
@@ -151,6 +197,14 @@ struct MpiGroup {
   std::string broken;
   // Buffers of requests abandoned on timeout: MPI may still write into them, so they live as long as we do.
   std::vector<at::Tensor> abandoned;
+  // The agreement's exchange buffers, kept instead of allocated per call (Note [The fixed cost of a blocking
+  // call]). An exchange that timed out may still write into them later, which is safe for the reason
+  // `abandoned` is: they live as long as we do, and a broken communicator starts no other exchange.
+  struct AgreementBuffers {
+    Signature mine{};
+    std::vector<int64_t> all;                              // [ranks, signature], sized on first use
+    std::array<int64_t, 2 * kSignatureLength> extremes{};  // [max of each field, -(min of each field)]
+  } agreement;
 
   MpiGroup() = default;
   MpiGroup(const MpiGroup&) = delete;
@@ -163,41 +217,71 @@ struct MpiGroup {
     if (!finalized && comm != MPI_COMM_NULL && broken.empty()) MPI_Comm_free(&comm);
   }
 
-  void throw_if_broken(const std::string& what) const {
+  void throw_if_broken(const CallName& call) const {
     if (broken.empty()) return;
     throw std::runtime_error(
         fmt::format("[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
                     "HINT: exit and "
                     "resume from the last checkpoint",
-                    rank, what, broken));
+                    rank, call.text(), broken));
   }
 };
 
+// Reports a wait to the CollectiveObserver while it lasts, so that the watchdog names a rank stuck in one.
+class ObservedWait {
+ public:
+  ObservedWait(const CallName& call, int64_t bytes) : observer_(collective_observer()) {
+    if (observer_) observer_->enter_collective(call.literal(), bytes);
+  }
+  ~ObservedWait() {
+    if (observer_) observer_->leave_collective();
+  }
+  ObservedWait(const ObservedWait&) = delete;
+  ObservedWait& operator=(const ObservedWait&) = delete;
+
+ private:
+  CollectiveObserver* observer_;
+};
+
+// After a reduction into `result`, the float32 or contiguous stand-in of the caller's `target` (or `target`
+// itself): divides an average by the rank count, then copies into `target` (mpi_work.cpp).
+void write_back(at::Tensor& result, at::Tensor& target, bool average, int ranks);
+
 // Note [Blocking payloads after the agreement]
 // A blocking collective first agrees on the call (Note [Agreeing on a collective before running it]): a
-// non-blocking all-reduce with the timeout of Note [Collective timeouts]. When it completes, every rank of
-// the communicator has entered this very call with a matching input, so the payload cannot wait for a rank
-// that went elsewhere, threw, or never came: the hangs a timeout exists for are ruled out before a byte of it
-// moves. The payload then runs as MPI's blocking collective (MPI_Allreduce, MPI_Allgather, ...), which Open
-// MPI serves with coll/tuned's algorithms (ring, Rabenseifner, recursive doubling, chosen per size and rank
-// count) instead of libnbc's schedules: at 1 MiB on 2 ranks, libnbc's all-gather took ~90 µs against ~60 µs
-// (bench/README.md, "Communication"). What the payload can still meet is a peer that dies or stops in the
-// milliseconds between: a dead peer makes mpirun end the job, and a stopped one is what the heartbeat
-// watchdog reports (comm/watchdog.h), naming the rank and this collective, which it sees through
-// CollectiveObserver as it sees every wait. Asynchronous calls stay non-blocking end to end: they exist to
-// overlap, and they skip the agreement.
+// non-blocking all-gather (all-reduce on many ranks) with the timeout of Note [Collective timeouts]. When it
+// completes, every rank of the communicator has entered this very call with a matching input, so the payload
+// cannot wait for a rank that went elsewhere, threw, or never came: the hangs a timeout exists for are ruled
+// out before a byte of it moves. The payload then runs as MPI's blocking collective (MPI_Allreduce,
+// MPI_Allgather, ...), which Open MPI serves with coll/tuned's algorithms (ring, Rabenseifner, recursive
+// doubling, chosen per size and rank count) instead of libnbc's schedules: at 1 MiB on 2 ranks, libnbc's
+// all-gather took ~90 µs against ~60 µs (bench/README.md, "Communication"). What the payload can still meet
+// is a peer that dies or stops in the milliseconds between: a dead peer makes mpirun end the job, and a
+// stopped one is what the heartbeat watchdog reports (comm/watchdog.h), naming the rank and this collective,
+// which it sees through CollectiveObserver as it sees every wait. Asynchronous calls stay non-blocking end to
+// end: they exist to overlap, and they skip the agreement.
 enum class Call {
   Blocking,     // agreed, then MPI's blocking collective
   Async,        // started non-blocking without agreement (the default for *_async)
   AgreedAsync,  // agreed, then started non-blocking (*_async with VIMO_COMM_CHECK_ASYNC=1)
 };
 
+// Runs `call`, MPI's blocking collective, as the payload of a blocking call that the ranks agreed on (Note
+// [Blocking payloads after the agreement]): refused on a broken communicator and seen by the observer, with
+// nothing allocated (Note [The fixed cost of a blocking call]).
+template <typename MpiCall>
+void run_blocking(const MpiGroup& group, const CallName& call, int64_t bytes, MpiCall&& mpi_call) {
+  group.throw_if_broken(call);
+  const ObservedWait observed(call, bytes);
+  VIMO_MPI_CHECK(mpi_call());
+}
+
 // One non-blocking MPI operation and what it needs: the buffers it reads and writes (kept alive until it
-// completes) and the work left for the host afterwards (averaging, copying back, widening back).
+// completes) and the write-back left for the host afterwards.
 class MpiWork final : public Work {
  public:
-  MpiWork(std::shared_ptr<MpiGroup> group, std::string what, int64_t bytes, std::chrono::milliseconds timeout)
-      : group_(std::move(group)), what_(std::move(what)), bytes_(bytes), timeout_(timeout) {}
+  MpiWork(std::shared_ptr<MpiGroup> group, CallName call, int64_t bytes, std::chrono::milliseconds timeout)
+      : group_(std::move(group)), call_(std::move(call)), bytes_(bytes), timeout_(timeout) {}
   MpiWork(const MpiWork&) = delete;
   MpiWork& operator=(const MpiWork&) = delete;
 
@@ -208,46 +292,31 @@ class MpiWork final : public Work {
   void keep(std::initializer_list<at::Tensor> buffers) {
     buffers_.insert(buffers_.end(), buffers.begin(), buffers.end());
   }
-  void on_completion(std::function<void()> finish) { finish_ = std::move(finish); }
-  const MPI_Status& status() const { return status_; }
-
-  // Runs `call`, a blocking MPI call that does this work's operation, in place of a non-blocking start and
-  // wait: see Note [Blocking payloads after the agreement]. On return the work is done.
-  template <typename Call>
-  void run_blocking(Call&& call) {
-    group_->throw_if_broken(what_);
-    const Observed observed(what_, bytes_);
-    VIMO_MPI_CHECK(call());
-    finish();
+  // On completion, write_back(result, target, average, ranks).
+  void write_back_on_completion(at::Tensor result, at::Tensor target, bool average) {
+    result_ = std::move(result);
+    target_ = std::move(target);
+    average_ = average;
   }
 
   void wait() override;
   bool is_completed() override;
 
-  std::string description() const override { return what_; }
+  std::string description() const override { return call_.text(); }
 
  private:
-  // The watchdog sees every wait, so a rank stuck in one is reported with the collective's name.
-  struct Observed {
-    CollectiveObserver* observer;
-    Observed(const std::string& what, int64_t bytes);
-    ~Observed();
-    Observed(const Observed&) = delete;
-    Observed& operator=(const Observed&) = delete;
-  };
-
   // One MPI_Test; on completion runs the host-side finish exactly once.
   bool test();
   void finish();
 
   std::shared_ptr<MpiGroup> group_;
-  std::string what_;
+  CallName call_;
   int64_t bytes_ = 0;
   std::chrono::milliseconds timeout_;
   MPI_Request request_ = MPI_REQUEST_NULL;
-  MPI_Status status_{};
   std::vector<at::Tensor> buffers_;
-  std::function<void()> finish_;
+  at::Tensor result_, target_;  // what write_back_on_completion named; undefined when nothing is written back
+  bool average_ = false;
   bool done_ = false;
 };
 
@@ -256,11 +325,11 @@ std::string tensor_text(const at::Tensor& tensor);
 // The bytes `tensor` holds; 0 when undefined (mpi_work.cpp).
 int64_t bytes_of(const at::Tensor& tensor);
 
-// "allreduce (sum) of int64 [5]": the call, as errors and Works name it (mpi_agreement.cpp).
-std::string describe(Collective collective, const at::Tensor& tensor, int64_t argument);
-// Makes the ranks of `group` agree on the call before it runs (mpi_agreement.cpp): returns when every rank
-// made the same call and accepted its input; otherwise throws on every rank. Waits at most `timeout`.
-void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds timeout, Collective collective,
-           const at::Tensor& tensor, int64_t argument, const std::string& problem);
+// Makes the ranks of `group` agree on `call` before it runs (mpi_agreement.cpp): returns when every rank
+// made the same call and accepted its input; otherwise throws on every rank. `problem` is what this rank's
+// own checks found ("" when none); `bytes` is the payload's size, for a timeout's message. Waits at most
+// `timeout`.
+void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds timeout, const CallName& call,
+           int64_t bytes, const std::string& problem);
 
 }  // namespace vimo::comm::mpi_detail

@@ -1,6 +1,6 @@
 // Defines the pieces of the MPI backend that every call goes through (declared in comm/mpi_internal.h): the
 // error of a failed MPI call, MpiWork (one non-blocking operation, its wait with the timeout and the
-// progress it pokes), and how tensors are named in messages.
+// progress it pokes), the write-back after a reduction, and how tensors are named in messages.
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -23,16 +23,6 @@ int world_rank_for_errors() {
   MPI_Finalized(&finalized);
   if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   return rank;
-}
-
-// The collective's name as a string literal (what CollectiveObserver takes), from the start of a description
-// such as "allreduce (sum) of float32 [4] ...".
-const char* collective_literal(const std::string& what) {
-  for (const char* name :
-       {"allreduce", "allgather", "reduce_scatter", "broadcast", "barrier", "split", "send", "recv"}) {
-    if (what.rfind(name, 0) == 0) return name;
-  }
-  return "collective";
 }
 
 }  // namespace
@@ -80,10 +70,10 @@ MpiWork::~MpiWork() {
 
 void MpiWork::wait() {
   if (done_) return;
-  group_->throw_if_broken(what_);
-  const Observed observed(what_, bytes_);
+  group_->throw_if_broken(call_);
+  const ObservedWait observed(call_, bytes_);
   if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for)) {
-    group_->broken = detail::describe_timeout(group_->rank, what_, bytes_, timeout_, group_->size,
+    group_->broken = detail::describe_timeout(group_->rank, call_.text(), bytes_, timeout_, group_->size,
                                               "This communicator is unusable from now on");
     group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
     throw std::runtime_error(group_->broken);
@@ -92,21 +82,13 @@ void MpiWork::wait() {
 
 bool MpiWork::is_completed() {
   if (done_) return true;
-  group_->throw_if_broken(what_);
+  group_->throw_if_broken(call_);
   return test();
-}
-
-MpiWork::Observed::Observed(const std::string& what, int64_t bytes) : observer(collective_observer()) {
-  if (observer) observer->enter_collective(collective_literal(what), bytes);
-}
-
-MpiWork::Observed::~Observed() {
-  if (observer) observer->leave_collective();
 }
 
 bool MpiWork::test() {
   int flag = 0;
-  VIMO_MPI_CHECK(MPI_Test(&request_, &flag, &status_));
+  VIMO_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
   if (!flag) return false;
   finish();
   return true;
@@ -114,10 +96,16 @@ bool MpiWork::test() {
 
 void MpiWork::finish() {
   done_ = true;
-  at::NoGradGuard no_grad;  // the copies are communication, not part of any graph
-  if (finish_) finish_();
-  finish_ = nullptr;
+  if (result_.defined()) write_back(result_, target_, average_, group_->size);
+  result_ = at::Tensor();
+  target_ = at::Tensor();
   buffers_.clear();
+}
+
+void write_back(at::Tensor& result, at::Tensor& target, bool average, int ranks) {
+  at::NoGradGuard no_grad;  // the division and copy are communication, not part of any graph
+  if (average) result.div_(ranks);
+  if (!result.is_same(target)) target.copy_(result);
 }
 
 // "float32 [3, 4]".

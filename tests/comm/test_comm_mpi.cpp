@@ -8,6 +8,7 @@
 #include <ostream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -261,6 +262,57 @@ TEST(MpiBarrier, NoRankLeavesBeforeEveryRankHasArrived) {
   const int64_t first_departure = times.select(1, 1).min().item<int64_t>();
   EXPECT_LE(last_arrival, first_departure)
       << "a rank left the barrier " << (last_arrival - first_departure) << " ns before the last rank arrived";
+}
+
+// What the backend reports to the watchdog's CollectiveObserver: every wait, named by a string literal.
+class RecordingObserver final : public vimo::comm::CollectiveObserver {
+ public:
+  void enter_collective(const char* name, int64_t bytes) override {
+    EXPECT_EQ(depth, 0) << name << " entered inside another wait";
+    ++depth;
+    entered.emplace_back(name, bytes);
+  }
+  void leave_collective() override { --depth; }
+
+  std::vector<std::pair<std::string, int64_t>> entered;  // (name, bytes) of every wait
+  int depth = 0;
+};
+
+// The names are no longer parsed out of a formatted description but come from the call's signature (Note
+// [The fixed cost of a blocking call] in comm/mpi_internal.h): each call must still report its own name and
+// payload size, enter and leave in pairs, and the agreement's wait counts as the call's.
+TEST(MpiObserver, EveryWaitIsReportedWithTheCallsNameAndSize) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  RecordingObserver observer;
+  vimo::comm::set_collective_observer(&observer);
+  const auto expect_reported = [&](const std::string& name, int64_t bytes, auto&& call) {
+    observer.entered.clear();
+    call();
+    EXPECT_EQ(observer.depth, 0) << name << " left a wait open";
+    ASSERT_FALSE(observer.entered.empty()) << name << " reported no wait";
+    for (const auto& [entered_name, entered_bytes] : observer.entered) {
+      EXPECT_EQ(entered_name, name);
+      EXPECT_EQ(entered_bytes, bytes) << name;
+    }
+  };
+  at::Tensor four = at::ones({4});                 // [4], 16 bytes
+  at::Tensor rows = at::ones({2, 3});              // [2, 3], 24 bytes
+  at::Tensor all_rows = at::ones({2 * ranks, 3});  // [ranks * 2, 3]
+  at::Tensor shard = at::empty({2, 3});
+  expect_reported("allreduce", 16, [&] { mpi_world()->allreduce(four, ReduceOp::Avg); });
+  expect_reported("allreduce", 16, [&] { mpi_world()->allreduce_async(four, ReduceOp::Sum)->wait(); });
+  expect_reported("allgather", 24, [&] { mpi_world()->allgather(rows); });
+  expect_reported("allgather", 24, [&] { mpi_world()->allgather_into(rows, all_rows); });
+  expect_reported("reduce_scatter", 24 * ranks,
+                  [&] { mpi_world()->reduce_scatter(all_rows, ReduceOp::Sum); });
+  expect_reported("reduce_scatter", 24 * ranks,
+                  [&] { mpi_world()->reduce_scatter_into(all_rows, shard, ReduceOp::Max); });
+  expect_reported("broadcast", 16, [&] { mpi_world()->broadcast(four, 0); });
+  expect_reported("barrier", 0, [&] { mpi_world()->barrier(); });
+  if (rank == 0) expect_reported("send", 16, [&] { mpi_world()->send(four, 1, 7); });
+  if (rank == 1) expect_reported("recv", 16, [&] { mpi_world()->recv(four, 0, 7); });
+  vimo::comm::set_collective_observer(nullptr);
+  mpi_world()->barrier();
 }
 
 // Rank r's loss in the gradient tests: its rows scored against every rank's rows (mean over its rows), plus a
