@@ -43,7 +43,10 @@ namespace fs = std::filesystem;
 //   loader, N workers    the StreamingLoader: + block-shuffled order, LRU shard cache, batch jobs handed
 //                        from N prefetch threads (0: read on the caller's thread)
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
-// of records/s are equal. A zstd dataset moves fewer file bytes for the same records.
+// of records/s are equal. A zstd dataset moves fewer file bytes for the same records. The rows run in
+// rounds, each making one pass per round in turn, and "x raw" is the median over rounds of that round's
+// raw time / the row's time: this machine's speed moves by up to 4x between minutes, which the ratio of
+// medians taken minutes apart would report as the loader's.
 
 namespace {
 
@@ -142,14 +145,9 @@ double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-// Times `pass` `repetitions` times; records/s and MB/s from the median, fastest and slowest pass.
-nlohmann::json measure(const std::string& name, int repetitions, const std::function<PassResult()>& pass) {
-  std::vector<double> seconds;
-  PassResult last;
-  for (int r = 0; r < repetitions; ++r) {
-    last = pass();
-    seconds.push_back(last.seconds);
-  }
+// A row's timed passes: records/s and MB/s from the median, fastest and slowest pass.
+nlohmann::json summarize(const std::string& name, const std::vector<double>& seconds,
+                         const PassResult& last) {
   const double mid = median(seconds);
   const auto [fastest, slowest] = std::minmax_element(seconds.begin(), seconds.end());
   const double megabytes = static_cast<double>(last.bytes) / 1e6, records = static_cast<double>(last.records);
@@ -161,6 +159,34 @@ nlohmann::json measure(const std::string& name, int repetitions, const std::func
           {"mb_per_s", megabytes / mid},
           {"records_per_s_min", records / *slowest},
           {"records_per_s_max", records / *fastest}};
+}
+
+struct Contender {
+  std::string name;
+  std::function<PassResult()> pass;
+};
+
+// Runs `repetitions` rounds in which every contender makes one pass, in turn, and returns one row each;
+// ratio_to_raw is the median over rounds of raw's time / the row's time (contenders[0] is raw read()), so a
+// slow minute of a shared machine slows both sides of each ratio (Note [What the data benchmark compares]).
+nlohmann::json measure_side_by_side(int repetitions, const std::vector<Contender>& contenders) {
+  std::vector<std::vector<double>> seconds(contenders.size());
+  std::vector<PassResult> last(contenders.size());
+  for (int r = 0; r < repetitions; ++r) {
+    for (size_t i = 0; i < contenders.size(); ++i) {
+      last[i] = contenders[i].pass();
+      seconds[i].push_back(last[i].seconds);
+    }
+  }
+  nlohmann::json rows = nlohmann::json::array();
+  for (size_t i = 0; i < contenders.size(); ++i) {
+    nlohmann::json row = summarize(contenders[i].name, seconds[i], last[i]);
+    std::vector<double> ratios;
+    for (int r = 0; r < repetitions; ++r) ratios.push_back(seconds[0][r] / seconds[i][r]);
+    row["ratio_to_raw"] = median(ratios);
+    rows.push_back(row);
+  }
+  return rows;
 }
 
 std::string cpu_model() {
@@ -186,23 +212,20 @@ nlohmann::json bench_one_dataset(const DataBenchOptions& options, bool zstd) {
   const BenchDataset dataset(options, zstd);
   const int reps = options.repetitions;
   (void)raw_read_pass(dataset);  // the page cache now holds every shard file
-  nlohmann::json rows = nlohmann::json::array();
-  const nlohmann::json raw = measure("raw read()", reps, [&] { return raw_read_pass(dataset); });
-  rows.push_back(raw);
+  std::vector<Contender> contenders = {{"raw read()", [&] { return raw_read_pass(dataset); }}};
   if (options.stages) {
-    rows.push_back(measure("raw read() + xxh3", reps, [&] { return xxh3_pass(dataset); }));
-    rows.push_back(measure("pread per record", reps, [&] { return pread_per_record_pass(dataset); }));
-    rows.push_back(measure("read_record", reps, [&] { return read_record_pass(dataset); }));
-    rows.push_back(measure("read_view", reps, [&] { return read_view_pass(dataset, 0); }));
-    rows.push_back(measure(fmt::format("read_view + collate {}", options.batch), reps,
-                           [&] { return read_view_pass(dataset, options.batch); }));
+    contenders.push_back({"raw read() + xxh3", [&] { return xxh3_pass(dataset); }});
+    contenders.push_back({"pread per record", [&] { return pread_per_record_pass(dataset); }});
+    contenders.push_back({"read_record", [&] { return read_record_pass(dataset); }});
+    contenders.push_back({"read_view", [&] { return read_view_pass(dataset, 0); }});
+    contenders.push_back({fmt::format("read_view + collate {}", options.batch),
+                          [&] { return read_view_pass(dataset, options.batch); }});
   }
   for (const int workers : options.workers) {
-    rows.push_back(measure(fmt::format("loader, {} workers", workers), reps,
-                           [&] { return loader_pass(dataset, workers, options.batch); }));
+    contenders.push_back({fmt::format("loader, {} workers", workers),
+                          [&, workers] { return loader_pass(dataset, workers, options.batch); }});
   }
-  for (nlohmann::json& row : rows)
-    row["ratio_to_raw"] = row["mb_per_s"].get<double>() / raw["mb_per_s"].get<double>();
+  const nlohmann::json rows = measure_side_by_side(reps, contenders);
   return {{"compression", zstd ? "zstd" : "none"},
           {"records", dataset.records()},
           {"shard_bytes", dataset.bytes()},
@@ -322,8 +345,8 @@ void print_data_bench(const nlohmann::json& report) {
   const nlohmann::json& o = report["options"];
   const nlohmann::json& m = report["machine"];
   fmt::print(
-      "data loader benchmark: {} records of F={} x Dv={}, batch {}, {} repetitions (median, [min, max] "
-      "records/s), page cache warm\n",
+      "data loader benchmark: {} records of F={} x Dv={}, batch {}, {} interleaved rounds (median, [min, "
+      "max] records/s; x raw: median of the rounds' ratios), page cache warm\n",
       o["records"].get<int64_t>(), o["frames"].get<int64_t>(), o["feature_dim"].get<int64_t>(),
       o["batch"].get<int64_t>(), o["repetitions"].get<int>());
   fmt::print("machine: {} cores, {}, load average {} before, {} after\n", m["nproc"].get<unsigned>(),

@@ -21,9 +21,9 @@ struct DataBenchOptions {
   int64_t records_per_shard = 1024;
   int64_t batch = 64;                 // loader global batch (one rank)
   std::vector<int> workers = {0, 2};  // loader worker threads, one row each
-  int repetitions = 5;                // timed passes per row; the report gives the median and the range
-  bool stages = true;  // also time the stages between raw read and loader (where the time goes)
-  std::string out;     // JSON report path; empty: none
+  int repetitions = 5;  // rounds, one timed pass per row each; the report gives the median and range
+  bool stages = true;   // also time the stages between raw read and loader (where the time goes)
+  std::string out;      // JSON report path; empty: none
 };
 
 // A synthetic retrieval dataset in a fresh temporary directory, removed by the destructor.
