@@ -115,19 +115,33 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   }
 
   at::Tensor allgather(const at::Tensor& tensor) override {
+    check_input("allgather", tensor);
+    c10::cuda::CUDAGuard guard(device_);
+    at::Tensor output =
+        at::empty(gathered_sizes(tensor), tensor.options().requires_grad(false));  // [size * n, ...]
+    allgather_into(tensor, output);
+    return output;
+  }
+
+  // The blocking calls into the caller's output: on the caller's stream like the others, with no fresh output
+  // and no copy (the base's default allocates and copies).
+  void allgather_into(const at::Tensor& tensor, at::Tensor& output) override {
     const ncclDataType_t type = check_input("allgather", tensor);
-    if (tensor.dim() == 0) {
-      throw std::runtime_error(fmt::format(
-          "[rank {}] allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it", rank_));
-    }
+    check_output("allgather", tensor, output, gathered_sizes(tensor));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor input = tensor.contiguous();  // [n, ...]
-    std::vector<int64_t> sizes = input.sizes().vec();
-    sizes[0] *= size_;
-    at::Tensor output = at::empty(sizes, input.options().requires_grad(false));  // [size * n, ...]
     VIMO_NCCL_COMM_CHECK(ncclAllGather(input.data_ptr(), output.data_ptr(),
                                        static_cast<size_t>(input.numel()), type, comm_, stream()));
-    return output;
+  }
+
+  void reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op) override {
+    const ncclDataType_t type = check_scatter_input(input, op);
+    check_output("reduce_scatter", input, output, scattered_sizes(input));
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor send = input.contiguous();  // [size * n, ...]
+    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
+                                           static_cast<size_t>(output.numel()), type, nccl_op(op), comm_,
+                                           stream()));
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
@@ -153,13 +167,10 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   }
 
   at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
-    const ncclDataType_t type = check_scatter_input(input, op);
+    check_scatter_input(input, op);
     c10::cuda::CUDAGuard guard(device_);
-    const at::Tensor send = input.contiguous();  // [size * n, ...]
     at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
-    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
-                                           static_cast<size_t>(output.numel()), type, nccl_op(op), comm_,
-                                           stream()));
+    reduce_scatter_into(input, output, op);
     return output;
   }
 
@@ -202,13 +213,7 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
 
   std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
     const ncclDataType_t type = check_input("allgather", input);
-    if (input.dim() == 0) {
-      throw std::runtime_error(fmt::format(
-          "[rank {}] allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it", rank_));
-    }
-    std::vector<int64_t> sizes = input.sizes().vec();
-    sizes[0] *= size_;
-    check_output("allgather", input, output, sizes);
+    check_output("allgather", input, output, gathered_sizes(input));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor send = input.contiguous();  // [n, ...]
     return launch(fmt::format("allgather of {}", tensor_text(input)), bytes_of(input), {send, output},
@@ -334,6 +339,17 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
                       rank_, tensor_text(input), size_));
     }
     return type;
+  }
+
+  // input [n, ...] -> [size * n, ...]; a 0-dim input has no dim 0 to gather along.
+  std::vector<int64_t> gathered_sizes(const at::Tensor& input) const {
+    if (input.dim() == 0) {
+      throw std::runtime_error(fmt::format(
+          "[rank {}] allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it", rank_));
+    }
+    std::vector<int64_t> sizes = input.sizes().vec();
+    sizes[0] *= size_;
+    return sizes;
   }
 
   // input [size * n, ...] -> [n, ...]

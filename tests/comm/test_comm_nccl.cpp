@@ -107,6 +107,34 @@ TEST_F(NcclCommunicator, AllgatherAndBroadcastMatchMpiBitForBit) {
   nccl_->barrier();
 }
 
+// The *_into calls write the caller's output: the all-gather equals MPI's bit for bit, the int64 sum of the
+// reduce-scatter too (integer sums do not depend on the order), and an output of the wrong shape is refused
+// before anything is enqueued, naming the shape it needed.
+TEST_F(NcclCommunicator, IntoCallsFillTheCallersOutput) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const uint64_t seed = shared_seed();
+  for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kLong}) {
+    const at::Tensor inputs = all_inputs(dtype, seed, ranks, {3, 4});  // [ranks, 3, 4]
+    at::Tensor gathered = on_gpu(at::full({3 * ranks, 4}, 7, at::TensorOptions().dtype(dtype)));
+    const void* storage = gathered.data_ptr();
+    nccl_->allgather_into(on_gpu(inputs[rank]), gathered);
+    EXPECT_EQ(gathered.data_ptr(), storage) << dtype_name(dtype);
+    EXPECT_TRUE(at::equal(gathered.cpu(), mpi_world()->allgather(inputs[rank]))) << dtype_name(dtype);
+  }
+  const at::Tensor inputs = all_inputs(at::kLong, seed + 1, ranks, {2 * ranks, 3});  // [ranks, 2 * ranks, 3]
+  at::Tensor shard = on_gpu(at::zeros({2, 3}, at::kLong));
+  nccl_->reduce_scatter_into(on_gpu(inputs[rank]), shard, ReduceOp::Sum);
+  EXPECT_TRUE(at::equal(shard.cpu(), mpi_world()->reduce_scatter(inputs[rank], ReduceOp::Sum)));
+  at::Tensor wrong = on_gpu(at::zeros({3, 3}, at::kLong));
+  try {
+    nccl_->reduce_scatter_into(on_gpu(inputs[rank]), wrong, ReduceOp::Sum);
+    ADD_FAILURE() << "an output of the wrong shape was accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("[2, 3]"), std::string::npos) << e.what();
+  }
+  nccl_->barrier();
+}
+
 TEST_F(NcclCommunicator, RejectsCpuTensorsOnEveryRank) {
   at::Tensor on_cpu = at::zeros({3});
   try {
