@@ -127,8 +127,9 @@ class MpiCommunicator final : public Communicator {
     write_back(buffer, tensor, false, size());
   }
 
-  // The agreement is an all-reduce, whose result depends on every rank's input: no rank can leave it before
-  // all have entered, so it is itself the barrier (and it also catches a rank calling something else).
+  // The agreement (an all-gather, or an all-reduce beyond 64 ranks) has a result that depends on every
+  // rank's input: no rank can leave it before all have entered, so it is itself the barrier (and it also
+  // catches a rank calling something else).
   void barrier() override { admit(CallName(Collective::Barrier, at::Tensor(), 0), 0, "", true); }
 
   void send(const at::Tensor& tensor, int dst, int tag) override {

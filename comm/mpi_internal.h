@@ -97,7 +97,7 @@ std::string describe(const Signature& signature);
 
 // Note [The fixed cost of a blocking call]
 // Besides its payload, a blocking collective pays a fixed cost per call: the agreement's round trip (an
-// MPI_Iallgather of a 120-byte signature, under a microsecond on 2 ranks over shared memory) and the host's
+// MPI_Iallgather of a 112-byte signature, under a microsecond on 2 ranks over shared memory) and the host's
 // work around both. That host work used to cost more than the round trip: three descriptions formatted with
 // fmt that only errors read, two tensors allocated for the agreement's buffers, two shared MpiWorks, a
 // std::function and a vector of kept tensors. In bench_comm_report's 4 KiB rows on 2 ranks, where the fixed

@@ -137,10 +137,22 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   // pool_, so once warm a batch allocates nothing else of its size.
   thread_local RecordBuffer buffer;
   thread_local RecordView record;
+  // `record` views the mapping of a reader that `readers` below keeps alive for this batch only: drop the
+  // views when the batch ends (keeping the shape vectors' capacity), so that none outlives its mapping.
+  struct ForgetViews {
+    RecordView& record;
+    ~ForgetViews() {
+      for (FieldView& field : record.fields) {
+        field.name = {};
+        field.bytes = {};
+      }
+    }
+  } forget_views{record};
   Collator collator(static_cast<int64_t>(refs.size()), &pool_);
   uint64_t bytes = 0;
   int64_t skipped = 0;
-  // The batch's shards, looked up in the shared LRU cache once each rather than once per record.
+  // The batch's shards, looked up in the shared LRU cache once each rather than once per record; they stay
+  // open until the batch is read even if the cache closes them meanwhile (see LoaderOptions::open_shards).
   std::vector<std::pair<uint32_t, std::shared_ptr<ShardReader>>> readers;
   for (const SampleRef& ref : refs) {
     try {

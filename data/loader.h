@@ -33,7 +33,9 @@ struct LoaderOptions {
   int workers = 2;               // background reader threads
   int prefetch = 4;              // batches read ahead (bounds memory: prefetch × local batch records)
   bool skip_corrupt = false;     // skip and count corrupt records instead of stopping
-  size_t open_shards = 64;       // shard files kept open (least recently used are closed)
+  // Shard files kept open (least recently used are closed). A batch being read also keeps the shards it
+  // reads open until it is done, so at most open_shards + each worker's batch's shards are open at once.
+  size_t open_shards = 64;
   // Freed batch memory kept for the next batches (Note [Why batches reuse their memory] in data/collate.cpp).
   size_t pool_bytes = size_t{256} << 20;
 };

@@ -93,8 +93,9 @@ SampleRef SampleOrder::at(int64_t epoch, int64_t position) const {
 
 std::vector<SampleRef> SampleOrder::range(int64_t epoch, int64_t begin, int64_t count) const {
   if (begin < 0 || count < 0 || epoch < 0) {
-    throw std::runtime_error(
-        fmt::format("sample order: range of {} samples from position {} of epoch {}", count, begin, epoch));
+    throw std::runtime_error(fmt::format(
+        "sample order: a range needs begin, count and epoch >= 0, got begin {}, count {}, epoch {}", begin,
+        count, epoch));
   }
   std::vector<SampleRef> refs;
   refs.reserve(static_cast<size_t>(count));

@@ -157,7 +157,8 @@ class ShardReader {
   // exactly as read_record does. The loader's path: one buffer per thread, so reading allocates nothing once
   // warm.
   RecordView read_view(uint64_t index, RecordBuffer& buffer) const;
-  // The same into `result`, whose field vectors are reused: no allocation per record once warm.
+  // The same into `result`, whose field vectors are reused: no allocation per record once warm. When it
+  // throws, `result` holds fields of no record in particular.
   void read_view(uint64_t index, RecordBuffer& buffer, RecordView& result) const;
   const std::string& path() const { return path_; }
   Compression compression() const { return compression_; }

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "comm/gradient_reducer.h"
+#include "trainer/bench_stats.h"
 
 namespace vimo::trainer {
 namespace {
@@ -80,12 +81,6 @@ double max_over_ranks(double value) {
 double min_over_ranks(double value) {
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
   return value;
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
 std::string load_average() {
@@ -185,11 +180,14 @@ nlohmann::json bench_collective(CommCollective collective, int64_t bytes, const 
   const double bus_factor = bus_bandwidth_factor(collective, comm.size());
   // Paths take turns per iteration, so a burst of load on the machine falls on all of them alike.
   std::vector<std::vector<double>> times(std::size(kPaths));
+  size_t round = 0;
   const auto run_round = [&](bool timed) {
-    for (size_t p = 0; p < std::size(kPaths); ++p) {
+    for (size_t j = 0; j < std::size(kPaths); ++j) {  // every rank rotates alike: the order is the round's
+      const size_t p = round_order(round, j, std::size(kPaths));
       const double seconds = time_collective(kPaths[p], buffers, comm);
       if (timed) times[p].push_back(seconds);
     }
+    ++round;
   };
   double warmup_s = 0;
   for (int i = 0; i < options.warmup; ++i) {
@@ -222,15 +220,9 @@ nlohmann::json bench_collective(CommCollective collective, int64_t bytes, const 
     if (kPaths[p] == CommPath::OursAsync) ours_async_times = times[p];
     if (kPaths[p] == CommPath::Raw) raw_times = times[p];
   }
-  // Bandwidth ratios (> 1: ours is faster), each the median over rounds of that round's raw time / ours:
-  // the paths of a round ran microseconds to milliseconds apart, so a slow stretch of the machine cancels.
-  const auto paired = [&](const std::vector<double>& ours) {
-    std::vector<double> ratios;
-    for (size_t i = 0; i < ours.size(); ++i) ratios.push_back(raw_times[i] / ours[i]);
-    return median(ratios);
-  };
-  row["ours_over_raw"] = paired(ours_times);
-  row["ours_async_over_raw"] = paired(ours_async_times);
+  // Bandwidth ratios (> 1: ours is faster), paired by round (Note [Paired ratios] in trainer/bench_stats.h).
+  row["ours_over_raw"] = paired_ratio(raw_times, ours_times);
+  row["ours_async_over_raw"] = paired_ratio(raw_times, ours_async_times);
   return row;
 }
 

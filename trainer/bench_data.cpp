@@ -23,6 +23,7 @@
 #include "data/manifest.h"
 #include "data/shard.h"
 #include "data/synthetic.h"
+#include "trainer/bench_stats.h"
 
 namespace vimo::trainer {
 
@@ -43,10 +44,9 @@ namespace fs = std::filesystem;
 //   loader, N workers    the StreamingLoader: + block-shuffled order, LRU shard cache, batch jobs handed
 //                        from N prefetch threads (0: read on the caller's thread)
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
-// of records/s are equal. A zstd dataset moves fewer file bytes for the same records. The rows run in
-// rounds, each making one pass per round in turn, and "x raw" is the median over rounds of that round's
-// raw time / the row's time: this machine's speed moves by up to 4x between minutes, which the ratio of
-// medians taken minutes apart would report as the loader's.
+// of records/s are equal. A zstd dataset moves fewer file bytes for the same records. Each row makes one
+// pass per round, and "x raw" is the median over rounds of raw's time / the row's time (Note [Paired
+// ratios] in trainer/bench_stats.h).
 
 namespace {
 
@@ -139,12 +139,6 @@ PassResult read_view_pass(const BenchDataset& dataset, int64_t collate_batch) {
   return whole_dataset(dataset, seconds_since(start));
 }
 
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
 // A row's timed passes: records/s and MB/s from the median, fastest and slowest pass.
 nlohmann::json summarize(const std::string& name, const std::vector<double>& seconds,
                          const PassResult& last) {
@@ -166,24 +160,24 @@ struct Contender {
   std::function<PassResult()> pass;
 };
 
-// Runs `repetitions` rounds in which every contender makes one pass, in turn, and returns one row each;
-// ratio_to_raw is the median over rounds of raw's time / the row's time (contenders[0] is raw read()), so a
-// slow minute of a shared machine slows both sides of each ratio (Note [What the data benchmark compares]).
+// Runs `repetitions` rounds in which every contender makes one pass, and returns one row each with its
+// ratio_to_raw: paired_ratio of raw's times (contenders[0] is raw read()) to the row's (Note [Paired ratios]
+// in trainer/bench_stats.h).
 nlohmann::json measure_side_by_side(int repetitions, const std::vector<Contender>& contenders) {
-  std::vector<std::vector<double>> seconds(contenders.size());
-  std::vector<PassResult> last(contenders.size());
+  const size_t k = contenders.size();
+  std::vector<std::vector<double>> seconds(k, std::vector<double>(repetitions));
+  std::vector<PassResult> last(k);
   for (int r = 0; r < repetitions; ++r) {
-    for (size_t i = 0; i < contenders.size(); ++i) {
+    for (size_t j = 0; j < k; ++j) {
+      const size_t i = round_order(static_cast<size_t>(r), j, k);
       last[i] = contenders[i].pass();
-      seconds[i].push_back(last[i].seconds);
+      seconds[i][r] = last[i].seconds;
     }
   }
   nlohmann::json rows = nlohmann::json::array();
-  for (size_t i = 0; i < contenders.size(); ++i) {
+  for (size_t i = 0; i < k; ++i) {
     nlohmann::json row = summarize(contenders[i].name, seconds[i], last[i]);
-    std::vector<double> ratios;
-    for (int r = 0; r < repetitions; ++r) ratios.push_back(seconds[0][r] / seconds[i][r]);
-    row["ratio_to_raw"] = median(ratios);
+    row["ratio_to_raw"] = paired_ratio(seconds[0], seconds[i]);
     rows.push_back(row);
   }
   return rows;

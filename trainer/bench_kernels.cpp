@@ -2,17 +2,16 @@
 //
 // Note [What the kernel benchmark measures]
 // One row = one loss at one size; each implementation runs forward + backward once as a warm-up, then
-// `repetitions` rounds in which each runs once in turn, on the same leaves, gradients cleared between runs.
-// Ratios are the median of the rounds' ratios (each round's contenders ran seconds apart, so a slow minute
-// of a shared machine cancels). Time: the median wall-clock time and the median process CPU time (all
-// threads; on a shared machine CPU time is the steadier figure, wall time the one that matters on an idle
-// one). Memory: LibTorch's CPU allocator is wrapped by a counting allocator (c10::SetCPUAllocator) that
-// tracks live tensor bytes; `peak_MiB` is the high-water mark during one forward + backward above what was
-// live before it, gradients of the leaves included, allocations that bypass c10 (BLAS workspaces,
-// std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks allocated before the counter was
-// installed are freed through their own allocator and never counted. The McDPO floor: the three LM-head
-// products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any implementation must compute; the
-// fused kernel visits answer tokens only, eager every position.
+// `repetitions` rounds in which each runs once, on the same leaves, gradients cleared between runs. Ratios
+// are paired (Note [Paired ratios] in trainer/bench_stats.h). Time: the median wall-clock time and the median
+// process CPU time (all threads; on a shared machine CPU time is the steadier figure, wall time the one that
+// matters on an idle one). Memory: LibTorch's CPU allocator is wrapped by a counting allocator
+// (c10::SetCPUAllocator) that tracks live tensor bytes; `peak_MiB` is the high-water mark during one forward
+// + backward above what was live before it, gradients of the leaves included, allocations that bypass c10
+// (BLAS workspaces, std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks allocated before
+// the counter was installed are freed through their own allocator and never counted. The McDPO floor: the
+// three LM-head products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any implementation must
+// compute; the fused kernel visits answer tokens only, eager every position.
 #include "trainer/bench_kernels.h"
 
 #include <ATen/ATen.h>
@@ -36,6 +35,7 @@
 #include "kernels/contrastive_loss.h"
 #include "kernels/fused_contrastive.h"
 #include "kernels/fused_linear_dpo.h"
+#include "trainer/bench_stats.h"
 
 namespace vimo::trainer {
 namespace {
@@ -54,22 +54,15 @@ double process_cpu_seconds() {
   return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
 // One implementation of a row: `step` runs one forward + backward, `reset` clears gradients after it.
 struct Contender {
   std::function<void()> step;
   std::function<void()> reset;
 };
 
-// Runs each contender once untimed, then `repetitions` rounds in which every contender runs once, in turn:
-// a slow minute of a shared machine then slows every contender of its round, not one of them, and the
-// per-round ratios (paired_ratio) cancel it. Returns per contender {"wall_ms", "cpu_ms" (medians),
-// "peak_MiB" (largest), "cpu_ms_runs", "wall_ms_runs" (each round's, in order)}.
+// Runs each contender once untimed, then `repetitions` rounds in which every contender runs once (Note
+// [Paired ratios] in trainer/bench_stats.h). Returns per contender {"wall_ms", "cpu_ms" (medians), "peak_MiB"
+// (largest), "cpu_ms_runs", "wall_ms_runs" (each round's, in round order)}.
 std::vector<nlohmann::json> measure_side_by_side(int repetitions, const std::vector<Contender>& contenders) {
   CountingAllocator& allocator = counting_allocator();
   for (const Contender& c : contenders) {
@@ -77,18 +70,19 @@ std::vector<nlohmann::json> measure_side_by_side(int repetitions, const std::vec
     c.reset();
   }
   const size_t k = contenders.size();
-  std::vector<std::vector<double>> wall(k), cpu(k);
+  std::vector<std::vector<double>> wall(k, std::vector<double>(repetitions)), cpu = wall;
   std::vector<int64_t> peak(k, 0);
   for (int r = 0; r < repetitions; ++r) {
-    for (size_t i = 0; i < k; ++i) {
+    for (size_t j = 0; j < k; ++j) {
+      const size_t i = round_order(static_cast<size_t>(r), j, k);
       const int64_t before = allocator.live();
       allocator.reset_peak();
       const double cpu_start = process_cpu_seconds();
       const auto start = std::chrono::steady_clock::now();
       contenders[i].step();
-      wall[i].push_back(
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-      cpu[i].push_back(1e3 * (process_cpu_seconds() - cpu_start));
+      wall[i][r] =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      cpu[i][r] = 1e3 * (process_cpu_seconds() - cpu_start);
       peak[i] = std::max(peak[i], allocator.peak() - before);
       contenders[i].reset();
     }
@@ -104,16 +98,11 @@ std::vector<nlohmann::json> measure_side_by_side(int repetitions, const std::vec
   return results;
 }
 
-// The median over rounds of numerator / denominator for `key` ("cpu_ms" or "wall_ms"): each round's
-// contenders ran minutes apart at most seconds, so this is steadier than the ratio of the medians.
-double paired_ratio(const nlohmann::json& numerator, const nlohmann::json& denominator,
-                    const std::string& key) {
-  const std::vector<double> a = numerator[key + "_runs"], b = denominator[key + "_runs"];
-  std::vector<double> ratios;
-  for (size_t r = 0; r < std::min(a.size(), b.size()); ++r) {
-    if (b[r] > 0) ratios.push_back(a[r] / b[r]);
-  }
-  return ratios.empty() ? 0.0 : median(ratios);
+// paired_ratio of two contenders' `key` ("cpu_ms" or "wall_ms") times.
+double paired_times_ratio(const nlohmann::json& numerator, const nlohmann::json& denominator,
+                          const std::string& key) {
+  return paired_ratio(numerator[key + "_runs"].get<std::vector<double>>(),
+                      denominator[key + "_runs"].get<std::vector<double>>());
 }
 
 double ratio(const nlohmann::json& numerator, const nlohmann::json& denominator, const char* key) {
@@ -160,10 +149,10 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
                         {"fused", fused},
                         {"eager", eager},
                         {"bare_products", products}};
-  const double speedup = paired_ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
-               floor = paired_ratio(fused, products, "cpu_ms");
+  const double speedup = paired_times_ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
+               floor = paired_times_ratio(fused, products, "cpu_ms");
   row["eager_over_fused_cpu_time"] = speedup;
-  row["eager_over_fused_wall_time"] = paired_ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = memory;
   row["fused_over_products_cpu_time"] = floor;
   row["goals"] = {
@@ -207,9 +196,9 @@ nlohmann::json contrastive_row(const KernelBenchOptions& o, int64_t N) {
                         {"shape", {{"N", N}, {"D", D}, {"tile", o.contrastive_tile}}},
                         {"fused", fused},
                         {"eager", eager}};
-  const double speedup = paired_ratio(eager, fused, "cpu_ms");
+  const double speedup = paired_times_ratio(eager, fused, "cpu_ms");
   row["eager_over_fused_cpu_time"] = speedup;
-  row["eager_over_fused_wall_time"] = paired_ratio(eager, fused, "wall_ms");
+  row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = ratio(eager, fused, "peak_MiB");
   row["goals"] = {{{"goal", "≥ 2× faster than eager (CPU time)"},
                    {"value", speedup},

@@ -285,6 +285,9 @@ TEST(MpiObserver, EveryWaitIsReportedWithTheCallsNameAndSize) {
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
   RecordingObserver observer;
   vimo::comm::set_collective_observer(&observer);
+  struct Uninstall {  // also when a call throws: later tests must not report into a destroyed observer
+    ~Uninstall() { vimo::comm::set_collective_observer(nullptr); }
+  } uninstall;
   const auto expect_reported = [&](const std::string& name, int64_t bytes, auto&& call) {
     observer.entered.clear();
     call();
@@ -311,7 +314,6 @@ TEST(MpiObserver, EveryWaitIsReportedWithTheCallsNameAndSize) {
   expect_reported("barrier", 0, [&] { mpi_world()->barrier(); });
   if (rank == 0) expect_reported("send", 16, [&] { mpi_world()->send(four, 1, 7); });
   if (rank == 1) expect_reported("recv", 16, [&] { mpi_world()->recv(four, 0, 7); });
-  vimo::comm::set_collective_observer(nullptr);
   mpi_world()->barrier();
 }
 

@@ -343,7 +343,7 @@ TEST(SampleOrder, RangeIsAtForEachPositionAndWrapsPastTheEpoch) {
     }
   }
   EXPECT_TRUE(order.range(0, 5, 0).empty());
-  expect_error([&] { (void)order.range(0, -1, 2); }, {"position -1"});
+  expect_error([&] { (void)order.range(0, -1, 2); }, {">= 0", "begin -1"});
 }
 
 TEST(SampleOrder, BlocksMixShardsAndUnshuffledOrderIsTheManifestOrder) {

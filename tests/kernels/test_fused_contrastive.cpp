@@ -141,7 +141,7 @@ const std::vector<Problem> kTilingCases = {
     {6, 6, 16, 0, 1000},   // tile > N: one partial tile
     {3, 13, 32, 7, 5},     // offset > 0, last tile of 3 columns
     {16, 64, 32, 16, 16},  // several full tiles, rank 1 of 4
-    {40, 80, 4, 40, 3},    // narrow D: only some strips fit the score cache, the rest are recomputed
+    {40, 80, 4, 40, 3},    // narrow D, many strips (no score cache in data parallelism)
 };
 
 TEST(FusedContrastive, MatchesEagerInFloat64AcrossTilings) {
@@ -434,8 +434,9 @@ TEST(FusedContrastive, SingleProcessMatchesEagerAcrossStripsAndDtypes) {
   struct Case {
     int64_t N, D, tile;
   };
-  for (const Case c : {Case{1, 8, 4}, Case{5, 16, 2}, Case{11, 16, 1}, Case{40, 32, 7}, Case{64, 32, 1000},
-                       Case{96, 8, 5}}) {
+  for (const Case c :
+       {Case{1, 8, 4}, Case{5, 16, 2}, Case{11, 16, 1}, Case{40, 32, 7}, Case{64, 32, 1000},
+        Case{96, 8, 5}}) {  // N = 96, D = 8: 6 of 20 strips in the score cache, the rest recomputed
     const std::string what = "N=" + std::to_string(c.N) + " tile=" + std::to_string(c.tile);
     const at::Tensor texts = unit_rows(c.N, c.D), videos = unit_rows(c.N, c.D);
     const SingleProcessResult truth =
