@@ -105,6 +105,7 @@ std::vector<Field> fields_of(Config& c) {
       {"optim", "beta2", &o.beta2, zero_to_one(false)},
       {"optim", "eps", &o.eps, positive},
       {"optim", "grad_clip", &o.grad_clip, non_negative},
+      {"optim", "zero_stage", &o.zero_stage, zero_to_one(true)},
       {"train", "stage", &t.stage, one_of({"action", "object", "router"})},
       {"train", "steps", &t.steps, count},
       {"train", "log_every", &t.log_every, count},

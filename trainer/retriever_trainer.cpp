@@ -21,6 +21,7 @@
 #include "trainer/job_watch.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/zero_optimizer.h"
 
 namespace vimo::trainer {
 namespace fs = std::filesystem;
@@ -90,13 +91,65 @@ std::string resolve_checkpoint(const std::string& path) {
       "previous stage's run (or one of its checkpoints/step_* directories); run that stage first");
 }
 
+// The run's optimizer: AdamW with its whole moments on every rank, the gradients averaged during backward by
+// the GradientReducer (optim.zero_stage 0), or ZeroAdamW, which averages them in its step and keeps 1/DP of
+// the moments per rank (1). Both write whole moments under AdamW's names into checkpoints, so a checkpoint
+// resumes with either, on any DP size.
+class RunOptimizer {
+ public:
+  RunOptimizer(const std::vector<std::pair<std::string, at::Tensor>>& parameters, const OptimConfig& o,
+               const std::shared_ptr<comm::Communicator>& comm) {
+    const AdamWOptions options{o.beta1, o.beta2, o.eps, o.weight_decay};
+    if (o.zero_stage == 1 && comm) {
+      sharded_ = std::make_unique<ZeroAdamW>(parameters, comm, options);
+    } else {
+      replicated_ = std::make_unique<AdamW>(parameters, options);
+    }
+  }
+  bool sharded() const { return sharded_ != nullptr; }
+
+  // Clips to `max_norm` (0: no clipping) and updates; returns the gradient norm before clipping. Collective
+  // when sharded.
+  double step(const std::vector<at::Tensor>& trainable, double lr, double max_norm) {
+    if (sharded_) return sharded_->step(lr, max_norm);
+    const double norm = clip_gradients(trainable, max_norm);
+    replicated_->step(lr);
+    return norm;
+  }
+  void zero_grad() { sharded_ ? sharded_->zero_grad() : replicated_->zero_grad(); }
+  int64_t steps_taken() const { return sharded_ ? sharded_->steps_taken() : replicated_->steps_taken(); }
+  // Bytes of the moments this rank holds.
+  int64_t state_bytes() const {
+    if (sharded_) return sharded_->state_bytes();
+    int64_t bytes = 0;
+    for (const auto& [name, t] : replicated_->state_tensors()) bytes += t.numel() * t.element_size();
+    return bytes;
+  }
+  // Whole moments as AdamW names them. Collective when sharded.
+  std::map<std::string, at::Tensor> checkpoint_tensors() const {
+    return sharded_ ? sharded_->full_state_tensors() : replicated_->state_tensors();
+  }
+  void load_checkpoint_tensors(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken) {
+    if (sharded_) {
+      sharded_->load_full_state_tensors(tensors, steps_taken);
+    } else {
+      replicated_->load_state_tensors(tensors, steps_taken);
+    }
+  }
+
+ private:
+  std::unique_ptr<AdamW> replicated_;
+  std::unique_ptr<ZeroAdamW> sharded_;
+};
+
 // Writes the checkpoint of `step`: model and AdamW moments in one safetensors file, the sampler state, the
 // resolved config. Collective.
 std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int64_t step,
-                                const std::string& stage, models::GeminiMVR& model, const AdamW& optimizer,
-                                const data::StreamingLoader& loader, const std::string& config_yaml) {
+                                const std::string& stage, models::GeminiMVR& model,
+                                const RunOptimizer& optimizer, const data::StreamingLoader& loader,
+                                const std::string& config_yaml) {
   checkpoints::TensorFile state = model_tensors(model);
-  for (auto& [name, tensor] : optimizer.state_tensors()) state.tensors[name] = tensor;
+  for (auto& [name, tensor] : optimizer.checkpoint_tensors()) state.tensors[name] = tensor;
   state.metadata = {{"step", std::to_string(step)},
                     {"stage", stage},
                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
@@ -112,7 +165,8 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
 
 // Restores model, AdamW moments and sampler position from `directory`; returns its step.
 int64_t restore_training_state(const std::string& directory, const std::string& stage,
-                               models::GeminiMVR& model, AdamW& optimizer, data::StreamingLoader& loader) {
+                               models::GeminiMVR& model, RunOptimizer& optimizer,
+                               data::StreamingLoader& loader) {
   const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
   const std::string saved_stage = ckpt.state.metadata.count("stage") ? ckpt.state.metadata.at("stage") : "?";
   if (saved_stage != stage) {
@@ -122,7 +176,8 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
                     directory, saved_stage, stage));
   }
   load_model_tensors(model, ckpt.state, directory);
-  optimizer.load_state_tensors(ckpt.state.tensors, std::stoll(ckpt.state.metadata.at("optimizer_steps")));
+  optimizer.load_checkpoint_tensors(ckpt.state.tensors,
+                                    std::stoll(ckpt.state.metadata.at("optimizer_steps")));
   const nlohmann::json state = nlohmann::json::parse(ckpt.loader_json);
   if (state.contains("order") && state["order"].get<std::string>() != loader.order_fingerprint()) {
     throw std::runtime_error(
@@ -218,8 +273,7 @@ TrainResult train_retriever(const Config& config, bool resume,
   model->set_stage(models::parse_stage(t.stage));
   std::vector<at::Tensor> trainable;
   for (const auto& [name, p] : model->trainable_parameters()) trainable.push_back(p);
-  AdamW optimizer(model->trainable_parameters(),
-                  {config.optim.beta1, config.optim.beta2, config.optim.eps, config.optim.weight_decay});
+  RunOptimizer optimizer(model->trainable_parameters(), config.optim, comm);
   checkpoints::CheckpointManager checkpoints(t.out_dir + "/checkpoints", t.keep_checkpoints, comm);
   const std::string config_yaml = to_yaml(config);
 
@@ -243,11 +297,16 @@ TrainResult train_retriever(const Config& config, bool resume,
                   "on {} ranks; steps {} → {}",
                   t.stage, count_elements(trainable), count_elements(model->parameters()), loader.size(),
                   test_set.size(), config.data.global_batch, world, start_step, t.steps));
+  say(comm, fmt::format("optimizer: {}, {:.2f} MiB of moments on rank 0",
+                        optimizer.sharded() ? fmt::format("ZeRO-1 AdamW over {} ranks", world) : "AdamW",
+                        static_cast<double>(optimizer.state_bytes()) / (1 << 20)));
 
   // Gradients are averaged bucket by bucket while backward runs (Note [Bucketing order] in
   // comm/gradient_reducer.cpp); one process needs no reducer.
+  // ZeRO-1 averages them in its step instead (Note [ZeRO-1 shards reuse AdamW] in
+  // trainer/zero_optimizer.cpp).
   std::unique_ptr<comm::GradientReducer> reducer;
-  if (comm && world > 1) {
+  if (comm && world > 1 && !optimizer.sharded()) {
     reducer = std::make_unique<comm::GradientReducer>(trainable, comm,
                                                       comm::ReducerOptions{t.bucket_mib, t.first_bucket_mib});
   }
@@ -271,10 +330,9 @@ TrainResult train_retriever(const Config& config, bool resume,
     at::Tensor loss = model->contrastive_loss(texts, videos, comm);
     loss.backward();
     if (reducer) reducer->finalize();
-    const double grad_norm = clip_gradients(trainable, config.optim.grad_clip);
     const double lr = warmup_cosine_lr(step, t.steps, config.optim.warmup_steps, config.optim.lr,
                                        config.optim.min_lr_ratio);
-    optimizer.step(lr);
+    const double grad_norm = optimizer.step(trainable, lr, config.optim.grad_clip);
     optimizer.zero_grad();
 
     at::Tensor global_loss = loss.detach().reshape({1}).clone();

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace vimo::trainer {
@@ -45,7 +46,8 @@ ZeroAdamW::ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
   for (size_t i = 0; i < parameters_.size(); ++i) {
     const auto& [name, p] = parameters_[i];
     const int64_t first = std::max(begin, offsets_[i]), last = std::min(end, offsets_[i] + p.numel());
-    if (first >= last) continue;                                                // not in this rank's shard
+    if (first >= last) continue;  // not in this rank's shard
+    segments_.push_back({i, first, last});
     at::Tensor segment = shard_params_.narrow(0, first - begin, last - first);  // [last - first]
     segment.copy_(p.detach().reshape(-1).narrow(0, first - offsets_[i], last - first));
     segment.mutable_grad() = shard_grads_.narrow(0, first - begin, last - first);
@@ -57,7 +59,7 @@ ZeroAdamW::ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
   undecayed_ = std::make_unique<AdamW>(std::move(undecayed), without_decay);
 }
 
-void ZeroAdamW::step(double lr) {
+double ZeroAdamW::step(double lr, double max_norm) {
   at::NoGradGuard no_grad;
   const int64_t ranks = comm_->size();
   // One flat buffer reused every step: a fresh one would pay its page faults each time (see
@@ -70,6 +72,12 @@ void ZeroAdamW::step(double lr) {
   }
   // The blocking calls, for their check that every rank passes the same flat size (a step is not overlapped).
   comm_->reduce_scatter_into(flat_buffer_, shard_grads_, comm::ReduceOp::Avg);  // [shard_]
+  // The averaged gradient's global norm from the shards' sums of squares (the padding holds zeros), in
+  // float64 as clip_gradients sums; every rank gets the same norm and so the same scale.
+  at::Tensor sum_of_squares = shard_grads_.to(at::kDouble).pow(2).sum().reshape({1});  // [1]
+  comm_->allreduce(sum_of_squares, comm::ReduceOp::Sum);
+  const double norm = std::sqrt(sum_of_squares.item<double>());
+  if (max_norm > 0 && norm > max_norm) shard_grads_.mul_(max_norm / (norm + 1e-6));
   decayed_->step(lr);
   undecayed_->step(lr);
   comm_->allgather_into(shard_params_, flat_buffer_);  // [ranks * shard_]
@@ -77,6 +85,7 @@ void ZeroAdamW::step(double lr) {
     at::Tensor p = parameters_[i].second;
     p.copy_(flat_buffer_.narrow(0, offsets_[i], p.numel()).view(p.sizes()));
   }
+  return norm;
 }
 
 void ZeroAdamW::zero_grad() {
@@ -89,6 +98,49 @@ std::map<std::string, at::Tensor> ZeroAdamW::state_tensors() const {
   std::map<std::string, at::Tensor> state = decayed_->state_tensors();
   state.merge(undecayed_->state_tensors());
   return state;
+}
+
+std::map<std::string, at::Tensor> ZeroAdamW::full_state_tensors() const {
+  at::NoGradGuard no_grad;
+  const int64_t begin = comm_->rank() * shard_;
+  const std::map<std::string, at::Tensor> mine = state_tensors();  // this rank's segments
+  std::map<std::string, at::Tensor> whole;
+  for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+    at::Tensor shard = at::zeros({shard_}, shard_params_.options());  // [shard_]
+    for (const Segment& s : segments_) {
+      shard.narrow(0, s.first - begin, s.last - s.first)
+          .copy_(mine.at("optim." + parameters_[s.parameter].first + suffix));
+    }
+    at::Tensor flat = at::empty({comm_->size() * shard_}, shard.options());  // [ranks * shard_]
+    comm_->allgather_into(shard, flat);
+    for (size_t i = 0; i < parameters_.size(); ++i) {
+      const at::Tensor& p = parameters_[i].second;
+      whole["optim." + parameters_[i].first + suffix] =
+          flat.narrow(0, offsets_[i], p.numel()).view(p.sizes()).clone();
+    }
+  }
+  return whole;
+}
+
+void ZeroAdamW::load_full_state_tensors(const std::map<std::string, at::Tensor>& tensors,
+                                        int64_t steps_taken) {
+  std::map<std::string, at::Tensor> mine;  // this rank's segments, as the two AdamWs name them
+  for (const Segment& s : segments_) {
+    const auto& [name, p] = parameters_[s.parameter];
+    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+      const std::string key = "optim." + name + suffix;
+      const auto it = tensors.find(key);
+      if (it == tensors.end())
+        throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
+      if (!it->second.sizes().equals(p.sizes())) {
+        throw std::runtime_error("optimizer state '" + key + "' has shape " + c10::str(it->second.sizes()) +
+                                 ", the parameter has " + c10::str(p.sizes()));
+      }
+      mine[key] = it->second.reshape(-1).narrow(0, s.first - offsets_[s.parameter], s.last - s.first);
+    }
+  }
+  decayed_->load_state_tensors(mine, steps_taken);
+  undecayed_->load_state_tensors(mine, steps_taken);
 }
 
 int64_t ZeroAdamW::state_bytes() const {

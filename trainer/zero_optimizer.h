@@ -6,9 +6,12 @@
 // equals one all-reduce; optimizer state per rank is 1/DP of the unsharded optimizer's.
 //
 //   ZeroAdamW optimizer(model->named_parameters(), dp_comm, {});
-//   loss.backward();          // no GradientReducer: the step does the reduction
-//   optimizer.step(lr);
+//   loss.backward();                      // no GradientReducer: the step does the reduction
+//   optimizer.step(lr, /*max_norm=*/1.0);  // clipping too: only the step sees the averaged gradient
 //   optimizer.zero_grad();
+//
+// Checkpoints hold whole moments (full_state_tensors), named and shaped as AdamW's, so a checkpoint moves
+// between ZeroAdamW and AdamW and between DP sizes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,12 +38,20 @@ class ZeroAdamW {
   // GradientReducer, so it still decays and its moments still move), updates this rank's shard, and writes
   // the updated parameters on every rank. Collective: every rank calls it. The .grad()s are left as they were
   // (local).
-  void step(double lr);
+  // With max_norm > 0 the averaged gradient is first scaled so that its global L2 norm is at most max_norm,
+  // as clip_gradients does after a GradientReducer. Returns that norm before clipping.
+  double step(double lr, double max_norm = 0);
   void zero_grad();
   int64_t steps_taken() const { return decayed_->steps_taken(); }
 
   // This rank's moments, "optim.<name>.exp_avg" / ".exp_avg_sq" for the part of each parameter in its shard.
   std::map<std::string, at::Tensor> state_tensors() const;
+  // The whole moments, gathered from every rank, as AdamW::state_tensors() names and shapes them (same on
+  // every rank). Collective.
+  std::map<std::string, at::Tensor> full_state_tensors() const;
+  // Keeps this rank's part of whole moments (full_state_tensors() of a ZeroAdamW over any number of ranks, or
+  // AdamW::state_tensors()); a missing name or a wrong shape is an error naming it.
+  void load_full_state_tensors(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken);
   // Bytes of those moment tensors: about 1/DP of AdamW's over the same parameters.
   int64_t state_bytes() const;
   // Elements of the flat parameter vector per rank: ceil(total / DP), the last shard padded.
@@ -49,6 +60,12 @@ class ZeroAdamW {
  private:
   std::vector<std::pair<std::string, at::Tensor>> parameters_;
   std::shared_ptr<comm::Communicator> comm_;
+  // A parameter's part of this rank's shard: flat positions [first, last), both within the shard.
+  struct Segment {
+    size_t parameter = 0;
+    int64_t first = 0, last = 0;
+  };
+  std::vector<Segment> segments_;
   std::vector<int64_t> offsets_;      // of each parameter in the flat vector
   int64_t total_ = 0;                 // elements of all parameters
   int64_t shard_ = 0;                 // elements per rank: ceil(total / DP)

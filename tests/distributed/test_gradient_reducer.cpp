@@ -281,3 +281,89 @@ TEST(ZeroOne, MatchesAdamWOnAveragedGradientsWithOneShardOfTheState) {
 }
 
 }  // namespace
+
+namespace {
+
+// Checkpoints hold whole moments (trainer/zero_optimizer.h): ZeroAdamW's full_state_tensors() equal AdamW's
+// state after the same steps, moments saved by either continue in the other, also over another number of
+// ranks (half the world, by split), and clipping acts on the averaged gradient as clip_gradients does after
+// a GradientReducer. Float64; every step clips (checked), so the norms must agree too.
+TEST(ZeroOne, WholeMomentsMoveBetweenAdamWAndDpSizesAndClippingMatches) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t per_rank = 3;
+  const double max_norm = 0.05, lr = 1e-2;
+  Mlp unsharded(seed), sharded(seed);
+  GradientReducer reducer(unsharded.params(), mpi_world(), {});
+  vimo::trainer::AdamW adamw(unsharded.named, {});
+  vimo::trainer::ZeroAdamW zero(sharded.named, mpi_world(), {});
+  for (int step = 0; step < 3; ++step) {
+    const Batch batch = global_batch(seed + 10 + step, per_rank * ranks);
+    const Batch mine = batch.rows(rank * per_rank, per_rank);
+    unsharded.loss(mine.x, mine.y).backward();
+    reducer.finalize();
+    const double reference_norm = vimo::trainer::clip_gradients(unsharded.params(), max_norm);
+    adamw.step(lr);
+    adamw.zero_grad();
+    sharded.loss(mine.x, mine.y).backward();
+    const double norm = zero.step(lr, max_norm);
+    zero.zero_grad();
+    EXPECT_GT(reference_norm, max_norm) << "step " << step << " did not clip";
+    EXPECT_NEAR(norm, reference_norm, 1e-10 * reference_norm) << "step " << step;
+  }
+  for (size_t i = 0; i < unsharded.named.size(); ++i) {
+    EXPECT_TRUE(at::allclose(sharded[i], unsharded[i], 1e-10, 1e-12)) << unsharded.named[i].first;
+  }
+  const std::map<std::string, at::Tensor> whole = zero.full_state_tensors(),
+                                          reference = adamw.state_tensors();
+  ASSERT_EQ(whole.size(), reference.size());
+  for (const auto& [name, t] : reference) {
+    ASSERT_TRUE(whole.count(name)) << name;
+    EXPECT_TRUE(whole.at(name).sizes().equals(t.sizes())) << name;
+    EXPECT_TRUE(at::allclose(whole.at(name), t, 1e-10, 1e-14)) << name;
+  }
+
+  // Continue from step 3 two ways: AdamW with ZeRO's moments, and ZeroAdamW over half the ranks (each rank
+  // alone at 2 ranks) with AdamW's. Every rank trains on the whole batch, so any group's average is that
+  // batch's gradient.
+  Mlp resumed(seed), resharded(seed);
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < unsharded.named.size(); ++i) {
+      resumed.named[i].second.copy_(unsharded[i]);
+      resharded.named[i].second.copy_(unsharded[i]);
+    }
+  }
+  vimo::trainer::AdamW from_zero(resumed.named, {});
+  from_zero.load_state_tensors(whole, zero.steps_taken());
+  const std::shared_ptr<vimo::comm::Communicator> half = mpi_world()->split(rank % 2, rank);
+  vimo::trainer::ZeroAdamW from_adamw(resharded.named, half, {});
+  from_adamw.load_full_state_tensors(reference, adamw.steps_taken());
+  EXPECT_EQ(from_adamw.steps_taken(), 3);
+  for (int step = 3; step < 6; ++step) {
+    const Batch batch = global_batch(seed + 10 + step, per_rank * ranks);
+    resumed.loss(batch.x, batch.y).backward();
+    zero_fill_missing_gradients(resumed);  // as the reducer and ZeroAdamW treat the unused parameter
+    vimo::trainer::clip_gradients(resumed.params(), max_norm);
+    from_zero.step(lr);
+    from_zero.zero_grad();
+    resharded.loss(batch.x, batch.y).backward();
+    from_adamw.step(lr, max_norm);
+    from_adamw.zero_grad();
+  }
+  for (size_t i = 0; i < resumed.named.size(); ++i) {
+    EXPECT_TRUE(at::allclose(resharded[i], resumed[i], 1e-10, 1e-12))
+        << resumed.named[i].first << ": max |diff| "
+        << (resharded[i] - resumed[i]).abs().max().item<double>();
+  }
+
+  // A checkpoint without the moments (or of another model) is refused with the missing name.
+  try {
+    from_adamw.load_full_state_tensors({}, 0);
+    ADD_FAILURE() << "empty moments were accepted";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("is missing from the checkpoint"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace

@@ -57,6 +57,7 @@ namespace {
   X(optim.beta2) \
   X(optim.eps) \
   X(optim.grad_clip) \
+  X(optim.zero_stage) \
   X(train.stage) \
   X(train.steps) \
   X(train.log_every) \
@@ -123,7 +124,8 @@ const std::string kModelKeys =
     "vocab_size, max_text_len, frames, feature_dim, joints, embed_dim, width, heads, text_layers, "
     "video_layers, keypoint_width, spatio_temporal_layers, temporal_layers, action_scale, logit_scale_init, "
     "logit_scale_max";
-const std::string kOptimKeys = "lr, min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, eps, grad_clip";
+const std::string kOptimKeys =
+    "lr, min_lr_ratio, warmup_steps, weight_decay, beta1, beta2, eps, grad_clip, zero_stage";
 const std::string kSections = "model, data, optim, train";
 
 TEST(Config, DefaultsAreValidAndAnEmptyFileKeepsThem) {
@@ -172,6 +174,7 @@ optim:
   beta2: 0.999
   eps: 1e-6
   grad_clip: 0
+  zero_stage: 1
 train:
   stage: router
   steps: 1000
@@ -218,6 +221,7 @@ train:
   expected.optim.beta2 = 0.999;
   expected.optim.eps = 1e-6;
   expected.optim.grad_clip = 0;
+  expected.optim.zero_stage = 1;
   expected.train.stage = "router";
   expected.train.steps = 1000;
   expected.train.log_every = 7;
@@ -344,6 +348,7 @@ TEST(Config, OutOfRangeNamesKeyLineAndRange) {
       {"optim", "min_lr_ratio: 1.5", "optim.min_lr_ratio: expected a number in [0, 1], found '1.5'"},
       {"optim", "beta2: 1", "optim.beta2: expected a number in [0, 1), found '1'"},
       {"optim", "grad_clip: -0.5", "optim.grad_clip: expected a number >= 0, found '-0.5'"},
+      {"optim", "zero_stage: 2", "optim.zero_stage: expected an integer in [0, 1], found '2'"},
       {"model", "heads: 0", "model.heads: expected an integer >= 1, found '0'"},
       {"model", "action_scale: 0", "model.action_scale: expected a number > 0, found '0'"},
       {"train", "eval_every: -5", "train.eval_every: expected an integer >= 0, found '-5'"},
@@ -440,6 +445,7 @@ Config random_config(std::mt19937_64& rng) {
   o.beta2 = number(0, 1);
   o.eps = log_number(-15, -3);
   o.grad_clip = number(0, 100);
+  o.zero_stage = integer(0, 1);
   TrainConfig& t = c.train;
   t.stage = std::vector<std::string>{"action", "object", "router"}[integer(0, 2)];
   t.steps = integer(1, big);
