@@ -18,13 +18,16 @@ struct WorldInfo {
   int rank = 0;
   int world_size = 1;
   int local_rank = 0;
+  // Ranks on this host; local_rank + 1 when the launcher does not say (Note [World from the launcher] in
+  // communicator.cpp).
   int local_size = 1;
-  std::string launcher = "none";  // "openmpi" or "none" (single process)
+  std::string launcher = "none";  // "openmpi", "torchrun", "slurm" or "none" (single process)
   std::string host;               // this process's host name
 };
 
-// Reads OpenMPI's OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE}; a single process when absent.
-// Throws std::runtime_error naming the variable when a value is malformed or out of range.
+// Reads the launcher's variables (comm/launcher_env.h: OpenMPI's OMPI_COMM_WORLD_*, torchrun's RANK /
+// WORLD_SIZE / LOCAL_RANK, Slurm's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID); a single process when none
+// is set. Throws std::runtime_error naming the variable when a value is malformed or out of range.
 WorldInfo world_from_environment();
 
 // The timeout every communicator starts with: VIMO_COMM_TIMEOUT_S seconds (a positive number, fractions
