@@ -29,6 +29,20 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   using namespace vimo;
   auto comm = comm::make_mpi_communicator();
   const bool main_rank = comm->rank() == 0;
+  // torchrun or srun without MPI's own launch starts every process as an MPI world of one: each would train
+  // alone and write the same out_dir. Refuse instead.
+  const comm::WorldInfo launched = comm::world_from_environment();
+  if (launched.world_size != comm->size()) {
+    if (main_rank) {
+      std::fprintf(
+          stderr,
+          "error: the launcher (%s) started %d ranks, but MPI sees %d: each process would train "
+          "alone. HINT: launch with mpirun, or with srun --mpi=pmix and an Open MPI built for Slurm; "
+          "training without MPI as the launcher is not built yet\n",
+          launched.launcher.c_str(), launched.world_size, comm->size());
+    }
+    return 2;
+  }
   trainer::Config config;
   try {
     config = trainer::load_config(config_path, overrides);
@@ -39,11 +53,10 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   }
   const std::string yaml = trainer::to_yaml(config);
   if (main_rank) {
-    const comm::WorldInfo world = comm::world_from_environment();
     std::printf(
         "vimo %s | %d ranks (launcher %s) | config %s\n--- resolved config "
         "---\n%s\n-----------------------\n",
-        VIMO_VERSION, comm->size(), world.launcher.c_str(), config_path.c_str(), yaml.c_str());
+        VIMO_VERSION, comm->size(), launched.launcher.c_str(), config_path.c_str(), yaml.c_str());
     std::filesystem::create_directories(config.train.out_dir);
     std::ofstream(config.train.out_dir + "/config.yaml") << yaml << "\n";
     std::fflush(stdout);
