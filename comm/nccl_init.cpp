@@ -68,6 +68,8 @@ ncclComm_t await_creation(ncclComm_t* created, ncclResult_t started, ncclComm_t 
   ncclResult_t state = started;
   ncclComm_t state_of = *created;  // whose state `state` is, for NCCL's last error
   if (state == ncclSuccess || state == ncclInProgress) {
+    // Started: a non-blocking call returns ncclInProgress here. What decides is the state awaited below.
+    state = ncclSuccess;
     if (parent != nullptr) {
       state = await_state(parent, deadline);
       state_of = parent;
