@@ -43,7 +43,10 @@ namespace vimo::comm {
 // (del_post_hook). A tensor holds its AccumulateGrad only weakly (autograd would make a new node, without our
 // hook, once the old one died), so we keep a strong reference to each for the reducer's lifetime.
 struct GradientReducer::HookRegistrations {
-  std::vector<c10::intrusive_ptr<torch::autograd::Node>> accumulators;
+  // The owning pointer grad_accumulator returns: std::shared_ptr up to LibTorch 2.11, c10::intrusive_ptr
+  // later. Named by decltype so vimo builds against both.
+  using NodePointer = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
+  std::vector<NodePointer> accumulators;
   std::vector<uintptr_t> keys;  // of our hook on each accumulator, for del_post_hook
 };
 
@@ -103,8 +106,7 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
   reset_step();
 
   for (size_t i = 0; i < params_.size(); ++i) {
-    c10::intrusive_ptr<torch::autograd::Node> accumulator =
-        torch::autograd::impl::grad_accumulator(params_[i]);
+    HookRegistrations::NodePointer accumulator = torch::autograd::impl::grad_accumulator(params_[i]);
     TORCH_INTERNAL_ASSERT(accumulator, "a leaf that requires grad has an AccumulateGrad node");
     hooks_->keys.push_back(
         accumulator->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
