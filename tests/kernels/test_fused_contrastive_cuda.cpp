@@ -116,7 +116,7 @@ TEST(FusedContrastiveCuda, SingleBranchMatchesCpu) {
   for (const Problem& p : kCases) {
     const Values v = single_values(p, scale);
     for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
-      expect_same(run_single(v, p, dtype, at::Device(at::kCUDA)),
+      expect_same(run_single(v, p, dtype, at::Device(at::kCUDA, 0)),
                   run_single(v, p, dtype, at::Device(at::kCPU)), p, dtype, scale / (2.0 * p.n), 1);
     }
   }
@@ -156,7 +156,7 @@ TEST(FusedContrastiveCuda, GeminiRouterFormMatchesCpu) {
       return out;
     };
     for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
-      expect_same(run(dtype, at::Device(at::kCUDA)), run(dtype, at::Device(at::kCPU)), p, dtype,
+      expect_same(run(dtype, at::Device(at::kCUDA, 0)), run(dtype, at::Device(at::kCPU)), p, dtype,
                   (100 + 1 / 0.07) / (2.0 * p.n), 2);
     }
   }
