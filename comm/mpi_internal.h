@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cstdint>
@@ -161,23 +162,37 @@ class CallName {
 //     the core. Open MPI's own progress loop makes the same choice (mpi_yield_when_idle).
 // The node's rank count comes from MPI_Comm_split_type(MPI_COMM_TYPE_SHARED) when the world communicator is
 // made; communicators split from it inherit the choice.
+// A large payload stretches the phases before sleeping: a wait for B bytes spins (or yields) for as long as
+// B bytes take at kSlowTransferBytesPerSecond, when that is longer than kYieldFor. Open MPI moves a large
+// message in pipelined fragments and advances them only while the process is inside an MPI call, so a wait
+// that slept between polls stretched every fragment by the sleep: on a 16-core machine, 2 ranks, the
+// asynchronous all-reduce of 64 MiB took 244 ms against 70 ms for raw MPI_Iallreduce + MPI_Wait, and the
+// all-gather of 256 MiB 299 ms against 78 ms (bench/README.md, "Communication on 16 cores"). A transfer
+// slower than that rate is taken for a stalled peer and waited for asleep.
 inline constexpr auto kOversubscribedSpinFor = std::chrono::microseconds(50);
 inline constexpr auto kYieldFor = std::chrono::milliseconds(20);
 inline constexpr auto kSleepBetweenPolls = std::chrono::microseconds(200);
+inline constexpr double kSlowTransferBytesPerSecond = 100e6;
 
 // Calls `test` (one non-blocking MPI poll, true when done) until it returns true; returns false when
-// `timeout` passed first. Spins for `spin_for` first. See Note [Collective timeouts] and Note [Spinning,
+// `timeout` passed first. Spins for `spin_for` first (kYieldFor: not oversubscribed), and never sleeps before
+// `bytes` could have moved at kSlowTransferBytesPerSecond. See Note [Collective timeouts] and Note [Spinning,
 // yielding and sleeping while waiting].
 template <typename Test>
-bool poll_until_done(Test&& test, std::chrono::milliseconds timeout, std::chrono::microseconds spin_for) {
+bool poll_until_done(Test&& test, std::chrono::milliseconds timeout, std::chrono::microseconds spin_for,
+                     int64_t bytes = 0) {
   using Clock = std::chrono::steady_clock;
+  const auto transfer = std::chrono::microseconds(static_cast<int64_t>(
+      1e6 * static_cast<double>(std::max<int64_t>(bytes, 0)) / kSlowTransferBytesPerSecond));
+  const Clock::duration busy_for = std::max<Clock::duration>(kYieldFor, transfer);
+  const Clock::duration spin = spin_for >= kYieldFor ? busy_for : Clock::duration(spin_for);
   const Clock::time_point start = Clock::now();
   while (true) {
     if (test()) return true;
     const Clock::duration waited = Clock::now() - start;
     if (waited >= timeout) return false;
-    if (waited < spin_for) continue;
-    if (waited < kYieldFor) {
+    if (waited < spin) continue;
+    if (waited < busy_for) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(kSleepBetweenPolls);

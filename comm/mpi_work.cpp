@@ -72,7 +72,7 @@ void MpiWork::wait() {
   if (done_) return;
   group_->throw_if_broken(call_);
   const ObservedWait observed(call_, bytes_);
-  if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for)) {
+  if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for, bytes_)) {
     group_->broken = detail::describe_timeout(group_->rank, call_.text(), bytes_, timeout_, group_->size,
                                               "This communicator is unusable from now on");
     group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
