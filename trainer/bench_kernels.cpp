@@ -12,11 +12,23 @@
 // the counter was installed are freed through their own allocator and never counted. The McDPO floor: the
 // three LM-head products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any implementation must
 // compute; the fused kernel visits answer tokens only, eager every position.
+//
+// On CUDA (`--device cuda`) the same rows run on the GPU: each step is bracketed by device synchronizes, its
+// time is wall time (process CPU time there is the host waiting) and its peak is the high-water mark of
+// LibTorch's CUDA caching allocator (allocated bytes, not reserved) above what was allocated before it.
+// cuBLAS workspaces are allocated through that allocator on first use, so the warm-up run takes them out of
+// the counts. Ratios and goals then use wall time.
 #include "trainer/bench_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/CPUAllocator.h>
+#if defined(VIMO_HAVE_CUDA)
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include "kernels/cuda/cuda_probe.h"
+#endif
 #include <fmt/format.h>
 #include <time.h>
 
@@ -46,7 +58,6 @@ constexpr double kDpoSpeedupGoal = 1.5, kDpoMemoryGoal = 3.0, kDpoFloorGoal = 1.
                  kContrastiveSpeedupGoal = 2.0;
 
 using bench::counting_allocator;
-using bench::CountingAllocator;
 
 double process_cpu_seconds() {
   timespec t{};
@@ -60,30 +71,109 @@ struct Contender {
   std::function<void()> reset;
 };
 
+// Where the rows run, and how a step's end and its memory are observed there (Note [What the kernel
+// benchmark measures]).
+class BenchDevice {
+ public:
+  explicit BenchDevice(const std::string& name) : device_(parse(name)) {}
+
+  const at::Device& device() const { return device_; }
+  // The time the ratios and goals use: process CPU time on CPU, wall time on CUDA.
+  std::string time_key() const { return device_.is_cuda() ? "wall_ms" : "cpu_ms"; }
+
+  // Returns once the device has finished all work queued so far (a no-op on CPU).
+  void synchronize() const {
+#if defined(VIMO_HAVE_CUDA)
+    if (device_.is_cuda()) c10::cuda::device_synchronize();
+#endif
+  }
+  int64_t live_bytes() const {
+#if defined(VIMO_HAVE_CUDA)
+    if (device_.is_cuda()) return allocated().current;
+#endif
+    return counting_allocator().live();
+  }
+  void reset_peak() const {
+#if defined(VIMO_HAVE_CUDA)
+    if (device_.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(device_.index());
+#endif
+    counting_allocator().reset_peak();
+  }
+  int64_t peak_bytes() const {
+#if defined(VIMO_HAVE_CUDA)
+    if (device_.is_cuda()) return allocated().peak;
+#endif
+    return counting_allocator().peak();
+  }
+  std::string describe() const {
+#if defined(VIMO_HAVE_CUDA)
+    if (device_.is_cuda()) return vimo::kernels::describe_cuda_devices();
+#endif
+    return "cpu";
+  }
+
+ private:
+  static at::Device parse(const std::string& name) {
+    if (name == "cpu") return at::Device(at::kCPU);
+    if (name != "cuda" && name.rfind("cuda:", 0) != 0) {
+      throw std::invalid_argument("bench kernels: --device must be cpu, cuda or cuda:K, got '" + name + "'");
+    }
+#if defined(VIMO_HAVE_CUDA)
+    at::Device device(name);
+    if (!device.has_index()) device.set_index(0);
+    const int64_t visible = at::globalContext().hasCUDA() ? c10::cuda::device_count() : 0;
+    if (device.index() >= visible) {
+      throw std::invalid_argument("bench kernels: --device " + name + " but " + std::to_string(visible) +
+                                  " CUDA device(s) are visible (" + vimo::kernels::describe_cuda_devices() +
+                                  ")");
+    }
+    return device;
+#else
+    throw std::invalid_argument("bench kernels: --device " + name +
+                                " but vimo was built without CUDA; HINT: configure with -DVIMO_CUDA=ON on a "
+                                "machine with nvcc and a CUDA LibTorch");
+#endif
+  }
+#if defined(VIMO_HAVE_CUDA)
+  c10::CachingAllocator::Stat allocated() const {
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(device_.index())
+        .allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  }
+#endif
+
+  at::Device device_;
+};
+
+std::string time_words(const BenchDevice& device) {
+  return device.time_key() == "wall_ms" ? "wall time" : "CPU time";
+}
+
 // Runs each contender once untimed, then `repetitions` rounds in which every contender runs once (Note
 // [Paired ratios] in trainer/bench_stats.h). Returns per contender {"wall_ms", "cpu_ms" (medians), "peak_MiB"
 // (largest), "cpu_ms_runs", "wall_ms_runs" (each round's, in round order)}.
-std::vector<nlohmann::json> measure_side_by_side(int repetitions, const std::vector<Contender>& contenders) {
-  CountingAllocator& allocator = counting_allocator();
+std::vector<nlohmann::json> measure_side_by_side(const BenchDevice& device, int repetitions,
+                                                 const std::vector<Contender>& contenders) {
   for (const Contender& c : contenders) {
     c.step();
     c.reset();
   }
+  device.synchronize();
   const size_t k = contenders.size();
   std::vector<std::vector<double>> wall(k, std::vector<double>(repetitions)), cpu = wall;
   std::vector<int64_t> peak(k, 0);
   for (int r = 0; r < repetitions; ++r) {
     for (size_t j = 0; j < k; ++j) {
       const size_t i = round_order(static_cast<size_t>(r), j, k);
-      const int64_t before = allocator.live();
-      allocator.reset_peak();
+      const int64_t before = device.live_bytes();
+      device.reset_peak();
       const double cpu_start = process_cpu_seconds();
       const auto start = std::chrono::steady_clock::now();
       contenders[i].step();
+      device.synchronize();
       wall[i][r] =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
       cpu[i][r] = 1e3 * (process_cpu_seconds() - cpu_start);
-      peak[i] = std::max(peak[i], allocator.peak() - before);
+      peak[i] = std::max(peak[i], device.peak_bytes() - before);
       contenders[i].reset();
     }
   }
@@ -110,15 +200,18 @@ double ratio(const nlohmann::json& numerator, const nlohmann::json& denominator,
   return d > 0 ? numerator[key].get<double>() / d : 0.0;
 }
 
-nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
+nlohmann::json mcdpo_row(const KernelBenchOptions& o, const BenchDevice& bench_device, int64_t V) {
   at::manual_seed(0);
   const int64_t R = 2 * o.dpo_pairs, T = o.dpo_positions, H = o.dpo_hidden;
   const int64_t prompt = std::clamp<int64_t>(o.dpo_prompt, 0, T - 1);
-  at::Tensor hidden = at::randn({R, T, H}).requires_grad_();                                     // [2B, T, H]
-  at::Tensor weight = (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).requires_grad_();  // [V, H]
-  const at::Tensor targets = at::randint(0, V, {R, T}, at::kLong);                               // [2B, T]
-  const at::Tensor mask = (at::arange(T) >= prompt).unsqueeze(0).expand({R, T}).contiguous();    // [2B, T]
-  const at::Tensor reference = -9.0 * static_cast<double>(T - prompt) + at::randn({R});          // [2B]
+  // Drawn on the CPU, so both devices see the same inputs.
+  const at::Device& device = bench_device.device();
+  at::Tensor hidden = at::randn({R, T, H}).to(device).requires_grad_();  // [2B, T, H]
+  at::Tensor weight =
+      (at::randn({V, H}) / std::sqrt(static_cast<double>(H))).to(device).requires_grad_();  // [V, H]
+  const at::Tensor targets = at::randint(0, V, {R, T}, at::kLong).to(device);               // [2B, T]
+  const at::Tensor mask = (at::arange(T) >= prompt).unsqueeze(0).expand({R, T}).contiguous().to(device);
+  const at::Tensor reference = (-9.0 * static_cast<double>(T - prompt) + at::randn({R})).to(device);  // [2B]
   const auto reset = [&] {
     hidden.mutable_grad().reset();
     weight.mutable_grad().reset();
@@ -128,7 +221,7 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
   const at::Tensor x = hidden.detach().narrow(1, prompt, T - prompt).reshape({answer_tokens, H});  // [N, H]
   const at::Tensor w = weight.detach();                                                            // [V, H]
   const std::vector<nlohmann::json> measured = measure_side_by_side(
-      o.repetitions,
+      bench_device, o.repetitions,
       {{[&] {
           vimo::kernels::fused_linear_mcdpo(hidden, weight, targets, mask, reference, {}, chunking)
               .loss.backward();
@@ -149,58 +242,61 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, int64_t V) {
                         {"fused", fused},
                         {"eager", eager},
                         {"bare_products", products}};
-  const double speedup = paired_times_ratio(eager, fused, "cpu_ms"), memory = ratio(eager, fused, "peak_MiB"),
-               floor = paired_times_ratio(fused, products, "cpu_ms");
-  row["eager_over_fused_cpu_time"] = speedup;
+  const std::string time = bench_device.time_key(), time_name = time_words(bench_device);
+  const double speedup = paired_times_ratio(eager, fused, time), memory = ratio(eager, fused, "peak_MiB"),
+               floor = paired_times_ratio(fused, products, time);
+  row["eager_over_fused_cpu_time"] = paired_times_ratio(eager, fused, "cpu_ms");
   row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = memory;
-  row["fused_over_products_cpu_time"] = floor;
+  row["fused_over_products_cpu_time"] = paired_times_ratio(fused, products, "cpu_ms");
+  row["fused_over_products_wall_time"] = paired_times_ratio(fused, products, "wall_ms");
   row["goals"] = {
-      {{"goal", "≥ 1.5× faster than eager (CPU time)"},
+      {{"goal", "≥ 1.5× faster than eager (" + time_name + ")"},
        {"value", speedup},
        {"met", speedup >= kDpoSpeedupGoal}},
       {{"goal", "≥ 3× less peak memory than eager"}, {"value", memory}, {"met", memory >= kDpoMemoryGoal}},
-      {{"goal", "within 1.3× of the bare LM-head products (CPU time)"},
+      {{"goal", "within 1.3× of the bare LM-head products (" + time_name + ")"},
        {"value", floor},
        {"met", floor > 0 && floor <= kDpoFloorGoal}}};
   return row;
 }
 
-nlohmann::json contrastive_row(const KernelBenchOptions& o, int64_t N) {
+nlohmann::json contrastive_row(const KernelBenchOptions& o, const BenchDevice& bench_device, int64_t N) {
   at::manual_seed(0);
   const int64_t D = o.contrastive_dim;
   const auto unit_rows = [&] {
     const at::Tensor x = at::randn({N, D});
-    return (x / x.norm(2, 1, true)).requires_grad_();  // [N, D]
+    return (x / x.norm(2, 1, true)).to(bench_device.device()).requires_grad_();  // [N, D]
   };
   at::Tensor texts = unit_rows(), videos = unit_rows();
-  at::Tensor scale = at::scalar_tensor(1 / 0.07).requires_grad_();  // exp(τ) at its initial value
+  at::Tensor scale =
+      at::scalar_tensor(1 / 0.07).to(bench_device.device()).requires_grad_();  // exp(τ) at its initial value
   const auto reset = [&] {
     for (at::Tensor* t : {&texts, &videos, &scale}) t->mutable_grad().reset();
   };
   const std::vector<nlohmann::json> measured = measure_side_by_side(
-      o.repetitions, {{[&] {
-                         vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0,
-                                                                o.contrastive_tile)
-                             .backward();
-                       },
-                       reset},
-                      {[&] {
-                         const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
-                         const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
-                         vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
-                       },
-                       reset}});
+      bench_device, o.repetitions,
+      {{[&] {
+          vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, o.contrastive_tile)
+              .backward();
+        },
+        reset},
+       {[&] {
+          const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
+          const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
+          vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
+        },
+        reset}});
   const nlohmann::json &fused = measured[0], &eager = measured[1];
   nlohmann::json row = {{"loss", "contrastive"},
                         {"shape", {{"N", N}, {"D", D}, {"tile", o.contrastive_tile}}},
                         {"fused", fused},
                         {"eager", eager}};
-  const double speedup = paired_times_ratio(eager, fused, "cpu_ms");
-  row["eager_over_fused_cpu_time"] = speedup;
+  const double speedup = paired_times_ratio(eager, fused, bench_device.time_key());
+  row["eager_over_fused_cpu_time"] = paired_times_ratio(eager, fused, "cpu_ms");
   row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = ratio(eager, fused, "peak_MiB");
-  row["goals"] = {{{"goal", "≥ 2× faster than eager (CPU time)"},
+  row["goals"] = {{{"goal", "≥ 2× faster than eager (" + time_words(bench_device) + ")"},
                    {"value", speedup},
                    {"met", speedup >= kContrastiveSpeedupGoal}}};
   return row;
@@ -237,11 +333,13 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
       options.contrastive_dim < 1 || options.contrastive_tile < 1) {
     throw std::invalid_argument("bench kernels: sizes must be positive (and T ≥ 2)");
   }
+  const BenchDevice device(options.device);
   counting_allocator();
   const int previous_threads = at::get_num_threads();
   if (options.threads > 0) at::set_num_threads(options.threads);
   nlohmann::json report;
-  report["machine"] = {{"nproc", std::thread::hardware_concurrency()},
+  report["machine"] = {{"device", device.describe()},
+                       {"nproc", std::thread::hardware_concurrency()},
                        {"torch_threads", at::get_num_threads()},
                        {"load_average_before", load_average()}};
   report["options"] = {{"dpo_pairs", options.dpo_pairs},
@@ -254,10 +352,11 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
                        {"contrastive_dim", options.contrastive_dim},
                        {"contrastive_tile", options.contrastive_tile},
                        {"repetitions", options.repetitions},
+                       {"device", device.device().str()},
                        {"dtype", "float32"}};
   nlohmann::json rows = nlohmann::json::array();
-  for (int64_t V : options.dpo_vocabularies) rows.push_back(mcdpo_row(options, V));
-  for (int64_t N : options.contrastive_sizes) rows.push_back(contrastive_row(options, N));
+  for (int64_t V : options.dpo_vocabularies) rows.push_back(mcdpo_row(options, device, V));
+  for (int64_t N : options.contrastive_sizes) rows.push_back(contrastive_row(options, device, N));
   report["rows"] = rows;
   report["machine"]["load_average_after"] = load_average();
   if (options.threads > 0) at::set_num_threads(previous_threads);
@@ -277,11 +376,13 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
 void print_kernel_bench(const nlohmann::json& report) {
   const nlohmann::json& m = report["machine"];
   fmt::print(
-      "fused kernels vs eager, forward + backward, float32, {} torch threads, {} cores, load average {} "
+      "fused kernels vs eager, forward + backward, float32, on {}, {} torch threads, {} cores, load average "
+      "{} "
       "before, {} after (medians of {} interleaved rounds; ratios: median of the rounds' ratios; CPU time = "
       "all threads)\n",
-      m["torch_threads"].get<int>(), m["nproc"].get<unsigned>(), m["load_average_before"].get<std::string>(),
-      m["load_average_after"].get<std::string>(), report["options"]["repetitions"].get<int>());
+      m["device"].get<std::string>(), m["torch_threads"].get<int>(), m["nproc"].get<unsigned>(),
+      m["load_average_before"].get<std::string>(), m["load_average_after"].get<std::string>(),
+      report["options"]["repetitions"].get<int>());
   const auto cell = [](const nlohmann::json& r) {
     return fmt::format("{:>9.1f} {:>9.1f} {:>9.1f}", r["wall_ms"].get<double>(), r["cpu_ms"].get<double>(),
                        r["peak_MiB"].get<double>());

@@ -24,7 +24,10 @@ struct KernelBenchOptions {
   int64_t contrastive_dim = 768, contrastive_tile = 256;
   int repetitions = 5;  // timed rounds per row after one warm-up (every implementation once per round)
   int threads = 0;      // LibTorch intra-op threads for the run; 0 keeps the current setting
-  std::string out;      // JSON report path; empty: none
+  // "cpu", or "cuda" / "cuda:K" in a CUDA build: where the inputs live and the losses run. On CUDA the
+  // times are wall times around a device synchronize and the peaks come from LibTorch's CUDA allocator.
+  std::string device = "cpu";
+  std::string out;  // JSON report path; empty: none
 
   // Small sizes for a run of a few seconds (smoke tests, CI): V ∈ {1024, 2048}, T = 64, H = 128; N ∈ {256,
   // 512}, D = 128.
@@ -36,7 +39,8 @@ struct KernelBenchOptions {
 // measures]) and the goals (McDPO: ≥ 1.5× faster and ≥ 3× less peak memory than eager, within 1.3× of the
 // bare products on the same tokens; contrastive: ≥ 2× faster than eager), with the options and the machine
 // (threads, nproc, load average). Writes it to options.out when set (parent directories created). Installs
-// the counting allocator (c10::SetCPUAllocator) on first use.
+// the counting allocator (c10::SetCPUAllocator) on first use. Throws std::invalid_argument for a device that
+// is not "cpu" or "cuda[:K]", and when CUDA was asked for but is not built in or not visible.
 nlohmann::json run_kernel_bench(const KernelBenchOptions& options);
 
 // Prints the report as tables on stdout.

@@ -115,6 +115,13 @@ int main(int argc, char** argv) {
       ->add_option("--repetitions", bench_kernels_repetitions,
                    "Timed rounds per row (default 5, --quick 3); each implementation runs once per round")
       ->check(CLI::PositiveNumber);
+  std::string bench_kernels_device = "cpu";
+  bench_kernels
+      ->add_option(
+          "--device", bench_kernels_device,
+          "cpu, or cuda / cuda:K in a CUDA build (times: wall time after a device synchronize; peak: "
+          "LibTorch's CUDA allocator)")
+      ->capture_default_str();
   auto* bench_comm = bench->add_subcommand(
       "comm",
       "Collectives through our Communicator against raw MPI (algbw, busbw, 4 KiB-256 MiB) and the share of "
@@ -136,6 +143,7 @@ int main(int argc, char** argv) {
                                                       : vimo::trainer::KernelBenchOptions{};
       options.out = bench_kernels_out;
       if (bench_kernels_repetitions > 0) options.repetitions = bench_kernels_repetitions;
+      options.device = bench_kernels_device;
       vimo::trainer::print_kernel_bench(vimo::trainer::run_kernel_bench(options));
       std::printf("\nwrote %s\n", options.out.c_str());
       return 0;

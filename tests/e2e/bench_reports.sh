@@ -18,7 +18,13 @@ for row in r["rows"]:
         assert row[who]["cpu_ms"] > 0 and row[who]["peak_MiB"] > 0, (who, row[who])
     assert row["eager_over_fused_cpu_time"] > 0 and row["eager_over_fused_memory"] > 0, row
     assert all("met" in goal for goal in row["goals"]), row["goals"]
+assert r["options"]["device"] == "cpu", r["options"]
 PY
+# A device that is not cpu / cuda[:K] is refused by name (a CUDA device where none is visible: the same path).
+if "$vimo" bench kernels --quick --device tpu --out "$work/tpu.json" > "$work/tpu.log" 2>&1; then
+  fail "bench kernels accepted --device tpu"
+fi
+grep -q "device must be cpu, cuda or cuda:K, got 'tpu'" "$work/tpu.log" || fail "no device error: $(cat "$work/tpu.log")"
 "$vimo" bench data --records 256 --repetitions 1 --out "$work/data.json" > "$work/data.log"
 python3 - "$work/data.json" <<'PY' || fail "bad data.json"
 import json, sys
