@@ -50,6 +50,21 @@ struct GradientReducer::HookRegistrations {
   std::vector<uintptr_t> keys;  // of our hook on each accumulator, for del_post_hook
 };
 
+// Note [A progress thread for MPI]
+// Open MPI moves a non-blocking collective's data only while the process is inside an MPI call: a large
+// message travels in pipelined fragments, and libnbc's schedule advances one round per call. The hooks poke
+// every bucket in flight (one MPI_Test each), but they fire only as gradients become ready, 8 times in a
+// 4-layer MLP's backward, so a bucket launched mid-backward mostly moved inside finalize(). On a 16-core
+// machine, 2 ranks, backward hid only 47-54 % of the gradient communication (bench/README.md, "On a GPU
+// machine"). So for the MPI backend a helper thread polls the buckets in flight every
+// ReducerOptions::progress_interval_us (100 µs by default) from the first launch until finalize(), as
+// PyTorch's ProcessGroupMPI keeps a worker thread in MPI. Two things keep that legal under
+// MPI_THREAD_SERIALIZED: the thread touches the buckets only under the reducer's mutex, like the hooks and
+// finalize(), and every MPI call of vimo_comm holds the process-wide MPI call mutex (VIMO_MPI_CHECK, Note
+// [One MPI call at a time] in comm/mpi_internal.h). Between polls it sleeps on a condition variable, so on
+// an oversubscribed node it costs a wake-up per interval, not a core. The NCCL backend needs no thread: its
+// work runs on CUDA streams.
+
 // Note [Parameters without a gradient]
 // A parameter may get no gradient in a backward: it is frozen in this stage, its branch was not taken, or
 // it is simply unused. Its hook never fires, so its bucket would never launch, and every later bucket would
@@ -67,8 +82,9 @@ struct GradientReducer::HookRegistrations {
 // finalize() was called (backward is over) and when every bucket had finished. The communication time is
 // first launch → all done; the exposed time is finalize() → all done, the part the training loop waited for;
 // the rest ran while backward was still computing. hidden_fraction = 1 − exposed / communication over all
-// steps. With MPI the overlap depends on the progress poked from the hooks (Note [Progress of non-blocking
-// MPI collectives] in mpi_work.cpp).
+// steps. With MPI the overlap depends on the progress made between launch and finalize(): by the hooks
+// (Note [Progress of non-blocking MPI collectives] in mpi_work.cpp) and by the progress thread (Note [A
+// progress thread for MPI]); buckets_done_before_finalize counts the buckets they saw finish.
 
 namespace {
 
@@ -116,9 +132,21 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
             })));
     hooks_->accumulators.push_back(std::move(accumulator));
   }
+  if (options.progress_interval_us > 0 && comm_->backend_name() == "mpi") {
+    progress_interval_ = std::chrono::microseconds(options.progress_interval_us);
+    progress_thread_ = std::thread([this] { run_progress_thread(); });
+  }
 }
 
 GradientReducer::~GradientReducer() {
+  if (progress_thread_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      progress_stop_ = true;
+    }
+    progress_wake_.notify_all();
+    progress_thread_.join();
+  }
   for (size_t i = 0; i < hooks_->accumulators.size(); ++i)
     hooks_->accumulators[i]->del_post_hook(hooks_->keys[i]);
   // Buckets still in flight (finalize() was skipped, or threw) are waited for by their Work's destructor.
@@ -247,6 +275,7 @@ void GradientReducer::launch_ready_buckets() {
     last_launch_ = now;
     bucket.work = comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
     launch_order_.push_back(static_cast<int>(next_bucket_));
+    progress_wake_.notify_one();
     stats_.buckets_launched += 1;
     stats_.bytes_reduced += bucket.flat.numel() * static_cast<int64_t>(bucket.flat.element_size());
     ++next_bucket_;
@@ -256,7 +285,35 @@ void GradientReducer::launch_ready_buckets() {
 // One MPI_Test per bucket in flight: see Note [Progress of non-blocking MPI collectives].
 void GradientReducer::poke_progress() {
   for (size_t b = 0; b < next_bucket_; ++b) {
-    if (buckets_[b].work) buckets_[b].work->is_completed();
+    Bucket& bucket = buckets_[b];
+    if (bucket.work && !bucket.done) bucket.done = bucket.work->is_completed();
+  }
+}
+
+// See Note [A progress thread for MPI]. Polls while some launched bucket is not done, and sleeps otherwise.
+void GradientReducer::run_progress_thread() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  const auto in_flight = [&] {
+    if (progress_paused_) return false;
+    for (size_t b = 0; b < next_bucket_; ++b) {
+      if (buckets_[b].work && !buckets_[b].done) return true;
+    }
+    return false;
+  };
+  while (!progress_stop_) {
+    if (!in_flight()) {
+      progress_wake_.wait(lock, [&] { return progress_stop_ || in_flight(); });
+      continue;
+    }
+    try {
+      poke_progress();
+    } catch (const std::exception&) {
+      // A failed or timed-out poll leaves its communicator broken, and finalize()'s wait reports it. No more
+      // polls in this step.
+      progress_paused_ = true;
+    }
+    stats_.progress_polls += 1;
+    progress_wake_.wait_for(lock, progress_interval_, [&] { return progress_stop_; });
   }
 }
 
@@ -266,6 +323,7 @@ void GradientReducer::finalize() {
   if (buckets_.empty()) return;  // no parameters: nothing to average
   const Clock::time_point called = Clock::now();
   const auto launched_in_backward = static_cast<int64_t>(launch_order_.size());
+  for (const Bucket& bucket : buckets_) stats_.buckets_done_before_finalize += bucket.done ? 1 : 0;
   // Note [Parameters without a gradient]: fill every slot still missing, then launch the rest in order.
   for (size_t b = next_bucket_; b < buckets_.size(); ++b) {
     for (size_t param : buckets_[b].params) {
@@ -306,7 +364,9 @@ void GradientReducer::reset_step() {
   for (Bucket& bucket : buckets_) {
     bucket.pending = bucket.params.size();
     bucket.work.reset();
+    bucket.done = false;
   }
+  progress_paused_ = false;
   next_bucket_ = 0;
   step_started_ = false;
   launch_order_.clear();

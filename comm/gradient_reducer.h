@@ -14,9 +14,11 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -26,6 +28,9 @@ namespace vimo::comm {
 struct ReducerOptions {
   double bucket_mib = 25.0;       // a bucket closes once it holds this many MiB of gradients
   double first_bucket_mib = 1.0;  // ... the first one (launched first) already at this many
+  // MPI backend only: while buckets are in flight, a helper thread polls them this often, so that MPI moves
+  // their data between autograd hooks (Note [A progress thread for MPI]). 0: no thread.
+  int progress_interval_us = 100;
 };
 
 // Running totals over synchronised steps; see Note [Overlap statistics] in comm/gradient_reducer.cpp.
@@ -36,7 +41,9 @@ struct ReducerStats {
   int64_t bytes_reduced = 0;                 // payload of those all-reduces
   double communication_s = 0;                // Σ first launch → every bucket done
   double exposed_s = 0;  // Σ finalize() called → every bucket done (what backward did not hide)
-  double last_launch_to_done_s = 0;  // Σ last launch → every bucket done
+  double last_launch_to_done_s = 0;          // Σ last launch → every bucket done
+  int64_t buckets_done_before_finalize = 0;  // seen complete before finalize() was called
+  int64_t progress_polls = 0;                // rounds of the progress thread that found buckets in flight
   // The share of the communication time that ran behind backward, in [0, 1].
   double hidden_fraction() const;
 };
@@ -77,6 +84,7 @@ class GradientReducer {
     at::Tensor flat;               // [total elements of its params], their dtype and device
     size_t pending = 0;            // slots without a gradient yet in this step
     std::shared_ptr<Work> work;    // the all-reduce in flight, or null
+    bool done = false;             // `work` was seen complete (by a hook or the progress thread)
   };
   struct HookRegistrations;  // the autograd hooks (comm/gradient_reducer.cpp)
   using Clock = std::chrono::steady_clock;
@@ -87,6 +95,7 @@ class GradientReducer {
   void copy_into_bucket(size_t param, const at::Tensor& grad);
   void launch_ready_buckets();
   void poke_progress();
+  void run_progress_thread();
   void reset_step();
 
   std::vector<at::Tensor> params_;
@@ -101,8 +110,14 @@ class GradientReducer {
   std::vector<int> launch_order_, last_launch_order_;
   Clock::time_point first_launch_, last_launch_;
   ReducerStats stats_;
-  mutable std::mutex mutex_;  // hooks may run on autograd's device threads
+  mutable std::mutex mutex_;  // hooks may run on autograd's device threads; the progress thread
   std::unique_ptr<HookRegistrations> hooks_;
+  // Note [A progress thread for MPI]: woken when a bucket is launched, stopped by the destructor.
+  std::chrono::microseconds progress_interval_{0};
+  std::condition_variable progress_wake_;
+  bool progress_stop_ = false;
+  bool progress_paused_ = false;  // a poll of this step threw: the thread leaves the rest to finalize()
+  std::thread progress_thread_;
 };
 
 // Turns synchronisation off for its lifetime (the non-final micro-steps of gradient accumulation).

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -26,6 +27,16 @@ namespace vimo::comm::mpi_detail {
 // Throws the error of a failed MPI call: the rank, call, file:line and MPI's own error string (mpi_work.cpp).
 [[noreturn]] void throw_mpi_failure(int status, const char* call, const char* file, int line);
 
+// Note [One MPI call at a time]
+// vimo initializes MPI at MPI_THREAD_SERIALIZED (Note [MPI thread level] in mpi_runtime.cpp): any thread may
+// call MPI, but never two at once. Besides the caller's threads, the gradient reducer polls from a thread of
+// its own (Note [A progress thread for MPI] in gradient_reducer.cpp), so every MPI call of vimo_comm holds
+// one process-wide mutex for its duration: VIMO_MPI_CHECK takes it. A blocking collective holds it until it
+// returns, and a poll waits for it. Recursive, so that a call made while it is held (MPI_Init_thread's
+// error path, say) cannot deadlock. Code outside vimo_comm that calls MPI directly (tests, the raw baselines
+// of `vimo bench comm`) must not overlap a reducer's step.
+std::recursive_mutex& mpi_call_mutex();  // mpi_work.cpp
+
 }  // namespace vimo::comm::mpi_detail
 
 // Every MPI call goes through this: a failure becomes an exception naming the rank, call, file:line and MPI's
@@ -33,7 +44,12 @@ namespace vimo::comm::mpi_detail {
 // aborting.)
 #define VIMO_MPI_CHECK(call)                                                                    \
   do {                                                                                          \
-    const int vimo_mpi_status_ = (call);                                                        \
+    int vimo_mpi_status_ = MPI_SUCCESS;                                                         \
+    {                                                                                           \
+      const std::lock_guard<std::recursive_mutex> vimo_mpi_lock_(                               \
+          ::vimo::comm::mpi_detail::mpi_call_mutex());                                          \
+      vimo_mpi_status_ = (call);                                                                \
+    }                                                                                           \
     if (vimo_mpi_status_ != MPI_SUCCESS)                                                        \
       ::vimo::comm::mpi_detail::throw_mpi_failure(vimo_mpi_status_, #call, __FILE__, __LINE__); \
   } while (0)

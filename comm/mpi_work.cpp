@@ -27,6 +27,11 @@ int world_rank_for_errors() {
 
 }  // namespace
 
+std::recursive_mutex& mpi_call_mutex() {
+  static std::recursive_mutex mutex;
+  return mutex;
+}
+
 [[noreturn]] void throw_mpi_failure(int status, const char* call, const char* file, int line) {
   char text[MPI_MAX_ERROR_STRING] = {};
   int length = 0;
