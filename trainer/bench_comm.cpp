@@ -256,7 +256,8 @@ nlohmann::json bench_overlap(const CommBenchOptions& options,
   const int previous_threads = at::get_num_threads();
   if (options.threads > 0) at::set_num_threads(options.threads);
   Mlp model(options.overlap_width, options.overlap_depth);
-  comm::GradientReducer reducer(model.params, comm, {options.bucket_mib, options.first_bucket_mib});
+  comm::GradientReducer reducer(model.params, comm,
+                                {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us});
   at::manual_seed(1000 + comm->rank());  // each rank its own rows, as in data parallelism
   const at::Tensor x = at::randn({options.overlap_batch, options.overlap_width});
 
@@ -300,11 +301,15 @@ nlohmann::json bench_overlap(const CommBenchOptions& options,
       {"threads_per_rank", at::get_num_threads()},
       {"bucket_mib", options.bucket_mib},
       {"first_bucket_mib", options.first_bucket_mib},
+      {"progress_interval_us", options.progress_interval_us},
       {"buckets", reducer.bucket_parameters().size()},
       {"steps", steps},
       {"bytes_reduced_per_step", static_cast<double>(after.bytes_reduced - before.bytes_reduced) * per_step},
       {"buckets_launched_in_backward_per_step",
        static_cast<double>(after.buckets_launched_in_backward - before.buckets_launched_in_backward) *
+           per_step},
+      {"buckets_done_before_finalize_per_step",
+       static_cast<double>(after.buckets_done_before_finalize - before.buckets_done_before_finalize) *
            per_step},
       {"communication_ms_per_step", communication * per_step * 1e3},
       {"exposed_ms_per_step", exposed * per_step * 1e3},
@@ -471,15 +476,17 @@ void print_comm_bench(const nlohmann::json& report) {
   if (report.contains("overlap")) {
     const nlohmann::json& o = report["overlap"];
     fmt::print(
-        "\noverlap at DP = {}: {} ({} parameters, {} buckets, {} thread(s) per rank)\n"
+        "\noverlap at DP = {}: {} ({} parameters, {} buckets, {} thread(s) per rank, progress every {} us)\n"
         "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
-        "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward\n"
+        "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
+        "{:.1f} done before finalize\n"
         "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n",
         o["dp"].get<int>(), o["model"].get<std::string>(), o["parameters"].get<int64_t>(),
-        o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(), o["step_ms"].get<double>(),
-        o["forward_ms"].get<double>(), o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
-        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
-        o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
+        o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(), o["progress_interval_us"].get<int>(),
+        o["step_ms"].get<double>(), o["forward_ms"].get<double>(), o["backward_ms"].get<double>(),
+        o["finalize_ms"].get<double>(), o["communication_ms_per_step"].get<double>(),
+        o["exposed_ms_per_step"].get<double>(), o["buckets_launched_in_backward_per_step"].get<double>(),
+        o["buckets"].get<int64_t>(), o["buckets_done_before_finalize_per_step"].get<double>(),
         100 * o["hidden_fraction"].get<double>(), 100 * o["hidden_fraction_min_over_ranks"].get<double>(),
         100 * o["goal"].get<double>());
   }
@@ -499,6 +506,16 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
                   "Timed training steps of the overlap measurement")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  command
+      .add_option("--bucket-mib", options_.bucket_mib,
+                  "GradientReducer bucket size of the overlap measurement (its first bucket: 1 MiB)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      .add_option("--progress-us", options_.progress_interval_us,
+                  "Interval of the reducer's MPI progress thread in the overlap measurement (0: no thread)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   command.add_flag("!--no-overlap", options_.overlap, "Skip the overlap measurement");
 }
 
