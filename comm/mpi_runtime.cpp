@@ -22,8 +22,10 @@ using mpi_detail::tensor_text;
 // We ask for MPI_THREAD_SERIALIZED: any thread may call MPI, one call at a time. The Communicator contract
 // (every rank issues the same collectives in the same order) already rules out concurrent calls, but not
 // calls from other threads: autograd runs backward functions such as all_gather_with_grad's all-reduce on its
-// own worker threads for some devices, and helpers may run on background threads. FUNNELED (main thread only)
-// would make those undefined behaviour; MULTIPLE would cost locking we do not need.
+// own worker threads for some devices, and helpers may run on background threads (the gradient reducer's
+// progress thread). FUNNELED (main thread only) would make those undefined behaviour. vimo_comm keeps its own
+// calls one at a time with a mutex (Note [One MPI call at a time] in mpi_internal.h), which is cheaper than
+// MULTIPLE's locking inside every MPI call.
 constexpr int kRequiredThreadLevel = MPI_THREAD_SERIALIZED;
 
 // Set when MpiRuntime called MPI_Init_thread, so that only it calls MPI_Finalize.
