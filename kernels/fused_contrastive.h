@@ -19,8 +19,10 @@ namespace vimo::kernels {
 //   video_local [n, D]  this rank's video embeddings (rows of video→text)
 //   video_all   [N, D]  every rank's videos (columns of text→video)
 //   scale       scalar tensor (0-dim or one element), e.g. exp(τ) with grad or the fixed action scale 100
-//   tile        rows per strip, ≥ 1 (a strip spans all N columns); memory beyond the inputs and their
-//               gradients is O((n + N) · D) plus O(tile · N + N · D) per thread
+//   tile        rows per strip, ≥ 1 (a strip spans all N columns), or 0: chosen for the device (256 on CPU;
+//               on CUDA enough rows for 4 Mi scores, at least 256: Note [Strips on CUDA] in the .cpp);
+//               memory beyond the inputs and their gradients is O((n + N) · D) plus O(tile · N + N · D) per
+//               thread
 // Differentiable w.r.t. the four embeddings and `scale` (a custom autograd function); the gradients are
 // computed in the forward pass when autograd will need them. In one process pass the same tensor as local
 // and all (the identical tensor, not a copy): then one score matrix serves both directions (3 to 4 matrix
@@ -29,7 +31,7 @@ namespace vimo::kernels {
 // in float64. Embeddings are expected L2-normalized (not required: any values give the formula above).
 at::Tensor fused_symmetric_infonce(const at::Tensor& text_local, const at::Tensor& text_all,
                                    const at::Tensor& video_local, const at::Tensor& video_all,
-                                   const at::Tensor& scale, int64_t positive_offset, int64_t tile = 256);
+                                   const at::Tensor& scale, int64_t positive_offset, int64_t tile = 0);
 
 // The Gemini-MVR router-stage loss: the same symmetric InfoNCE on the fused score
 //   S(t, v) = w_act(v) · action_scale · ⟨p_t, a_v⟩ + w_obj(v) · object_scale · ⟨g_t, o_v⟩
@@ -48,7 +50,6 @@ struct GeminiInfoNCEInputs {
   at::Tensor router_local, router_all;              // (w_act, w_obj) per video: [n, 2], [N, 2]
   at::Tensor action_scale, object_scale;            // one element each, e.g. 100 and exp(τ)
 };
-at::Tensor fused_gemini_infonce(const GeminiInfoNCEInputs& inputs, int64_t positive_offset,
-                                int64_t tile = 256);
+at::Tensor fused_gemini_infonce(const GeminiInfoNCEInputs& inputs, int64_t positive_offset, int64_t tile = 0);
 
 }  // namespace vimo::kernels

@@ -21,7 +21,8 @@ struct KernelBenchOptions {
   int64_t dpo_chunk_tokens = 1024;  // LmHeadChunking::tokens of the fused kernel
   // Contrastive: one row per batch size N (n = N, single process), embedding width D, column tile. float32.
   std::vector<int64_t> contrastive_sizes = {1024, 4096};
-  int64_t contrastive_dim = 768, contrastive_tile = 256;
+  // contrastive_tile 0: chosen for the device (256 rows on CPU; Note [Strips on CUDA] in the kernel).
+  int64_t contrastive_dim = 768, contrastive_tile = 0;
   int repetitions = 5;  // timed rounds per row after one warm-up (every implementation once per round)
   int threads = 0;      // LibTorch intra-op threads for the run; 0 keeps the current setting
   // "cpu", or "cuda" / "cuda:K" in a CUDA build: where the inputs live and the losses run. On CUDA the

@@ -115,6 +115,16 @@ int main(int argc, char** argv) {
       ->add_option("--repetitions", bench_kernels_repetitions,
                    "Timed rounds per row (default 5, --quick 3); each implementation runs once per round")
       ->check(CLI::PositiveNumber);
+  int64_t bench_kernels_tile = 0, bench_kernels_chunk = 0;
+  bench_kernels
+      ->add_option(
+          "--contrastive-tile", bench_kernels_tile,
+          "Rows per strip of the fused contrastive loss (default: chosen by device, 256 on CPU; --quick 128)")
+      ->check(CLI::PositiveNumber);
+  bench_kernels
+      ->add_option("--dpo-chunk", bench_kernels_chunk,
+                   "Tokens per chunk of the fused McDPO loss (default 1024)")
+      ->check(CLI::PositiveNumber);
   std::string bench_kernels_device = "cpu";
   bench_kernels
       ->add_option(
@@ -144,6 +154,8 @@ int main(int argc, char** argv) {
       options.out = bench_kernels_out;
       if (bench_kernels_repetitions > 0) options.repetitions = bench_kernels_repetitions;
       options.device = bench_kernels_device;
+      if (bench_kernels_tile > 0) options.contrastive_tile = bench_kernels_tile;
+      if (bench_kernels_chunk > 0) options.dpo_chunk_tokens = bench_kernels_chunk;
       vimo::trainer::print_kernel_bench(vimo::trainer::run_kernel_bench(options));
       std::printf("\nwrote %s\n", options.out.c_str());
       return 0;

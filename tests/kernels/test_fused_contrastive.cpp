@@ -371,6 +371,23 @@ void expect_invalid(const std::function<void()>& body, const std::string& part) 
   }
 }
 
+// tile 0 chooses the strip for the device (Note [Strips on CUDA]): 256 rows on the CPU, so with 300 rows
+// (two strips) the loss and the gradients are bit for bit those of tile 256.
+TEST(FusedContrastive, TileZeroIsTheCpuDefaultOf256Rows) {
+  vimo::testing::seed_torch();
+  const at::Tensor texts0 = at::randn({300, 16}), videos0 = at::randn({300, 16});
+  auto run = [&](int64_t tile) {
+    at::Tensor texts = texts0.clone().requires_grad_(), videos = videos0.clone().requires_grad_();
+    at::Tensor scale = at::scalar_tensor(10.0).requires_grad_();
+    at::Tensor loss = fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, tile);
+    loss.backward();
+    return std::vector<at::Tensor>{loss.detach(), texts.grad(), videos.grad(), scale.grad()};
+  };
+  const std::vector<at::Tensor> chosen = run(0), explicit_256 = run(256);
+  for (size_t k = 0; k < chosen.size(); ++k)
+    EXPECT_TRUE(at::equal(chosen[k], explicit_256[k])) << "output " << k;
+}
+
 TEST(FusedContrastive, RejectsMismatchedInputsWithClearErrors) {
   const at::Tensor a = at::zeros({4, 8}), all = at::zeros({8, 8}), s = at::scalar_tensor(1.0);
   auto call = [&](const at::Tensor& tl, const at::Tensor& ta, const at::Tensor& vl, const at::Tensor& va,
@@ -384,7 +401,7 @@ TEST(FusedContrastive, RejectsMismatchedInputsWithClearErrors) {
   expect_invalid(call(a, all, a, all, s, 5, 4), "positives [5, 9) fall outside 8 columns");
   expect_invalid(call(a, all, a, all, s, -1, 4), "fall outside");
   expect_invalid(call(a, all, a, all, at::ones({2}), 0, 4), "scale must be a tensor of one element, got [2]");
-  expect_invalid(call(a, all, a, all, s, 0, 0), "tile must be");
+  expect_invalid(call(a, all, a, all, s, 0, -1), "tile must be ≥ 1, or 0 to choose by device, got -1");
   expect_invalid(call(a, all.to(at::kDouble), a, all, s, 0, 4), "text_all is Double but text_local is Float");
   expect_invalid(call(a.to(at::kInt), all, a, all, s, 0, 4), "float32, float64 or bfloat16");
 }

@@ -107,6 +107,7 @@ const std::vector<Problem> kCases = {
     {11, 11, 16, 0, 3, true},      // one process, strips of 3
     {300, 300, 64, 0, 128, true},  // one process, several blocks per strip row
     {96, 384, 64, 96, 1000, false},
+    {300, 300, 64, 0, 0, true},  // tile 0: strips chosen for CUDA (Note [Strips on CUDA]), one here
 };
 
 TEST(FusedContrastiveCuda, SingleBranchMatchesCpu) {
