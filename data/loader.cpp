@@ -154,11 +154,23 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   // The batch's shards, looked up in the shared LRU cache once each rather than once per record; they stay
   // open until the batch is read even if the cache closes them meanwhile (see LoaderOptions::open_shards).
   std::vector<std::pair<uint32_t, std::shared_ptr<ShardReader>>> readers;
-  for (const SampleRef& ref : refs) {
+  for (size_t k = 0; k < refs.size(); ++k) {
+    const SampleRef& ref = refs[k];
     try {
+      // The next record lies somewhere else in the page cache (a shuffled order): start loading its head
+      // while this one is read, so the parse that follows does not wait on memory (`vimo bench data`: one
+      // thread's second epoch 0.37-0.43x -> 0.45-0.46x of read()).
+      if (k + 1 < refs.size()) {
+        const auto next = std::find_if(readers.begin(), readers.end(),
+                                       [&](const auto& r) { return r.first == refs[k + 1].shard; });
+        if (next != readers.end()) next->second->prefetch(refs[k + 1].record);
+      }
       auto it =
           std::find_if(readers.begin(), readers.end(), [&](const auto& r) { return r.first == ref.shard; });
-      if (it == readers.end()) it = readers.emplace(readers.end(), ref.shard, open_shard(ref.shard));
+      if (it == readers.end()) {
+        it = readers.emplace(readers.end(), ref.shard, open_shard(ref.shard));
+        it->second->recheck_if_modified();  // Note [Verifying a mapped record once] in data/shard.cpp
+      }
       const ShardReader* reader = it->second.get();
       reader->read_view(ref.record, buffer, record);
       collator.add(record, ref.key, {reader->path(), static_cast<int64_t>(ref.record)});

@@ -13,9 +13,12 @@
 //   footer  : uint64 record_count n, uint64 index_offset, magic "VIMOSHRD" (8 bytes)
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
+#include <ctime>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -135,6 +138,7 @@ class ShardWriter {
   std::string path_, temp_path_;
   Compression compression_;
   int zstd_level_;
+  std::unique_ptr<char[]> write_buffer_;  // file_'s stdio buffer (Note [Writing shards in large blocks])
   std::FILE* file_ = nullptr;
   uint64_t position_ = 0;
   std::vector<uint64_t> offsets_, checksums_, sizes_;
@@ -165,6 +169,15 @@ class ShardReader {
   uint64_t file_size() const { return file_size_; }
   // Stored bytes of record `index` (what read_record reads from disk).
   uint64_t stored_size(uint64_t index) const;
+  // A record read through the mapping is checksummed the first time only (Note [Verifying a mapped record
+  // once] in data/shard.cpp). This forgets every record's verification when the file's modification or
+  // status-change time has moved since the reader opened it or last looked, so that the next read of each
+  // record is checksummed again. The loader calls it once per shard per batch. Thread-safe.
+  void recheck_if_modified() const;
+  // Asks the CPU to start loading the head of record `index` when it is mapped (a hint; does nothing else).
+  void prefetch(uint64_t index) const;
+  // Checksums computed by this reader (for tests and metrics).
+  uint64_t checksums_computed() const { return checksums_computed_.load(std::memory_order_relaxed); }
 
  private:
   [[noreturn]] void fail(const std::string& what, int64_t record, uint64_t offset) const;
@@ -174,6 +187,13 @@ class ShardReader {
   uint64_t file_size_ = 0, index_offset_ = 0;
   std::vector<uint64_t> offsets_, checksums_, sizes_;
   std::unique_ptr<ShardMapping> mapping_;  // the whole file, or null: records are then read with pread
+  // Per mapped record, the generation in which its checksum matched (0: never); a record counts as verified
+  // when that equals generation_, which recheck_if_modified() advances when the file changed.
+  mutable std::unique_ptr<std::atomic<uint32_t>[]> verified_;
+  mutable std::atomic<uint32_t> generation_{1};
+  mutable std::mutex stat_mutex_;       // guards the two times below
+  mutable timespec mtime_{}, ctime_{};  // the file's, when last looked at
+  mutable std::atomic<uint64_t> checksums_computed_{0};
 };
 
 }  // namespace vimo::data

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -248,6 +249,44 @@ TEST_P(ShardBothCompressions, FlippedByteGivesChecksumErrorNamingTheRecord) {
       EXPECT_EQ(e.offset, f.offsets[victim]);
     }
   }
+}
+
+// Note [Verifying a mapped record once]: a mapped record is hashed on its first read only; a write in place
+// moves the file's times, and after recheck_if_modified() every record is hashed again, so the changed one
+// is caught. (The times are set one second ahead so that a coarse file-system clock cannot hide the write.)
+TEST_P(ShardBothCompressions, AMappedRecordIsHashedOnceUntilTheFileChanges) {
+  ShardFixture f(GetParam());
+  const ShardReader reader(f.path);
+  RecordBuffer buffer;
+  for (int pass = 0; pass < 3; ++pass) {
+    for (uint64_t i = 0; i < reader.size(); ++i) ASSERT_NO_THROW(reader.read_view(i, buffer)) << i;
+    reader.recheck_if_modified();  // the file did not change: nothing is forgotten
+  }
+  ASSERT_EQ(reader.checksums_computed(), reader.size()) << "the mapped records were hashed more than once";
+
+  const uint64_t victim = f.rng() % f.records.size();
+  const uint64_t at = f.offsets[victim] + f.rng() % reader.stored_size(victim);
+  std::vector<uint8_t> byte(1);
+  {
+    std::ifstream in(f.path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(at));
+    in.read(reinterpret_cast<char*>(byte.data()), 1);
+  }
+  byte[0] ^= static_cast<uint8_t>(1 + f.rng() % 255);
+  const auto written = fs::last_write_time(f.path);
+  overwrite(f.path, at, byte);
+  fs::last_write_time(f.path, written + std::chrono::seconds(1));
+
+  reader.recheck_if_modified();
+  for (uint64_t i = 0; i < reader.size(); ++i) {
+    if (i == victim) {
+      expect_error([&] { reader.read_view(i, buffer); },
+                   {f.path, "record " + std::to_string(victim), "checksum mismatch"});
+    } else {
+      EXPECT_NO_THROW(reader.read_view(i, buffer)) << "record " << i;
+    }
+  }
+  EXPECT_EQ(reader.checksums_computed(), 2 * reader.size());
 }
 
 TEST_P(ShardBothCompressions, TruncatedFileIsRejected) {
