@@ -169,7 +169,7 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
           std::find_if(readers.begin(), readers.end(), [&](const auto& r) { return r.first == ref.shard; });
       if (it == readers.end()) {
         it = readers.emplace(readers.end(), ref.shard, open_shard(ref.shard));
-        it->second->recheck_if_modified();  // Note [Verifying a mapped record once] in data/shard.cpp
+        it->second->recheck_if_modified();  // Note [Verifying a mapped record once] in data/shard_reader.cpp
       }
       const ShardReader* reader = it->second.get();
       reader->read_view(ref.record, buffer, record);

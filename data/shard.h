@@ -170,7 +170,7 @@ class ShardReader {
   // Stored bytes of record `index` (what read_record reads from disk).
   uint64_t stored_size(uint64_t index) const;
   // A record read through the mapping is checksummed the first time only (Note [Verifying a mapped record
-  // once] in data/shard.cpp). This forgets every record's verification when the file's modification or
+  // once] in data/shard_reader.cpp). This forgets every record's verification when the file's modification or
   // status-change time has moved since the reader opened it or last looked, so that the next read of each
   // record is checksummed again. The loader calls it once per shard per batch. Thread-safe.
   void recheck_if_modified() const;

@@ -538,8 +538,8 @@ TEST_F(LoaderTest, CorruptRecordStopsByDefaultAndIsSkippedAndCountedOnRequest) {
 }
 
 // A loader keeps its shards open across epochs and hashes each mapped record on its first read only (Note
-// [Verifying a mapped record once] in data/shard.cpp): a record changed in place after the first epoch is
-// still caught in the second, because the loader looks at each shard's times once per batch.
+// [Verifying a mapped record once] in data/shard_reader.cpp): a record changed in place after the first epoch
+// is still caught in the second, because the loader looks at each shard's times once per batch.
 TEST_F(LoaderTest, ARecordChangedInPlaceBetweenEpochsIsCaught) {
   LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
   o.workers = 0;  // nothing read ahead: the second epoch is read after the change

@@ -1,4 +1,4 @@
-// libFuzzer target for the shard reader (data/shard.cpp): any file must either open and yield records whose
+// libFuzzer target for the shard reader (data/shard_reader.cpp): any file must either open and yield records whose
 // fields' byte counts match their shapes, or throw (CorruptDataError, std::runtime_error); never crash, read
 // out of bounds, leak or allocate far beyond the file's size. Built standalone by tests/fuzz/run_fuzz.sh.
 //

@@ -26,7 +26,7 @@ case "$target" in
     malloc_limit_mb=64  # a .npy's data is never larger than the file
     ;;
   fuzz_shard)
-    sources=("$repo/data/shard.cpp" "$repo/data/shard_mapping.cpp")
+    sources=("$repo/data/shard.cpp" "$repo/data/shard_reader.cpp" "$repo/data/shard_writer.cpp" "$repo/data/shard_mapping.cpp")
     libs=(-lfmt -lxxhash -lzstd)
     seeder="$repo/tests/fuzz/make_shard_seeds.cpp"
     max_len=4096
