@@ -116,7 +116,7 @@ std::shared_ptr<ShardReader> StreamingLoader::open_shard(uint32_t shard) {
   }
   const std::string path = manifest_.shard_path(options_.split, shard);
   const ShardEntry& entry = split_->shards[shard];
-  auto reader = std::make_shared<ShardReader>(path);
+  auto reader = std::make_shared<ShardReader>(path, options_.verify);
   if (reader->file_size() != entry.bytes || reader->size() != entry.records) {
     throw CorruptDataError(
         fmt::format("shard {}: the file is {} bytes with {} records, but {}/manifest.json lists {} "

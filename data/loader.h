@@ -33,6 +33,9 @@ struct LoaderOptions {
   int workers = 2;               // background reader threads
   int prefetch = 4;              // batches read ahead (bounds memory: prefetch × local batch records)
   bool skip_corrupt = false;     // skip and count corrupt records instead of stopping
+  // When records' checksums are checked: every read (default), or a mapped record's first read only (Note
+  // [Verifying a mapped record once] in data/shard_reader.cpp).
+  Verification verify = Verification::EveryRead;
   // Shard files kept open (least recently used are closed). A batch being read also keeps the shards it
   // reads open until it is done, so at most open_shards + each worker's batch's shards are open at once.
   size_t open_shards = 64;
@@ -75,8 +78,8 @@ class StreamingLoader {
   LoaderStats stats() const;
 
   // Identifies what the order depends on besides the seed: the split's shards (names, record counts, hashes),
-  // shuffle, shuffle_block and drop_last. A checkpoint stores it so a resume on changed data is an error, not a silent
-  // change of the remaining batches.
+  // shuffle, shuffle_block and drop_last. A checkpoint stores it so a resume on changed data is an error, not
+  // a silent change of the remaining batches.
   std::string order_fingerprint() const;
 
   // The global sample keys of batch `step` of `epoch` (all ranks), for tests and batch fingerprints.

@@ -144,12 +144,19 @@ class ShardWriter {
   std::vector<uint64_t> offsets_, checksums_, sizes_;
 };
 
+// When a reader checks a record's checksum (Note [Verifying a mapped record once] in data/shard_reader.cpp).
+enum class Verification {
+  EveryRead,  // every read of every record: the default
+  FirstRead,  // a record read through the mapping: its first read only, until the file's times move
+};
+
 // Reads a shard written by ShardWriter. Validates magic, version, footer and index on open, and each
-// record's checksum on read; errors name the file, the record and the byte offset (CorruptDataError for bad
-// bytes, std::runtime_error for a file that cannot be opened or read). read_record is thread-safe (pread).
+// record's checksum on read (by default on every read; see Verification); errors name the file, the record
+// and the byte offset (CorruptDataError for bad bytes, std::runtime_error for a file that cannot be opened
+// or read). Reading is thread-safe.
 class ShardReader {
  public:
-  explicit ShardReader(std::string path);
+  explicit ShardReader(std::string path, Verification verification = Verification::EveryRead);
   ~ShardReader();
   ShardReader(const ShardReader&) = delete;
   ShardReader& operator=(const ShardReader&) = delete;
@@ -169,10 +176,11 @@ class ShardReader {
   uint64_t file_size() const { return file_size_; }
   // Stored bytes of record `index` (what read_record reads from disk).
   uint64_t stored_size(uint64_t index) const;
-  // A record read through the mapping is checksummed the first time only (Note [Verifying a mapped record
-  // once] in data/shard_reader.cpp). This forgets every record's verification when the file's modification or
-  // status-change time has moved since the reader opened it or last looked, so that the next read of each
-  // record is checksummed again. The loader calls it once per shard per batch. Thread-safe.
+  // With Verification::FirstRead a record read through the mapping is checksummed the first time only (Note
+  // [Verifying a mapped record once] in data/shard_reader.cpp). This forgets every record's verification when
+  // the file's modification or status-change time has moved since the reader opened it or last looked, so
+  // that the next read of each record is checksummed again. The loader calls it once per shard per batch.
+  // Does nothing with Verification::EveryRead. Thread-safe.
   void recheck_if_modified() const;
   // Asks the CPU to start loading the head of record `index` when it is mapped (a hint; does nothing else).
   void prefetch(uint64_t index) const;

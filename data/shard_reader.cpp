@@ -101,7 +101,7 @@ void ShardReader::fail(const std::string& what, int64_t record, uint64_t offset)
                          record, offset);
 }
 
-ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
+ShardReader::ShardReader(std::string path, Verification verification) : path_(std::move(path)) {
   fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) {
     throw std::runtime_error(
@@ -201,7 +201,7 @@ ShardReader::ShardReader(std::string path) : path_(std::move(path)) {
     mapping_ = std::make_unique<ShardMapping>(fd_, file_size_, path_);
     if (mapping_->data() == nullptr) {
       mapping_.reset();
-    } else {
+    } else if (verification == Verification::FirstRead) {
       verified_ = std::make_unique<std::atomic<uint32_t>[]>(record_count);  // value-initialized: 0
       struct stat st {};
       if (::fstat(fd_, &st) != 0)
@@ -251,17 +251,26 @@ void ShardReader::read_view(uint64_t index, RecordBuffer& buffer, RecordView& re
     read_exactly(fd_, begin, target.data(), target.size(), path_, "record");
     stored = std::span<const uint8_t>(target.data(), target.size());
   }
-  // Note [Verifying a mapped record once]: a record read through the mapping is checksummed the first time
-  // this reader reads it; later reads (the next epochs: the loader keeps its shards open across epochs) read
-  // the same page-cache bytes that matched, and skip the hash. This is where the loader's later epochs save
-  // most of their time: xxh3 over a record read from memory costs as much as read() copying it (`vimo bench
-  // data`: read() + xxh3 at 0.43-0.54x of read() alone). What could change those bytes is a write to the
-  // file in place, and that moves its modification and status-change times, which the loader looks at once
-  // per shard per batch (recheck_if_modified) and which then make every record be checksummed again. A
-  // shrinking file is caught by the mapping's SIGBUS guard. Records read with pread (no mapping) are copies
-  // made anew each time and are always checksummed. Generations rather than flags: a reader that verified
-  // a record in an old generation, while another thread started a new one, does not mark it verified in
-  // the new one.
+  // Note [Verifying a mapped record once]: by default (Verification::EveryRead) every read of a record is
+  // checksummed. With Verification::FirstRead (`data.verify: first_read`), a record read through the mapping
+  // is checksummed the first time this reader reads it, and later reads (the next epochs: the loader keeps
+  // its shards open across epochs) skip the hash. That is where a later epoch spends most of its time: xxh3
+  // over a record read from memory costs as much as read() copying it (`vimo bench data`: read() + xxh3 at
+  // 0.43-0.54x of read() alone). The price is what it no longer catches. A later read returns the bytes that
+  // matched only while nothing changed them:
+  //   - a write to the file in place moves its modification and status-change times, which the loader looks
+  //     at once per shard per batch (recheck_if_modified); every record is then checksummed again. It can
+  //     miss a write in the same tick of the file system's clock as the change it last saw, a write that
+  //     NFS's attribute cache hides for a while, and a write that lands after a batch's look reaches the
+  //     batches already being read;
+  //   - pages the kernel dropped (memory pressure, a dataset larger than memory, a network file system
+  //     invalidating its cache) are read from storage again, and a fault of the storage or the network on
+  //     that read is not caught.
+  // That is why it is not the default: MosaicML streaming likewise checks a shard's hash once, when it
+  // downloads it, for the speed. A shrinking file is caught by the mapping's SIGBUS guard either way.
+  // Records read with pread (no mapping) are always checksummed. Generations rather than flags: a reader
+  // that verified a record in an old generation, while another thread started a new one, does not mark it
+  // verified in the new one.
   const uint32_t generation = generation_.load(std::memory_order_acquire);
   const bool verified = verified_ && verified_[index].load(std::memory_order_relaxed) == generation;
   if (!verified) {

@@ -91,7 +91,9 @@ ShardWriter::ShardWriter(std::string path, Compression compression, int zstd_lev
                     path_, temp_path_, std::strerror(errno)));
   }
   write_buffer_ = std::make_unique<char[]>(kWriteBufferBytes);
-  std::setvbuf(file_, write_buffer_.get(), _IOFBF, kWriteBufferBytes);
+  if (std::setvbuf(file_, write_buffer_.get(), _IOFBF, kWriteBufferBytes) != 0) {
+    write_buffer_.reset();  // stdio keeps its own buffer; only slower
+  }
   std::vector<uint8_t> header(kShardMagic, kShardMagic + sizeof(kShardMagic));
   put<uint32_t>(header, kShardVersion);
   put<uint16_t>(header, static_cast<uint16_t>(compression));
@@ -130,7 +132,9 @@ void ShardWriter::append(const Record& record) {
     stored = &compressed;
   }
   if (std::fwrite(stored->data(), 1, stored->size(), file_) != stored->size()) {
-    throw std::runtime_error(fmt::format("{}: write failed: {}", context, std::strerror(errno)));
+    // Buffered: the write that failed may hold this record and the ones before it (up to 1 MiB).
+    throw std::runtime_error(fmt::format("{}: write failed (this record or the ones buffered before it): {}",
+                                         context, std::strerror(errno)));
   }
   offsets_.push_back(position_);
   checksums_.push_back(XXH3_64bits(stored->data(), stored->size()));

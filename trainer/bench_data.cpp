@@ -45,11 +45,17 @@ namespace fs = std::filesystem;
 //                        from N prefetch threads (0: read on the caller's thread)
 //   ..., 2nd epoch       the same loader's second epoch, timed after an untimed first. A fresh loader pays
 //                        the kernel's work of mapping each shard and faulting its pages in (a few ms per
-//                        pass of ~80 MB; `perf` puts it at about 8 % of a pass), and tearing the mappings
-//                        down. A training run pays it once: its loader keeps up to `open_shards` shards
-//                        mapped from epoch to epoch, so this row is what every epoch after the first costs.
-//                        Its window starts with the prefetch queue as full as it ends (both are the same
-//                        loader's steady state), so the window holds one epoch's reading.
+//                        pass of ~80 MB, less for files in large page-cache folios). A training run pays it
+//                        once per shard while the split has at most `open_shards` (64) shards and the page
+//                        cache holds them: its loader keeps them mapped from epoch to epoch, and this row is
+//                        what such an epoch costs. (With more shards the LRU cache closes and maps them
+//                        again, like the fresh row.) Both ends of the window follow an epoch's last batch, so
+//                        the prefetch queue is in the same state at each; the window's work differs from one
+//                        epoch's by at most `prefetch` batches of the epoch's (4 of 64 here).
+//   ..., first_read      the same with data.verify = first_read: records hashed in the first epoch are not
+//                        hashed again (Note [Verifying a mapped record once] in data/shard_reader.cpp).
+// No row includes the loader's destruction (unmapping, joining its threads): the window ends at the last
+// batch.
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
 // of records/s are equal. A zstd dataset moves fewer file bytes for the same records. Each row makes one
 // pass per round, and "x raw" is the median over rounds of raw's time / the row's time (Note [Paired
@@ -231,6 +237,12 @@ nlohmann::json bench_one_dataset(const DataBenchOptions& options, bool zstd) {
       contenders.push_back({fmt::format("loader, {} workers, 2nd epoch", workers),
                             [&, workers] { return loader_pass(dataset, workers, options.batch, true); }});
     }
+    for (const int workers : options.workers) {
+      contenders.push_back({fmt::format("loader, {} workers, 2nd epoch, first_read", workers), [&, workers] {
+                              return loader_pass(dataset, workers, options.batch, true,
+                                                 data::Verification::FirstRead);
+                            }});
+    }
   }
   const nlohmann::json rows = measure_side_by_side(reps, contenders);
   return {{"compression", zstd ? "zstd" : "none"},
@@ -300,11 +312,13 @@ PassResult raw_read_pass(const BenchDataset& dataset) {
   return whole_dataset(dataset, seconds);
 }
 
-PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch, bool warm_epoch) {
+PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch, bool warm_epoch,
+                       data::Verification verify) {
   data::LoaderOptions options;
   options.dir = dataset.dir();
   options.global_batch = std::min<int64_t>(batch, dataset.records());
   options.workers = workers;
+  options.verify = verify;
   auto start = Clock::now();
   data::StreamingLoader loader(options);
   if (warm_epoch) {
@@ -374,9 +388,9 @@ void print_data_bench(const nlohmann::json& report) {
     fmt::print("\n{} shards: {:.1f} MB, {:.1f} KB per record\n", zstd ? "zstd" : "plain",
                dataset["shard_bytes"].get<double>() / 1e6,
                dataset["shard_bytes"].get<double>() / dataset["records"].get<double>() / 1e3);
-    fmt::print("  {:<26} {:>11} {:>21} {:>9} {:>8}\n", "", "records/s", "[min, max]", "MB/s", "x raw");
+    fmt::print("  {:<40} {:>11} {:>21} {:>9} {:>8}\n", "", "records/s", "[min, max]", "MB/s", "x raw");
     for (const nlohmann::json& row : dataset["rows"]) {
-      fmt::print("  {:<26} {:>11.0f} {:>21} {:>9.0f} {:>8.2f}\n", row["name"].get<std::string>(),
+      fmt::print("  {:<40} {:>11.0f} {:>21} {:>9.0f} {:>8.2f}\n", row["name"].get<std::string>(),
                  row["records_per_s"].get<double>(),
                  fmt::format("[{:.0f}, {:.0f}]", row["records_per_s_min"].get<double>(),
                              row["records_per_s_max"].get<double>()),

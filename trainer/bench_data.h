@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "data/shard.h"
+
 namespace vimo::trainer {
 
 struct DataBenchOptions {
@@ -23,7 +25,7 @@ struct DataBenchOptions {
   std::vector<int> workers = {0, 2};  // loader worker threads, one row each
   int repetitions = 5;      // rounds, one timed pass per row each; the report gives the median and range
   bool stages = true;       // also time the stages between raw read and loader (where the time goes)
-  bool later_epoch = true;  // also time each loader row's second epoch (shards mapped already)
+  bool later_epoch = true;  // also time each loader row's second epoch, every read and first_read verified
   std::string out;          // JSON report path; empty: none
 };
 
@@ -59,7 +61,9 @@ PassResult raw_read_pass(const BenchDataset& dataset);
 // `warm_epoch`, the loader first reads one epoch untimed and the pass times its second epoch: the steady
 // state of training, whose loader keeps its shards mapped from epoch to epoch (Note [What the data
 // benchmark compares]).
-PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch, bool warm_epoch = false);
+// `verify` is LoaderOptions::verify (Note [Verifying a mapped record once] in data/shard_reader.cpp).
+PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch, bool warm_epoch = false,
+                       data::Verification verify = data::Verification::EveryRead);
 
 // Writes the plain and zstd datasets, times every row `repetitions` times (files in page cache), and returns
 // the report: rows with records/s and MB/s (median, min, max), the ratio loader / raw, the options and the

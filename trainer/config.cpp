@@ -96,6 +96,7 @@ std::vector<Field> fields_of(Config& c) {
       {"data", "workers", &d.workers, non_negative},
       {"data", "prefetch", &d.prefetch, non_negative},
       {"data", "skip_corrupt", &d.skip_corrupt, any_value()},
+      {"data", "verify", &d.verify, one_of({"every_read", "first_read"})},
       {"data", "drop_last", &d.drop_last, any_value()},
       {"optim", "lr", &o.lr, positive},
       {"optim", "min_lr_ratio", &o.min_lr_ratio, zero_to_one(true)},

@@ -22,6 +22,7 @@ struct DataConfig {
   int64_t workers = 2;                 // background reader threads
   int64_t prefetch = 4;                // batches read ahead
   bool skip_corrupt = false;           // skip and count corrupt records instead of stopping
+  std::string verify = "every_read";   // every_read, or first_read (data::Verification)
   bool drop_last = true;               // false: an epoch's last global batch is completed from its start
 };
 

@@ -263,6 +263,8 @@ TrainResult train_retriever(const Config& config, bool resume,
   loader_options.workers = static_cast<int>(config.data.workers);
   loader_options.prefetch = static_cast<int>(config.data.prefetch);
   loader_options.skip_corrupt = config.data.skip_corrupt;
+  loader_options.verify =
+      config.data.verify == "first_read" ? data::Verification::FirstRead : data::Verification::EveryRead;
   loader_options.drop_last = config.data.drop_last;
   data::StreamingLoader loader(loader_options);
 

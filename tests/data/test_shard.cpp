@@ -85,6 +85,19 @@ struct ShardFixture {
   std::vector<uint64_t> offsets;
 };
 
+// Flips one byte of record `victim` in place, with a plain write (it leaves the file's times to the kernel).
+void flip_byte_of_record(ShardFixture& f, uint64_t victim, uint64_t stored_size) {
+  const uint64_t at = f.offsets[victim] + f.rng() % stored_size;
+  std::vector<uint8_t> byte(1);
+  {
+    std::ifstream in(f.path, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(at));
+    in.read(reinterpret_cast<char*>(byte.data()), 1);
+  }
+  byte[0] ^= static_cast<uint8_t>(1 + f.rng() % 255);
+  overwrite(f.path, at, byte);
+}
+
 // Every test that reads records runs on plain and on zstd-compressed shards.
 class ShardBothCompressions : public ::testing::TestWithParam<Compression> {};
 INSTANTIATE_TEST_SUITE_P(Shard, ShardBothCompressions,
@@ -215,16 +228,7 @@ TEST_P(ShardBothCompressions, FlippedByteGivesChecksumErrorNamingTheRecord) {
   const uint64_t victim = f.rng() % f.records.size();
   const uint64_t index_offset = index_offset_of(f.path, f.records.size());
   const uint64_t end = victim + 1 < f.offsets.size() ? f.offsets[victim + 1] : index_offset;
-  const uint64_t length = end - f.offsets[victim];
-  const uint64_t at = f.offsets[victim] + f.rng() % length;
-  std::vector<uint8_t> byte(1);
-  {
-    std::ifstream in(f.path, std::ios::binary);
-    in.seekg(static_cast<std::streamoff>(at));
-    in.read(reinterpret_cast<char*>(byte.data()), 1);
-  }
-  byte[0] ^= static_cast<uint8_t>(1 + f.rng() % 255);
-  overwrite(f.path, at, byte);
+  flip_byte_of_record(f, victim, end - f.offsets[victim]);
 
   const ShardReader reader(f.path);
   for (uint64_t i = 0; i < reader.size(); ++i) {
@@ -251,12 +255,14 @@ TEST_P(ShardBothCompressions, FlippedByteGivesChecksumErrorNamingTheRecord) {
   }
 }
 
-// Note [Verifying a mapped record once]: a mapped record is hashed on its first read only; a write in place
-// moves the file's times, and after recheck_if_modified() every record is hashed again, so the changed one
-// is caught. (The times are set one second ahead so that a coarse file-system clock cannot hide the write.)
+// Note [Verifying a mapped record once]: with Verification::FirstRead a mapped record is hashed on its first
+// read only; a plain write in place moves the file's times, and after recheck_if_modified() every record is
+// hashed again, so the changed one is caught. The file's time is first set an hour back, so that the write's
+// own time differs from it whatever the file system clock's granularity.
 TEST_P(ShardBothCompressions, AMappedRecordIsHashedOnceUntilTheFileChanges) {
   ShardFixture f(GetParam());
-  const ShardReader reader(f.path);
+  fs::last_write_time(f.path, fs::last_write_time(f.path) - std::chrono::hours(1));
+  const ShardReader reader(f.path, Verification::FirstRead);
   RecordBuffer buffer;
   for (int pass = 0; pass < 3; ++pass) {
     for (uint64_t i = 0; i < reader.size(); ++i) ASSERT_NO_THROW(reader.read_view(i, buffer)) << i;
@@ -265,18 +271,7 @@ TEST_P(ShardBothCompressions, AMappedRecordIsHashedOnceUntilTheFileChanges) {
   ASSERT_EQ(reader.checksums_computed(), reader.size()) << "the mapped records were hashed more than once";
 
   const uint64_t victim = f.rng() % f.records.size();
-  const uint64_t at = f.offsets[victim] + f.rng() % reader.stored_size(victim);
-  std::vector<uint8_t> byte(1);
-  {
-    std::ifstream in(f.path, std::ios::binary);
-    in.seekg(static_cast<std::streamoff>(at));
-    in.read(reinterpret_cast<char*>(byte.data()), 1);
-  }
-  byte[0] ^= static_cast<uint8_t>(1 + f.rng() % 255);
-  const auto written = fs::last_write_time(f.path);
-  overwrite(f.path, at, byte);
-  fs::last_write_time(f.path, written + std::chrono::seconds(1));
-
+  flip_byte_of_record(f, victim, reader.stored_size(victim));
   reader.recheck_if_modified();
   for (uint64_t i = 0; i < reader.size(); ++i) {
     if (i == victim) {
@@ -287,6 +282,24 @@ TEST_P(ShardBothCompressions, AMappedRecordIsHashedOnceUntilTheFileChanges) {
     }
   }
   EXPECT_EQ(reader.checksums_computed(), 2 * reader.size());
+}
+
+// The default, Verification::EveryRead, hashes every read: a change is caught at the next read even when
+// the file's modification time is put back and nobody asks the reader to look at it.
+TEST_P(ShardBothCompressions, EveryReadIsTheDefaultAndCatchesAChangeAtOnce) {
+  ShardFixture f(GetParam());
+  const ShardReader reader(f.path);
+  RecordBuffer buffer;
+  for (int pass = 0; pass < 2; ++pass) {
+    for (uint64_t i = 0; i < reader.size(); ++i) ASSERT_NO_THROW(reader.read_view(i, buffer)) << i;
+  }
+  EXPECT_EQ(reader.checksums_computed(), 2 * reader.size());
+  const uint64_t victim = f.rng() % f.records.size();
+  const auto written = fs::last_write_time(f.path);
+  flip_byte_of_record(f, victim, reader.stored_size(victim));
+  fs::last_write_time(f.path, written);
+  expect_error([&] { reader.read_view(victim, buffer); },
+               {f.path, "record " + std::to_string(victim), "checksum mismatch"});
 }
 
 TEST_P(ShardBothCompressions, TruncatedFileIsRejected) {

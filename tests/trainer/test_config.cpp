@@ -48,6 +48,7 @@ namespace {
   X(data.workers) \
   X(data.prefetch) \
   X(data.skip_corrupt) \
+  X(data.verify) \
   X(data.drop_last) \
   X(optim.lr) \
   X(optim.min_lr_ratio) \
@@ -164,6 +165,7 @@ data:
   workers: 0
   prefetch: 9
   skip_corrupt: true
+  verify: first_read
   drop_last: false
 optim:
   lr: 3.0e-4
@@ -212,6 +214,7 @@ train:
   expected.data.workers = 0;
   expected.data.prefetch = 9;
   expected.data.skip_corrupt = true;
+  expected.data.verify = "first_read";
   expected.data.drop_last = false;
   expected.optim.lr = 3.0e-4;
   expected.optim.min_lr_ratio = 0;
