@@ -63,7 +63,8 @@ struct GradientReducer::HookRegistrations {
 // finalize(), and every MPI call of vimo_comm holds the process-wide MPI call mutex (VIMO_MPI_CHECK, Note
 // [One MPI call at a time] in comm/mpi_internal.h). Between polls it sleeps on a condition variable, so on
 // an oversubscribed node it costs a wake-up per interval, not a core. The NCCL backend needs no thread: its
-// work runs on CUDA streams.
+// work runs on CUDA streams. Nor do buckets all-reduced through shared memory (ReducerOptions::shared_memory,
+// the default when every rank is on one host): ShmAllreduce's own thread does their work.
 
 // Note [Parameters without a gradient]
 // A parameter may get no gradient in a backward: it is frozen in this stage, its branch was not taken, or
@@ -118,6 +119,7 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
   }
   build_buckets(options);
   check_same_buckets_everywhere();
+  use_shared_memory(options);
   ready_.assign(params_.size(), false);
   reset_step();
 
@@ -132,7 +134,7 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
             })));
     hooks_->accumulators.push_back(std::move(accumulator));
   }
-  if (options.progress_interval_us > 0 && comm_->backend_name() == "mpi") {
+  if (options.progress_interval_us > 0 && comm_->backend_name() == "mpi" && !shm_) {
     progress_interval_ = std::chrono::microseconds(options.progress_interval_us);
     progress_thread_ = std::thread([this] { run_progress_thread(); });
   }
@@ -197,6 +199,40 @@ void GradientReducer::build_buckets(const ReducerOptions& options) {
     bucket_params_.push_back(bucket.params);
   }
   buckets_ = std::move(closed);
+}
+
+// Moves the buckets into a shared-memory segment when every rank is on this host (Note [A shared-memory
+// all-reduce for one host] in comm/shm_allreduce.cpp). A collective: the buckets are the same on every rank
+// (checked before), so every rank asks for the same segment, and ShmAllreduce::create fails on all or none.
+void GradientReducer::use_shared_memory(const ReducerOptions& options) {
+  const std::string backend = comm_->backend_name();
+  std::string why_not;
+  int64_t capacity = 0;
+  bool eligible = true;
+  for (const Bucket& bucket : buckets_) {
+    const at::Tensor& flat = bucket.flat;
+    eligible = eligible && flat.device().is_cpu() &&
+               (flat.scalar_type() == at::kFloat || flat.scalar_type() == at::kDouble);
+    capacity += (flat.nbytes() + 63) / 64 * 64;
+  }
+  if (!options.shared_memory) {
+    why_not = "shared memory off";
+  } else if (backend != "mpi") {
+    why_not = "shared memory only for the MPI backend";
+  } else if (comm_->size() < 2) {
+    why_not = "one rank";
+  } else if (!eligible || capacity == 0) {
+    why_not = "shared memory only for CPU float32 and float64 gradients";
+  } else {
+    shm_ = ShmAllreduce::create(*comm_, capacity, &why_not);
+  }
+  if (!shm_) {
+    transport_ = fmt::format("{} ({})", backend, why_not);
+    return;
+  }
+  for (Bucket& bucket : buckets_)
+    bucket.flat = shm_->allocate(bucket.flat.numel(), bucket.flat.scalar_type());
+  transport_ = fmt::format("shared memory ({} ranks on this host)", comm_->size());
 }
 
 // Asynchronous all-reduces do not agree on the call (Note [Agreement on asynchronous calls]), so the layout
@@ -273,7 +309,8 @@ void GradientReducer::launch_ready_buckets() {
     const Clock::time_point now = Clock::now();
     if (launch_order_.empty()) first_launch_ = now;
     last_launch_ = now;
-    bucket.work = comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
+    bucket.work = shm_ ? shm_->allreduce_async(bucket.flat, ReduceOp::Avg)
+                       : comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
     launch_order_.push_back(static_cast<int>(next_bucket_));
     progress_wake_.notify_one();
     stats_.buckets_launched += 1;
@@ -323,6 +360,9 @@ void GradientReducer::finalize() {
   if (buckets_.empty()) return;  // no parameters: nothing to average
   const Clock::time_point called = Clock::now();
   const auto launched_in_backward = static_cast<int64_t>(launch_order_.size());
+  // Shared-memory buckets finish on their own thread, which no hook has looked at since: look now (a load
+  // each).
+  if (shm_) poke_progress();
   for (const Bucket& bucket : buckets_) stats_.buckets_done_before_finalize += bucket.done ? 1 : 0;
   // Note [Parameters without a gradient]: fill every slot still missing, then launch the rest in order.
   for (size_t b = next_bucket_; b < buckets_.size(); ++b) {

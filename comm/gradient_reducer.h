@@ -18,10 +18,12 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/shm_allreduce.h"
 
 namespace vimo::comm {
 
@@ -31,6 +33,11 @@ struct ReducerOptions {
   // MPI backend only: while buckets are in flight, a helper thread polls them this often, so that MPI moves
   // their data between autograd hooks (Note [A progress thread for MPI]). 0: no thread.
   int progress_interval_us = 100;
+  // MPI backend, CPU float32 / float64 buckets, every rank on this host: the buckets live in one
+  // shared-memory segment and are all-reduced through it instead of through MPI (Note [A shared-memory
+  // all-reduce for one host] in comm/shm_allreduce.cpp). Where the segment cannot be made, the reducer uses
+  // MPI and says why in transport().
+  bool shared_memory = true;
 };
 
 // Running totals over synchronised steps; see Note [Overlap statistics] in comm/gradient_reducer.cpp.
@@ -76,6 +83,9 @@ class GradientReducer {
   // The order in which the last synchronised step launched its buckets (always 0, 1, 2, ...).
   std::vector<int> last_launch_order() const;
   ReducerStats stats() const;
+  // How the buckets are all-reduced: "shared memory (N ranks on this host)", or the communicator's backend
+  // name followed by why shared memory is not used ("mpi (shared memory off)").
+  const std::string& transport() const { return transport_; }
 
  private:
   struct Bucket {
@@ -90,6 +100,7 @@ class GradientReducer {
   using Clock = std::chrono::steady_clock;
 
   void build_buckets(const ReducerOptions& options);
+  void use_shared_memory(const ReducerOptions& options);
   void check_same_buckets_everywhere();
   void on_gradient_ready(size_t param);
   void copy_into_bucket(size_t param, const at::Tensor& grad);
@@ -100,6 +111,9 @@ class GradientReducer {
 
   std::vector<at::Tensor> params_;
   std::shared_ptr<Communicator> comm_;
+  // Declared before buckets_, whose flat buffers and Works may point into its segment: destroyed after them.
+  std::unique_ptr<ShmAllreduce> shm_;
+  std::string transport_;
   std::vector<Bucket> buckets_;
   std::vector<std::vector<size_t>> bucket_params_;
   std::vector<std::pair<size_t, size_t>> slot_of_;  // param -> (bucket, slot)

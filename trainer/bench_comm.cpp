@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "comm/gradient_reducer.h"
+#include "comm/shm_allreduce.h"
 #include "trainer/bench_stats.h"
 
 namespace vimo::trainer {
@@ -251,13 +252,14 @@ struct Mlp {
   }
 };
 
-nlohmann::json bench_overlap(const CommBenchOptions& options,
-                             const std::shared_ptr<comm::Communicator>& comm) {
+nlohmann::json bench_overlap(const CommBenchOptions& options, const std::shared_ptr<comm::Communicator>& comm,
+                             bool shared_memory) {
   const int previous_threads = at::get_num_threads();
   if (options.threads > 0) at::set_num_threads(options.threads);
   Mlp model(options.overlap_width, options.overlap_depth);
-  comm::GradientReducer reducer(model.params, comm,
-                                {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us});
+  comm::GradientReducer reducer(
+      model.params, comm,
+      {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us, shared_memory});
   at::manual_seed(1000 + comm->rank());  // each rank its own rows, as in data parallelism
   const at::Tensor x = at::randn({options.overlap_batch, options.overlap_width});
 
@@ -298,6 +300,7 @@ nlohmann::json bench_overlap(const CommBenchOptions& options,
                    options.overlap_width, options.overlap_width, options.overlap_batch)},
       {"parameters", model.numel()},
       {"dp", comm->size()},
+      {"transport", reducer.transport()},
       {"threads_per_rank", at::get_num_threads()},
       {"bucket_mib", options.bucket_mib},
       {"first_bucket_mib", options.first_bucket_mib},
@@ -377,6 +380,61 @@ double time_collective(CommPath path, CollectiveBuffers& buffers, comm::Communic
   return max_over_ranks(seconds);
 }
 
+namespace {
+
+// Note [A shared-memory all-reduce for one host] (comm/shm_allreduce.cpp): its in-place float32 sum at each
+// size of the sweep against raw MPI_Allreduce on a buffer of its own, the two taking turns per round, each
+// timed between barriers as the slowest rank's time. Null when the segment cannot be made (its reason is
+// reported instead).
+nlohmann::json bench_shm_allreduce(const CommBenchOptions& options, comm::Communicator& comm) {
+  std::string why_not;
+  const std::unique_ptr<comm::ShmAllreduce> shm =
+      comm::ShmAllreduce::create(comm, options.max_bytes, &why_not);
+  if (!shm) return {{"unavailable", why_not}};
+  at::Tensor shared = shm->allocate(options.max_bytes / 4, at::kFloat);  // zeros: sums stay zero
+  at::Tensor raw = at::zeros({options.max_bytes / 4});
+  const double bus_factor = bus_bandwidth_factor(CommCollective::Allreduce, comm.size());
+  nlohmann::json rows = nlohmann::json::array();
+  for (int64_t bytes : sweep_sizes(options)) {
+    at::Tensor mine = shared.narrow(0, 0, bytes / 4);
+    std::vector<double> shm_times, raw_times;
+    const auto time_one = [&](bool through_shm) {
+      check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
+      const Clock::time_point start = Clock::now();
+      if (through_shm) {
+        shm->allreduce_async(mine, comm::ReduceOp::Sum)->wait();
+      } else {
+        check_mpi(MPI_Allreduce(MPI_IN_PLACE, raw.data_ptr<float>(), static_cast<int>(bytes / 4), MPI_FLOAT,
+                                MPI_SUM, MPI_COMM_WORLD),
+                  "MPI_Allreduce");
+      }
+      return max_over_ranks(seconds_since(start));
+    };
+    const int iterations = bytes < kRatioGoalFromBytes ? 4 * options.iterations : options.iterations;
+    for (int i = -options.warmup; i < iterations; ++i) {
+      for (size_t j = 0; j < 2; ++j) {
+        const bool through_shm = round_order(static_cast<size_t>(i + options.warmup), j, 2) == 0;
+        const double seconds = time_one(through_shm);
+        if (i >= 0) (through_shm ? shm_times : raw_times).push_back(seconds);
+      }
+    }
+    const double shm_s = median(shm_times), raw_s = median(raw_times);
+    rows.push_back({{"bytes", bytes},
+                    {"shm_time_us", shm_s * 1e6},
+                    {"raw_time_us", raw_s * 1e6},
+                    {"shm_busbw_GBps", static_cast<double>(bytes) / shm_s / 1e9 * bus_factor},
+                    {"raw_busbw_GBps", static_cast<double>(bytes) / raw_s / 1e9 * bus_factor},
+                    {"shm_over_raw", paired_ratio(raw_times, shm_times)}});
+  }
+  return {{"definition",
+           "in-place float32 sum through ShmAllreduce (allreduce_async + wait) against MPI_Allreduce, taking "
+           "turns per round; time = median of the slowest rank's; shm_over_raw = median of raw / shm per "
+           "round"},
+          {"rows", rows}};
+}
+
+}  // namespace
+
 nlohmann::json run_comm_bench(const CommBenchOptions& options,
                               const std::shared_ptr<comm::Communicator>& comm) {
   if (!comm) throw std::invalid_argument("bench comm: the communicator is null");
@@ -419,6 +477,7 @@ nlohmann::json run_comm_bench(const CommBenchOptions& options,
     }
   }
   report["collectives"] = rows;
+  if (options.shared_memory) report["shm_allreduce"] = bench_shm_allreduce(options, *comm);
 
   // The goal over every row at >= 1 MiB: the worst ratio.
   double worst = 1e300;
@@ -430,7 +489,12 @@ nlohmann::json run_comm_bench(const CommBenchOptions& options,
     report["ratio_goal"] = {
         {"goal", kRatioGoal}, {"worst_at_1MiB_and_above", worst}, {"met", worst >= kRatioGoal}};
 
-  if (options.overlap) report["overlap"] = bench_overlap(options, comm);
+  if (options.overlap) {
+    report["overlap"] = bench_overlap(options, comm, options.shared_memory);
+    // Note [A shared-memory all-reduce for one host]: the same steps through MPI, the baseline.
+    if (report["overlap"]["transport"].get<std::string>().rfind("shared memory", 0) == 0)
+      report["overlap_mpi"] = bench_overlap(options, comm, false);
+  }
   report["machine"]["load_average_after"] = load_average();
 
   if (main_rank && !options.out.empty()) {
@@ -473,22 +537,40 @@ void print_comm_bench(const nlohmann::json& report) {
                g["worst_at_1MiB_and_above"].get<double>(), g["goal"].get<double>(),
                g["met"].get<bool>() ? "met" : "NOT met");
   }
-  if (report.contains("overlap")) {
-    const nlohmann::json& o = report["overlap"];
+  if (report.contains("shm_allreduce")) {
+    const nlohmann::json& shm = report["shm_allreduce"];
+    if (shm.contains("unavailable")) {
+      fmt::print("\nshared-memory all-reduce: unavailable ({})\n", shm["unavailable"].get<std::string>());
+    } else {
+      fmt::print("\nshared-memory all-reduce (ShmAllreduce) vs MPI_Allreduce, float32 sum in place\n");
+      fmt::print("{:>8} | {:>10} {:>10} | {:>8} {:>8} | {:>8}\n", "size", "shm us", "raw us", "shm bw",
+                 "raw bw", "shm/raw");
+      for (const nlohmann::json& r : shm["rows"]) {
+        fmt::print("{:>8} | {:>10.0f} {:>10.0f} | {:>8.2f} {:>8.2f} | {:>8.2f}\n",
+                   size_text(r["bytes"].get<int64_t>()), r["shm_time_us"].get<double>(),
+                   r["raw_time_us"].get<double>(), r["shm_busbw_GBps"].get<double>(),
+                   r["raw_busbw_GBps"].get<double>(), r["shm_over_raw"].get<double>());
+      }
+    }
+  }
+  for (const char* key : {"overlap", "overlap_mpi"}) {
+    if (!report.contains(key)) continue;
+    const nlohmann::json& o = report[key];
     fmt::print(
-        "\noverlap at DP = {}: {} ({} parameters, {} buckets, {} thread(s) per rank, progress every {} us)\n"
+        "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, progress "
+        "every {} us)\n"
         "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
         "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
         "{:.1f} done before finalize\n"
         "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n",
-        o["dp"].get<int>(), o["model"].get<std::string>(), o["parameters"].get<int64_t>(),
-        o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(), o["progress_interval_us"].get<int>(),
-        o["step_ms"].get<double>(), o["forward_ms"].get<double>(), o["backward_ms"].get<double>(),
-        o["finalize_ms"].get<double>(), o["communication_ms_per_step"].get<double>(),
-        o["exposed_ms_per_step"].get<double>(), o["buckets_launched_in_backward_per_step"].get<double>(),
-        o["buckets"].get<int64_t>(), o["buckets_done_before_finalize_per_step"].get<double>(),
-        100 * o["hidden_fraction"].get<double>(), 100 * o["hidden_fraction_min_over_ranks"].get<double>(),
-        100 * o["goal"].get<double>());
+        o["dp"].get<int>(), o["transport"].get<std::string>(), o["model"].get<std::string>(),
+        o["parameters"].get<int64_t>(), o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(),
+        o["progress_interval_us"].get<int>(), o["step_ms"].get<double>(), o["forward_ms"].get<double>(),
+        o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
+        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
+        o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
+        o["buckets_done_before_finalize_per_step"].get<double>(), 100 * o["hidden_fraction"].get<double>(),
+        100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>());
   }
 }
 
@@ -517,6 +599,9 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   command.add_flag("!--no-overlap", options_.overlap, "Skip the overlap measurement");
+  command.add_flag("!--no-shm", options_.shared_memory,
+                   "Overlap measurement through MPI only (by default it runs through the shared-memory "
+                   "all-reduce when every rank is on this host, then through MPI as the baseline)");
 }
 
 int CommBenchCommand::run() const {

@@ -31,6 +31,7 @@ struct CommBenchOptions {
   double bucket_mib = 25.0;        // GradientReducer bucket sizes
   double first_bucket_mib = 1.0;   //
   int progress_interval_us = 100;  // ReducerOptions::progress_interval_us (0: no progress thread)
+  bool shared_memory = true;       // ReducerOptions::shared_memory (then also once through MPI)
   int threads = 1;                 // LibTorch intra-op threads per rank during the overlap steps; 0: keep
   std::string out;                 // JSON report path (written by rank 0); empty: none
 };

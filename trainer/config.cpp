@@ -51,7 +51,7 @@ Rule one_of(std::vector<std::string_view> choices) {
 }
 Rule non_empty() { return {std::nullopt, std::nullopt, {}, true}; }
 
-// The member a field sets. No field is a bool yet; one would read true/false.
+// The member a field sets. A bool reads true/false.
 using Target = std::variant<int64_t*, uint64_t*, double*, bool*, std::string*>;
 
 struct Field {
@@ -120,6 +120,7 @@ std::vector<Field> fields_of(Config& c) {
       {"train", "seed", &t.seed, any_value()},
       {"train", "bucket_mib", &t.bucket_mib, positive},
       {"train", "first_bucket_mib", &t.first_bucket_mib, positive},
+      {"train", "shared_memory_allreduce", &t.shared_memory_allreduce, any_value()},
       {"train", "watchdog_timeout_s", &t.watchdog_timeout_s, at_least(0)},
       {"train", "heartbeat_s", &t.heartbeat_s, positive},
   };

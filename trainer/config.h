@@ -49,13 +49,14 @@ struct TrainConfig {
   int64_t keep_checkpoints = 2;  // newest N checkpoints retained
   int64_t stop_after = 0;        // stop (after saving) at this step, as if interrupted; 0 = never
   std::string out_dir = "runs/demo";
-  std::string init_from;           // checkpoint directory whose model weights initialize this stage
-  int64_t threads = 1;             // intra-op CPU threads per rank (fixed, for reproducibility)
-  uint64_t seed = 42;              // parameter initialization
-  double bucket_mib = 25;          // gradient all-reduce bucket size (comm::GradientReducer)
-  double first_bucket_mib = 1;     // ... of the first bucket, launched earliest in backward
-  double watchdog_timeout_s = 60;  // a rank or the store silent this long ends the job (0: no watchdog)
-  double heartbeat_s = 1;          // heartbeat interval of the watchdog
+  std::string init_from;                // checkpoint directory whose model weights initialize this stage
+  int64_t threads = 1;                  // intra-op CPU threads per rank (fixed, for reproducibility)
+  uint64_t seed = 42;                   // parameter initialization
+  double bucket_mib = 25;               // gradient all-reduce bucket size (comm::GradientReducer)
+  double first_bucket_mib = 1;          // ... of the first bucket, launched earliest in backward
+  bool shared_memory_allreduce = true;  // all ranks on one host: buckets all-reduced through shared memory
+  double watchdog_timeout_s = 60;       // a rank or the store silent this long ends the job (0: no watchdog)
+  double heartbeat_s = 1;               // heartbeat interval of the watchdog
 };
 
 struct Config {

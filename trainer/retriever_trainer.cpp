@@ -309,8 +309,11 @@ TrainResult train_retriever(const Config& config, bool resume,
   // trainer/zero_optimizer.cpp).
   std::unique_ptr<comm::GradientReducer> reducer;
   if (comm && world > 1 && !optimizer.sharded()) {
-    reducer = std::make_unique<comm::GradientReducer>(trainable, comm,
-                                                      comm::ReducerOptions{t.bucket_mib, t.first_bucket_mib});
+    comm::ReducerOptions options{t.bucket_mib, t.first_bucket_mib};
+    options.shared_memory = t.shared_memory_allreduce;
+    reducer = std::make_unique<comm::GradientReducer>(trainable, comm, options);
+    say(comm, fmt::format("gradients: {} buckets, all-reduced through {}",
+                          reducer->bucket_parameters().size(), reducer->transport()));
   }
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));

@@ -118,6 +118,9 @@ TEST_P(ReducerTraining, EndsWithTheParametersOfOneProcessOnTheWholeBatch) {
   Mlp distributed(seed), single(seed);
   GradientReducer reducer(distributed.params(), mpi_world(), c.options);
   ASSERT_EQ(reducer.bucket_parameters(), c.buckets);
+  // Every rank of these tests runs on this host: the default is the shared-memory all-reduce.
+  EXPECT_EQ(reducer.transport().rfind(c.options.shared_memory ? "shared memory" : "mpi", 0), 0u)
+      << reducer.transport();
   vimo::trainer::AdamW dp_optimizer(distributed.named, {}), single_optimizer(single.named, {});
   for (int step = 0; step < steps; ++step) {
     const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
@@ -167,24 +170,41 @@ TEST_P(ReducerTraining, EndsWithTheParametersOfOneProcessOnTheWholeBatch) {
 // Bytes in registration order: w1 1024, b1 128, unused 40, w2 4096, b2 256, w3 1024, b3 32, scale 8. Buckets
 // fill from the last parameter: a 105-byte first bucket closes at {scale, b3, w3}, 2097-byte ones at {b2,
 // w2}, and the rest stays together.
-INSTANTIATE_TEST_SUITE_P(
-    BucketSizes, ReducerTraining,
-    ::testing::Values(BucketCase{"SeveralPerBucket",
-                                 {2097 / 1048576.0, 105 / 1048576.0},
-                                 {{7, 6, 5}, {4, 3}, {2, 1, 0}},
-                                 2},
-                      BucketCase{"OnePerBucket", {1e-9, 1e-9}, {{7}, {6}, {5}, {4}, {3}, {2}, {1}, {0}}, 5},
-                      BucketCase{"OneBucket", {}, {{7, 6, 5, 4, 3, 2, 1, 0}}, 0}),
-    [](const ::testing::TestParamInfo<BucketCase>& info) { return std::string(info.param.name); });
+// Each case twice: through the shared-memory all-reduce (the default on one host) and through MPI.
+std::vector<BucketCase> bucket_cases() {
+  const std::vector<BucketCase> cases{
+      BucketCase{"SeveralPerBucket", {2097 / 1048576.0, 105 / 1048576.0}, {{7, 6, 5}, {4, 3}, {2, 1, 0}}, 2},
+      BucketCase{"OnePerBucket", {1e-9, 1e-9}, {{7}, {6}, {5}, {4}, {3}, {2}, {1}, {0}}, 5},
+      BucketCase{"OneBucket", {}, {{7, 6, 5, 4, 3, 2, 1, 0}}, 0}};
+  std::vector<BucketCase> both;
+  for (const BucketCase& c : cases) {
+    both.push_back(c);
+    BucketCase mpi = c;
+    mpi.options.shared_memory = false;
+    mpi.name = mpi.name == std::string("SeveralPerBucket") ? "SeveralPerBucketMpi"
+               : mpi.name == std::string("OnePerBucket")   ? "OnePerBucketMpi"
+                                                           : "OneBucketMpi";
+    both.push_back(mpi);
+  }
+  return both;
+}
+
+INSTANTIATE_TEST_SUITE_P(BucketSizes, ReducerTraining, ::testing::ValuesIn(bucket_cases()),
+                         [](const ::testing::TestParamInfo<BucketCase>& info) {
+                           return std::string(info.param.name);
+                         });
 
 // Note [A progress thread for MPI]: a 16 MiB bucket, launched by the only hook, is all-reduced in several
 // rounds of rendezvous messages, and Open MPI advances them only inside MPI calls. The caller makes none for
 // a second before finalize(), so the bucket can finish before finalize() only through the reducer's thread.
 // (With progress_interval_us = 0 this test fails: no bucket is done before finalize().)
+// (The shared-memory all-reduce, the default on one host, needs no such thread: it is turned off here.)
 TEST(ReducerProgress, TheThreadFinishesABucketWhileTheCallerMakesNoMpiCall) {
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
   at::Tensor weight = at::zeros({int64_t{4} << 20}, at::kFloat).requires_grad_();  // [4 Mi] float32: 16 MiB
-  GradientReducer reducer({weight}, mpi_world(), ReducerOptions{});
+  ReducerOptions options;
+  options.shared_memory = false;
+  GradientReducer reducer({weight}, mpi_world(), options);
   const int steps = 2;
   for (int step = 0; step < steps; ++step) {
     (weight * static_cast<double>(rank + 1 + step)).sum().backward();  // d/dw = rank + 1 + step everywhere
@@ -198,6 +218,29 @@ TEST(ReducerProgress, TheThreadFinishesABucketWhileTheCallerMakesNoMpiCall) {
   EXPECT_EQ(stats.buckets_launched, steps);
   EXPECT_EQ(stats.buckets_done_before_finalize, steps);
   EXPECT_GT(stats.progress_polls, 0);
+}
+
+// Note [A shared-memory all-reduce for one host]: the same 16 MiB bucket through the shared segment finishes
+// on the all-reduce's own thread while the caller sleeps, and every rank ends with the same bits.
+TEST(ReducerProgress, TheSharedMemoryAllReduceFinishesABucketWhileTheCallerSleeps) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  at::manual_seed(shared_seed() + static_cast<uint64_t>(rank));
+  at::Tensor weight = at::zeros({int64_t{4} << 20}, at::kFloat).requires_grad_();  // 16 MiB
+  GradientReducer reducer({weight}, mpi_world(), ReducerOptions{});
+  ASSERT_EQ(reducer.transport().rfind("shared memory", 0), 0u) << reducer.transport();
+  const at::Tensor mine = at::randn({int64_t{4} << 20}, at::kFloat);
+  at::Tensor everyone = mpi_world()->allgather(mine.view({1, -1}));  // [ranks, 4 Mi]
+  (weight * mine).sum().backward();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  reducer.finalize();
+  // float32 sums of `ranks` terms in rank order, divided by ranks: within a few ulps of the float64 mean.
+  const at::Tensor expected = everyone.to(at::kDouble).mean(0);
+  EXPECT_LT((weight.grad().to(at::kDouble) - expected).abs().max().item<double>(), 1e-5);
+  at::Tensor all = mpi_world()->allgather(weight.grad().view({1, -1}));
+  for (int r = 1; r < ranks; ++r) EXPECT_TRUE(at::equal(all[r], all[0])) << "rank " << r << " differs";
+  const vimo::comm::ReducerStats stats = reducer.stats();
+  EXPECT_EQ(stats.buckets_done_before_finalize, 1);
+  EXPECT_EQ(stats.progress_polls, 0);
 }
 
 TEST(ReducerAccumulation, NoSyncMicroStepsThenOneReductionEqualTheBigBatch) {

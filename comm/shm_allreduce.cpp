@@ -1,0 +1,484 @@
+// The shared-memory all-reduce of one host (see shm_allreduce.h).
+//
+// Note [A shared-memory all-reduce for one host]
+// Open MPI moves data between processes of one host through its "vader" transport. With a single-copy
+// mechanism (CMA: the receiver reads the sender's memory with process_vm_readv) a large message costs one
+// copy; without one, it travels through small shared-memory fragments, copied in by the sender and out by
+// the receiver (32 KiB each by default). Containers often take the single copy away: CMA needs ptrace rights
+// between the ranks, which Docker's default profile denies, so images set
+// OMPI_MCA_btl_vader_single_copy_mechanism=none. On such a 16-core machine (bench/README.md, "Communication
+// on 16 cores") MPI_Allreduce of 64 MiB at 2 ranks ran at 1.1 GB/s and a data-parallel step's gradient
+// communication outlasted its backward, so at most about half of it could hide behind backward.
+// So when every rank of the reducer's communicator is on this host, the gradient buckets live in one
+// shared-memory segment that every rank maps, and an all-reduce is done with plain loads and stores:
+//   1. every rank announces that its bucket holds this step's gradients;
+//   2. rank r sums part r of the bucket (a 1/p slice) over all ranks' copies, in rank order, into its own
+//      copy (divided by p for an average);
+//   3. once every part is summed, rank r copies the other p − 1 parts from their owners into its copy;
+//   4. once every rank has copied, the bucket is the caller's again.
+// Each rank reads 2 − 1/p and writes 1 bucket's worth, against MPI's copy in and copy out of every fragment
+// at every step of its algorithm, and every rank ends with the same bits (each part is summed once). The
+// steps are ordered by one counter per rank in the segment's header (operation k's steps are 3k − 2, 3k − 1,
+// 3k): a rank publishes a step with a release store after its writes, and waits for the others' counters
+// with acquire loads before reading what they wrote. Step 4 is what lets the caller write the next step's
+// gradients while a slower peer may still be copying the part it owns.
+// The operations run on a thread of this object, one after another, in the order they were started; every
+// rank must start the same ones in the same order (GradientReducer launches its buckets in index order on
+// every rank: Note [Bucketing order] in gradient_reducer.cpp). A wait that sees a rank stay behind for the
+// communicator's timeout fails naming that rank.
+// The segment is a POSIX shared-memory object made by rank 0 under a random name, opened by the others, and
+// unlinked as soon as all of them have tried: a crash later leaks nothing, and the mapping lives until the
+// last rank unmaps it. It is written by hand rather than with MPI_Win_allocate_shared because the
+// Communicator interface does not expose an MPI communicator, and rather than with Boost.Interprocess
+// because what matters here is posix_fallocate (a /dev/shm too small for the segment must fail at creation,
+// not with SIGBUS in the middle of a step), which neither offers. Ranks that cannot open the object (another
+// host, a container with its own /dev/shm) or that find another random tag in it make create() return null
+// on every rank, and the reducer keeps using MPI.
+#include "comm/shm_allreduce.h"
+
+#include <fcntl.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "comm/shm_sum.h"
+
+namespace vimo::comm {
+namespace {
+
+constexpr int64_t kPage = 4096;
+constexpr int64_t kAlignment = 64;                  // every allocation starts on a cache line
+constexpr int64_t kSliceAlignment = 16;             // elements: parts start on a cache line for float32
+constexpr uint64_t kMagic = 0x6d6873206f6d6976ull;  // "vimo shm"
+constexpr int64_t kReasonBytes = 512;  // of why create() failed, sent from the rank that failed to the others
+// How a wait for the other ranks spends its time: spin, then yield the core, then sleep between looks.
+constexpr auto kSpinFor = std::chrono::microseconds(50);
+constexpr auto kYieldFor = std::chrono::milliseconds(2);
+constexpr auto kSleepBetweenLooks = std::chrono::microseconds(20);
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+std::string errno_text(int error) { return std::strerror(error); }
+
+// Part q of n elements split over p ranks: [begin, end), each part a multiple of kSliceAlignment but the
+// last; parts past the end are empty.
+std::pair<int64_t, int64_t> part_bounds(int64_t n, int p, int q) {
+  const int64_t per = round_up((n + p - 1) / p, kSliceAlignment);
+  return {std::min(n, per * q), std::min(n, per * (q + 1))};
+}
+
+// Maps all `bytes` of the shared-memory object `fd` (named `name`); null, with the reason in `failure`, when
+// mmap fails.
+void* map_object(int fd, int64_t bytes, const std::string& name, std::string& failure) {
+  void* address = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (address != MAP_FAILED) return address;
+  failure = fmt::format("mmap of {} failed: {}", name, errno_text(errno));
+  return nullptr;
+}
+
+// Rank 0: makes the object, reserves its pages (a /dev/shm too small fails here, not with SIGBUS later) and
+// maps it. `created`: the name exists and must be unlinked.
+void* create_segment(const std::string& name, int64_t bytes, std::string& failure, bool& created) {
+  const int fd = shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+  if (fd < 0) {
+    failure = fmt::format("shm_open({}) failed: {}", name, errno_text(errno));
+    return nullptr;
+  }
+  created = true;
+  int error = ftruncate(fd, bytes) == 0 ? 0 : errno;
+  if (error == 0) error = posix_fallocate(fd, 0, bytes);  // returns the error instead of setting errno
+  void* address = nullptr;
+  if (error != 0) {
+    failure = fmt::format("cannot reserve {:.1f} MiB of shared memory for {}: {}",
+                          static_cast<double>(bytes) / (1 << 20), name, errno_text(error));
+  } else {
+    address = map_object(fd, bytes, name, failure);
+  }
+  close(fd);
+  return address;
+}
+
+// The other ranks: opens rank 0's object and maps it.
+void* open_segment(const std::string& name, int64_t bytes, std::string& failure) {
+  const int fd = shm_open(name.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    failure = fmt::format("shm_open({}) failed: {} (rank 0 is on another host or in another container)", name,
+                          errno_text(errno));
+    return nullptr;
+  }
+  struct stat info {};
+  void* address = nullptr;
+  if (fstat(fd, &info) != 0 || info.st_size != bytes) {
+    failure = fmt::format("{} has {} bytes, not the {} expected", name, info.st_size, bytes);
+  } else {
+    address = map_object(fd, bytes, name, failure);
+  }
+  close(fd);
+  return address;
+}
+
+}  // namespace
+
+// The segment's header, then size() parts of part_stride_ bytes.
+struct ShmAllreduce::Control {
+  uint64_t magic;
+  uint64_t tag;  // rank 0's random tag: another rank that reads it opened the same object
+  alignas(64) char pad[64];
+  struct alignas(64) Counter {
+    std::atomic<uint64_t> step;  // the last step of Note [A shared-memory all-reduce for one host] done
+  };
+  Counter counters[1];  // size() of them
+  static_assert(std::atomic<uint64_t>::is_always_lock_free, "the counters are shared between processes");
+
+  static int64_t bytes(int ranks) {
+    return round_up(static_cast<int64_t>(offsetof(Control, counters) + sizeof(Counter) * ranks), kPage);
+  }
+};
+
+struct ShmAllreduce::Operation {
+  uint64_t index = 0;  // 1, 2, ... in start order
+  int64_t offset = 0;  // bytes from the start of a part
+  int64_t numel = 0;
+  at::ScalarType dtype = at::kFloat;
+  bool average = false;
+  std::string text;  // "shared-memory allreduce (avg) of float32 [1024], operation 3"
+  std::mutex mutex;
+  std::condition_variable finished;
+  std::atomic<int> state{0};  // 0 running or queued, 1 done, 2 failed
+  std::string error;
+};
+
+class ShmAllreduce::ShmWork final : public Work {
+ public:
+  ShmWork(std::shared_ptr<Operation> op, std::chrono::milliseconds timeout, bool spin)
+      : op_(std::move(op)), timeout_(timeout), spin_(spin) {}
+  ShmWork(const ShmWork&) = delete;
+  ShmWork& operator=(const ShmWork&) = delete;
+  // Dropping an unfinished Work waits for it (Work's contract): its tensor is the operation's until then.
+  ~ShmWork() override {
+    if (thrown_) return;  // its caller has the error already
+    try {
+      wait();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s\n", e.what());
+    }
+  }
+
+  void wait() override {
+    if (op_->state.load(std::memory_order_acquire) == 1) return;
+    if (spin_) {  // a small operation ends within microseconds: cheaper than sleeping and being woken
+      const auto until = std::chrono::steady_clock::now() + kSpinFor;
+      while (op_->state.load(std::memory_order_acquire) == 0 && std::chrono::steady_clock::now() < until) {
+      }
+      if (op_->state.load(std::memory_order_acquire) == 1) return;
+    }
+    CollectiveObserver* observer = collective_observer();
+    if (observer) observer->enter_collective("allreduce", op_->numel * at::elementSize(op_->dtype));
+    std::unique_lock<std::mutex> lock(op_->mutex);
+    // The worker gives up after the timeout itself; this bound only guards against a worker that hangs.
+    const bool ended = op_->finished.wait_for(lock, timeout_ * 2 + std::chrono::seconds(10), [&] {
+      return op_->state.load(std::memory_order_acquire) != 0;
+    });
+    lock.unlock();
+    if (observer) observer->leave_collective();
+    if (!ended) throw std::runtime_error(fmt::format("{} did not end within twice its timeout", op_->text));
+    throw_if_failed();
+  }
+
+  bool is_completed() override {
+    const int state = op_->state.load(std::memory_order_acquire);
+    if (state == 2) throw_if_failed();
+    return state == 1;
+  }
+
+  std::string description() const override { return op_->text; }
+
+ private:
+  void throw_if_failed() {
+    if (op_->state.load(std::memory_order_acquire) != 2) return;
+    std::lock_guard<std::mutex> lock(op_->mutex);
+    thrown_ = true;
+    throw std::runtime_error(op_->error);
+  }
+
+  std::shared_ptr<Operation> op_;
+  std::chrono::milliseconds timeout_;
+  bool spin_;
+  bool thrown_ = false;  // wait() or is_completed() reported the failure
+};
+
+std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t capacity_bytes,
+                                                   std::string* why_not) {
+  const auto refuse = [&](std::string why) -> std::unique_ptr<ShmAllreduce> {
+    if (why_not) *why_not = std::move(why);
+    return nullptr;
+  };
+  if (capacity_bytes <= 0) throw std::invalid_argument("ShmAllreduce: the capacity must be positive");
+  if (comm.size() < 2) return refuse("the communicator has one rank");
+
+  std::unique_ptr<ShmAllreduce> shm(new ShmAllreduce());
+  shm->rank_ = comm.rank();
+  shm->size_ = comm.size();
+  shm->capacity_ = round_up(capacity_bytes, kAlignment);
+  shm->part_stride_ = round_up(shm->capacity_, kPage);
+  shm->timeout_ = comm.timeout();
+  // Each rank runs its caller and the worker: with fewer than two cores per rank, waits must not spin.
+  shm->oversubscribed_ =
+      2 * static_cast<unsigned>(shm->size_) > std::max(1u, std::thread::hardware_concurrency());
+  const int64_t total = Control::bytes(shm->size_) + shm->part_stride_ * shm->size_;
+  shm->mapping_bytes_ = static_cast<size_t>(total);
+
+  // Rank 0 makes the object and tells the others its name (from the tag) and whether it succeeded.
+  std::string failure;
+  uint64_t tag = 0;
+  if (shm->rank_ == 0) {
+    std::random_device device;
+    tag = (static_cast<uint64_t>(device()) << 32) ^ device();
+  }
+  at::Tensor header = at::zeros({2}, at::kLong);  // [rank 0 succeeded, tag]
+  const auto name_of = [](uint64_t t) { return fmt::format("/vimo-allreduce-{:016x}", t); };
+  bool created = false;
+  if (shm->rank_ == 0) {
+    void* address = create_segment(name_of(tag), total, failure, created);
+    if (address) {
+      shm->mapping_ = address;
+      shm->control_ = static_cast<Control*>(address);
+      shm->control_->tag = tag;
+      for (int q = 0; q < shm->size_; ++q) new (&shm->control_->counters[q].step) std::atomic<uint64_t>(0);
+      std::atomic_thread_fence(std::memory_order_release);
+      shm->control_->magic = kMagic;
+    }
+    header[0] = failure.empty() ? 1 : 0;
+    header[1] = static_cast<int64_t>(tag);
+  }
+  comm.broadcast(header, 0);
+  tag = static_cast<uint64_t>(header[1].item<int64_t>());
+  if (shm->rank_ != 0 && header[0].item<int64_t>() == 1) {
+    void* address = open_segment(name_of(tag), total, failure);
+    if (address) {
+      shm->mapping_ = address;
+      shm->control_ = static_cast<Control*>(address);
+      if (shm->control_->magic != kMagic || shm->control_->tag != tag)
+        failure = fmt::format("{} holds another job's segment", name_of(tag));
+    }
+  } else if (shm->rank_ != 0) {
+    failure = "rank 0 could not make the segment";
+  }
+  // The first rank that failed, or size() when none did; then the name can go.
+  at::Tensor first_failed = at::full({1}, failure.empty() ? shm->size_ : shm->rank_, at::kLong);
+  comm.allreduce(first_failed, ReduceOp::Min);
+  if (created) shm_unlink(name_of(tag).c_str());
+  const int64_t failed_rank = first_failed.item<int64_t>();
+  if (failed_rank < shm->size_) {  // every rank gives that rank's reason
+    at::Tensor text = at::zeros({kReasonBytes}, at::kByte);
+    if (failed_rank == shm->rank_) {
+      std::memcpy(text.data_ptr(), failure.data(), std::min<size_t>(failure.size(), kReasonBytes - 1));
+    }
+    comm.broadcast(text, static_cast<int>(failed_rank));
+    return refuse(fmt::format("rank {}: {}", failed_rank, reinterpret_cast<const char*>(text.data_ptr())));
+  }
+  shm->worker_ = std::thread([raw = shm.get()] { raw->run_worker(); });
+  return shm;
+}
+
+ShmAllreduce::~ShmAllreduce() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_.store(true);
+  }
+  wake_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  if (mapping_) munmap(mapping_, mapping_bytes_);
+}
+
+char* ShmAllreduce::part(int rank) const {
+  return static_cast<char*>(mapping_) + Control::bytes(size_) + part_stride_ * rank;
+}
+
+at::Tensor ShmAllreduce::allocate(int64_t numel, at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kDouble) {
+    throw std::invalid_argument(
+        fmt::format("ShmAllreduce::allocate: {} is not float32 or float64", c10::getDtypeNames(dtype).first));
+  }
+  if (numel < 0) throw std::invalid_argument("ShmAllreduce::allocate: negative size");
+  const int64_t offset = round_up(allocated_, kAlignment);
+  const int64_t bytes = numel * static_cast<int64_t>(at::elementSize(dtype));
+  if (offset + bytes > capacity_) {
+    throw std::length_error(
+        fmt::format("ShmAllreduce::allocate: {} bytes at offset {} do not fit the capacity of {} bytes",
+                    bytes, offset, capacity_));
+  }
+  allocated_ = offset + bytes;
+  char* address = part(rank_) + offset;
+  std::memset(address, 0, static_cast<size_t>(bytes));
+  return at::from_blob(address, {numel}, at::TensorOptions().dtype(dtype));
+}
+
+std::shared_ptr<Work> ShmAllreduce::allreduce_async(const at::Tensor& tensor, ReduceOp op) {
+  if (op != ReduceOp::Sum && op != ReduceOp::Avg) {
+    throw std::invalid_argument(
+        fmt::format("[rank {}] ShmAllreduce: {} is not sum or avg", rank_, detail::reduce_op_name(op)));
+  }
+  const char* begin = part(rank_);
+  const auto* address = static_cast<const char*>(tensor.defined() ? tensor.data_ptr() : nullptr);
+  const int64_t offset = address ? address - begin : -1;
+  if (!tensor.defined() || !tensor.is_contiguous() || offset < 0 || offset % kAlignment != 0 ||
+      offset + static_cast<int64_t>(tensor.nbytes()) > allocated_ || tensor.dim() != 1 ||
+      (tensor.scalar_type() != at::kFloat && tensor.scalar_type() != at::kDouble)) {
+    throw std::invalid_argument(
+        fmt::format("[rank {}] ShmAllreduce: the tensor is not one from allocate()", rank_));
+  }
+  auto operation = std::make_shared<Operation>();
+  operation->offset = offset;
+  operation->numel = tensor.numel();
+  operation->dtype = tensor.scalar_type();
+  operation->average = op == ReduceOp::Avg;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!broken_.empty()) throw std::runtime_error(broken_);
+    operation->index = ++started_;
+    operation->text =
+        fmt::format("shared-memory allreduce ({}) of {} [{}], operation {}", detail::reduce_op_name(op),
+                    c10::getDtypeNames(operation->dtype).first, operation->numel, operation->index);
+    queue_.push_back(operation);
+    queued_.fetch_add(1, std::memory_order_release);
+  }
+  wake_.notify_one();
+  return std::make_shared<ShmWork>(std::move(operation), timeout_, !oversubscribed_);
+}
+
+void ShmAllreduce::run_worker() {
+  uint64_t taken = 0;
+  while (true) {
+    // The next operation often follows within microseconds (a caller's next bucket): look for it a little
+    // before sleeping.
+    if (!oversubscribed_) {
+      const auto until = std::chrono::steady_clock::now() + kSpinFor;
+      while (queued_.load(std::memory_order_acquire) == taken && !stop_.load(std::memory_order_relaxed) &&
+             std::chrono::steady_clock::now() < until) {
+      }
+    }
+    std::shared_ptr<Operation> op;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping, nothing left
+      op = queue_.front();
+      queue_.pop_front();
+      ++taken;
+    }
+    std::string error;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      error = broken_;
+    }
+    if (error.empty()) {
+      try {
+        execute(*op);
+      } catch (const std::exception& e) {
+        error = e.what();
+        std::lock_guard<std::mutex> lock(mutex_);
+        broken_ = error;
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(op->mutex);
+      op->error = error;
+      op->state.store(error.empty() ? 1 : 2, std::memory_order_release);
+    }
+    op->finished.notify_all();
+  }
+}
+
+void ShmAllreduce::execute(Operation& op) {
+  const uint64_t first_step = 3 * (op.index - 1);
+  std::atomic<uint64_t>& mine = control_->counters[rank_].step;
+  const int64_t element = static_cast<int64_t>(at::elementSize(op.dtype));
+
+  // 1: this rank's bucket holds its input.
+  mine.store(first_step + 1, std::memory_order_release);
+  wait_for_all(first_step + 1, op);
+
+  // 2: sum this rank's part over every rank's copy.
+  const auto [begin, end] = part_bounds(op.numel, size_, rank_);
+  if (end > begin) {
+    const auto sum = [&](auto* type_tag) {
+      using T = std::remove_pointer_t<decltype(type_tag)>;
+      std::vector<const T*> sources(static_cast<size_t>(size_));
+      for (int q = 0; q < size_; ++q)
+        sources[static_cast<size_t>(q)] = reinterpret_cast<const T*>(part(q) + op.offset) + begin;
+      shm_detail::sum_parts(reinterpret_cast<T*>(part(rank_) + op.offset) + begin, sources.data(), size_,
+                            end - begin, op.average);
+    };
+    if (op.dtype == at::kFloat) {
+      sum(static_cast<float*>(nullptr));
+    } else {
+      sum(static_cast<double*>(nullptr));
+    }
+  }
+  mine.store(first_step + 2, std::memory_order_release);
+  wait_for_all(first_step + 2, op);
+
+  // 3: copy the other ranks' sums.
+  for (int q = 0; q < size_; ++q) {
+    if (q == rank_) continue;
+    const auto [b, e] = part_bounds(op.numel, size_, q);
+    if (e > b) {
+      std::memcpy(part(rank_) + op.offset + b * element, part(q) + op.offset + b * element,
+                  static_cast<size_t>((e - b) * element));
+    }
+  }
+  // 4: every rank has its copy; the bucket is the caller's again.
+  mine.store(first_step + 3, std::memory_order_release);
+  wait_for_all(first_step + 3, op);
+}
+
+void ShmAllreduce::wait_for_all(uint64_t target, const Operation& op) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  const auto spin_for = oversubscribed_ ? Clock::duration::zero() : Clock::duration(kSpinFor);
+  for (int q = 0; q < size_; ++q) {
+    const std::atomic<uint64_t>& theirs = control_->counters[q].step;
+    while (theirs.load(std::memory_order_acquire) < target) {
+      const Clock::duration waited = Clock::now() - start;
+      if (waited < spin_for) continue;
+      if (waited >= timeout_) {
+        std::vector<std::string> behind;
+        for (int r = 0; r < size_; ++r) {
+          const uint64_t step = control_->counters[r].step.load(std::memory_order_acquire);
+          if (step < target) {
+            behind.push_back(step == 0 ? fmt::format("rank {} (no operation started yet)", r)
+                                       : fmt::format("rank {} (at operation {}, step {} of 3)", r,
+                                                     (step + 2) / 3, (step - 1) % 3 + 1));
+          }
+        }
+        throw std::runtime_error(detail::describe_timeout(
+            rank_, fmt::format("{}, step {} of 3", op.text, (target - 1) % 3 + 1),
+            op.numel * static_cast<int64_t>(at::elementSize(op.dtype)), timeout_, size_,
+            fmt::format("Waiting for {}; the shared-memory all-reduce is unusable from now on",
+                        fmt::join(behind, ", "))));
+      }
+      if (stop_.load(std::memory_order_relaxed))
+        throw std::runtime_error(fmt::format("{}: abandoned, its owner is being destroyed", op.text));
+      if (waited < kYieldFor) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(kSleepBetweenLooks);
+      }
+    }
+  }
+}
+
+}  // namespace vimo::comm
