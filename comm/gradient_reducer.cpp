@@ -12,6 +12,8 @@
 #include <string>
 #include <utility>
 
+#include "comm/shm_allreduce.h"
+
 namespace vimo::comm {
 
 // Note [Bucketing order]

@@ -23,9 +23,10 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "comm/shm_allreduce.h"
 
 namespace vimo::comm {
+
+class ShmAllreduce;  // comm/shm_allreduce.h
 
 struct ReducerOptions {
   double bucket_mib = 25.0;       // a bucket closes once it holds this many MiB of gradients

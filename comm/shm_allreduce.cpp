@@ -27,18 +27,22 @@
 // every rank: Note [Bucketing order] in gradient_reducer.cpp). A wait that sees a rank stay behind for the
 // communicator's timeout fails naming that rank.
 // The segment is a POSIX shared-memory object made by rank 0 under a random name, opened by the others, and
-// unlinked as soon as all of them have tried: a crash later leaks nothing, and the mapping lives until the
-// last rank unmaps it. It is written by hand rather than with MPI_Win_allocate_shared because the
-// Communicator interface does not expose an MPI communicator, and rather than with Boost.Interprocess
-// because what matters here is posix_fallocate (a /dev/shm too small for the segment must fail at creation,
-// not with SIGBUS in the middle of a step), which neither offers. Ranks that cannot open the object (another
-// host, a container with its own /dev/shm) or that find another random tag in it make create() return null
-// on every rank, and the reducer keeps using MPI.
+// unlinked as soon as all of them have tried, or as soon as create() fails: only a crash of rank 0 inside
+// create() can leave the name in /dev/shm, and the mapping lives until the last rank unmaps it. A rank whose
+// operation fails (a timeout) sets its counter to a value no step has, so that a peer still inside that
+// operation fails too instead of completing it with a part the first rank's caller may overwrite. It is
+// written by hand rather than with MPI_Win_allocate_shared because the Communicator interface does not expose
+// an MPI communicator, and rather than with Boost.Interprocess because what matters here is posix_fallocate
+// (a /dev/shm too small for the segment must fail at creation, not with SIGBUS in the middle of a step),
+// which neither offers. Ranks that cannot open the object (another host, a container with its own /dev/shm)
+// or that find another random tag in it make create() return null on every rank, and the reducer keeps using
+// MPI.
 #include "comm/shm_allreduce.h"
 
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -53,6 +57,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "comm/mpi_internal.h"
 #include "comm/shm_sum.h"
 
 namespace vimo::comm {
@@ -63,12 +68,20 @@ constexpr int64_t kAlignment = 64;                  // every allocation starts o
 constexpr int64_t kSliceAlignment = 16;             // elements: parts start on a cache line for float32
 constexpr uint64_t kMagic = 0x6d6873206f6d6976ull;  // "vimo shm"
 constexpr int64_t kReasonBytes = 512;  // of why create() failed, sent from the rank that failed to the others
-// How a wait for the other ranks spends its time: spin, then yield the core, then sleep between looks.
+// How long a Work::wait or the idle worker looks for its event before sleeping on a condition variable.
 constexpr auto kSpinFor = std::chrono::microseconds(50);
-constexpr auto kYieldFor = std::chrono::milliseconds(2);
-constexpr auto kSleepBetweenLooks = std::chrono::microseconds(20);
+constexpr uint64_t kGaveUp = ~uint64_t{0};  // a counter's value once its rank's operation failed
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// The cores this process may run on (its affinity mask, which mpirun's binding and cgroups narrow), not the
+// machine's.
+int usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
 
 std::string errno_text(int error) { return std::strerror(error); }
 
@@ -131,20 +144,23 @@ void* open_segment(const std::string& name, int64_t bytes, std::string& failure)
 
 }  // namespace
 
-// The segment's header, then size() parts of part_stride_ bytes.
+// The segment's header: the tag, then one counter per rank on a cache line of its own, from kCountersAt;
+// then size() parts of part_stride_ bytes.
 struct ShmAllreduce::Control {
-  uint64_t magic;
-  uint64_t tag;  // rank 0's random tag: another rank that reads it opened the same object
-  alignas(64) char pad[64];
-  struct alignas(64) Counter {
-    std::atomic<uint64_t> step;  // the last step of Note [A shared-memory all-reduce for one host] done
-  };
-  Counter counters[1];  // size() of them
+  static constexpr int64_t kCountersAt = 64;
+  static constexpr int64_t kCounterStride = 64;
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "the counters are shared between processes");
 
-  static int64_t bytes(int ranks) {
-    return round_up(static_cast<int64_t>(offsetof(Control, counters) + sizeof(Counter) * ranks), kPage);
+  uint64_t magic;
+  uint64_t tag;  // rank 0's random tag: another rank that reads it opened the same object
+
+  // Rank q's counter: the last step of Note [A shared-memory all-reduce for one host] it finished, or
+  // kGaveUp.
+  std::atomic<uint64_t>& counter(int q) {
+    return *std::launder(reinterpret_cast<std::atomic<uint64_t>*>(reinterpret_cast<char*>(this) +
+                                                                  kCountersAt + kCounterStride * q));
   }
+  static int64_t bytes(int ranks) { return round_up(kCountersAt + kCounterStride * ranks, kPage); }
 };
 
 struct ShmAllreduce::Operation {
@@ -154,6 +170,7 @@ struct ShmAllreduce::Operation {
   at::ScalarType dtype = at::kFloat;
   bool average = false;
   std::string text;  // "shared-memory allreduce (avg) of float32 [1024], operation 3"
+  std::chrono::steady_clock::time_point started;  // when the worker took it up
   std::mutex mutex;
   std::condition_variable finished;
   std::atomic<int> state{0};  // 0 running or queued, 1 done, 2 failed
@@ -193,7 +210,10 @@ class ShmAllreduce::ShmWork final : public Work {
     });
     lock.unlock();
     if (observer) observer->leave_collective();
-    if (!ended) throw std::runtime_error(fmt::format("{} did not end within twice its timeout", op_->text));
+    if (!ended) {
+      thrown_ = true;
+      throw std::runtime_error(fmt::format("{} did not end within twice its timeout", op_->text));
+    }
     throw_if_failed();
   }
 
@@ -234,9 +254,12 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t c
   shm->capacity_ = round_up(capacity_bytes, kAlignment);
   shm->part_stride_ = round_up(shm->capacity_, kPage);
   shm->timeout_ = comm.timeout();
-  // Each rank runs its caller and the worker: with fewer than two cores per rank, waits must not spin.
-  shm->oversubscribed_ =
-      2 * static_cast<unsigned>(shm->size_) > std::max(1u, std::thread::hardware_concurrency());
+  // Each rank runs its caller and the worker: with fewer than two of this process's cores per rank, waits
+  // must not spin (Note [Spinning, yielding and sleeping while waiting] in comm/mpi_internal.h).
+  shm->oversubscribed_ = 2 * shm->size_ > usable_cores();
+  // The worker waits for its peers while this rank's backward computes: it spins only briefly, then yields
+  // the core to the compute threads (then sleeps), whatever the core count.
+  shm->spin_for_ = mpi_detail::kOversubscribedSpinFor;
   const int64_t total = Control::bytes(shm->size_) + shm->part_stride_ * shm->size_;
   shm->mapping_bytes_ = static_cast<size_t>(total);
 
@@ -250,13 +273,25 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t c
   at::Tensor header = at::zeros({2}, at::kLong);  // [rank 0 succeeded, tag]
   const auto name_of = [](uint64_t t) { return fmt::format("/vimo-allreduce-{:016x}", t); };
   bool created = false;
+  // Rank 0 removes the name once every rank has tried to open it, or when a collective below throws (a
+  // timed-out or dead peer): the mapped segment lives on, unnamed, until the last rank unmaps it.
+  struct Unlink {
+    const bool& created;
+    std::string name;
+    ~Unlink() {
+      if (created) shm_unlink(name.c_str());
+    }
+  } unlink_on_exit{created, name_of(tag)};  // the tag is rank 0's own there
   if (shm->rank_ == 0) {
     void* address = create_segment(name_of(tag), total, failure, created);
     if (address) {
       shm->mapping_ = address;
       shm->control_ = static_cast<Control*>(address);
       shm->control_->tag = tag;
-      for (int q = 0; q < shm->size_; ++q) new (&shm->control_->counters[q].step) std::atomic<uint64_t>(0);
+      for (int q = 0; q < shm->size_; ++q) {
+        new (reinterpret_cast<char*>(address) + Control::kCountersAt + Control::kCounterStride * q)
+            std::atomic<uint64_t>(0);
+      }
       std::atomic_thread_fence(std::memory_order_release);
       shm->control_->magic = kMagic;
     }
@@ -279,7 +314,10 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t c
   // The first rank that failed, or size() when none did; then the name can go.
   at::Tensor first_failed = at::full({1}, failure.empty() ? shm->size_ : shm->rank_, at::kLong);
   comm.allreduce(first_failed, ReduceOp::Min);
-  if (created) shm_unlink(name_of(tag).c_str());
+  if (created) {
+    shm_unlink(unlink_on_exit.name.c_str());
+    created = false;
+  }
   const int64_t failed_rank = first_failed.item<int64_t>();
   if (failed_rank < shm->size_) {  // every rank gives that rank's reason
     at::Tensor text = at::zeros({kReasonBytes}, at::kByte);
@@ -330,6 +368,15 @@ std::shared_ptr<Work> ShmAllreduce::allreduce_async(const at::Tensor& tensor, Re
   if (op != ReduceOp::Sum && op != ReduceOp::Avg) {
     throw std::invalid_argument(
         fmt::format("[rank {}] ShmAllreduce: {} is not sum or avg", rank_, detail::reduce_op_name(op)));
+  }
+  if (tensor.defined() && tensor.numel() == 0 && tensor.dim() == 1 &&
+      (tensor.scalar_type() == at::kFloat || tensor.scalar_type() == at::kDouble)) {
+    // Nothing to reduce (an empty bucket or parameter; LibTorch gives it no data pointer): done at once, on
+    // every rank alike, without taking an operation number.
+    auto done = std::make_shared<Operation>();
+    done->text = fmt::format("shared-memory allreduce ({}) of an empty tensor", detail::reduce_op_name(op));
+    done->state.store(1);
+    return std::make_shared<ShmWork>(std::move(done), timeout_, false);
   }
   const char* begin = part(rank_);
   const auto* address = static_cast<const char*>(tensor.defined() ? tensor.data_ptr() : nullptr);
@@ -389,6 +436,9 @@ void ShmAllreduce::run_worker() {
         execute(*op);
       } catch (const std::exception& e) {
         error = e.what();
+        // A peer still inside this operation must fail too, not finish it with a part this rank's caller
+        // may now overwrite: it sees kGaveUp instead of a step.
+        control_->counter(rank_).store(kGaveUp, std::memory_order_release);
         std::lock_guard<std::mutex> lock(mutex_);
         broken_ = error;
       }
@@ -403,8 +453,9 @@ void ShmAllreduce::run_worker() {
 }
 
 void ShmAllreduce::execute(Operation& op) {
+  op.started = std::chrono::steady_clock::now();
   const uint64_t first_step = 3 * (op.index - 1);
-  std::atomic<uint64_t>& mine = control_->counters[rank_].step;
+  std::atomic<uint64_t>& mine = control_->counter(rank_);
   const int64_t element = static_cast<int64_t>(at::elementSize(op.dtype));
 
   // 1: this rank's bucket holds its input.
@@ -446,38 +497,43 @@ void ShmAllreduce::execute(Operation& op) {
 }
 
 void ShmAllreduce::wait_for_all(uint64_t target, const Operation& op) {
-  using Clock = std::chrono::steady_clock;
-  const Clock::time_point start = Clock::now();
-  const auto spin_for = oversubscribed_ ? Clock::duration::zero() : Clock::duration(kSpinFor);
   for (int q = 0; q < size_; ++q) {
-    const std::atomic<uint64_t>& theirs = control_->counters[q].step;
-    while (theirs.load(std::memory_order_acquire) < target) {
-      const Clock::duration waited = Clock::now() - start;
-      if (waited < spin_for) continue;
-      if (waited >= timeout_) {
-        std::vector<std::string> behind;
-        for (int r = 0; r < size_; ++r) {
-          const uint64_t step = control_->counters[r].step.load(std::memory_order_acquire);
-          if (step < target) {
-            behind.push_back(step == 0 ? fmt::format("rank {} (no operation started yet)", r)
-                                       : fmt::format("rank {} (at operation {}, step {} of 3)", r,
-                                                     (step + 2) / 3, (step - 1) % 3 + 1));
-          }
-        }
-        throw std::runtime_error(detail::describe_timeout(
-            rank_, fmt::format("{}, step {} of 3", op.text, (target - 1) % 3 + 1),
-            op.numel * static_cast<int64_t>(at::elementSize(op.dtype)), timeout_, size_,
-            fmt::format("Waiting for {}; the shared-memory all-reduce is unusable from now on",
-                        fmt::join(behind, ", "))));
-      }
-      if (stop_.load(std::memory_order_relaxed))
-        throw std::runtime_error(fmt::format("{}: abandoned, its owner is being destroyed", op.text));
-      if (waited < kYieldFor) {
-        std::this_thread::yield();
-      } else {
-        std::this_thread::sleep_for(kSleepBetweenLooks);
-      }
+    const std::atomic<uint64_t>& theirs = control_->counter(q);
+    uint64_t seen = theirs.load(std::memory_order_acquire);
+    if (seen >= target && seen != kGaveUp) continue;
+    // The operation's timeout runs from its start, like a Work::wait on MPI from the wait's (Note
+    // [Collective timeouts] in comm/mpi_internal.h); the waiting itself is MPI's: spin, yield, then sleep.
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        timeout_ - (std::chrono::steady_clock::now() - op.started));
+    const bool arrived = mpi_detail::poll_until_done(
+        [&] {
+          seen = theirs.load(std::memory_order_acquire);
+          if (stop_.load(std::memory_order_relaxed))
+            throw std::runtime_error(fmt::format("{}: abandoned, its owner is being destroyed", op.text));
+          return seen >= target;
+        },
+        std::max(left, std::chrono::milliseconds(0)), spin_for_);
+    if (seen == kGaveUp) {
+      throw std::runtime_error(
+          fmt::format("[rank {}] {}, step {} of 3: rank {} gave up on it (its own error names the cause); "
+                      "the shared-memory "
+                      "all-reduce is unusable from now on",
+                      rank_, op.text, (target - 1) % 3 + 1, q));
     }
+    if (arrived) continue;
+    std::vector<std::string> behind;
+    for (int r = 0; r < size_; ++r) {
+      const uint64_t step = control_->counter(r).load(std::memory_order_acquire);
+      if (step >= target) continue;
+      behind.push_back(step == 0 ? fmt::format("rank {} (no operation started yet)", r)
+                                 : fmt::format("rank {} (at operation {}, step {} of 3)", r, (step + 2) / 3,
+                                               (step - 1) % 3 + 1));
+    }
+    throw std::runtime_error(detail::describe_timeout(
+        rank_, fmt::format("{}, step {} of 3", op.text, (target - 1) % 3 + 1),
+        op.numel * static_cast<int64_t>(at::elementSize(op.dtype)), timeout_, size_,
+        fmt::format("Waiting for {}; the shared-memory all-reduce is unusable from now on",
+                    fmt::join(behind, ", "))));
   }
 }
 

@@ -43,10 +43,10 @@ class ShmAllreduce {
   int size() const { return size_; }
   int64_t capacity_bytes() const { return capacity_; }
 
-  // A zeroed, contiguous tensor [numel] of `dtype` (float32 or float64) in this rank's part of the segment,
-  // aligned to 64 bytes. Every rank must allocate the same sequence of sizes and dtypes, so that a tensor
-  // sits at the same offset in every rank's part. Throws std::invalid_argument for another dtype and
-  // std::length_error when the capacity is used up. The tensor must not outlive this object.
+  // A zeroed, contiguous tensor [numel] of `dtype` (float32 or float64; numel may be 0) in this rank's part
+  // of the segment, aligned to 64 bytes. Every rank must allocate the same sequence of sizes and dtypes, so
+  // that a tensor sits at the same offset in every rank's part. Throws std::invalid_argument for another
+  // dtype and std::length_error when the capacity is used up. The tensor must not outlive this object.
   at::Tensor allocate(int64_t numel, at::ScalarType dtype);
 
   // Starts the in-place all-reduce of `tensor` with ReduceOp::Sum or ReduceOp::Avg. `tensor`: one from
@@ -68,7 +68,8 @@ class ShmAllreduce {
   ShmAllreduce() = default;
   void run_worker();
   void execute(Operation& op);
-  // Waits until every rank's counter has reached `target`; throws naming the ranks behind.
+  // Waits until every rank's counter has reached `target`; throws naming the ranks behind once `op` has run
+  // for the timeout, or naming a rank whose operation failed.
   void wait_for_all(uint64_t target, const Operation& op);
   char* part(int rank) const;  // the start of `rank`'s part of the segment
 
@@ -81,7 +82,8 @@ class ShmAllreduce {
   size_t mapping_bytes_ = 0;
   Control* control_ = nullptr;
   std::chrono::milliseconds timeout_{0};
-  bool oversubscribed_ = false;  // fewer than two cores per rank on this host: waits do not spin
+  bool oversubscribed_ = false;            // fewer than two cores per rank on this host: waits do not spin
+  std::chrono::microseconds spin_for_{0};  // how long a wait for the peers spins before yielding
 
   std::mutex mutex_;
   std::condition_variable wake_;

@@ -557,20 +557,22 @@ void print_comm_bench(const nlohmann::json& report) {
     if (!report.contains(key)) continue;
     const nlohmann::json& o = report[key];
     fmt::print(
-        "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, progress "
-        "every {} us)\n"
+        "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, {})\n"
         "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
         "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
         "{:.1f} done before finalize\n"
         "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n",
         o["dp"].get<int>(), o["transport"].get<std::string>(), o["model"].get<std::string>(),
         o["parameters"].get<int64_t>(), o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(),
-        o["progress_interval_us"].get<int>(), o["step_ms"].get<double>(), o["forward_ms"].get<double>(),
-        o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
-        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
-        o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
-        o["buckets_done_before_finalize_per_step"].get<double>(), 100 * o["hidden_fraction"].get<double>(),
-        100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>());
+        o["transport"].get<std::string>().rfind("shared memory", 0) == 0
+            ? std::string("no progress thread")
+            : fmt::format("progress every {} us", o["progress_interval_us"].get<int>()),
+        o["step_ms"].get<double>(), o["forward_ms"].get<double>(), o["backward_ms"].get<double>(),
+        o["finalize_ms"].get<double>(), o["communication_ms_per_step"].get<double>(),
+        o["exposed_ms_per_step"].get<double>(), o["buckets_launched_in_backward_per_step"].get<double>(),
+        o["buckets"].get<int64_t>(), o["buckets_done_before_finalize_per_step"].get<double>(),
+        100 * o["hidden_fraction"].get<double>(), 100 * o["hidden_fraction_min_over_ranks"].get<double>(),
+        100 * o["goal"].get<double>());
   }
 }
 

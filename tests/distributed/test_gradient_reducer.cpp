@@ -243,6 +243,25 @@ TEST(ReducerProgress, TheSharedMemoryAllReduceFinishesABucketWhileTheCallerSleep
   EXPECT_EQ(stats.progress_polls, 0);
 }
 
+// A parameter with no elements (registered first, so alone in the last bucket) gets no data pointer from
+// LibTorch: both transports must still average the others and give it an empty gradient.
+TEST(ReducerEmptyParameter, AnEmptyBucketIsReducedThroughEitherTransport) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  for (const bool shared_memory : {true, false}) {
+    at::Tensor empty = at::zeros({0}, at::kFloat).requires_grad_();
+    at::Tensor weight = at::zeros({int64_t{1} << 19}, at::kFloat).requires_grad_();  // 2 MiB: its own bucket
+    ReducerOptions options;
+    options.shared_memory = shared_memory;
+    GradientReducer reducer({empty, weight}, mpi_world(), options);
+    ASSERT_EQ(reducer.bucket_parameters().size(), 2u);
+    (weight * static_cast<double>(rank + 1)).sum().backward();
+    reducer.finalize();
+    EXPECT_TRUE(weight.grad().eq((ranks + 1) / 2.0).all().item<bool>()) << reducer.transport();
+    ASSERT_TRUE(empty.grad().defined()) << reducer.transport();
+    EXPECT_EQ(empty.grad().numel(), 0);
+  }
+}
+
 TEST(ReducerAccumulation, NoSyncMicroStepsThenOneReductionEqualTheBigBatch) {
   const uint64_t seed = shared_seed();
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();

@@ -380,4 +380,53 @@ TEST(ShmAllreduceTimeout, ARankThatNeverArrivesIsNamedAfterTheTimeout) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
+// An empty tensor (an empty bucket) has no data pointer in LibTorch: its all-reduce is done at once on every
+// rank and takes no operation number, so the operations after it still pair up across ranks.
+TEST(ShmAllreduceAllocate, AnEmptyTensorIsReducedAtOnceAndTheNextOperationStillPairsUp) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  std::string why_not;
+  const std::unique_ptr<ShmAllreduce> shm = ShmAllreduce::create(*mpi_world(), 1 << 16, &why_not);
+  ASSERT_NE(shm, nullptr) << why_not;
+  at::Tensor empty = shm->allocate(0, at::kFloat);
+  at::Tensor flat = shm->allocate(1000, at::kDouble);
+  const std::shared_ptr<Work> nothing = shm->allreduce_async(empty, ReduceOp::Avg);
+  EXPECT_TRUE(nothing->is_completed());
+  nothing->wait();
+  const at::Tensor inputs = all_inputs(at::kDouble, seed, ranks, {1000});  // [ranks, 1000]
+  flat.copy_(inputs[rank]);
+  shm->allreduce_async(flat, ReduceOp::Sum)->wait();
+  EXPECT_TRUE(at::allclose(flat, inputs.sum(0), 1e-12, 1e-12));
+}
+
+// A rank whose operation failed (here: timed out waiting for rank 1) marks its counter, and rank 1, arriving
+// late, fails at once naming it instead of waiting out a timeout of its own.
+TEST(ShmAllreduceTimeout, ALateRankFailsAtOnceNamingTheRankThatGaveUp) {
+  const int rank = mpi_world()->rank();
+  const std::shared_ptr<vimo::comm::Communicator> comm = mpi_world()->split(0, rank);
+  comm->set_timeout(1s);
+  std::string why_not;
+  std::unique_ptr<ShmAllreduce> shm = ShmAllreduce::create(*comm, 4096, &why_not);
+  ASSERT_NE(shm, nullptr) << why_not;
+  at::Tensor flat = shm->allocate(100, at::kFloat);
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (rank == 1) std::this_thread::sleep_for(2500ms);  // the others give up after 1 s
+  const auto start = std::chrono::steady_clock::now();
+  std::string message;
+  try {
+    shm->allreduce_async(flat, ReduceOp::Sum)->wait();
+    ADD_FAILURE() << "wait() returned although the others gave up before rank 1 arrived";
+  } catch (const std::runtime_error& e) {
+    message = e.what();
+  }
+  if (rank == 1) {
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 500ms) << "rank 1 waited out its own timeout";
+    EXPECT_NE(message.find("rank 0 gave up"), std::string::npos) << message;
+  } else {
+    EXPECT_NE(message.find("timed out"), std::string::npos) << message;
+  }
+  shm.reset();
+  MPI_Barrier(MPI_COMM_WORLD);
+}
+
 }  // namespace
