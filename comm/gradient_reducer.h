@@ -1,7 +1,8 @@
 // Defines vimo::comm::GradientReducer, data parallelism's gradient averaging in the style of PyTorch DDP's
 // Reducer: parameters grouped into buckets of a configurable size (a small first one), each bucket's
-// gradients copied into one flat buffer by an autograd hook as they become ready, and all-reduced
-// asynchronously while backward goes on; finalize() waits and writes the averages back into .grad(). Also
+// gradients copied into one flat buffer by an autograd hook as they become ready (unless .grad() already is a
+// view of it), and all-reduced asynchronously while backward goes on; finalize() waits and leaves each
+// .grad() a view of its average in the bucket. Also
 // ReducerOptions, ReducerStats (how much of the communication backward hid) and NoSyncGuard for gradient
 // accumulation.
 //
@@ -39,6 +40,11 @@ struct ReducerOptions {
   // all-reduce for one host] in comm/shm_allreduce.cpp). Where the segment cannot be made, the reducer uses
   // MPI and says why in transport().
   bool shared_memory = true;
+  // Each parameter's .grad() becomes a view of its slot in the bucket, so finalize() leaves the averages in
+  // place instead of copying them back, and a gradient accumulated into .grad() in place is already in its
+  // bucket (Note [Gradients as views of their bucket] in comm/gradient_reducer.cpp). DDP's
+  // gradient_as_bucket_view. Off: .grad() keeps its own memory and finalize() copies the averages into it.
+  bool gradient_as_bucket_view = true;
 };
 
 // Running totals over synchronised steps; see Note [Overlap statistics] in comm/gradient_reducer.cpp.
@@ -68,9 +74,10 @@ class GradientReducer {
   GradientReducer& operator=(const GradientReducer&) = delete;
 
   // After backward: launches the buckets still waiting (see Note [Parameters without a gradient]), waits for
-  // every bucket, and sets each parameter's .grad() to the average over the ranks. Every parameter has a
-  // defined .grad() afterwards. A no-op while synchronisation is off. Call it after every synchronised
-  // backward.
+  // every bucket, and sets each parameter's .grad() to the average over the ranks: a view of its bucket
+  // (ReducerOptions::gradient_as_bucket_view), valid until the next synchronised backward writes the bucket
+  // again. Every parameter has a defined .grad() afterwards. A no-op while synchronisation is off. Call it
+  // after every synchronised backward.
   void finalize();
 
   // Off: backward passes only accumulate into .grad() locally (no communication), as on the non-final
@@ -104,6 +111,7 @@ class GradientReducer {
   void use_shared_memory(const ReducerOptions& options);
   void check_same_buckets_everywhere();
   void on_gradient_ready(size_t param);
+  at::Tensor slot_of(size_t param) const;  // the parameter's slot of its bucket, in its shape
   void copy_into_bucket(size_t param, const at::Tensor& grad);
   void launch_ready_buckets();
   void poke_progress();
@@ -121,6 +129,7 @@ class GradientReducer {
   std::vector<bool> ready_;                         // param got its gradient in this step
   size_t next_bucket_ = 0;                          // the next bucket to launch
   bool require_sync_ = true;
+  bool grad_as_view_ = true;   // ReducerOptions::gradient_as_bucket_view
   bool step_started_ = false;  // a hook fired since the last finalize()
   std::vector<int> launch_order_, last_launch_order_;
   Clock::time_point first_launch_, last_launch_;

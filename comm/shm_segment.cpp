@@ -1,7 +1,5 @@
 // ShmAllreduce::create (see shm_allreduce.h): making, opening and agreeing on the shared segment of Note [A
 // shared-memory all-reduce for one host] in comm/shm_allreduce.cpp.
-#include "comm/shm_allreduce.h"
-
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <sched.h>
@@ -19,6 +17,7 @@
 #include <thread>
 
 #include "comm/mpi_internal.h"
+#include "comm/shm_allreduce.h"
 #include "comm/shm_internal.h"
 
 namespace vimo::comm {

@@ -257,9 +257,9 @@ nlohmann::json bench_overlap(const CommBenchOptions& options, const std::shared_
   const int previous_threads = at::get_num_threads();
   if (options.threads > 0) at::set_num_threads(options.threads);
   Mlp model(options.overlap_width, options.overlap_depth);
-  comm::GradientReducer reducer(
-      model.params, comm,
-      {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us, shared_memory});
+  comm::GradientReducer reducer(model.params, comm,
+                                {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us,
+                                 shared_memory, options.gradient_as_bucket_view});
   at::manual_seed(1000 + comm->rank());  // each rank its own rows, as in data parallelism
   const at::Tensor x = at::randn({options.overlap_batch, options.overlap_width});
 
@@ -301,6 +301,8 @@ nlohmann::json bench_overlap(const CommBenchOptions& options, const std::shared_
       {"parameters", model.numel()},
       {"dp", comm->size()},
       {"transport", reducer.transport()},
+      {"gradients",
+       options.gradient_as_bucket_view ? "views of their bucket" : "copied into their bucket and back"},
       {"threads_per_rank", at::get_num_threads()},
       {"bucket_mib", options.bucket_mib},
       {"first_bucket_mib", options.first_bucket_mib},
@@ -557,7 +559,9 @@ void print_comm_bench(const nlohmann::json& report) {
     if (!report.contains(key)) continue;
     const nlohmann::json& o = report[key];
     fmt::print(
-        "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, {})\n"
+        "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, {}, "
+        "gradients "
+        "{})\n"
         "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
         "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
         "{:.1f} done before finalize\n"
@@ -567,12 +571,12 @@ void print_comm_bench(const nlohmann::json& report) {
         o["transport"].get<std::string>().rfind("shared memory", 0) == 0
             ? std::string("no progress thread")
             : fmt::format("progress every {} us", o["progress_interval_us"].get<int>()),
-        o["step_ms"].get<double>(), o["forward_ms"].get<double>(), o["backward_ms"].get<double>(),
-        o["finalize_ms"].get<double>(), o["communication_ms_per_step"].get<double>(),
-        o["exposed_ms_per_step"].get<double>(), o["buckets_launched_in_backward_per_step"].get<double>(),
-        o["buckets"].get<int64_t>(), o["buckets_done_before_finalize_per_step"].get<double>(),
-        100 * o["hidden_fraction"].get<double>(), 100 * o["hidden_fraction_min_over_ranks"].get<double>(),
-        100 * o["goal"].get<double>());
+        o.value("gradients", std::string("copied")), o["step_ms"].get<double>(),
+        o["forward_ms"].get<double>(), o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
+        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
+        o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
+        o["buckets_done_before_finalize_per_step"].get<double>(), 100 * o["hidden_fraction"].get<double>(),
+        100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>());
   }
 }
 
@@ -601,6 +605,9 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   command.add_flag("!--no-overlap", options_.overlap, "Skip the overlap measurement");
+  command.add_flag(
+      "!--grad-copy", options_.gradient_as_bucket_view,
+      "Overlap measurement with gradients copied into their buckets and back, not views of them");
   command.add_flag("!--no-shm", options_.shared_memory,
                    "Overlap measurement through MPI only (by default it runs through the shared-memory "
                    "all-reduce when every rank is on this host, then through MPI as the baseline)");

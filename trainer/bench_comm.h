@@ -23,17 +23,18 @@ struct CommBenchOptions {
   int size_factor = 4;
   int iterations = 10;  // timed iterations per size at least (x4 below 1 MiB; more for fast sizes)
   int warmup = 2;
-  bool overlap = true;             // also run the training-step overlap measurement
-  int overlap_steps = 5;           // timed training steps (after one warm-up step)
-  int64_t overlap_width = 2048;    // MLP width: 4 layers of width² + width parameters (16.8 M at 2048)
-  int64_t overlap_depth = 4;       // linear layers
-  int64_t overlap_batch = 64;      // rows per rank
-  double bucket_mib = 25.0;        // GradientReducer bucket sizes
-  double first_bucket_mib = 1.0;   //
-  int progress_interval_us = 100;  // ReducerOptions::progress_interval_us (0: no progress thread)
-  bool shared_memory = true;       // ReducerOptions::shared_memory (then also once through MPI)
-  int threads = 1;                 // LibTorch intra-op threads per rank during the overlap steps; 0: keep
-  std::string out;                 // JSON report path (written by rank 0); empty: none
+  bool overlap = true;                  // also run the training-step overlap measurement
+  int overlap_steps = 5;                // timed training steps (after one warm-up step)
+  int64_t overlap_width = 2048;         // MLP width: 4 layers of width² + width parameters (16.8 M at 2048)
+  int64_t overlap_depth = 4;            // linear layers
+  int64_t overlap_batch = 64;           // rows per rank
+  double bucket_mib = 25.0;             // GradientReducer bucket sizes
+  double first_bucket_mib = 1.0;        //
+  int progress_interval_us = 100;       // ReducerOptions::progress_interval_us (0: no progress thread)
+  bool shared_memory = true;            // ReducerOptions::shared_memory (then also once through MPI)
+  bool gradient_as_bucket_view = true;  // ReducerOptions::gradient_as_bucket_view
+  int threads = 1;  // LibTorch intra-op threads per rank during the overlap steps; 0: keep
+  std::string out;  // JSON report path (written by rank 0); empty: none
 };
 
 enum class CommCollective { Allreduce, Allgather, ReduceScatter };

@@ -186,6 +186,12 @@ std::vector<BucketCase> bucket_cases() {
                                                            : "OneBucketMpi";
     both.push_back(mpi);
   }
+  // Note [Gradients as views of their bucket]: the default; once the old way, copied into the bucket and
+  // back.
+  BucketCase copied = cases[0];
+  copied.name = "SeveralPerBucketCopied";
+  copied.options.gradient_as_bucket_view = false;
+  both.push_back(copied);
   return both;
 }
 
@@ -259,6 +265,57 @@ TEST(ReducerEmptyParameter, AnEmptyBucketIsReducedThroughEitherTransport) {
     EXPECT_TRUE(weight.grad().eq((ranks + 1) / 2.0).all().item<bool>()) << reducer.transport();
     ASSERT_TRUE(empty.grad().defined()) << reducer.transport();
     EXPECT_EQ(empty.grad().numel(), 0);
+  }
+}
+
+// Note [Gradients as views of their bucket]: after finalize() the parameters of one bucket have gradients
+// that share its memory (and with the option off, their own). A second step without clearing them adds into
+// those views in place, and must give the first average plus the second; destroying the reducer (whose
+// shared-memory segment goes with it) leaves every .grad() readable and unchanged.
+TEST(ReducerBucketView, GradientsViewTheirBucketAccumulateInPlaceAndOutliveTheReducer) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const int64_t per_rank = 3;
+  for (const bool shared_memory : {true, false}) {
+    for (const bool as_view : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "shared_memory " << shared_memory << ", view " << as_view);
+      Mlp distributed(seed), single(seed);
+      std::vector<at::Tensor> kept;  // the gradients after two steps, copied
+      {
+        ReducerOptions options{2097 / 1048576.0, 105 / 1048576.0};
+        options.shared_memory = shared_memory;
+        options.gradient_as_bucket_view = as_view;
+        GradientReducer reducer(distributed.params(), mpi_world(), options);
+        for (int step = 0; step < 2; ++step) {  // no zero_grad in between: the second step accumulates
+          const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
+          const Batch mine = batch.rows(rank * per_rank, per_rank);
+          distributed.loss(mine.x, mine.y).backward();
+          reducer.finalize();
+          single.loss(batch.x, batch.y).backward();
+        }
+        zero_fill_missing_gradients(single);
+        for (const std::vector<size_t>& bucket : reducer.bucket_parameters()) {
+          for (size_t i : bucket) {
+            if (i == bucket[0]) continue;
+            EXPECT_EQ(distributed[i].grad().is_alias_of(distributed[bucket[0]].grad()), as_view)
+                << single.named[i].first << " and " << single.named[bucket[0]].first;
+          }
+        }
+        for (size_t i = 0; i < single.named.size(); ++i) {
+          EXPECT_TRUE(at::allclose(distributed[i].grad(), single[i].grad(), 1e-10, 1e-13))
+              << single.named[i].first << ": max |diff| "
+              << (distributed[i].grad() - single[i].grad()).abs().max().item<double>();
+          kept.push_back(distributed[i].grad().clone());
+        }
+      }
+      for (size_t i = 0; i < single.named.size(); ++i) {
+        ASSERT_TRUE(distributed[i].grad().defined()) << single.named[i].first;
+        EXPECT_TRUE(at::equal(distributed[i].grad(), kept[i])) << single.named[i].first;
+        if (i > 0) {
+          EXPECT_FALSE(distributed[i].grad().is_alias_of(distributed[0].grad())) << single.named[i].first;
+        }
+      }
+    }
   }
 }
 
