@@ -22,14 +22,6 @@
 // reduce-scatter input; algbw = size / time, busbw = algbw · 2(n−1)/n for all-reduce and (n−1)/n for the
 // other two, so busbw is comparable across rank counts. The all-reduce buffer holds zeros, so repeated
 // in-place sums neither overflow nor hit denormals.
-//
-// Note [What the overlap measurement reports]
-// A data-parallel step of an MLP (depth square float32 layers of `width`, ReLU between, squared-error loss),
-// gradients averaged by GradientReducer at DP = world size. The hidden fraction is ReducerStats'
-// (Note [Overlap statistics] in comm/gradient_reducer.cpp): communication = first bucket launched → every
-// bucket done, exposed = finalize() called (backward over) → every bucket done, hidden = 1 − exposed /
-// communication, summed over the timed steps (the warm-up step is subtracted out). It is per rank; the report
-// gives rank 0's and the minimum over ranks.
 #include "trainer/bench_comm.h"
 
 #include <ATen/Parallel.h>
@@ -46,24 +38,12 @@
 #include <thread>
 #include <vector>
 
-#include "comm/gradient_reducer.h"
-#include "comm/shm_allreduce.h"
+#include "trainer/bench_comm_internal.h"
 #include "trainer/bench_stats.h"
 
 namespace vimo::trainer {
-namespace {
 
-using Clock = std::chrono::steady_clock;
-constexpr double kMiB = 1024.0 * 1024.0;
-constexpr double kRatioGoal = 0.95;               // issue 3: ours >= 0.95x raw ...
-constexpr int64_t kRatioGoalFromBytes = 1 << 20;  // ... at >= 1 MiB
-constexpr double kSecondsPerSize = 0.25;          // timed rounds of one size take about this long, at least
-constexpr int kMaxIterations = 400;
-constexpr double kHiddenGoal = 0.70;  // issue 3: >= 70 % of gradient reduction hidden at DP = 2
-
-constexpr CommCollective kCollectives[] = {CommCollective::Allreduce, CommCollective::Allgather,
-                                           CommCollective::ReduceScatter};
-constexpr CommPath kPaths[] = {CommPath::Ours, CommPath::OursAsync, CommPath::Raw, CommPath::RawNonblocking};
+namespace comm_bench_detail {
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
@@ -83,6 +63,29 @@ double min_over_ranks(double value) {
   check_mpi(MPI_Allreduce(MPI_IN_PLACE, &value, 1, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD), "MPI_Allreduce");
   return value;
 }
+
+// The sizes of the sweep: min_bytes, min_bytes · factor, ... up to max_bytes.
+std::vector<int64_t> sweep_sizes(const CommBenchOptions& options) {
+  std::vector<int64_t> sizes;
+  for (int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.size_factor) {
+    sizes.push_back(bytes);
+  }
+  return sizes;
+}
+
+}  // namespace comm_bench_detail
+
+namespace {
+
+using namespace comm_bench_detail;
+constexpr double kMiB = 1024.0 * 1024.0;
+constexpr double kRatioGoal = 0.95;       // issue 3: ours >= 0.95x raw at >= kRatioGoalFromBytes
+constexpr double kSecondsPerSize = 0.25;  // timed rounds of one size take about this long, at least
+constexpr int kMaxIterations = 400;
+
+constexpr CommCollective kCollectives[] = {CommCollective::Allreduce, CommCollective::Allgather,
+                                           CommCollective::ReduceScatter};
+constexpr CommPath kPaths[] = {CommPath::Ours, CommPath::OursAsync, CommPath::Raw, CommPath::RawNonblocking};
 
 std::string load_average() {
   std::ifstream loadavg("/proc/loadavg");
@@ -166,15 +169,6 @@ void call_collective(CommPath path, CollectiveBuffers& b, comm::Communicator& co
   check_mpi(MPI_Wait(&request, MPI_STATUS_IGNORE), "MPI_Wait");
 }
 
-// The sizes of the sweep: min_bytes, min_bytes · factor, ... up to max_bytes.
-std::vector<int64_t> sweep_sizes(const CommBenchOptions& options) {
-  std::vector<int64_t> sizes;
-  for (int64_t bytes = options.min_bytes; bytes <= options.max_bytes; bytes *= options.size_factor) {
-    sizes.push_back(bytes);
-  }
-  return sizes;
-}
-
 nlohmann::json bench_collective(CommCollective collective, int64_t bytes, const CommBenchOptions& options,
                                 comm::Communicator& comm) {
   CollectiveBuffers buffers(collective, bytes, comm.size());
@@ -225,107 +219,6 @@ nlohmann::json bench_collective(CommCollective collective, int64_t bytes, const 
   row["ours_over_raw"] = paired_ratio(raw_times, ours_times);
   row["ours_async_over_raw"] = paired_ratio(raw_times, ours_async_times);
   return row;
-}
-
-// x [batch, width] -> relu(x W1ᵀ + b1) -> ... -> (· Wdᵀ + bd) [batch, width]; loss = mean squared output.
-struct Mlp {
-  std::vector<at::Tensor> params;  // w1 [width, width], b1 [width], w2, b2, ...
-  Mlp(int64_t width, int64_t depth) {
-    at::manual_seed(20261124);  // the same initial parameters on every rank
-    for (int64_t l = 0; l < depth; ++l) {
-      params.push_back((at::randn({width, width}) / std::sqrt(static_cast<double>(width))).requires_grad_());
-      params.push_back(at::zeros({width}).requires_grad_());
-    }
-  }
-  at::Tensor loss(const at::Tensor& x) const {
-    at::Tensor h = x;
-    for (size_t l = 0; l < params.size(); l += 2) {
-      h = at::addmm(params[l + 1], h, params[l].t());
-      if (l + 2 < params.size()) h = at::relu(h);
-    }
-    return h.pow(2).mean();
-  }
-  int64_t numel() const {
-    int64_t n = 0;
-    for (const at::Tensor& p : params) n += p.numel();
-    return n;
-  }
-};
-
-nlohmann::json bench_overlap(const CommBenchOptions& options, const std::shared_ptr<comm::Communicator>& comm,
-                             bool shared_memory) {
-  const int previous_threads = at::get_num_threads();
-  if (options.threads > 0) at::set_num_threads(options.threads);
-  Mlp model(options.overlap_width, options.overlap_depth);
-  comm::GradientReducer reducer(model.params, comm,
-                                {options.bucket_mib, options.first_bucket_mib, options.progress_interval_us,
-                                 shared_memory, options.gradient_as_bucket_view});
-  at::manual_seed(1000 + comm->rank());  // each rank its own rows, as in data parallelism
-  const at::Tensor x = at::randn({options.overlap_batch, options.overlap_width});
-
-  comm::ReducerStats before;
-  std::vector<double> forward_s, backward_s, finalize_s, step_s;
-  for (int step = 0; step <= options.overlap_steps; ++step) {
-    if (step == 1) before = reducer.stats();  // step 0 is the warm-up
-    for (at::Tensor& p : model.params) p.mutable_grad() = at::Tensor();
-    comm->barrier();
-    const Clock::time_point start = Clock::now();
-    const at::Tensor loss = model.loss(x);
-    const double forward = seconds_since(start);
-    loss.backward();
-    const double backward = seconds_since(start) - forward;
-    reducer.finalize();
-    const double total = seconds_since(start);
-    if (step == 0) continue;
-    forward_s.push_back(forward);
-    backward_s.push_back(backward);
-    finalize_s.push_back(total - forward - backward);
-    step_s.push_back(total);
-  }
-  const comm::ReducerStats after = reducer.stats();
-  if (options.threads > 0) at::set_num_threads(previous_threads);
-
-  const double communication = after.communication_s - before.communication_s;
-  const double exposed = after.exposed_s - before.exposed_s;
-  const double hidden = communication > 0 ? std::clamp(1.0 - exposed / communication, 0.0, 1.0) : 0.0;
-  const int64_t steps = after.steps - before.steps;
-  const double per_step = 1.0 / static_cast<double>(std::max<int64_t>(steps, 1));
-  return {
-      {"definition",
-       "hidden = 1 - exposed / communication over the timed steps; communication = first bucket launched -> "
-       "every bucket done, exposed = finalize() called (backward over) -> every bucket done (ReducerStats, "
-       "Note [Overlap statistics] in comm/gradient_reducer.cpp)"},
-      {"model",
-       fmt::format("MLP, {} float32 linear layers of {}x{}, ReLU, batch {} per rank", options.overlap_depth,
-                   options.overlap_width, options.overlap_width, options.overlap_batch)},
-      {"parameters", model.numel()},
-      {"dp", comm->size()},
-      {"transport", reducer.transport()},
-      {"gradients",
-       options.gradient_as_bucket_view ? "views of their bucket" : "copied into their bucket and back"},
-      {"threads_per_rank", at::get_num_threads()},
-      {"bucket_mib", options.bucket_mib},
-      {"first_bucket_mib", options.first_bucket_mib},
-      {"progress_interval_us", options.progress_interval_us},
-      {"buckets", reducer.bucket_parameters().size()},
-      {"steps", steps},
-      {"bytes_reduced_per_step", static_cast<double>(after.bytes_reduced - before.bytes_reduced) * per_step},
-      {"buckets_launched_in_backward_per_step",
-       static_cast<double>(after.buckets_launched_in_backward - before.buckets_launched_in_backward) *
-           per_step},
-      {"buckets_done_before_finalize_per_step",
-       static_cast<double>(after.buckets_done_before_finalize - before.buckets_done_before_finalize) *
-           per_step},
-      {"communication_ms_per_step", communication * per_step * 1e3},
-      {"exposed_ms_per_step", exposed * per_step * 1e3},
-      {"forward_ms", median(forward_s) * 1e3},
-      {"backward_ms", median(backward_s) * 1e3},
-      {"finalize_ms", median(finalize_s) * 1e3},
-      {"step_ms", median(step_s) * 1e3},
-      {"hidden_fraction", hidden},
-      {"hidden_fraction_min_over_ranks", min_over_ranks(hidden)},
-      {"goal", kHiddenGoal},
-  };
 }
 
 }  // namespace
@@ -382,60 +275,8 @@ double time_collective(CommPath path, CollectiveBuffers& buffers, comm::Communic
   return max_over_ranks(seconds);
 }
 
-namespace {
-
-// Note [A shared-memory all-reduce for one host] (comm/shm_allreduce.cpp): its in-place float32 sum at each
-// size of the sweep against raw MPI_Allreduce on a buffer of its own, the two taking turns per round, each
-// timed between barriers as the slowest rank's time. Null when the segment cannot be made (its reason is
-// reported instead).
-nlohmann::json bench_shm_allreduce(const CommBenchOptions& options, comm::Communicator& comm) {
-  std::string why_not;
-  const std::unique_ptr<comm::ShmAllreduce> shm =
-      comm::ShmAllreduce::create(comm, options.max_bytes, &why_not);
-  if (!shm) return {{"unavailable", why_not}};
-  at::Tensor shared = shm->allocate(options.max_bytes / 4, at::kFloat);  // zeros: sums stay zero
-  at::Tensor raw = at::zeros({options.max_bytes / 4});
-  const double bus_factor = bus_bandwidth_factor(CommCollective::Allreduce, comm.size());
-  nlohmann::json rows = nlohmann::json::array();
-  for (int64_t bytes : sweep_sizes(options)) {
-    at::Tensor mine = shared.narrow(0, 0, bytes / 4);
-    std::vector<double> shm_times, raw_times;
-    const auto time_one = [&](bool through_shm) {
-      check_mpi(MPI_Barrier(MPI_COMM_WORLD), "MPI_Barrier");
-      const Clock::time_point start = Clock::now();
-      if (through_shm) {
-        shm->allreduce_async(mine, comm::ReduceOp::Sum)->wait();
-      } else {
-        check_mpi(MPI_Allreduce(MPI_IN_PLACE, raw.data_ptr<float>(), static_cast<int>(bytes / 4), MPI_FLOAT,
-                                MPI_SUM, MPI_COMM_WORLD),
-                  "MPI_Allreduce");
-      }
-      return max_over_ranks(seconds_since(start));
-    };
-    const int iterations = bytes < kRatioGoalFromBytes ? 4 * options.iterations : options.iterations;
-    for (int i = -options.warmup; i < iterations; ++i) {
-      for (size_t j = 0; j < 2; ++j) {
-        const bool through_shm = round_order(static_cast<size_t>(i + options.warmup), j, 2) == 0;
-        const double seconds = time_one(through_shm);
-        if (i >= 0) (through_shm ? shm_times : raw_times).push_back(seconds);
-      }
-    }
-    const double shm_s = median(shm_times), raw_s = median(raw_times);
-    rows.push_back({{"bytes", bytes},
-                    {"shm_time_us", shm_s * 1e6},
-                    {"raw_time_us", raw_s * 1e6},
-                    {"shm_busbw_GBps", static_cast<double>(bytes) / shm_s / 1e9 * bus_factor},
-                    {"raw_busbw_GBps", static_cast<double>(bytes) / raw_s / 1e9 * bus_factor},
-                    {"shm_over_raw", paired_ratio(raw_times, shm_times)}});
-  }
-  return {{"definition",
-           "in-place float32 sum through ShmAllreduce (allreduce_async + wait) against MPI_Allreduce, taking "
-           "turns per round; time = median of the slowest rank's; shm_over_raw = median of raw / shm per "
-           "round"},
-          {"rows", rows}};
-}
-
-}  // namespace
+using comm_bench_detail::bench_overlap;
+using comm_bench_detail::bench_shm_allreduce;
 
 nlohmann::json run_comm_bench(const CommBenchOptions& options,
                               const std::shared_ptr<comm::Communicator>& comm) {
