@@ -66,7 +66,8 @@ struct GradientReducer::HookRegistrations {
 // [One MPI call at a time] in comm/mpi_internal.h). Between polls it sleeps on a condition variable, so on
 // an oversubscribed node it costs a wake-up per interval, not a core. The NCCL backend needs no thread: its
 // work runs on CUDA streams. Nor do buckets all-reduced through shared memory (ReducerOptions::shared_memory,
-// the default when every rank is on one host): ShmAllreduce's own thread does their work.
+// the default when every rank is on one host): ShmAllreduce's own thread does their work. The thread runs
+// only if some bucket goes through MPI.
 
 // Note [Parameters without a gradient]
 // A parameter may get no gradient in a backward: it is frozen in this stage, its branch was not taken, or
@@ -162,7 +163,9 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
             })));
     hooks_->accumulators.push_back(std::move(accumulator));
   }
-  if (options.progress_interval_us > 0 && comm_->backend_name() == "mpi" && !shm_) {
+  const bool all_shared =
+      std::all_of(buckets_.begin(), buckets_.end(), [](const Bucket& bucket) { return bucket.shared; });
+  if (options.progress_interval_us > 0 && comm_->backend_name() == "mpi" && !all_shared) {
     progress_interval_ = std::chrono::microseconds(options.progress_interval_us);
     progress_thread_ = std::thread([this] { run_progress_thread(); });
   }
@@ -240,14 +243,17 @@ void GradientReducer::build_buckets(const ReducerOptions& options) {
 // (checked before), so every rank asks for the same segment, and ShmAllreduce::create fails on all or none.
 void GradientReducer::use_shared_memory(const ReducerOptions& options) {
   const std::string backend = comm_->backend_name();
+  const auto eligible = [](const Bucket& bucket) {
+    return bucket.flat.device().is_cpu() &&
+           (bucket.flat.scalar_type() == at::kFloat || bucket.flat.scalar_type() == at::kDouble);
+  };
   std::string why_not;
   int64_t capacity = 0;
-  bool eligible = true;
+  size_t shared = 0;
   for (const Bucket& bucket : buckets_) {
-    const at::Tensor& flat = bucket.flat;
-    eligible = eligible && flat.device().is_cpu() &&
-               (flat.scalar_type() == at::kFloat || flat.scalar_type() == at::kDouble);
-    capacity += (flat.nbytes() + 63) / 64 * 64;
+    if (!eligible(bucket)) continue;
+    capacity += (bucket.flat.nbytes() + 63) / 64 * 64;
+    ++shared;
   }
   if (!options.shared_memory) {
     why_not = "shared memory off";
@@ -255,7 +261,7 @@ void GradientReducer::use_shared_memory(const ReducerOptions& options) {
     why_not = "shared memory only for the MPI backend";
   } else if (comm_->size() < 2) {
     why_not = "one rank";
-  } else if (!eligible || capacity == 0) {
+  } else if (shared == 0 || capacity == 0) {
     why_not = "shared memory only for CPU float32 and float64 gradients";
   } else {
     shm_ = ShmAllreduce::create(*comm_, capacity, &why_not);
@@ -264,9 +270,18 @@ void GradientReducer::use_shared_memory(const ReducerOptions& options) {
     transport_ = fmt::format("{} ({})", backend, why_not);
     return;
   }
-  for (Bucket& bucket : buckets_)
+  for (Bucket& bucket : buckets_) {
+    if (!eligible(bucket)) continue;
     bucket.flat = shm_->allocate(bucket.flat.numel(), bucket.flat.scalar_type());
+    bucket.shared = true;
+  }
   transport_ = fmt::format("shared memory ({} ranks on this host)", comm_->size());
+  // Other dtypes (bfloat16, float16) and CUDA buckets keep the communicator; each transport still runs its
+  // buckets in index order, the same on every rank.
+  if (shared < buckets_.size()) {
+    transport_ += fmt::format(" for {} of {} buckets, {} for the {} not CPU float32 or float64", shared,
+                              buckets_.size(), backend, buckets_.size() - shared);
+  }
 }
 
 // Asynchronous all-reduces do not agree on the call (Note [Agreement on asynchronous calls]), so the layout
@@ -350,8 +365,8 @@ void GradientReducer::launch_ready_buckets() {
     const Clock::time_point now = Clock::now();
     if (launch_order_.empty()) first_launch_ = now;
     last_launch_ = now;
-    bucket.work = shm_ ? shm_->allreduce_async(bucket.flat, ReduceOp::Avg)
-                       : comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
+    bucket.work = bucket.shared ? shm_->allreduce_async(bucket.flat, ReduceOp::Avg)
+                                : comm_->allreduce_async(bucket.flat, ReduceOp::Avg);
     launch_order_.push_back(static_cast<int>(next_bucket_));
     progress_wake_.notify_one();
     stats_.buckets_launched += 1;

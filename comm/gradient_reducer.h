@@ -35,10 +35,10 @@ struct ReducerOptions {
   // MPI backend only: while buckets are in flight, a helper thread polls them this often, so that MPI moves
   // their data between autograd hooks (Note [A progress thread for MPI]). 0: no thread.
   int progress_interval_us = 100;
-  // MPI backend, CPU float32 / float64 buckets, every rank on this host: the buckets live in one
-  // shared-memory segment and are all-reduced through it instead of through MPI (Note [A shared-memory
-  // all-reduce for one host] in comm/shm_allreduce.cpp). Where the segment cannot be made, the reducer uses
-  // MPI and says why in transport().
+  // MPI backend, every rank on this host: the CPU float32 / float64 buckets live in one shared-memory
+  // segment and are all-reduced through it instead of through MPI (Note [A shared-memory all-reduce for one
+  // host] in comm/shm_allreduce.cpp); buckets of other dtypes keep MPI. Where the segment cannot be made,
+  // the reducer uses MPI for all and says why in transport().
   bool shared_memory = true;
   // Each parameter's .grad() becomes a view of its slot in the bucket, so finalize() leaves the averages in
   // place instead of copying them back, and a gradient accumulated into .grad() in place is already in its
@@ -91,8 +91,9 @@ class GradientReducer {
   // The order in which the last synchronised step launched its buckets (always 0, 1, 2, ...).
   std::vector<int> last_launch_order() const;
   ReducerStats stats() const;
-  // How the buckets are all-reduced: "shared memory (N ranks on this host)", or the communicator's backend
-  // name followed by why shared memory is not used ("mpi (shared memory off)").
+  // How the buckets are all-reduced: "shared memory (N ranks on this host)" (followed by "for K of M buckets,
+  // mpi for ..." when some are of other dtypes), or the communicator's backend name followed by why shared
+  // memory is not used ("mpi (shared memory off)").
   const std::string& transport() const { return transport_; }
 
  private:
@@ -103,6 +104,7 @@ class GradientReducer {
     size_t pending = 0;            // slots without a gradient yet in this step
     std::shared_ptr<Work> work;    // the all-reduce in flight, or null
     bool done = false;             // `work` was seen complete (by a hook or the progress thread)
+    bool shared = false;           // `flat` lives in shm_'s segment and is all-reduced through it
   };
   struct HookRegistrations;  // the autograd hooks (comm/gradient_reducer.cpp)
   using Clock = std::chrono::steady_clock;

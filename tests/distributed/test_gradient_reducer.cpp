@@ -319,6 +319,28 @@ TEST(ReducerBucketView, GradientsViewTheirBucketAccumulateInPlaceAndOutliveTheRe
   }
 }
 
+// Buckets of other dtypes than float32 / float64 keep MPI while the rest go through shared memory: a
+// bfloat16 parameter and a float32 one, each its own bucket, both averaged.
+TEST(ReducerMixedDtypes, ABfloat16BucketGoesThroughMpiBesideASharedMemoryOne) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  at::Tensor half = at::zeros({64}, at::kBFloat16).requires_grad_();
+  at::Tensor single = at::zeros({int64_t{1} << 19}, at::kFloat).requires_grad_();  // 2 MiB: its own bucket
+  GradientReducer reducer({half, single}, mpi_world(), ReducerOptions{});
+  ASSERT_EQ(reducer.bucket_parameters().size(), 2u);
+  EXPECT_EQ(reducer.transport().rfind("shared memory", 0), 0u) << reducer.transport();
+  EXPECT_NE(reducer.transport().find("for 1 of 2 buckets"), std::string::npos) << reducer.transport();
+  for (int step = 0; step < 2; ++step) {
+    // d/d(half) = rank + 1, d/d(single) = 2 (rank + 1) + step: small integers, exact in bfloat16.
+    ((half.to(at::kFloat) * (rank + 1)).sum() + (single * (2.0 * (rank + 1) + step)).sum()).backward();
+    reducer.finalize();
+    EXPECT_TRUE(half.grad().to(at::kFloat).eq((ranks + 1) / 2.0).all().item<bool>())
+        << half.grad().to(at::kFloat).slice(0, 0, 4);
+    EXPECT_TRUE(single.grad().eq(ranks + 1.0 + step).all().item<bool>()) << "step " << step;
+    half.mutable_grad().reset();
+    single.mutable_grad().reset();
+  }
+}
+
 TEST(ReducerAccumulation, NoSyncMicroStepsThenOneReductionEqualTheBigBatch) {
   const uint64_t seed = shared_seed();
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
