@@ -1,6 +1,7 @@
-// Defines the entry points of the chunked two-pass LM-head engine in fused_linear_dpo.cpp, shared by the
-// single-process losses (fused_linear_dpo.h: the whole vocabulary is one slice) and the vocabulary-parallel
-// ones (vocab_parallel_dpo.h: this rank's slice, statistics combined over the group). Internal to kernels/.
+// Defines the entry points of the chunked two-pass LM-head engine (the engine in fused_linear_dpo.cpp, these
+// entry points in fused_linear_dpo_autograd.cpp), shared by the single-process losses (fused_linear_dpo.h:
+// the whole vocabulary is one slice) and the vocabulary-parallel ones (vocab_parallel_dpo.h: this rank's
+// slice, statistics combined over the group). Internal to kernels/.
 #pragma once
 
 #include <ATen/ATen.h>
