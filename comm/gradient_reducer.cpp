@@ -49,7 +49,8 @@ struct GradientReducer::HookRegistrations {
   // later. Named by decltype so vimo builds against both.
   using NodePointer = decltype(torch::autograd::impl::grad_accumulator(std::declval<const at::Tensor&>()));
   std::vector<NodePointer> accumulators;
-  std::vector<uintptr_t> keys;  // of our hook on each accumulator, for del_post_hook
+  std::vector<uintptr_t> keys;   // of our hook on each accumulator, for del_post_hook
+  std::vector<unsigned> checks;  // of each parameter's Tensor::register_hook, for remove_hook
 };
 
 // Note [A progress thread for MPI]
@@ -92,11 +93,22 @@ struct GradientReducer::HookRegistrations {
 //    tensor; the hook copies it into the slot, points .grad() at the slot and so releases the tensor;
 //  - zeroed in place, or not cleared at all (accumulating on purpose), and every NoSyncGuard micro-step after
 //    the first: AccumulateGrad adds into .grad() in place, which is the slot, and the hook copies nothing.
-// Two rules come with it. While a bucket is being all-reduced (its launch until finalize()) its .grad()
-// views belong to the all-reduce, which the reducer's contract already implies (finalize() after every
-// synchronised backward; the shared-memory all-reduce gives the bucket back only once every rank is done
-// reading it). And a bucket may live in the shared-memory segment, which dies with the reducer: the
-// destructor gives every .grad() still viewing a bucket a copy of its own.
+// What comes with it:
+//  - While a bucket is being all-reduced (its launch until finalize()) its .grad() views belong to the
+//    all-reduce. A second gradient for a parameter before finalize() would be added into such a bucket, so a
+//    hook on the parameter (Tensor::register_hook, which runs before AccumulateGrad) refuses it first, and
+//    the bucket stays as it was. The shared-memory all-reduce gives a bucket back only once every rank is
+//    done reading it.
+//  - The views outlive the reducer: an MPI bucket by reference counting, a shared-memory one because the
+//    tensors ShmAllreduce::allocate returns keep the segment mapped. So .grad(), or any other handle on a
+//    gradient, stays valid after the reducer is gone (with the average of the last finalize(), or whatever
+//    an unfinished step left once its all-reduces ended).
+//  - Slots are contiguous: a parameter in another memory format (channels_last) gets a contiguous .grad().
+//  - With create_graph (double backward) AccumulateGrad makes a new .grad() with a graph instead of adding
+//    in place; the hook copies its values, and .grad() becomes the slot without the graph, as finalize()'s
+//    averages never had one.
+//  - The hook sets .grad() outside AccumulateGrad's own lock: backwards running concurrently over the same
+//    parameters are not supported, as they never were (one backward per finalize()).
 
 // Note [Overlap statistics]
 // Per synchronised step the reducer notes when its first bucket launched, when its last launched, when
@@ -110,12 +122,6 @@ struct GradientReducer::HookRegistrations {
 namespace {
 
 constexpr double kBytesPerMiB = 1024.0 * 1024.0;
-
-// Is `grad` the tensor `slot`: the same memory, dtype, shape and strides?
-bool views_slot(const at::Tensor& grad, const at::Tensor& slot) {
-  return grad.defined() && grad.data_ptr() == slot.data_ptr() && grad.scalar_type() == slot.scalar_type() &&
-         grad.sizes() == slot.sizes() && grad.strides() == slot.strides();
-}
 
 }  // namespace
 
@@ -149,6 +155,7 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
   build_buckets(options);
   check_same_buckets_everywhere();
   use_shared_memory(options);
+  make_slots();
   ready_.assign(params_.size(), false);
   reset_step();
 
@@ -162,6 +169,10 @@ GradientReducer::GradientReducer(std::vector<at::Tensor> params, std::shared_ptr
               return outputs;
             })));
     hooks_->accumulators.push_back(std::move(accumulator));
+    // Before AccumulateGrad adds into .grad(), which may be a bucket being all-reduced (Note [Gradients as
+    // views of their bucket]).
+    hooks_->checks.push_back(
+        params_[i].register_hook([this, i](const at::TensorBase&) { check_first_gradient(i); }));
   }
   const bool all_shared =
       std::all_of(buckets_.begin(), buckets_.end(), [](const Bucket& bucket) { return bucket.shared; });
@@ -182,13 +193,9 @@ GradientReducer::~GradientReducer() {
   }
   for (size_t i = 0; i < hooks_->accumulators.size(); ++i)
     hooks_->accumulators[i]->del_post_hook(hooks_->keys[i]);
-  // Note [Gradients as views of their bucket]: the buckets go with this object.
-  at::NoGradGuard no_grad;
-  for (size_t param = 0; param < params_.size(); ++param) {
-    if (views_slot(params_[param].grad(), slot_of(param)))
-      params_[param].mutable_grad() = slot_of(param).clone();
-  }
-  // Buckets still in flight (finalize() was skipped, or threw) are waited for by their Work's destructor.
+  for (size_t i = 0; i < hooks_->checks.size(); ++i) params_[i].remove_hook(hooks_->checks[i]);
+  // Buckets still in flight (finalize() was skipped, or threw) are waited for by their Work's destructor. A
+  // .grad() that views a bucket keeps its memory alive (Note [Gradients as views of their bucket]).
 }
 
 // See Note [Bucketing order].
@@ -317,16 +324,21 @@ void GradientReducer::check_same_buckets_everywhere() {
   }
 }
 
-void GradientReducer::on_gradient_ready(size_t param) {
+void GradientReducer::check_first_gradient(size_t param) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!require_sync_) return;  // a no_sync micro-step: the gradient stays in .grad(), accumulating
-  if (ready_[param]) {
+  if (require_sync_ && ready_[param]) {
     throw std::runtime_error(
         fmt::format("[rank {}] GradientReducer: parameter {} got a second gradient before finalize(). HINT: "
-                    "call finalize() "
-                    "after every synchronised backward, and run accumulation micro-steps under NoSyncGuard",
+                    "call finalize() after every synchronised backward, and run accumulation micro-steps "
+                    "under NoSyncGuard",
                     comm_->rank(), param));
   }
+}
+
+void GradientReducer::on_gradient_ready(size_t param) {
+  check_first_gradient(param);  // also checked before accumulation; here for hooks run out of order
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!require_sync_) return;  // a no_sync micro-step: the gradient stays in .grad(), accumulating
   step_started_ = true;
   ready_[param] = true;
   const at::Tensor& grad = params_[param].grad();
@@ -337,19 +349,22 @@ void GradientReducer::on_gradient_ready(size_t param) {
   poke_progress();
 }
 
-at::Tensor GradientReducer::slot_of(size_t param) const {
-  const auto [b, s] = slot_of_[param];
-  const Bucket& bucket = buckets_[b];
-  const at::Tensor& p = params_[param];
-  return bucket.flat.narrow(0, bucket.offsets[s], p.numel()).view(p.sizes());
+void GradientReducer::make_slots() {
+  slots_.clear();
+  for (size_t param = 0; param < params_.size(); ++param) {
+    const auto [b, s] = slot_of_[param];
+    const Bucket& bucket = buckets_[b];
+    const at::Tensor& p = params_[param];
+    slots_.push_back(bucket.flat.narrow(0, bucket.offsets[s], p.numel()).view(p.sizes()));
+  }
 }
 
 // grad: the parameter's shape, any strides (or undefined: zeros) -> its slot of the bucket's flat buffer, and
 // then .grad() is that slot (Note [Gradients as views of their bucket]). Nothing to copy if it already is.
 void GradientReducer::copy_into_bucket(size_t param, const at::Tensor& grad) {
   at::NoGradGuard no_grad;
-  at::Tensor slot = slot_of(param);
-  if (views_slot(grad, slot)) return;
+  const at::Tensor& slot = slots_[param];
+  if (grad.is_same(slot)) return;
   if (grad.defined()) {
     slot.copy_(grad);
   } else {
@@ -436,8 +451,8 @@ void GradientReducer::finalize() {
   at::NoGradGuard no_grad;
   for (size_t param = 0; param < params_.size(); ++param) {
     at::Tensor& grad = params_[param].mutable_grad();
-    const at::Tensor average = slot_of(param);
-    if (views_slot(grad, average)) continue;  // Note [Gradients as views of their bucket]: already there
+    const at::Tensor& average = slots_[param];
+    if (grad.is_same(average)) continue;  // Note [Gradients as views of their bucket]: already there
     if (grad_as_view_) {
       grad = average;
     } else if (grad.defined()) {

@@ -113,7 +113,8 @@ class GradientReducer {
   void use_shared_memory(const ReducerOptions& options);
   void check_same_buckets_everywhere();
   void on_gradient_ready(size_t param);
-  at::Tensor slot_of(size_t param) const;  // the parameter's slot of its bucket, in its shape
+  void make_slots();
+  void check_first_gradient(size_t param) const;  // throws if it already got one since finalize()
   void copy_into_bucket(size_t param, const at::Tensor& grad);
   void launch_ready_buckets();
   void poke_progress();
@@ -128,8 +129,9 @@ class GradientReducer {
   std::vector<Bucket> buckets_;
   std::vector<std::vector<size_t>> bucket_params_;
   std::vector<std::pair<size_t, size_t>> slot_of_;  // param -> (bucket, slot)
-  std::vector<bool> ready_;                         // param got its gradient in this step
-  size_t next_bucket_ = 0;                          // the next bucket to launch
+  std::vector<at::Tensor> slots_;  // param -> its slot of the bucket, in its shape (what .grad() becomes)
+  std::vector<bool> ready_;        // param got its gradient in this step
+  size_t next_bucket_ = 0;         // the next bucket to launch
   bool require_sync_ = true;
   bool grad_as_view_ = true;   // ReducerOptions::gradient_as_bucket_view
   bool step_started_ = false;  // a hook fired since the last finalize()

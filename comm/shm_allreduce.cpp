@@ -157,7 +157,13 @@ ShmAllreduce::~ShmAllreduce() {
   }
   wake_.notify_all();
   if (worker_.joinable()) worker_.join();
-  if (mapping_) munmap(mapping_, mapping_bytes_);
+  // mapping_owner_ unmaps the segment once no tensor from allocate() holds it any more.
+}
+
+void ShmAllreduce::own_mapping(void* address) {
+  mapping_ = address;
+  const size_t bytes = mapping_bytes_;
+  mapping_owner_ = std::shared_ptr<void>(address, [bytes](void* a) { munmap(a, bytes); });
 }
 
 char* ShmAllreduce::part(int rank) const {
@@ -180,7 +186,11 @@ at::Tensor ShmAllreduce::allocate(int64_t numel, at::ScalarType dtype) {
   allocated_ = offset + bytes;
   char* address = part(rank_) + offset;
   std::memset(address, 0, static_cast<size_t>(bytes));
-  return at::from_blob(address, {numel}, at::TensorOptions().dtype(dtype));
+  // The tensor keeps the mapping, since it may outlive this object (Note [Gradients as views of their
+  // bucket] in comm/gradient_reducer.cpp). Each rank writes only its own part, so once this object is gone
+  // nothing writes the memory under it.
+  return at::from_blob(
+      address, {numel}, [owner = mapping_owner_](void*) {}, at::TensorOptions().dtype(dtype));
 }
 
 std::shared_ptr<Work> ShmAllreduce::allreduce_async(const at::Tensor& tensor, ReduceOp op) {

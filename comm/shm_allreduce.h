@@ -80,6 +80,10 @@ class ShmAllreduce {
   int64_t allocated_ = 0;    // bytes of this rank's part handed out by allocate()
   void* mapping_ = nullptr;
   size_t mapping_bytes_ = 0;
+  // Unmaps the segment once the last holder lets go: this object, and every tensor allocate() returned (a
+  // gradient may outlive its reducer as a view of its bucket).
+  std::shared_ptr<void> mapping_owner_;
+  void own_mapping(void* address);  // mapping_ = address, unmapped by mapping_owner_
   Control* control_ = nullptr;
   std::chrono::milliseconds timeout_{0};
   bool oversubscribed_ = false;            // fewer than two cores per rank on this host: waits do not spin

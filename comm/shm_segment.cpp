@@ -139,7 +139,7 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t c
   if (shm->rank_ == 0) {
     void* address = create_segment(name_of(tag), total, failure, created);
     if (address) {
-      shm->mapping_ = address;
+      shm->own_mapping(address);
       shm->control_ = static_cast<Control*>(address);
       shm->control_->tag = tag;
       for (int q = 0; q < shm->size_; ++q) {
@@ -157,7 +157,7 @@ std::unique_ptr<ShmAllreduce> ShmAllreduce::create(Communicator& comm, int64_t c
   if (shm->rank_ != 0 && header[0].item<int64_t>() == 1) {
     void* address = open_segment(name_of(tag), total, failure);
     if (address) {
-      shm->mapping_ = address;
+      shm->own_mapping(address);
       shm->control_ = static_cast<Control*>(address);
       if (shm->control_->magic != kMagic || shm->control_->tag != tag)
         failure = fmt::format("{} holds another job's segment", name_of(tag));
