@@ -103,7 +103,8 @@ struct GradientReducer::HookRegistrations {
 //    tensors ShmAllreduce::allocate returns keep the segment mapped. So .grad(), or any other handle on a
 //    gradient, stays valid after the reducer is gone (with the average of the last finalize(), or whatever
 //    an unfinished step left once its all-reduces ended).
-//  - Slots are contiguous: a parameter in another memory format (channels_last) gets a contiguous .grad().
+//  - A slot has its parameter's strides when the parameter is dense (channels_last too), so .grad() keeps
+//    the parameter's layout; the slot of a parameter with gaps or overlaps is contiguous.
 //  - With create_graph (double backward) AccumulateGrad makes a new .grad() with a graph instead of adding
 //    in place; the hook copies its values, and .grad() becomes the slot without the graph, as finalize()'s
 //    averages never had one.
@@ -355,7 +356,11 @@ void GradientReducer::make_slots() {
     const auto [b, s] = slot_of_[param];
     const Bucket& bucket = buckets_[b];
     const at::Tensor& p = params_[param];
-    slots_.push_back(bucket.flat.narrow(0, bucket.offsets[s], p.numel()).view(p.sizes()));
+    const at::Tensor span = bucket.flat.narrow(0, bucket.offsets[s], p.numel());
+    // A dense parameter in another memory format (channels_last) gets a slot with its strides, as DDP's
+    // bucket views do, so that its .grad() has its layout; anything else a contiguous one.
+    const bool own_strides = !p.is_contiguous() && p.is_non_overlapping_and_dense();
+    slots_.push_back(own_strides ? span.as_strided(p.sizes(), p.strides()) : span.view(p.sizes()));
   }
 }
 

@@ -342,6 +342,30 @@ TEST(ReducerMixedDtypes, ABfloat16BucketGoesThroughMpiBesideASharedMemoryOne) {
   }
 }
 
+// A channels_last parameter's .grad() keeps its strides as a view of the bucket, and is averaged.
+TEST(ReducerBucketView, AChannelsLastParameterKeepsItsLayout) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  for (const bool shared_memory : {true, false}) {
+    at::manual_seed(shared_seed());
+    at::Tensor conv = at::randn({4, 3, 5, 6}).contiguous(at::MemoryFormat::ChannelsLast).requires_grad_();
+    at::Tensor bias = at::zeros({7}).requires_grad_();  // in the same bucket, after it in memory
+    ASSERT_FALSE(conv.is_contiguous());
+    ReducerOptions options;
+    options.shared_memory = shared_memory;
+    GradientReducer reducer({conv, bias}, mpi_world(), options);
+    ASSERT_EQ(reducer.bucket_parameters().size(), 1u);
+    const at::Tensor pattern =
+        at::arange(conv.numel(), at::kFloat).view(conv.sizes());  // a different value each
+    ((conv * pattern).sum() * (rank + 1) + bias.sum() * (rank + 1)).backward();
+    reducer.finalize();
+    SCOPED_TRACE(reducer.transport());
+    EXPECT_EQ(conv.grad().strides(), conv.strides());
+    EXPECT_TRUE(conv.grad().is_alias_of(bias.grad()));
+    EXPECT_TRUE(at::equal(conv.grad(), pattern * ((ranks + 1) / 2.0)));
+    EXPECT_TRUE(bias.grad().eq((ranks + 1) / 2.0).all().item<bool>());
+  }
+}
+
 TEST(ReducerAccumulation, NoSyncMicroStepsThenOneReductionEqualTheBigBatch) {
   const uint64_t seed = shared_seed();
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
