@@ -406,7 +406,8 @@ void print_comm_bench(const nlohmann::json& report) {
         "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
         "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
         "{:.1f} done before finalize\n"
-        "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n",
+        "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n"
+        "  the last bucket, all-reduced only once backward is over, holds {:.1f} % of the bytes\n",
         o["dp"].get<int>(), o["transport"].get<std::string>(), o["model"].get<std::string>(),
         o["parameters"].get<int64_t>(), o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(),
         o["transport"].get<std::string>().rfind("shared memory", 0) == 0
@@ -417,7 +418,8 @@ void print_comm_bench(const nlohmann::json& report) {
         o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
         o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
         o["buckets_done_before_finalize_per_step"].get<double>(), 100 * o["hidden_fraction"].get<double>(),
-        100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>());
+        100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>(),
+        100 * o.value("last_bucket_share_of_bytes", 0.0));
   }
 }
 
@@ -433,6 +435,18 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
   command
       .add_option("--overlap-steps", options_.overlap_steps,
                   "Timed training steps of the overlap measurement")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command.add_option("--overlap-width", options_.overlap_width, "Width of the overlap measurement's MLP")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command
+      .add_option("--overlap-depth", options_.overlap_depth,
+                  "Linear layers of the overlap measurement's MLP (the first layer's weight gradient, "
+                  "which backward makes last, is 1/depth of the bytes)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  command.add_option("--overlap-batch", options_.overlap_batch, "Rows per rank in the overlap measurement")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   command

@@ -25,8 +25,8 @@ struct CommBenchOptions {
   int warmup = 2;
   bool overlap = true;                  // also run the training-step overlap measurement
   int overlap_steps = 5;                // timed training steps (after one warm-up step)
-  int64_t overlap_width = 2048;         // MLP width: 4 layers of width² + width parameters (16.8 M at 2048)
-  int64_t overlap_depth = 4;            // linear layers
+  int64_t overlap_width = 1024;         // MLP width: depth layers of width² + width parameters
+  int64_t overlap_depth = 16;           // linear layers (16.8 M parameters at 16 x 1024)
   int64_t overlap_batch = 64;           // rows per rank
   double bucket_mib = 25.0;             // GradientReducer bucket sizes
   double first_bucket_mib = 1.0;        //
@@ -77,7 +77,8 @@ nlohmann::json run_comm_bench(const CommBenchOptions& options,
 void print_comm_bench(const nlohmann::json& report);
 
 // The command line of `vimo bench comm` and bench/comm_report_main.cpp: --out, --max-mib, --iters,
-// --overlap-steps, --no-overlap, added to `command`. Not movable: CLI11 holds pointers to its members.
+// --overlap-steps, --overlap-width/-depth/-batch, --bucket-mib, --progress-us, --no-overlap, --grad-copy,
+// --no-shm, added to `command`. Not movable: CLI11 holds pointers to its members.
 class CommBenchCommand {
  public:
   explicit CommBenchCommand(CLI::App& command);

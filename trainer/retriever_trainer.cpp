@@ -369,10 +369,13 @@ TrainResult train_retriever(const Config& config, bool resume,
     }
   }
   if (reducer) {
-    const comm::ReducerStats r = reducer->stats();
-    say(comm,
-        fmt::format("gradient all-reduce: {} buckets per step, {:.0f}% of its time hidden behind backward",
-                    reducer->bucket_parameters().size(), 100.0 * r.hidden_fraction()));
+    // Every rank has its own share (Note [Overlap statistics]); the slowest to reduce bounds the step.
+    const double hidden = reducer->stats().hidden_fraction();
+    at::Tensor worst = at::full({1}, hidden, at::kFloat);
+    comm->allreduce(worst, comm::ReduceOp::Min);
+    say(comm, fmt::format("gradient all-reduce: {} buckets per step, {:.0f}% of its time hidden behind "
+                          "backward on rank 0, {:.0f}% on the worst rank",
+                          reducer->bucket_parameters().size(), 100.0 * hidden, 100.0 * worst.item<double>()));
   }
   const data::LoaderStats d = loader.stats();
   say(comm,
