@@ -312,8 +312,9 @@ TrainResult train_retriever(const Config& config, bool resume,
     comm::ReducerOptions options{t.bucket_mib, t.first_bucket_mib};
     options.shared_memory = t.shared_memory_allreduce;
     reducer = std::make_unique<comm::GradientReducer>(trainable, comm, options);
-    say(comm, fmt::format("gradients: {} buckets, all-reduced through {}",
-                          reducer->bucket_parameters().size(), reducer->transport()));
+    const size_t buckets = reducer->bucket_parameters().size();
+    say(comm, fmt::format("gradients: {} bucket{}, all-reduced through {}", buckets, buckets == 1 ? "" : "s",
+                          reducer->transport()));
   }
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
@@ -373,9 +374,10 @@ TrainResult train_retriever(const Config& config, bool resume,
     const double hidden = reducer->stats().hidden_fraction();
     at::Tensor worst = at::full({1}, hidden, at::kFloat);
     comm->allreduce(worst, comm::ReduceOp::Min);
-    say(comm, fmt::format("gradient all-reduce: {} buckets per step, {:.0f}% of its time hidden behind "
+    const size_t buckets = reducer->bucket_parameters().size();
+    say(comm, fmt::format("gradient all-reduce: {} bucket{} per step, {:.0f}% of its time hidden behind "
                           "backward on rank 0, {:.0f}% on the worst rank",
-                          reducer->bucket_parameters().size(), 100.0 * hidden, 100.0 * worst.item<double>()));
+                          buckets, buckets == 1 ? "" : "s", 100.0 * hidden, 100.0 * worst.item<double>()));
   }
   const data::LoaderStats d = loader.stats();
   say(comm,
