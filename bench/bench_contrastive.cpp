@@ -5,7 +5,7 @@
 //          matrix for both directions (4 products of N·N·D), eager makes 6.
 //   R = 4: rank 0's view in data parallelism (n = N / 4 local rows, distinct gathered tensors): two score
 //          matrices (8 products of n·N·D), eager 6.
-//   build-contrastive/bench/bench_contrastive --benchmark_min_time=0.3 --benchmark_repetitions=3
+//   build/bench/bench_contrastive --benchmark_min_time=0.3 --benchmark_repetitions=3
 //       --benchmark_report_aggregates_only=true                                        (one command line)
 // Threads: VIMO_BENCH_THREADS (default 1, so the figures compare kernels and not thread scheduling). "Time"
 // is wall-clock, "CPU" the whole process's CPU time (all threads): the steadier figure on a shared machine.

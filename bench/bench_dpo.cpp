@@ -3,7 +3,7 @@
 // matrix products that any implementation must make, as the floor. B = 4 pairs, T = 256, H = 512, float32;
 // each row has a prompt of P tokens (P = 64, or 0) and an answer to the end (the loss counts answer tokens
 // only; eager computes logits at every position anyway, the fused kernel visits answer tokens only).
-//   build-dpo/bench/bench_dpo --benchmark_repetitions=3
+//   build/bench/bench_dpo --benchmark_repetitions=3
 // Threads: VIMO_BENCH_THREADS (default 2, the cores of the project's machine); LibTorch's matrix products
 // and element-wise kernels parallelize internally. "Time" is wall-clock, "CPU" the whole process's CPU time
 // (all threads), which is the steadier figure when other processes share the cores.

@@ -15,7 +15,7 @@ struct GeminiConfig {
   int64_t joints = 17;        // keypoint joints (H36M-17)
   int64_t embed_dim = 64;     // D, joint embedding space
   int64_t width = 64;         // transformer width of text and object-video encoders
-  int64_t heads = 4;          // attention heads (must divide width and keypoint_width)
+  int64_t heads = 4;          // attention heads (must divide width, keypoint_width and embed_dim)
   int64_t text_layers = 2;
   int64_t video_layers = 2;            // object branch temporal transformer
   int64_t keypoint_width = 32;         // action branch spatio-temporal width (512 in the paper)

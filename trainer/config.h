@@ -49,7 +49,7 @@ struct TrainConfig {
   int64_t keep_checkpoints = 2;  // newest N checkpoints retained
   int64_t stop_after = 0;        // stop (after saving) at this step, as if interrupted; 0 = never
   std::string out_dir = "runs/demo";
-  std::string init_from;                // checkpoint directory whose model weights initialize this stage
+  std::string init_from;                // run or checkpoint directory: initial weights
   int64_t threads = 1;                  // intra-op CPU threads per rank (fixed, for reproducibility)
   uint64_t seed = 42;                   // parameter initialization
   double bucket_mib = 25;               // gradient all-reduce bucket size (comm::GradientReducer)

@@ -54,7 +54,7 @@ run_and_signal() {
     python3 -c "import sys; sys.exit(0 if $elapsed < $limit else 1)" || fail "survivors still running after ${elapsed} s"
     sleep 0.05
   done
-  # mpirun must end too (it may need the stopped victim killed: see Note [Watchdog e2e] in watchdog_stop.sh).
+  # mpirun must end too (it may need the stopped victim killed: see Note [Watchdog under mpirun] in comm/watchdog.cpp).
   deadline=$((SECONDS + 15))
   while alive "$mpirun_pid" && [ $SECONDS -lt $deadline ]; do sleep 0.1; done
   if alive "$mpirun_pid"; then

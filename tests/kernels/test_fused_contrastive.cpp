@@ -84,7 +84,7 @@ double relative_error(const at::Tensor& got, const at::Tensor& want, double floo
 
 // Expects the gradient of leaf `got` (fused) to match that of `want` (eager, float64): both absent, or
 // within `tolerance` of relative_error with `floor`. Floors: 1 for dL/dscale; for an embedding (or a router
-// weight) the gradient's natural unit scale / (2n), the size of one term s·c·C_j of Note [Tiled symmetric
+// weight) the gradient's natural unit scale / (2n), the size of one term s·c·C_j of Note [Two-pass symmetric
 // InfoNCE]. When a row's positive dominates by a wide margin (scale 100 or 1e4), its gradient is ~e^-gap
 // times that unit and comes from 1 − softmax_pos, which both implementations resolve only to ~u of the unit:
 // measured against the tiny gradient itself, float64 showed errors of 1e-2 at scale 100.
@@ -490,8 +490,8 @@ TEST(FusedContrastive, SingleProcessMatchesEagerAcrossStripsAndDtypes) {
   }
 }
 
-// Note [Shared exponentials] in fused_contrastive.cpp: a column whose largest score lies more than 40 below
-// the matrix's largest is "far" and takes its own path. Videos equal to e_0, a direction no caption has
+// Note [Shared exponentials] in kernels/fused_contrastive.cpp: a column whose largest score lies more than 40
+// below the matrix's largest is "far" and takes its own path. Videos equal to e_0, a direction no caption has
 // (their first coordinate is 0), score exactly 0 against every caption while matched pairs score ~0.9·scale:
 // at scale 100 (the action branch) those columns are ~90 below the top and the rest are not; at scale 1e4
 // nearly every column is far.
