@@ -98,6 +98,7 @@ std::vector<Field> fields_of(Config& c) {
       {"data", "skip_corrupt", &d.skip_corrupt, any_value()},
       {"data", "verify", &d.verify, one_of({"every_read", "first_read"})},
       {"data", "drop_last", &d.drop_last, any_value()},
+      {"data", "open_shards", &d.open_shards, count},
       {"optim", "lr", &o.lr, positive},
       {"optim", "min_lr_ratio", &o.min_lr_ratio, zero_to_one(true)},
       {"optim", "warmup_steps", &o.warmup_steps, non_negative},

@@ -24,6 +24,7 @@ struct DataConfig {
   bool skip_corrupt = false;           // skip and count corrupt records instead of stopping
   std::string verify = "every_read";   // every_read, or first_read (data::Verification)
   bool drop_last = true;               // false: an epoch's last global batch is completed from its start
+  int64_t open_shards = 64;            // shard files kept open and mapped (least recently used closed)
 };
 
 struct OptimConfig {

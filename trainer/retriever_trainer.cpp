@@ -266,6 +266,7 @@ TrainResult train_retriever(const Config& config, bool resume,
   loader_options.verify =
       config.data.verify == "first_read" ? data::Verification::FirstRead : data::Verification::EveryRead;
   loader_options.drop_last = config.data.drop_last;
+  loader_options.open_shards = static_cast<size_t>(config.data.open_shards);
   data::StreamingLoader loader(loader_options);
 
   // Model: same seed on every rank, and rank 0's values broadcast so replicas start identical.

@@ -50,6 +50,7 @@ namespace {
   X(data.skip_corrupt) \
   X(data.verify) \
   X(data.drop_last) \
+  X(data.open_shards) \
   X(optim.lr) \
   X(optim.min_lr_ratio) \
   X(optim.warmup_steps) \
@@ -167,6 +168,7 @@ data:
   skip_corrupt: true
   verify: first_read
   drop_last: false
+  open_shards: 3
 optim:
   lr: 3.0e-4
   min_lr_ratio: 0
@@ -216,6 +218,7 @@ train:
   expected.data.skip_corrupt = true;
   expected.data.verify = "first_read";
   expected.data.drop_last = false;
+  expected.data.open_shards = 3;
   expected.optim.lr = 3.0e-4;
   expected.optim.min_lr_ratio = 0;
   expected.optim.warmup_steps = 0;
