@@ -21,9 +21,13 @@ if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
   echo "scripts/build.sh: warning: $msg" >&2
 fi
 export CCACHE_DIR="${CCACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vimo/ccache}"
-export CCACHE_MAXSIZE="${CCACHE_MAXSIZE:-5G}"
+export CCACHE_MAXSIZE="${CCACHE_MAXSIZE:-8G}"  # room for a few builds with debug information
 # Paths under the checkout are hashed relative to it, so a fresh clone elsewhere reuses the cache.
 export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$PWD}"
+# ...and the working directory of a compile with debug information is not hashed either: C++ objects name the
+# checkout "." (-fdebug-prefix-map in CMakeLists.txt), and CUDA objects' host debug information may name
+# another clone's directory, which only a debugger reads.
+export CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
 # Precompiled headers and ccache work together only when ccache may trust the PCH's timestamps.
 export CCACHE_SLOPPINESS="${CCACHE_SLOPPINESS:-pch_defines,time_macros,include_file_mtime,include_file_ctime}"
 
