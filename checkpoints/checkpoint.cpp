@@ -7,6 +7,8 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>  // renameat2, RENAME_EXCHANGE (glibc 2.28)
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -104,14 +106,56 @@ std::vector<std::string> list_step_directories(const std::string& root) {
   if (!fs::is_directory(root)) return out;
   for (const auto& entry : fs::directory_iterator(root)) {
     const std::string name = entry.path().filename().string();
-    if (entry.is_directory() && name.rfind("step_", 0) == 0) out.push_back(entry.path().string());
+    if (!entry.is_directory()) continue;
+    if (name.rfind("step_", 0) == 0) {
+      out.push_back(entry.path().string());
+    } else if (name.rfind(".step_", 0) == 0 && name.size() > 4 &&
+               name.compare(name.size() - 4, 4, ".old") == 0 &&
+               !fs::exists(fs::path(root) / name.substr(1, name.size() - 5))) {
+      out.push_back(entry.path().string());  // Note [A re-save cut between its two renames]
+    }
   }
-  std::sort(out.begin(), out.end());  // zero-padded step numbers sort by step
+  // By step: zero-padded step numbers sort as text once the hidden name's "." is set aside.
+  const auto step_part = [](const std::string& path) {
+    const std::string name = fs::path(path).filename().string();
+    return name[0] == '.' ? name.substr(1) : name;
+  };
+  std::sort(out.begin(), out.end(),
+            [&](const std::string& a, const std::string& b) { return step_part(a) < step_part(b); });
   return out;
 }
 
 CheckpointManager::CheckpointManager(std::string root, int64_t keep, std::shared_ptr<comm::Communicator> comm)
     : root_(std::move(root)), keep_(keep), comm_(std::move(comm)) {}
+
+// Note [A re-save cut between its two renames]
+// Re-saving step N swaps the new copy in with one renameat2(RENAME_EXCHANGE). Where the filesystem has no
+// exchange (NFS, some FUSE), the old copy is renamed to .step_N.old and then the new one to step_N; a crash
+// between the two leaves step N only as .step_N.old, complete. So list_step_directories (and thus
+// latest_valid and resume) takes a .step_N.old whose step_N does not exist as step N, and the next save
+// renames it back before anything else. Other leftovers of crashed saves (.step_*.tmp, a .step_N.old beside
+// its step_N) are deleted then: only rank 0 writes, one save at a time.
+void CheckpointManager::clean_up_crashed_saves() const {
+  for (const auto& entry : fs::directory_iterator(root_)) {
+    const std::string name = entry.path().filename().string();
+    if (!entry.is_directory() || name.rfind(".step_", 0) != 0 || name.size() < 5) continue;
+    const std::string suffix = name.substr(name.size() - 4);
+    if (suffix == ".old") {
+      const fs::path step_dir = fs::path(root_) / name.substr(1, name.size() - 5);
+      if (!fs::exists(step_dir)) {
+        std::cerr << "[vimo] restoring " << step_dir.string() << " from " << entry.path().string()
+                  << ", left by a re-save cut between its two renames\n";
+        fs::rename(entry.path(), step_dir);
+        continue;
+      }
+    } else if (suffix != ".tmp") {
+      continue;
+    }
+    std::cerr << "[vimo] removing " << entry.path().string() << ", left by a crashed checkpoint save\n";
+    fs::remove_all(entry.path());
+  }
+  fsync_path(root_);
+}
 
 std::string CheckpointManager::save(int64_t step, const TensorFile& state, const std::string& loader_json,
                                     const std::string& config_yaml) {
@@ -121,8 +165,8 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
   if (writer) {
     try {
       fs::create_directories(root_);
+      clean_up_crashed_saves();
       const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
-      fs::remove_all(temp_dir);  // leftovers of a crashed save of the same step
       fs::create_directories(temp_dir);
       write_safetensors((temp_dir / kStateFile).string(), state);
       write_text_file(temp_dir / "loader.json", loader_json);
@@ -139,12 +183,22 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
       fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
       fsync_path(temp_dir);
       if (fs::exists(final_dir)) {
-        // Re-saving a step (after resuming from it): move the old copy aside only once the new one is whole.
-        const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
-        fs::remove_all(old_dir);
-        fs::rename(final_dir, old_dir);
-        fs::rename(temp_dir, final_dir);
-        fs::remove_all(old_dir);
+        // Re-saving a step (after resuming from it): one renameat2(RENAME_EXCHANGE) swaps the whole new copy
+        // in, so step_NNNNNNNN names a complete checkpoint at every instant; the old copy ends up under the
+        // temporary name. Filesystems without the exchange (EINVAL: NFS, some FUSE) fall back to two renames
+        // (Note [A re-save cut between its two renames]).
+        if (::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+          fs::remove_all(temp_dir);
+        } else if (errno == EINVAL || errno == ENOSYS) {
+          const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
+          fs::remove_all(old_dir);
+          fs::rename(final_dir, old_dir);
+          fs::rename(temp_dir, final_dir);
+          fs::remove_all(old_dir);
+        } else {
+          throw std::runtime_error(fmt::format("cannot swap {} into {}: {}", temp_dir.string(),
+                                               final_dir.string(), std::strerror(errno)));
+        }
       } else {
         fs::rename(temp_dir, final_dir);
       }

@@ -10,6 +10,9 @@
 // the manifest is written last; the directory is fsynced and then renamed to step_NNNNNNNN, and the parent
 // directory fsynced. rename(2) is atomic, so a crash at any point leaves either the complete new checkpoint
 // or none, and never touches the previous one. Resume trusts only directories whose manifest verifies.
+// Re-saving an existing step swaps the new copy in with renameat2(RENAME_EXCHANGE), or where that is
+// missing with two renames (Note [A re-save cut between its two renames] in checkpoint.cpp). Leftovers of
+// crashed saves are removed by the next save. tests/checkpoints/test_checkpoint_crash.cpp SIGKILLs saves.
 #pragma once
 
 #include <cstdint>
@@ -52,12 +55,14 @@ class CheckpointManager {
 
  private:
   void prune() const;
+  void clean_up_crashed_saves() const;
   std::string root_;
   int64_t keep_;
   std::shared_ptr<comm::Communicator> comm_;
 };
 
-// The step directories under `root` (valid or not), oldest first.
+// The step directories under `root` (valid or not), oldest first, including a .step_N.old that stands in
+// for a missing step_N (Note [A re-save cut between its two renames] in checkpoint.cpp).
 std::vector<std::string> list_step_directories(const std::string& root);
 
 }  // namespace vimo::checkpoints

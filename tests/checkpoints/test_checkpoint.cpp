@@ -144,3 +144,41 @@ TEST(Checkpoint, ResavingAStepReplacesItWhole) {
 }
 
 }  // namespace
+
+// Note [A re-save cut between its two renames]: where the filesystem has no RENAME_EXCHANGE, a crash between
+// the two renames leaves step N only as .step_N.old. Resume must find it, and the next save must put it back.
+TEST(Checkpoint, AReSaveCutBetweenItsTwoRenamesIsFoundAndRestored) {
+  const fs::path root = fresh_dir("cut_resave") / "checkpoints";
+  CheckpointManager manager(root.string(), 3, nullptr);
+  const TensorFile kept = random_state(), next = random_state();
+  manager.save(4, kept, "{\"epoch\": 1}", "");
+  fs::rename(root / "step_00000004", root / ".step_00000004.old");  // the state the crash leaves
+  fs::create_directories(root / ".step_00000009.tmp");              // and a crashed save of another step
+  std::ofstream(root / ".step_00000009.tmp" / "rank_00000.safetensors") << "partial";
+
+  const auto found = CheckpointManager::latest_valid(root.string());
+  ASSERT_TRUE(found);
+  EXPECT_EQ(fs::path(*found).filename(), ".step_00000004.old");
+  expect_same(kept, CheckpointManager::load(*found).state);
+  EXPECT_EQ(CheckpointManager::load(*found).loader_json, "{\"epoch\": 1}");
+
+  manager.save(5, next, "{}", "");
+  EXPECT_FALSE(fs::exists(root / ".step_00000004.old"));
+  EXPECT_FALSE(fs::exists(root / ".step_00000009.tmp"));
+  expect_same(kept, CheckpointManager::load((root / "step_00000004").string()).state);
+  EXPECT_EQ(*CheckpointManager::latest_valid(root.string()), (root / "step_00000005").string());
+}
+
+TEST(Checkpoint, AnOldCopyBesideItsStepIsNotListedAndIsRemovedByTheNextSave) {
+  const fs::path root = fresh_dir("old_beside") / "checkpoints";
+  CheckpointManager manager(root.string(), 3, nullptr);
+  const TensorFile first = random_state(), second = random_state();
+  manager.save(4, first, "{}", "");
+  fs::copy(root / "step_00000004", root / ".step_00000004.old", fs::copy_options::recursive);
+  ASSERT_EQ(vimo::checkpoints::list_step_directories(root.string()),
+            std::vector<std::string>{(root / "step_00000004").string()});
+  manager.save(7, second, "{}", "");
+  EXPECT_FALSE(fs::exists(root / ".step_00000004.old"));
+  EXPECT_EQ(vimo::checkpoints::list_step_directories(root.string()),
+            (std::vector<std::string>{(root / "step_00000004").string(), (root / "step_00000007").string()}));
+}
