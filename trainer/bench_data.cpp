@@ -3,7 +3,9 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/mman.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <thread>
 
@@ -54,6 +57,11 @@ namespace fs = std::filesystem;
 //                        epoch's by at most `prefetch` batches of the epoch's (4 of 64 here).
 //   ..., first_read      the same with data.verify = first_read: records hashed in the first epoch are not
 //                        hashed again (Note [Verifying a mapped record once] in data/shard_reader.cpp).
+//   floor: shuffled ...  not the loader: the least any block-shuffled loader that verifies every read must
+//                        do, on as many threads as the largest worker count. Every record of shards kept
+//                        mapped, in a random order, is hashed (xxh3) and copied into a 64-record buffer; no
+//                        parsing, no collation, no queue. A loader row near it is bound by this machine's
+//                        memory, not by the loader (plain shards only).
 // No row includes the loader's destruction (unmapping, joining its threads): the window ends at the last
 // batch.
 // All rows cover the same records and report MB/s of the same shard-file bytes, so the ratios of MB/s and
@@ -152,6 +160,76 @@ PassResult read_view_pass(const BenchDataset& dataset, int64_t collate_batch) {
   return whole_dataset(dataset, seconds_since(start));
 }
 
+// The "floor" row of Note [What the data benchmark compares]. The mappings, the records' spans and their
+// order are made once; each pass splits the order into one contiguous part per thread.
+class ShuffledFloor {
+ public:
+  ShuffledFloor(const BenchDataset& dataset, int threads) : threads_(std::max(threads, 1)) {
+    size_t largest = 0;
+    for (const std::string& path : dataset.shard_paths()) {
+      const data::ShardReader reader(path);
+      const size_t size = fs::file_size(path);
+      const int fd = open_or_throw(path);
+      void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+      ::close(fd);
+      if (map == MAP_FAILED)
+        throw std::runtime_error(fmt::format("bench data: cannot map {}: {}", path, std::strerror(errno)));
+      maps_.push_back({map, size});
+      uint64_t offset = kFirstRecordOffset;
+      for (uint64_t i = 0; i < reader.size(); ++i) {
+        spans_.push_back({static_cast<const uint8_t*>(map) + offset, reader.stored_size(i)});
+        offset += reader.stored_size(i);
+        largest = std::max<size_t>(largest, reader.stored_size(i));
+      }
+    }
+    std::shuffle(spans_.begin(), spans_.end(), std::mt19937_64(20261124));
+    slot_ = largest;
+    for (int t = 0; t < threads_; ++t) batches_.emplace_back(kBatch * slot_, uint8_t{1});  // touched
+    for (const Span& s : spans_) sink_ ^= XXH3_64bits(s.data, s.size);  // pages mapped, as in a 2nd epoch
+  }
+  ~ShuffledFloor() {
+    for (const auto& [address, size] : maps_) ::munmap(address, size);
+  }
+  ShuffledFloor(const ShuffledFloor&) = delete;
+  ShuffledFloor& operator=(const ShuffledFloor&) = delete;
+
+  PassResult pass(const BenchDataset& dataset) {
+    const auto start = Clock::now();
+    std::vector<std::thread> pool;
+    std::vector<uint64_t> hashes(threads_);
+    for (int t = 0; t < threads_; ++t) {
+      pool.emplace_back([this, t, &hashes] {
+        const size_t begin = spans_.size() * t / threads_, end = spans_.size() * (t + 1) / threads_;
+        uint8_t* batch = batches_[t].data();
+        uint64_t h = 0;
+        for (size_t i = begin; i < end; ++i) {
+          h ^= XXH3_64bits(spans_[i].data, spans_[i].size);
+          std::memcpy(batch + (i % kBatch) * slot_, spans_[i].data, spans_[i].size);
+        }
+        hashes[t] = h;
+      });
+    }
+    for (std::thread& thread : pool) thread.join();
+    const double seconds = seconds_since(start);
+    for (const uint64_t h : hashes) sink_ ^= h;  // the hashes are used, so they are computed
+    return whole_dataset(dataset, seconds);
+  }
+  int threads() const { return threads_; }
+
+ private:
+  static constexpr size_t kBatch = 64;
+  struct Span {
+    const uint8_t* data;
+    size_t size;
+  };
+  int threads_;
+  std::vector<std::pair<void*, size_t>> maps_;
+  std::vector<Span> spans_;
+  size_t slot_ = 0;
+  std::vector<std::vector<uint8_t>> batches_;
+  uint64_t sink_ = 0;
+};
+
 // A row's timed passes: records/s and MB/s from the median, fastest and slowest pass.
 nlohmann::json summarize(const std::string& name, const std::vector<double>& seconds,
                          const PassResult& last) {
@@ -227,6 +305,14 @@ nlohmann::json bench_one_dataset(const DataBenchOptions& options, bool zstd) {
     contenders.push_back({"read_view", [&] { return read_view_pass(dataset, 0); }});
     contenders.push_back({fmt::format("read_view + collate {}", options.batch),
                           [&] { return read_view_pass(dataset, options.batch); }});
+  }
+  std::optional<ShuffledFloor> floor;
+  if (options.stages && !zstd) {
+    floor.emplace(dataset, options.workers.empty()
+                               ? 1
+                               : *std::max_element(options.workers.begin(), options.workers.end()));
+    contenders.push_back({fmt::format("floor: shuffled xxh3 + copy, {} threads", floor->threads()),
+                          [&] { return floor->pass(dataset); }});
   }
   for (const int workers : options.workers) {
     contenders.push_back({fmt::format("loader, {} workers", workers),

@@ -33,6 +33,8 @@ assert [d["compression"] for d in r["datasets"]] == ["none", "zstd"], r["dataset
 for d in r["datasets"]:
     assert d["rows"][0]["name"] == "raw read()" and d["rows"][-1]["name"].startswith("loader"), d["rows"]
     assert all(row["mb_per_s"] > 0 and row["ratio_to_raw"] > 0 for row in d["rows"]), d["rows"]
+    floors = [row for row in d["rows"] if row["name"].startswith("floor: shuffled xxh3 + copy, 2 threads")]
+    assert len(floors) == (1 if d["compression"] == "none" else 0), d["rows"]
 PY
 mpirun --oversubscribe --bind-to none -np 2 "$vimo" bench comm --max-mib 1 --iters 2 --no-overlap \
   --out "$work/comm.json" > "$work/comm.log"
