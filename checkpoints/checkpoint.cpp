@@ -67,6 +67,14 @@ std::string file_checksum(const fs::path& path) {
 
 std::string step_name(int64_t step) { return fmt::format("step_{:08d}", step); }
 
+// The step of a step directory's path ("step_00000100" or its stand-in ".step_00000100.old"); steps past
+// 99999999 have more digits, so directories sort by this number, not by name.
+int64_t step_of(const std::string& path) {
+  const std::string name = fs::path(path).filename().string();
+  const size_t digits = name.find("step_") + 5;
+  return std::strtoll(name.c_str() + digits, nullptr, 10);
+}
+
 // Throws std::runtime_error naming the file that does not match the manifest.
 nlohmann::json verify(const fs::path& directory) {
   const fs::path manifest_path = directory / kManifest;
@@ -115,13 +123,9 @@ std::vector<std::string> list_step_directories(const std::string& root) {
       out.push_back(entry.path().string());  // Note [A re-save cut between its two renames]
     }
   }
-  // By step: zero-padded step numbers sort as text once the hidden name's "." is set aside.
-  const auto step_part = [](const std::string& path) {
-    const std::string name = fs::path(path).filename().string();
-    return name[0] == '.' ? name.substr(1) : name;
-  };
-  std::sort(out.begin(), out.end(),
-            [&](const std::string& a, const std::string& b) { return step_part(a) < step_part(b); });
+  std::sort(out.begin(), out.end(), [](const std::string& a, const std::string& b) {
+    return std::pair(step_of(a), a) < std::pair(step_of(b), b);
+  });
   return out;
 }
 
@@ -143,10 +147,15 @@ void CheckpointManager::clean_up_crashed_saves() const {
     if (suffix == ".old") {
       const fs::path step_dir = fs::path(root_) / name.substr(1, name.size() - 5);
       if (!fs::exists(step_dir)) {
-        std::cerr << "[vimo] restoring " << step_dir.string() << " from " << entry.path().string()
-                  << ", left by a re-save cut between its two renames\n";
-        fs::rename(entry.path(), step_dir);
-        continue;
+        try {
+          verify(entry.path());
+          std::cerr << "[vimo] restoring " << step_dir.string() << " from " << entry.path().string()
+                    << ", left by a re-save cut between its two renames\n";
+          fs::rename(entry.path(), step_dir);
+          continue;
+        } catch (const std::runtime_error& e) {
+          std::cerr << "[vimo] " << entry.path().string() << " does not verify (" << e.what() << ")\n";
+        }
       }
     } else if (suffix != ".tmp") {
       continue;
@@ -189,7 +198,7 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
         // (Note [A re-save cut between its two renames]).
         if (::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
           fs::remove_all(temp_dir);
-        } else if (errno == EINVAL || errno == ENOSYS) {
+        } else if (errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
           const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
           fs::remove_all(old_dir);
           fs::rename(final_dir, old_dir);
@@ -203,7 +212,7 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
         fs::rename(temp_dir, final_dir);
       }
       fsync_path(root_);
-      prune();
+      prune(step);
     } catch (const std::exception& e) {
       error = e.what();
     }
@@ -218,9 +227,17 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
   return final_dir.string();
 }
 
-void CheckpointManager::prune() const {
-  std::vector<std::string> steps = list_step_directories(root_);
-  for (size_t i = 0; i + keep_ < steps.size(); ++i) fs::remove_all(steps[i]);
+// Keeps the checkpoint just saved and the newest keep - 1 complete ones before it. Directories of later
+// steps (left by a run that resumed from an earlier checkpoint, because theirs did not verify) and ones
+// without a manifest are left alone: neither may count toward `keep`, or a torn directory could push the
+// new checkpoint out.
+void CheckpointManager::prune(int64_t saved_step) const {
+  std::vector<std::string> older;
+  for (const std::string& dir : list_step_directories(root_)) {
+    if (step_of(dir) < saved_step && fs::exists(fs::path(dir) / kManifest)) older.push_back(dir);
+  }
+  const size_t kept = static_cast<size_t>(std::max<int64_t>(keep_ - 1, 0));
+  for (size_t i = 0; i + kept < older.size(); ++i) fs::remove_all(older[i]);
 }
 
 std::optional<std::string> CheckpointManager::latest_valid(const std::string& root) {

@@ -54,7 +54,7 @@ class CheckpointManager {
   const std::string& root() const { return root_; }
 
  private:
-  void prune() const;
+  void prune(int64_t saved_step) const;
   void clean_up_crashed_saves() const;
   std::string root_;
   int64_t keep_;

@@ -182,3 +182,45 @@ TEST(Checkpoint, AnOldCopyBesideItsStepIsNotListedAndIsRemovedByTheNextSave) {
   EXPECT_EQ(vimo::checkpoints::list_step_directories(root.string()),
             (std::vector<std::string>{(root / "step_00000004").string(), (root / "step_00000007").string()}));
 }
+
+// Retention counts only complete checkpoints older than the one just saved: a torn directory of a later step
+// (from before a resume that fell back past it) must not push the new checkpoint out.
+TEST(Checkpoint, RetentionNeverRemovesTheCheckpointJustSaved) {
+  const fs::path root = fresh_dir("retain_torn") / "checkpoints";
+  CheckpointManager manager(root.string(), /*keep=*/1, nullptr);
+  const TensorFile first = random_state(), second = random_state();
+  manager.save(10, first, "{}", "");
+  fs::create_directories(root / "step_00000030");  // torn: no manifest
+  manager.save(20, second, "{}", "");
+  EXPECT_FALSE(fs::exists(root / "step_00000010"));
+  EXPECT_TRUE(fs::exists(root / "step_00000030"));
+  const auto latest = CheckpointManager::latest_valid(root.string());
+  ASSERT_TRUE(latest);
+  EXPECT_EQ(*latest, (root / "step_00000020").string());
+  expect_same(second, CheckpointManager::load(*latest).state);
+}
+
+// step_name pads to 8 digits; step 100000000 has 9 and must still sort after step 99999999.
+TEST(Checkpoint, StepsPastEightDigitsSortByNumber) {
+  const fs::path root = fresh_dir("nine_digits") / "checkpoints";
+  CheckpointManager manager(root.string(), /*keep=*/1, nullptr);
+  const TensorFile first = random_state(), second = random_state();
+  manager.save(99999999, first, "{}", "");
+  manager.save(100000000, second, "{}", "");
+  EXPECT_EQ(vimo::checkpoints::list_step_directories(root.string()),
+            std::vector<std::string>{(root / "step_100000000").string()});
+  expect_same(second, CheckpointManager::load(*CheckpointManager::latest_valid(root.string())).state);
+}
+
+TEST(Checkpoint, AStandInThatDoesNotVerifyIsNotRestored) {
+  const fs::path root = fresh_dir("bad_stand_in") / "checkpoints";
+  CheckpointManager manager(root.string(), 3, nullptr);
+  manager.save(4, random_state(), "{}", "");
+  fs::rename(root / "step_00000004", root / ".step_00000004.old");
+  fs::remove(root / ".step_00000004.old" / "manifest.json");  // half deleted
+  EXPECT_FALSE(CheckpointManager::latest_valid(root.string()));
+  manager.save(5, random_state(), "{}", "");
+  EXPECT_FALSE(fs::exists(root / "step_00000004"));
+  EXPECT_FALSE(fs::exists(root / ".step_00000004.old"));
+  EXPECT_EQ(*CheckpointManager::latest_valid(root.string()), (root / "step_00000005").string());
+}
