@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>  // renameat2, RENAME_EXCHANGE (glibc 2.28)
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -66,6 +67,13 @@ std::string file_checksum(const fs::path& path) {
 }
 
 std::string step_name(int64_t step) { return fmt::format("step_{:08d}", step); }
+
+// VIMO_CHECKPOINT_RENAME_EXCHANGE=0 makes re-saves take the two-rename path, as on a filesystem without
+// RENAME_EXCHANGE: for one that claims the exchange but mishandles it, and for the crash test.
+bool exchange_allowed() {
+  const char* value = std::getenv("VIMO_CHECKPOINT_RENAME_EXCHANGE");
+  return value == nullptr || std::string(value) != "0";
+}
 
 // The step of a step directory's path ("step_00000100" or its stand-in ".step_00000100.old"); steps past
 // 99999999 have more digits, so directories sort by this number, not by name.
@@ -196,9 +204,10 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
         // in, so step_NNNNNNNN names a complete checkpoint at every instant; the old copy ends up under the
         // temporary name. Filesystems without the exchange (EINVAL: NFS, some FUSE) fall back to two renames
         // (Note [A re-save cut between its two renames]).
-        if (::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+        if (exchange_allowed() &&
+            ::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
           fs::remove_all(temp_dir);
-        } else if (errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+        } else if (!exchange_allowed() || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
           const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
           fs::remove_all(old_dir);
           fs::rename(final_dir, old_dir);
