@@ -366,8 +366,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     if (step == t.stop_after) {
       say(comm, fmt::format("stopping after step {} as train.stop_after says; continue with --resume", step));
       result.stopped_early = true;
-      if (watch) watch->finish();
-      return result;
+      break;
     }
   }
   if (reducer) {
@@ -392,9 +391,11 @@ TrainResult train_retriever(const Config& config, bool resume,
   say(comm,
       fmt::format("data: {} batches, waited {:.2f} s in total ({:.2f} ms per step)", d.batches,
                   d.wait_seconds, d.batches ? 1e3 * d.wait_seconds / static_cast<double>(d.batches) : 0.0));
-  result.test = evaluate_retrieval(model, test_set, comm);
-  log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
-  say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));
+  if (!result.stopped_early) {  // a run stopped early is evaluated when it finishes
+    result.test = evaluate_retrieval(model, test_set, comm);
+    log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
+    say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));
+  }
   if (watch) watch->finish();
   return result;
 }
