@@ -20,8 +20,6 @@
 namespace vimo::comm::mpi_detail {
 namespace {
 
-const char* op_name(int64_t op) { return detail::reduce_op_name(static_cast<ReduceOp>(op)); }
-
 // Note [Agreeing on a collective before running it]
 // MPI matches collectives by order alone. A rank that passes another shape, dtype, op or root makes the
 // others read garbage or hang, and a rank that rejects its input and throws leaves the others waiting
@@ -66,70 +64,7 @@ int gather_agreement_ranks() {
   return ranks;
 }
 
-// The string literal CollectiveObserver takes for `collective`.
-const char* literal_of(Collective collective) {
-  switch (collective) {
-    case Collective::Barrier:
-      return "barrier";
-    case Collective::Allreduce:
-      return "allreduce";
-    case Collective::Allgather:
-      return "allgather";
-    case Collective::Broadcast:
-      return "broadcast";
-    case Collective::Split:
-      return "split";
-    case Collective::ReduceScatter:
-      return "reduce_scatter";
-  }
-  return "collective";
-}
-
 }  // namespace
-
-CallName::CallName(Collective collective, const at::Tensor& tensor, int64_t argument)
-    : literal_(literal_of(collective)) {
-  Signature& s = signature_;
-  s[kCollective] = static_cast<int64_t>(collective);
-  s[kArgument] = argument;
-  s[kInputAccepted] = 1;
-  s[kDtype] = -1;
-  if (tensor.defined()) {
-    s[kDtype] = static_cast<int64_t>(tensor.scalar_type());
-    s[kDims] = tensor.dim();
-    s[kNumel] = tensor.numel();
-    for (int64_t d = 0; d < std::min<int64_t>(tensor.dim(), kSignatureDims); ++d)
-      s[kSizes + d] = tensor.size(d);
-  }
-}
-
-// "allgather of float32 [3, 4]", "allreduce (sum) of int64 [5]", "reduce_scatter (avg) of float64 [4, 2]",
-// "broadcast from rank 1 of float32 [2]", "barrier", "split".
-std::string describe(const Signature& s) {
-  const auto collective = static_cast<Collective>(s[kCollective]);
-  if (collective == Collective::Barrier) return "barrier";
-  if (collective == Collective::Split) return "split";
-  std::string text;
-  switch (collective) {
-    case Collective::Allreduce:
-      text = fmt::format("allreduce ({})", op_name(s[kArgument]));
-      break;
-    case Collective::ReduceScatter:
-      text = fmt::format("reduce_scatter ({})", op_name(s[kArgument]));
-      break;
-    case Collective::Allgather:
-      text = "allgather";
-      break;
-    default:
-      text = fmt::format("broadcast from rank {}", s[kArgument]);
-  }
-  if (s[kDtype] < 0) return text + " of an undefined tensor";
-  std::vector<int64_t> shown(s.begin() + kSizes,
-                             s.begin() + kSizes + std::min<int64_t>(s[kDims], kSignatureDims));
-  text += fmt::format(" of {} [{}{}]", c10::getDtypeNames(static_cast<at::ScalarType>(s[kDtype])).first,
-                      fmt::join(shown, ", "), s[kDims] > kSignatureDims ? ", ..." : "");
-  return text;
-}
 
 // See Note [Agreeing on a collective before running it]. Its collectives are non-blocking underneath, so a
 // rank that never arrives makes it time out instead of hang. They exchange through group->agreement, and
@@ -163,37 +98,7 @@ void agree(const std::shared_ptr<MpiGroup>& group, std::chrono::milliseconds tim
   VIMO_MPI_CHECK(MPI_Iallgather(mine.data(), kSignatureLength, MPI_INT64_T, all.data(), kSignatureLength,
                                 MPI_INT64_T, group->comm, gather.request()));
   gather.wait();
-  bool agreed = true;
-  for (int r = 0; r < size && agreed; ++r) {
-    const int64_t* row = all.data() + static_cast<ptrdiff_t>(r) * kSignatureLength;
-    agreed = std::equal(mine.begin(), mine.end(), row) && row[kInputAccepted] == 1;
-  }
-  if (agreed) return;
-  auto of_rank = [&](int r) {
-    Signature s;
-    std::copy_n(all.data() + static_cast<ptrdiff_t>(r) * kSignatureLength, kSignatureLength, s.begin());
-    return s;
-  };
-  if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank, problem));
-  std::vector<int> rejecting;
-  std::vector<std::string> calls;
-  for (int r = 0; r < size; ++r) {
-    const Signature s = of_rank(r);
-    if (s[kInputAccepted] == 0) rejecting.push_back(r);
-    calls.push_back(fmt::format("rank {}: {}", r, describe(s)));
-  }
-  if (!rejecting.empty()) {
-    throw std::runtime_error(
-        fmt::format("[rank {}] {} abandoned on every rank: rank(s) {} rejected their input "
-                    "(their own errors say why)",
-                    rank, call.text(), fmt::join(rejecting, ", ")));
-  }
-  throw std::runtime_error(
-      fmt::format("[rank {}] the ranks made different calls: {}. HINT: every rank must make the same "
-                  "collective calls in "
-                  "the same order, with the same dtype, shape, op and root (allgather needs equal shapes: "
-                  "pad to the largest)",
-                  rank, fmt::join(calls, "; ")));
+  judge_signatures(rank, call, mine, all, problem);
 }
 
 }  // namespace vimo::comm::mpi_detail

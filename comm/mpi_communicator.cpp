@@ -23,14 +23,8 @@ namespace {
 
 using namespace mpi_detail;  // NOLINT(google-build-using-namespace): the backend's own internals
 
-// What is wrong with averaging `tensor`, or "". Rejected rather than rounded: an integer mean is almost
-// always a bug, and any rounding rule would be a silent choice the NCCL backend would have to copy.
-std::string check_average(const char* collective, const at::Tensor& tensor, ReduceOp op) {
-  if (op != ReduceOp::Avg || at::isFloatingType(tensor.scalar_type())) return "";
-  return fmt::format(
-      "{} (avg) of {} tensors is not supported. HINT: use Sum and divide with the rounding you want",
-      collective, c10::getDtypeNames(tensor.scalar_type()).first);
-}
+using detail::check_average;
+using detail::check_output;
 
 class MpiCommunicator final : public Communicator {
  public:
@@ -413,33 +407,8 @@ class MpiCommunicator final : public Communicator {
     return sizes;
   }
 
-  // What is wrong with the caller's `output` of an asynchronous call, or "".
-  static std::string check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
-                                  at::IntArrayRef expected_sizes) {
-    if (!output.defined()) return fmt::format("{} got an undefined output tensor", collective);
-    if (output.device() != input.device() || output.scalar_type() != input.scalar_type() ||
-        !output.sizes().equals(expected_sizes) || !output.is_contiguous()) {
-      return fmt::format("{} of {} needs a contiguous {} output of {} [{}], but got {}{} on {}", collective,
-                         tensor_text(input), input.device().str(),
-                         c10::getDtypeNames(input.scalar_type()).first, fmt::join(expected_sizes, ", "),
-                         output.is_contiguous() ? "" : "a non-contiguous ", tensor_text(output),
-                         output.device().str());
-    }
-    return "";
-  }
-
   std::string check_peer(const char* direction, int peer, int tag) const {
-    if (peer < 0 || peer >= size()) {
-      return fmt::format("{} rank {}, but the ranks are 0..{}", direction, peer, size() - 1);
-    }
-    if (peer == rank()) {
-      return fmt::format("{} rank {}, which is this rank. HINT: copy the tensor instead", direction, peer);
-    }
-    if (tag < 0 || tag > group_->max_tag) {
-      return fmt::format("{} rank {} with tag {}, but tags must be in 0..{} (MPI_TAG_UB)", direction, peer,
-                         tag, group_->max_tag);
-    }
-    return "";
+    return detail::check_peer(direction, peer, tag, rank(), size(), group_->max_tag, "MPI_TAG_UB");
   }
 
   std::shared_ptr<MpiGroup> group_;

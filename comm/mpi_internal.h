@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/collective_call.h"
 #include "comm/communicator.h"
 
 namespace vimo::comm::mpi_detail {
@@ -61,7 +62,6 @@ namespace vimo::comm::mpi_detail {
 // to float32, reduces and rounds back once: max and min are exact (the conversion is exact), a sum is rounded
 // once at the end instead of after every addition. All-gather and broadcast only move bits, so they send the
 // raw 16-bit words as MPI_UINT16_T (the same bytes as MPI_BYTE, counted per element).
-inline bool is_half(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
 
 // The MPI datatype that carries `dtype` bit for bit, or MPI_DATATYPE_NULL when unsupported.
 inline MPI_Datatype wire_type(at::ScalarType dtype) {
@@ -98,19 +98,24 @@ inline MPI_Op reduction(ReduceOp op) {
   throw std::invalid_argument("unknown ReduceOp");
 }
 
-// The collectives the ranks agree on: Note [Agreeing on a collective before running it] in
-// comm/mpi_agreement.cpp.
-enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split, ReduceScatter };
-
-// What the ranks compare before a collective, as int64 fields: which collective, dtype, op or root, shape,
-// and whether this rank's own checks passed.
-inline constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
-enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
-inline constexpr int kSignatureLength = kSizes + kSignatureDims;
-using Signature = std::array<int64_t, kSignatureLength>;
-
-// "allreduce (sum) of int64 [5]": a collective's signature as errors name it (mpi_agreement.cpp).
-std::string describe(const Signature& signature);
+// How a call is named, checked and agreed on, shared with the other backends (comm/collective_call.h).
+using detail::bytes_of;
+using detail::CallName;
+using detail::Collective;
+using detail::describe;
+using detail::is_half;
+using detail::judge_signatures;
+using detail::kSignatureLength;
+using detail::Signature;
+using detail::tensor_text;
+using SignatureField = detail::SignatureField;
+using detail::kArgument;
+using detail::kCollective;
+using detail::kDims;
+using detail::kDtype;
+using detail::kInputAccepted;
+using detail::kNumel;
+using detail::kSizes;
 
 // Note [The fixed cost of a blocking call]
 // Besides its payload, a blocking collective pays a fixed cost per call: the agreement's round trip (an
@@ -126,26 +131,6 @@ std::string describe(const Signature& signature);
 // literal and a byte count. The 4 KiB gap fell to 0.7-1.2 µs, mostly the round trip itself, and the worst
 // ours/raw at 1-4 MiB rose from 0.88 to 0.94 (within the machine's run-to-run noise of a few percent there).
 // Asynchronous calls still allocate their MpiWork, since it must outlive the call.
-
-// A call as errors, timeouts and Work::description() name it ("allreduce (sum) of float32 [4]"). A collective
-// keeps the numbers of its signature and formats them only when asked (Note [The fixed cost of a blocking
-// call]); a point-to-point call carries its text.
-class CallName {
- public:
-  CallName(Collective collective, const at::Tensor& tensor, int64_t argument);  // mpi_agreement.cpp
-  CallName(const char* literal, std::string text) : literal_(literal), text_(std::move(text)) {}
-
-  // The collective's signature, this rank's input marked accepted (zeros for point-to-point calls).
-  const Signature& signature() const { return signature_; }
-  // "allreduce", "send", ...: the string literal CollectiveObserver takes.
-  const char* literal() const { return literal_; }
-  std::string text() const { return text_.empty() ? describe(signature_) : text_; }
-
- private:
-  Signature signature_{};
-  const char* literal_;
-  std::string text_;  // empty for collectives
-};
 
 // Note [Collective timeouts]
 // MPI has no timeout: a rank whose peer never joins a collective waits inside MPI_Wait forever. So every
@@ -350,11 +335,6 @@ class MpiWork final : public Work {
   bool average_ = false;
   bool done_ = false;
 };
-
-// "float32 [3, 4]" (mpi_work.cpp).
-std::string tensor_text(const at::Tensor& tensor);
-// The bytes `tensor` holds; 0 when undefined (mpi_work.cpp).
-int64_t bytes_of(const at::Tensor& tensor);
 
 // Makes the ranks of `group` agree on `call` before it runs (mpi_agreement.cpp): returns when every rank
 // made the same call and accepted its input; otherwise throws on every rank. `problem` is what this rank's

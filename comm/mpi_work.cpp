@@ -113,15 +113,4 @@ void write_back(at::Tensor& result, at::Tensor& target, bool average, int ranks)
   if (!result.is_same(target)) target.copy_(result);
 }
 
-// "float32 [3, 4]".
-std::string tensor_text(const at::Tensor& tensor) {
-  if (!tensor.defined()) return "an undefined tensor";
-  return fmt::format("{} [{}]", c10::getDtypeNames(tensor.scalar_type()).first,
-                     fmt::join(tensor.sizes(), ", "));
-}
-
-int64_t bytes_of(const at::Tensor& tensor) {
-  return tensor.defined() ? tensor.numel() * static_cast<int64_t>(tensor.element_size()) : 0;
-}
-
 }  // namespace vimo::comm::mpi_detail

@@ -9,18 +9,36 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/job_store.h"
+#include "comm/tcp_communicator.h"
 #include "tests/random_seed.h"
 
 namespace vimo::testing {
 
-// MPI_COMM_WORLD as a vimo communicator, made once per process.
+// The backend the suite runs on: "mpi", or "tcp" when VIMO_TEST_COMM_BACKEND=tcp (the same suite over the TCP
+// backend, its ranks meeting through a store formed over MPI, which only launched them).
+inline std::string backend_under_test() {
+  const char* value = std::getenv("VIMO_TEST_COMM_BACKEND");
+  return value != nullptr && std::string(value) == "tcp" ? "tcp" : "mpi";
+}
+
+// The world under test, made once per process: MPI_COMM_WORLD as a vimo communicator, or the same ranks over
+// TCP (see backend_under_test).
 inline std::shared_ptr<comm::Communicator> mpi_world() {
-  static const std::shared_ptr<comm::Communicator> world = comm::make_mpi_communicator();
+  static const std::shared_ptr<comm::Communicator> world = [] {
+    std::shared_ptr<comm::Communicator> mpi = comm::make_mpi_communicator();
+    if (backend_under_test() != "tcp") return mpi;
+    // The store's server and client live as long as the process: rank 0 may not close it while others read.
+    static std::unique_ptr<comm::JobStore> store = comm::start_job_store(*mpi);
+    static std::unique_ptr<comm::StoreClient> client = comm::connect_job_store(*store, mpi->rank());
+    return comm::make_tcp_communicator(*client, "tcp/test-world", mpi->rank(), mpi->size(), store->token);
+  }();
   return world;
 }
 

@@ -307,7 +307,7 @@ TEST(CollectiveTimeout, DefaultComesFromTheEnvironment) {
     EXPECT_EQ(vimo::comm::default_collective_timeout(), std::chrono::seconds(600));
     EXPECT_EQ(mpi_world()->timeout(), std::chrono::seconds(600));
   }
-  auto dedicated = vimo::comm::make_mpi_communicator();
+  auto dedicated = mpi_world()->split(0, mpi_world()->rank());  // of the backend under test
   EXPECT_THROW(dedicated->set_timeout(std::chrono::milliseconds(0)), std::invalid_argument);
   dedicated->set_timeout(std::chrono::milliseconds(1500));
   EXPECT_EQ(dedicated->split(0, dedicated->rank())->timeout(), std::chrono::milliseconds(1500))
@@ -320,9 +320,9 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 // Only rank 0 enters the collective. It must fail there after the 1 s timeout, naming the call, its size and
 // the rank, and the communicator must refuse further calls; the other ranks never touch it. Each case uses a
-// communicator of its own (made by every rank), so the world stays usable.
+// communicator of its own (split by every rank from the world), so the world stays usable.
 TEST(CollectiveTimeout, BlockingCallThatOnlyOneRankMakesFailsNamingIt) {
-  auto dedicated = vimo::comm::make_mpi_communicator();
+  auto dedicated = mpi_world()->split(0, mpi_world()->rank());  // of the backend under test
   dedicated->set_timeout(std::chrono::seconds(1));
   if (dedicated->rank() == 0) {
     at::Tensor x = at::ones({4});
@@ -343,7 +343,7 @@ TEST(CollectiveTimeout, BlockingCallThatOnlyOneRankMakesFailsNamingIt) {
 }
 
 TEST(CollectiveTimeout, AsyncWaitThatOnlyOneRankStartedFailsNamingIt) {
-  auto dedicated = vimo::comm::make_mpi_communicator();
+  auto dedicated = mpi_world()->split(0, mpi_world()->rank());  // of the backend under test
   dedicated->set_timeout(std::chrono::seconds(1));
   if (dedicated->rank() == 0) {
     at::Tensor x = at::ones({3}, at::kDouble);
@@ -365,7 +365,7 @@ TEST(CollectiveTimeout, AsyncWaitThatOnlyOneRankStartedFailsNamingIt) {
 }
 
 TEST(CollectiveTimeout, RecvWithoutASenderTimesOutAndLeavesTheCommunicatorUsable) {
-  auto dedicated = vimo::comm::make_mpi_communicator();
+  auto dedicated = mpi_world()->split(0, mpi_world()->rank());  // of the backend under test
   dedicated->set_timeout(std::chrono::seconds(1));
   if (dedicated->rank() == 0) {
     at::Tensor x = at::zeros({2});

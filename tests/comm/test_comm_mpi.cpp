@@ -44,7 +44,7 @@ void expect_still_usable() {
 }
 
 TEST(MpiCommunicator, DescribesItself) {
-  EXPECT_EQ(mpi_world()->backend_name(), "mpi");
+  EXPECT_EQ(mpi_world()->backend_name(), vimo::testing::backend_under_test());
   int rank = -1, size = -1;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
@@ -185,8 +185,10 @@ TEST(MpiAllgatherErrors, UnsupportedDtypeOnOneRankStopsAllRanks) {
   const bool odd_one = mpi_world()->rank() == 0;
   const at::Tensor mine = at::zeros({2}, odd_one ? at::kBool : at::kFloat);
   const std::string message = error_of([&] { mpi_world()->allgather(mine); });
-  EXPECT_CONTAINS(message, odd_one ? "allgather got a bool tensor, which the MPI backend does not support"
-                                   : "rank(s) 0 rejected their input");
+  const std::string backend = vimo::testing::backend_under_test() == "tcp" ? "TCP" : "MPI";
+  EXPECT_CONTAINS(message,
+                  odd_one ? "allgather got a bool tensor, which the " + backend + " backend does not support"
+                          : "rank(s) 0 rejected their input");
   expect_still_usable();
 }
 

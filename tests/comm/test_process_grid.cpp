@@ -142,7 +142,7 @@ TEST(ProcessGrid, EveryShapeThatFitsTheWorldHasTheRightGroups) {
     EXPECT_EQ(grid.tp_group()->rank(), tp_rank);
     EXPECT_EQ(grid.dp_group()->size(), dims.dp);
     EXPECT_EQ(grid.dp_group()->rank(), dp_rank);
-    EXPECT_EQ(grid.tp_group()->backend_name(), "mpi");
+    EXPECT_EQ(grid.tp_group()->backend_name(), vimo::testing::backend_under_test());
 
     EXPECT_EQ(sum_of_members(*grid.tp_group()),
               std::accumulate(tp_members.begin(), tp_members.end(), int64_t{0}));

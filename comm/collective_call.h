@@ -1,0 +1,79 @@
+// Defines what every backend of vimo::comm::Communicator says about a call, none of it part of vimo's API:
+// the signature the ranks agree on before a blocking collective (Collective, Signature, CallName, and the
+// verdict on every rank's signature, judge_signatures), and the input checks that do not depend on how the
+// bytes travel (check_average, check_output, check_peer), with how tensors are named in messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "comm/communicator.h"
+
+namespace vimo::comm::detail {
+
+// The collectives the ranks agree on: Note [Agreeing on a collective before running it] in
+// comm/mpi_agreement.cpp.
+enum class Collective : int64_t { Barrier = 1, Allreduce, Allgather, Broadcast, Split, ReduceScatter };
+
+// What the ranks compare before a collective, as int64 fields: which collective, dtype, op or root, shape,
+// and whether this rank's own checks passed.
+inline constexpr int kSignatureDims = 8;  // dims past the 8th are covered by numel only
+enum SignatureField { kCollective, kDtype, kArgument, kInputAccepted, kDims, kNumel, kSizes };
+inline constexpr int kSignatureLength = kSizes + kSignatureDims;
+using Signature = std::array<int64_t, kSignatureLength>;
+
+// "allreduce (sum) of int64 [5]": a collective's signature as errors name it.
+std::string describe(const Signature& signature);
+
+// A call as errors, timeouts and Work::description() name it ("allreduce (sum) of float32 [4]"). A collective
+// keeps the numbers of its signature and formats them only when asked (Note [The fixed cost of a blocking
+// call] in comm/mpi_internal.h); a point-to-point call carries its text.
+class CallName {
+ public:
+  CallName(Collective collective, const at::Tensor& tensor, int64_t argument);
+  CallName(const char* literal, std::string text) : literal_(literal), text_(std::move(text)) {}
+
+  // The collective's signature, this rank's input marked accepted (zeros for point-to-point calls).
+  const Signature& signature() const { return signature_; }
+  // "allreduce", "send", ...: the string literal CollectiveObserver takes.
+  const char* literal() const { return literal_; }
+  std::string text() const { return text_.empty() ? describe(signature_) : text_; }
+
+ private:
+  Signature signature_{};
+  const char* literal_;
+  std::string text_;  // empty for collectives
+};
+
+// The verdict of an agreement, once every rank holds every rank's signature (`all`, [size, signature], in
+// rank order): returns when all of them equal `mine` and accepted their input; otherwise throws on this rank
+// (every rank reaches the same verdict from the same data): this rank's own `problem` when it has one, else
+// an error naming the ranks that rejected their input, else one naming every rank's call.
+void judge_signatures(int rank, const CallName& call, const Signature& mine, std::span<const int64_t> all,
+                      const std::string& problem);
+
+// "float32 [3, 4]".
+std::string tensor_text(const at::Tensor& tensor);
+// The bytes `tensor` holds; 0 when undefined.
+int64_t bytes_of(const at::Tensor& tensor);
+// bfloat16 or float16: reduced through float32 by the CPU backends (Note [Half types over MPI]).
+inline bool is_half(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
+
+// What is wrong with averaging `tensor`, or "". Rejected rather than rounded: an integer mean is almost
+// always a bug, and any rounding rule would be a silent choice every backend would have to copy.
+std::string check_average(const char* collective, const at::Tensor& tensor, ReduceOp op);
+
+// What is wrong with the caller's `output` of a call into a given tensor, or "".
+std::string check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
+                         at::IntArrayRef expected_sizes);
+
+// What is wrong with `peer` as the other end of a send or recv (`direction`: "send to" / "recv from") on a
+// communicator of `size` ranks where this is `rank`, or "". Tags must be in 0..max_tag.
+std::string check_peer(const char* direction, int peer, int tag, int rank, int size, int64_t max_tag,
+                       const char* max_tag_name);
+
+}  // namespace vimo::comm::detail

@@ -1,0 +1,139 @@
+// Defines what the files of the TCP backend (comm/tcp_*.cpp) share, none of it part of vimo's API: Mesh, the
+// authenticated TCP connections between the ranks of one communicator and the framed, deadline-bound
+// exchanges the collectives are built from, and where a rank listens (Listener).
+#pragma once
+
+#include <array>
+#include <boost/asio.hpp>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace vimo::comm::tcp_detail {
+
+namespace asio = boost::asio;
+using tcp = asio::ip::tcp;
+using Clock = std::chrono::steady_clock;
+
+// Where a rank listens for its mesh's connections.
+struct Listener {
+  std::string host;     // its host name: ranks with the same one connect over loopback
+  std::string address;  // its address on the route to the store, for ranks on other hosts
+  uint16_t port = 0;
+};
+
+// A failure after which the mesh is unusable: a peer closed its connection or broke the protocol, or a
+// timeout cut a message in the middle. Every later exchange throws it again.
+struct MeshFailure : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// An exchange that did not finish before its deadline. `usable`: nothing was cut in the middle (only
+// receives that had not begun were pending), so the mesh may go on.
+struct MeshTimeout : std::runtime_error {
+  MeshTimeout(const std::string& what, bool still_usable) : std::runtime_error(what), usable(still_usable) {}
+  bool usable;
+};
+
+// A receive that got a message of another size than it expected (point-to-point only: in a collective that
+// is a MeshFailure). The message was read and dropped, so the mesh goes on.
+struct MessageSizeMismatch : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// One message to send or receive in an exchange. Tags >= 0 are point-to-point; collectives use negative ones
+// (Note [Frames, tags and mailboxes] in tcp_mesh.cpp).
+struct Send {
+  int peer;
+  int64_t tag;
+  const void* data;
+  size_t bytes;
+};
+struct Recv {
+  int peer;
+  int64_t tag;
+  void* data;
+  size_t bytes;
+};
+
+// The listening socket of a mesh being formed, with the io_context the mesh will run on.
+struct MeshSeed {
+  std::unique_ptr<asio::io_context> io;
+  std::unique_ptr<tcp::acceptor> acceptor;
+  uint16_t port = 0;
+};
+// Listens on an ephemeral port of every IPv4 interface. Throws std::runtime_error when it cannot.
+MeshSeed open_listener();
+
+// This host's name (gethostname).
+std::string this_host_name();
+// This host's address on the route to host:port (the store's), by connecting a UDP socket there, which
+// sends nothing; the host name when that fails.
+std::string address_towards(const std::string& host, uint16_t port);
+
+struct Peer;
+
+// The connections of one rank to every other rank of a communicator, used by one thread at a time.
+class Mesh {
+ public:
+  // Connects rank `rank` of listeners.size() ranks: it connects to every lower rank and accepts every higher
+  // one on `seed` (listening at listeners[rank]). Each connection opens with a hello carrying `mesh_id`, the
+  // connecting rank and `token`; a connection with a wrong one is logged and closed, and the mesh keeps
+  // waiting for the right one. Throws std::runtime_error at `deadline` naming the ranks missing.
+  Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t mesh_id, std::string token,
+       Clock::time_point deadline);
+  ~Mesh();
+  Mesh(const Mesh&) = delete;
+  Mesh& operator=(const Mesh&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return static_cast<int>(listeners_.size()); }
+  const Listener& listener(int rank) const { return listeners_[static_cast<size_t>(rank)]; }
+  const std::string& token() const { return token_; }
+  uint64_t id() const { return id_; }
+
+  // Moves every send and receive at once and returns when all are done. At most one send per peer. Throws
+  // MeshTimeout at `deadline`, MessageSizeMismatch (after the other messages finished) and MeshFailure.
+  void exchange(std::span<const Send> sends, std::span<const Recv> recvs, Clock::time_point deadline);
+
+  // Why the mesh is unusable, or "".
+  const std::string& broken() const { return broken_; }
+
+ private:
+  struct PendingRecv {
+    Recv recv;
+    bool done = false;
+    std::string mismatch;  // a point-to-point message of another size: what to report
+  };
+
+  void read_more(Peer& peer);
+  void begin_payload(Peer& peer);
+  void finish_payload(Peer& peer);
+  bool wants_more(const Peer& peer) const;
+  bool take_from_mailbox(Peer& peer, PendingRecv& pending);
+  void fail(const std::string& reason);
+  std::string name(int rank) const;  // "rank 3 (host:port)"
+
+  std::unique_ptr<asio::io_context> io_;
+  std::vector<Listener> listeners_;
+  int rank_;
+  uint64_t id_;
+  std::string token_;
+  std::vector<std::unique_ptr<Peer>> peers_;  // by rank; null for this rank
+  std::string broken_;
+
+  // The exchange in progress.
+  std::vector<PendingRecv> recvs_;
+  size_t recvs_left_ = 0;
+  size_t writes_left_ = 0;
+  std::vector<std::array<uint8_t, 24>> send_headers_;
+  std::string failure_;  // set by a handler: the exchange fails
+};
+
+}  // namespace vimo::comm::tcp_detail
