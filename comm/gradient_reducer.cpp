@@ -265,8 +265,8 @@ void GradientReducer::use_shared_memory(const ReducerOptions& options) {
   }
   if (!options.shared_memory) {
     why_not = "shared memory off";
-  } else if (backend != "mpi") {
-    why_not = "shared memory only for the MPI backend";
+  } else if (backend != "mpi" && backend != "tcp") {
+    why_not = "shared memory only for the CPU backends (MPI, TCP)";
   } else if (comm_->size() < 2) {
     why_not = "one rank";
   } else if (shared == 0 || capacity == 0) {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <boost/asio.hpp>
 #include <charconv>
+#include <cstdlib>
 #include <set>
 #include <stdexcept>
 #include <string_view>
@@ -364,8 +365,12 @@ StoreServer::StoreServer(StoreServerOptions options) : state_(std::make_unique<S
   } catch (const boost::system::system_error& e) {
     throw std::runtime_error(
         fmt::format("rendezvous store at {}: cannot listen: {}. HINT: the host must be a local address; "
-                    "another job may use the port (set VIMO_RENDEZVOUS_PORT)",
-                    where, e.code().message()));
+                    "another job may use the port (set VIMO_RENDEZVOUS_PORT){}",
+                    where, e.code().message(),
+                    std::getenv("TORCHELASTIC_USE_AGENT_STORE") != nullptr
+                        ? "; under torchrun, its agent serves its own store on MASTER_PORT, so set "
+                          "VIMO_RENDEZVOUS_PORT to another free port"
+                        : ""));
   }
   s.accept();
   thread_ = std::thread([&s] {

@@ -608,18 +608,18 @@ std::shared_ptr<Communicator> TcpCommunicator::split(int color, int key) {
                     }
                     std::stable_sort(members.begin(), members.end(),
                                      [&](int a, int b) { return all[3 * a + 1] < all[3 * b + 1]; });
-                    std::vector<Listener> listeners;
-                    int new_rank = 0;
-                    for (size_t i = 0; i < members.size(); ++i) {
-                      Listener where = engine->mesh().listener(members[i]);
-                      where.port = static_cast<uint16_t>(all[3 * members[i] + 2]);
-                      listeners.push_back(where);
-                      if (members[i] == engine->rank()) new_rank = static_cast<int>(i);
+                    std::vector<Listener> known;  // the new group's ranks up to this one
+                    for (int member : members) {
+                      Listener where = engine->mesh().listener(member);
+                      where.port = static_cast<uint16_t>(all[3 * member + 2]);
+                      known.push_back(where);
+                      if (member == engine->rank()) break;
                     }
                     const uint64_t id = fnv1a(fmt::format("split {} color {}", engine->next_split(), color),
                                               engine->mesh().id());
-                    auto mesh = std::make_unique<Mesh>(std::move(seed), std::move(listeners), new_rank, id,
-                                                       engine->mesh().token(), deadline);
+                    auto mesh =
+                        std::make_unique<Mesh>(std::move(seed), static_cast<int>(members.size()),
+                                               std::move(known), id, engine->mesh().token(), deadline);
                     child = std::make_shared<TcpCommunicator>(std::move(mesh));
                     child->set_timeout(timeout_now);
                   }));
@@ -640,27 +640,25 @@ std::shared_ptr<Communicator> make_tcp_communicator(StoreClient& store, const st
   const size_t colon = endpoint.rfind(':');
   const std::string store_host = endpoint.substr(0, colon);
   const auto store_port = static_cast<uint16_t>(std::stoi(endpoint.substr(colon + 1)));
-  const std::string mine =
-      fmt::format("{}\n{}\n{}", this_host_name(), address_towards(store_host, store_port), seed.port);
+  const Listener me{this_host_name(), address_towards(store_host, store_port), seed.port};
+  const std::string mine = encode_listener(me);
   store.set(fmt::format("{}/{}", key, rank), {reinterpret_cast<const uint8_t*>(mine.data()), mine.size()});
 
-  std::vector<Listener> listeners(static_cast<size_t>(size));
-  for (int r = 0; r < size; ++r) {
+  // Only the lower ranks' addresses: the higher ranks say where they listen when they connect.
+  std::vector<Listener> known;
+  for (int r = 0; r < rank; ++r) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     const std::vector<uint8_t> value =
         store.get(fmt::format("{}/{}", key, r), std::max(left, std::chrono::milliseconds(1)));
-    const std::string text(value.begin(), value.end());
-    const size_t first = text.find('\n'), second = text.find('\n', first + 1);
-    if (first == std::string::npos || second == std::string::npos) {
-      throw std::runtime_error(
-          fmt::format("[rank {}] make_tcp_communicator: rank {}'s address under '{}/{}' is malformed: '{}'",
-                      rank, r, key, r, text));
+    const std::optional<Listener> where = decode_listener(std::string(value.begin(), value.end()));
+    if (!where) {
+      throw std::runtime_error(fmt::format(
+          "[rank {}] make_tcp_communicator: rank {}'s address under '{}/{}' is malformed", rank, r, key, r));
     }
-    listeners[r] = Listener{text.substr(0, first), text.substr(first + 1, second - first - 1),
-                            static_cast<uint16_t>(std::stoi(text.substr(second + 1)))};
+    known.push_back(*where);
   }
-  auto mesh =
-      std::make_unique<Mesh>(std::move(seed), std::move(listeners), rank, fnv1a(key), token, deadline);
+  known.push_back(me);
+  auto mesh = std::make_unique<Mesh>(std::move(seed), size, std::move(known), fnv1a(key), token, deadline);
   auto communicator = std::make_shared<TcpCommunicator>(std::move(mesh));
   communicator->set_timeout(timeout);
   return communicator;

@@ -10,9 +10,11 @@
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace vimo::comm::tcp_detail {
@@ -68,6 +70,10 @@ struct MeshSeed {
   std::unique_ptr<tcp::acceptor> acceptor;
   uint16_t port = 0;
 };
+// "host\naddress\nport", as ranks publish it; decode_listener returns nullopt for a malformed one.
+std::string encode_listener(const Listener& where);
+std::optional<Listener> decode_listener(std::string_view text);
+
 // Listens on an ephemeral port of every IPv4 interface. Throws std::runtime_error when it cannot.
 MeshSeed open_listener();
 
@@ -82,11 +88,12 @@ struct Peer;
 // The connections of one rank to every other rank of a communicator, used by one thread at a time.
 class Mesh {
  public:
-  // Connects rank `rank` of listeners.size() ranks: it connects to every lower rank and accepts every higher
-  // one on `seed` (listening at listeners[rank]). Each connection opens with a hello carrying `mesh_id`, the
-  // connecting rank and `token`; a connection with a wrong one is logged and closed, and the mesh keeps
-  // waiting for the right one. Throws std::runtime_error at `deadline` naming the ranks missing.
-  Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t mesh_id, std::string token,
+  // Connects rank known.size() - 1 of `size` ranks, `known` being where ranks 0..rank listen (this one on
+  // `seed`): it connects to every lower rank and accepts every higher one. Each connection opens with a hello
+  // carrying `mesh_id`, the connecting rank, `token` and where it listens; a connection with a wrong one is
+  // logged and closed, and the mesh keeps waiting for the right one. Throws std::runtime_error at `deadline`
+  // naming the ranks missing.
+  Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_id, std::string token,
        Clock::time_point deadline);
   ~Mesh();
   Mesh(const Mesh&) = delete;

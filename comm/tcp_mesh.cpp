@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <climits>
 #include <cstring>
 #include <optional>
@@ -33,11 +34,15 @@ constexpr uint32_t kFrameMagic = 0x50435456;  // "VTCP"
 constexpr size_t kFrameHeaderBytes = 24;
 constexpr uint64_t kMaxFrameBytes = uint64_t{1} << 40;  // a bound on what a header may claim
 // The hello that opens every connection: magic u32 "VHLO", version u32, mesh id u64, rank u32, token length
-// u32, then the token. The accepting rank answers one byte (1) when it accepts, and closes otherwise.
+// u32, listener length u32, then the token and where the connecting rank listens (encode_listener). The
+// accepting rank answers one byte (1) when it accepts, and closes otherwise. A rank learns where the higher
+// ranks listen from their hellos, so forming needs only the lower ranks' addresses, which are published
+// before anyone waits.
 constexpr uint32_t kHelloMagic = 0x4f4c4856;  // "VHLO"
 constexpr uint32_t kHelloVersion = 1;
-constexpr size_t kHelloBytes = 24;
+constexpr size_t kHelloBytes = 28;
 constexpr uint32_t kMaxTokenBytes = 4096;
+constexpr uint32_t kMaxListenerBytes = 1024;
 
 namespace {
 
@@ -92,6 +97,25 @@ struct Peer {
   bool writing = false;
 };
 
+std::string encode_listener(const Listener& where) {
+  return fmt::format("{}\n{}\n{}", where.host, where.address, where.port);
+}
+
+std::optional<Listener> decode_listener(std::string_view text) {
+  const size_t first = text.find('\n');
+  const size_t second = first == std::string_view::npos ? first : text.find('\n', first + 1);
+  if (second == std::string_view::npos) return std::nullopt;
+  Listener where{std::string(text.substr(0, first)), std::string(text.substr(first + 1, second - first - 1)),
+                 0};
+  const std::string_view port = text.substr(second + 1);
+  unsigned value = 0;
+  const auto [end, error] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (error != std::errc() || end != port.data() + port.size() || value == 0 || value > 65535)
+    return std::nullopt;
+  where.port = static_cast<uint16_t>(value);
+  return where;
+}
+
 MeshSeed open_listener() {
   MeshSeed seed;
   seed.io = std::make_unique<asio::io_context>();
@@ -124,15 +148,17 @@ std::string address_towards(const std::string& host, uint16_t port) {
   }
 }
 
-Mesh::Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t mesh_id, std::string token,
+Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_id, std::string token,
            Clock::time_point deadline)
     : io_(std::move(seed.io)),
-      listeners_(std::move(listeners)),
-      rank_(rank),
+      listeners_(std::move(known)),
+      rank_(static_cast<int>(listeners_.size()) - 1),
       id_(mesh_id),
       token_(std::move(token)),
-      peers_(listeners_.size()) {
-  const int ranks = size();
+      peers_(static_cast<size_t>(size)) {
+  const int ranks = size;
+  listeners_.resize(static_cast<size_t>(size));  // the higher ranks' come with their hellos
+  const std::string introduction = encode_listener(listeners_[static_cast<size_t>(rank_)]);
   int missing = ranks - 1;
   const std::string me = this_host_name();
   std::map<int, std::string> last_error;  // rank -> why the last connection attempt failed
@@ -155,12 +181,13 @@ Mesh::Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t me
           *socket, asio::buffer(*hello), [&, socket, hello](boost::system::error_code ec, size_t) {
             if (ec || !forming) return;
             const uint32_t length = get<uint32_t>(hello->data() + 20);
+            const uint32_t listener_length = get<uint32_t>(hello->data() + 24);
             const int from = static_cast<int>(get<uint32_t>(hello->data() + 16));
             std::string peer_address = "?";
             boost::system::error_code ignored;
             if (auto remote = socket->remote_endpoint(ignored); !ignored)
               peer_address = remote.address().to_string();
-            auto refuse = [&, socket](const std::string& why) {
+            auto refuse = [this, socket, peer_address](const std::string& why) {
               spdlog::warn("[rank {}] TCP communicator refused a connection from {}: {}", rank_, peer_address,
                            why);
               boost::system::error_code ignore;
@@ -170,23 +197,29 @@ Mesh::Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t me
                 get<uint32_t>(hello->data() + 4) != kHelloVersion)
               return refuse("not a vimo TCP communicator hello of this version");
             if (get<uint64_t>(hello->data() + 8) != id_) return refuse("a hello for another communicator");
-            if (length > kMaxTokenBytes) return refuse(fmt::format("a token of {} bytes", length));
+            if (length > kMaxTokenBytes || listener_length > kMaxListenerBytes)
+              return refuse(fmt::format("a hello of {} + {} bytes", length, listener_length));
             if (from <= rank_ || from >= ranks) return refuse(fmt::format("a hello from rank {}", from));
-            auto token = std::make_shared<std::string>(length, '\0');
-            asio::async_read(*socket, asio::buffer(*token),
-                             [&, socket, token, from, refuse](boost::system::error_code ec, size_t) {
+            auto rest = std::make_shared<std::string>(length + listener_length, '\0');
+            asio::async_read(*socket, asio::buffer(*rest),
+                             [&, socket, rest, length, from, refuse](boost::system::error_code ec, size_t) {
                                if (ec || !forming) return;
-                               if (*token != token_)
+                               if (rest->compare(0, length, token_) != 0 || length != token_.size())
                                  return refuse(fmt::format("rank {} presented a wrong token", from));
+                               const std::optional<Listener> where =
+                                   decode_listener(std::string_view(*rest).substr(length));
+                               if (!where)
+                                 return refuse(fmt::format("rank {} sent a malformed address", from));
                                if (peers_[static_cast<size_t>(from)])
                                  return refuse(fmt::format("rank {} connected twice", from));
                                auto ack = std::make_shared<uint8_t>(1);
                                asio::async_write(
                                    *socket, asio::buffer(ack.get(), 1),
-                                   [&, socket, ack, from](boost::system::error_code ec, size_t) {
+                                   [&, socket, ack, from, where](boost::system::error_code ec, size_t) {
                                      if (ec || !forming || peers_[static_cast<size_t>(from)]) return;
                                      peers_[static_cast<size_t>(from)] =
                                          std::make_unique<Peer>(std::move(*socket), from);
+                                     listeners_[static_cast<size_t>(from)] = *where;
                                      --missing;
                                    });
                              });
@@ -221,13 +254,16 @@ Mesh::Mesh(MeshSeed seed, std::vector<Listener> listeners, int rank, uint64_t me
     asio::async_connect(
         *socket, endpoints, [&, socket, to, retry](boost::system::error_code ec, const tcp::endpoint&) {
           if (ec) return retry(ec.message());
-          auto hello = std::make_shared<std::vector<uint8_t>>(kHelloBytes + token_.size());
+          auto hello =
+              std::make_shared<std::vector<uint8_t>>(kHelloBytes + token_.size() + introduction.size());
           put<uint32_t>(hello->data(), kHelloMagic);
           put<uint32_t>(hello->data() + 4, kHelloVersion);
           put<uint64_t>(hello->data() + 8, id_);
           put<uint32_t>(hello->data() + 16, static_cast<uint32_t>(rank_));
           put<uint32_t>(hello->data() + 20, static_cast<uint32_t>(token_.size()));
+          put<uint32_t>(hello->data() + 24, static_cast<uint32_t>(introduction.size()));
           std::memcpy(hello->data() + kHelloBytes, token_.data(), token_.size());
+          std::memcpy(hello->data() + kHelloBytes + token_.size(), introduction.data(), introduction.size());
           asio::async_write(
               *socket, asio::buffer(*hello),
               [&, socket, hello, to, retry](boost::system::error_code ec, size_t) {
@@ -289,6 +325,7 @@ Mesh::~Mesh() = default;
 
 std::string Mesh::name(int rank) const {
   const Listener& where = listeners_[static_cast<size_t>(rank)];
+  if (where.port == 0) return fmt::format("rank {} (never connected)", rank);
   return fmt::format("rank {} ({}:{})", rank, where.host, where.port);
 }
 

@@ -12,6 +12,7 @@
 
 #include "build_info.h"
 #include "comm/communicator.h"
+#include "comm/world.h"
 #include "trainer/bench_comm.h"
 #include "trainer/bench_data.h"
 #include "trainer/bench_kernels.h"
@@ -27,22 +28,18 @@ namespace {
 
 int run_train(const std::string& config_path, const std::vector<std::string>& overrides, bool resume) {
   using namespace vimo;
-  auto comm = comm::make_mpi_communicator();
-  const bool main_rank = comm->rank() == 0;
-  // torchrun or srun without MPI's own launch starts every process as an MPI world of one: each would train
-  // alone and write the same out_dir. Refuse instead.
-  const comm::WorldInfo launched = comm::world_from_environment();
-  if (launched.world_size != comm->size()) {
-    if (main_rank) {
-      std::fprintf(
-          stderr,
-          "error: the launcher (%s) started %d ranks, but MPI sees %d: each process would train "
-          "alone. HINT: launch with mpirun, or with srun --mpi=pmix and an Open MPI built for Slurm; "
-          "training without MPI as the launcher is not built yet\n",
-          launched.launcher.c_str(), launched.world_size, comm->size());
-    }
+  // mpirun's ranks are MPI's world; torchrun's or srun's (without an MPI built for Slurm) meet through the
+  // rendezvous store and talk over TCP.
+  comm::World world;
+  try {
+    world = comm::make_world_communicator();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
   }
+  const std::shared_ptr<comm::Communicator> comm = world.comm;
+  const bool main_rank = comm->rank() == 0;
+  const comm::WorldInfo launched = comm::world_from_environment();
   trainer::Config config;
   try {
     config = trainer::load_config(config_path, overrides);
@@ -54,9 +51,10 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
   const std::string yaml = trainer::to_yaml(config);
   if (main_rank) {
     std::printf(
-        "vimo %s | %d ranks (launcher %s) | config %s\n--- resolved config "
+        "vimo %s | %d ranks (launcher %s, communication %s) | config %s\n--- resolved config "
         "---\n%s\n-----------------------\n",
-        VIMO_VERSION, comm->size(), launched.launcher.c_str(), config_path.c_str(), yaml.c_str());
+        VIMO_VERSION, comm->size(), launched.launcher.c_str(), world.how.c_str(), config_path.c_str(),
+        yaml.c_str());
     std::filesystem::create_directories(config.train.out_dir);
     std::ofstream(config.train.out_dir + "/config.yaml") << yaml << "\n";
     std::fflush(stdout);
@@ -163,11 +161,18 @@ int main(int argc, char** argv) {
     if (*version) print_version();
     return 0;
   } catch (const std::exception& e) {
+    // The launcher's rank: under torchrun, MPI sees each process as rank 0 of 1.
     int rank = 0;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    try {
+      rank = vimo::comm::world_from_environment().rank;
+    } catch (const std::exception&) {
+      // a malformed launcher variable: keep MPI's rank
+    }
     std::fprintf(stderr, "[rank %d] error: %s\n", rank, e.what());
     std::fflush(stderr);
-    // Peers may be blocked in a collective this rank will never join: take the whole job down.
+    // Peers may be blocked in a collective this rank will never join: take the whole job down. (Over TCP
+    // they see this rank's connections close when it exits, and fail naming it.)
     int size = 1;
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     if (size > 1) MPI_Abort(MPI_COMM_WORLD, 1);

@@ -1,0 +1,304 @@
+// The TCP backend's own cases, with ranks forked from this process and no MPI at all (the shared suites of
+// test_comm_mpi / test_comm_collectives / test_process_grid run over TCP under mpirun too): connections with
+// a wrong token or garbage are refused, logged, and do not stop the mesh from forming; a large all-reduce
+// split unevenly over 3 ranks equals its float64 reference; a rank that dies makes the others fail at once,
+// naming it, instead of waiting for the timeout; and a rank that never comes is named when forming times out.
+#include <ATen/CPUGeneratorImpl.h>
+#include <arpa/inet.h>
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/store.h"
+#include "comm/tcp_communicator.h"
+#include "tests/random_seed.h"
+#include "tests/test_support.h"
+
+namespace {
+using namespace std::chrono_literals;
+using vimo::comm::ReduceOp;
+
+constexpr const char* kToken = "the-job-token";
+
+// A store served by this process on an ephemeral port; the forked ranks connect to it.
+struct Store {
+  Store() {
+    vimo::comm::StoreServerOptions options;
+    options.host = "127.0.0.1";
+    options.token = kToken;
+    server = std::make_unique<vimo::comm::StoreServer>(options);
+  }
+  std::unique_ptr<vimo::comm::StoreClient> connect(int rank) const {
+    vimo::comm::StoreClientOptions options;
+    options.host = "127.0.0.1";
+    options.port = server->port();
+    options.token = kToken;
+    options.rank = rank;
+    return std::make_unique<vimo::comm::StoreClient>(options);
+  }
+  std::unique_ptr<vimo::comm::StoreServer> server;
+};
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// Forks `ranks` processes, each running body(rank) with its stdout and stderr in <dir>/rank<r>.err; what body
+// returns (or the error it throws, prefixed "error: ") goes to <dir>/rank<r>.txt. Waits for all of them,
+// killing any still running after `limit`; returns each one's exit status (0: body returned, 1: it threw, -1:
+// killed).
+std::vector<int> run_ranks(int ranks, const std::filesystem::path& dir, std::chrono::seconds limit,
+                           const std::function<std::string(int)>& body) {
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < ranks; ++rank) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const std::string err = (dir / fmt::format("rank{}.err", rank)).string();
+      // The log (spdlog's, on stdout) and errors both go to the file.
+      if (std::freopen(err.c_str(), "w", stderr) == nullptr || ::dup2(::fileno(stderr), STDOUT_FILENO) < 0)
+        ::_exit(3);
+      at::set_num_threads(1);
+      int status = 0;
+      std::string result;
+      try {
+        result = body(rank);
+      } catch (const std::exception& e) {
+        result = std::string("error: ") + e.what();
+        status = 1;
+      }
+      std::ofstream(dir / fmt::format("rank{}.txt", rank)) << result;
+      std::fflush(stderr);
+      ::_exit(status);
+    }
+    pids.push_back(pid);
+  }
+  std::vector<int> statuses(static_cast<size_t>(ranks), -1);
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (int left = ranks; left > 0;) {
+    for (int rank = 0; rank < ranks; ++rank) {
+      int status = 0;
+      if (pids[rank] > 0 && ::waitpid(pids[rank], &status, WNOHANG) == pids[rank]) {
+        statuses[rank] = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+        pids[rank] = 0;
+        --left;
+      }
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      for (pid_t pid : pids) {
+        if (pid > 0) {
+          ::kill(pid, SIGKILL);
+          ::waitpid(pid, nullptr, 0);
+        }
+      }
+      break;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  return statuses;
+}
+
+// Connects to 127.0.0.1:port, sends `bytes`, and returns whether the other end closed the connection within
+// 10 s without answering (a read returned 0, or failed with a reset: a close with bytes unread).
+bool sent_and_closed_unanswered(uint16_t port, const std::string& bytes) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  ::inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return false;
+  if (::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) return false;
+  timeval wait{10, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &wait, sizeof(wait));
+  char answer = 0;
+  const ssize_t got = ::read(fd, &answer, 1);
+  const bool reset = got < 0 && errno == ECONNRESET;  // closed with some of our bytes unread
+  ::close(fd);
+  return got == 0 || reset;
+}
+
+// A hello as tcp_mesh.cpp frames it, for the mesh of key `key`, from `rank`, with `token`.
+std::string hello(const std::string& key, uint32_t rank, const std::string& token) {
+  uint64_t id = 1469598103934665603ull;  // the mesh id: FNV-1a of the key, as make_tcp_communicator takes it
+  for (unsigned char c : key) id = (id ^ c) * 1099511628211ull;
+  const std::string where = "127.0.0.1\n127.0.0.1\n9";
+  std::string bytes(28, '\0');
+  const uint32_t magic = 0x4f4c4856, version = 1, length = static_cast<uint32_t>(token.size()),
+                 where_length = static_cast<uint32_t>(where.size());
+  std::memcpy(&bytes[0], &magic, 4);
+  std::memcpy(&bytes[4], &version, 4);
+  std::memcpy(&bytes[8], &id, 8);
+  std::memcpy(&bytes[16], &rank, 4);
+  std::memcpy(&bytes[20], &length, 4);
+  std::memcpy(&bytes[24], &where_length, 4);
+  return bytes + token + where;
+}
+
+// The port rank 0 of the mesh `key` listens on, read from the store.
+uint16_t listening_port(vimo::comm::StoreClient& store, const std::string& key) {
+  const std::vector<uint8_t> value = store.get(key + "/0", 30s);
+  const std::string text(value.begin(), value.end());
+  return static_cast<uint16_t>(std::stoi(text.substr(text.rfind('\n') + 1)));
+}
+
+TEST(TcpCommunicator, RefusesWrongTokensAndGarbageAndStillForms) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "refuses");
+  const Store store;
+  const std::string key = "tcp/refuses";
+  // Rank 2 is no rank: before rank 1 may start, it knocks on rank 0's port with a wrong token, then with
+  // garbage, then with the right token but claiming rank 7, and sees each connection closed unanswered
+  // (rank 0 accepts while it waits for rank 1: it needs no address of a higher rank).
+  const std::vector<int> statuses = run_ranks(3, dir, 60s, [&](int rank) -> std::string {
+    auto client = store.connect(rank);
+    if (rank == 2) {
+      const uint16_t port = listening_port(*client, key);
+      std::string result =
+          fmt::format("wrong token closed: {}\n", sent_and_closed_unanswered(port, hello(key, 1, "guess")));
+      result += fmt::format("garbage closed: {}\n", sent_and_closed_unanswered(port, std::string(64, 'x')));
+      result += fmt::format("rank 7 closed: {}\n", sent_and_closed_unanswered(port, hello(key, 7, kToken)));
+      client->set("go", {});
+      return result;
+    }
+    if (rank == 1) client->get("go", 30s);
+    auto comm = vimo::comm::make_tcp_communicator(*client, key, rank, 2, kToken, 30s);
+    at::Tensor x = at::full({3}, rank + 1.0);
+    comm->allreduce(x, ReduceOp::Sum);
+    return fmt::format("sum {}", x[0].item<double>());
+  });
+  EXPECT_EQ(statuses, (std::vector<int>{0, 0, 0}))
+      << read_file(dir / "rank0.txt") << read_file(dir / "rank1.txt");
+  EXPECT_EQ(read_file(dir / "rank2.txt"),
+            "wrong token closed: true\ngarbage closed: true\nrank 7 closed: true\n");
+  EXPECT_EQ(read_file(dir / "rank0.txt"), "sum 3");
+  EXPECT_EQ(read_file(dir / "rank1.txt"), "sum 3");
+  const std::string log = read_file(dir / "rank0.err");
+  EXPECT_NE(log.find("refused a connection from 127.0.0.1: rank 1 presented a wrong token"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("not a vimo TCP communicator hello"), std::string::npos) << log;
+  EXPECT_NE(log.find("a hello from rank 7"), std::string::npos) << log;
+  EXPECT_EQ(log.find("the-job-token"), std::string::npos) << "the log shows the token: " << log;
+}
+
+TEST(TcpCommunicator, LargeUnevenAllreduceAndReduceScatterMatchFloat64) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "large");
+  const Store store;
+  const uint64_t seed = vimo::testing::fresh_seed();
+  RecordProperty("seed", std::to_string(seed));
+  constexpr int kRanks = 3;
+  constexpr int64_t kElements = 3'000'001;  // 12 MB of float32, not a multiple of 3: chunks of unequal size
+  const auto input_of = [&](int rank) {
+    at::Generator generator = at::detail::createCPUGenerator(seed + static_cast<uint64_t>(rank));
+    return at::randn({kElements}, generator, at::kFloat);
+  };
+  const std::vector<int> statuses = run_ranks(kRanks, dir, 120s, [&](int rank) -> std::string {
+    auto client = store.connect(rank);
+    auto comm = vimo::comm::make_tcp_communicator(*client, "tcp/large", rank, kRanks, kToken, 60s);
+    at::Tensor sum = input_of(rank);
+    comm->allreduce(sum, ReduceOp::Sum);
+    at::Tensor rows = input_of(rank).narrow(0, 0, kElements - 1).view({kRanks * 1000, -1});
+    const at::Tensor scattered = comm->reduce_scatter(rows, ReduceOp::Max);
+    // The float64 truth, from every rank's input rebuilt here.
+    at::Tensor truth = at::zeros({kElements}, at::kDouble);
+    at::Tensor max_truth;
+    for (int r = 0; r < kRanks; ++r) {
+      const at::Tensor x = input_of(r);
+      truth += x.to(at::kDouble);
+      const at::Tensor part =
+          x.narrow(0, 0, kElements - 1).view({kRanks * 1000, -1}).narrow(0, rank * 1000, 1000);
+      max_truth = r == 0 ? part.clone() : at::maximum(max_truth, part);
+    }
+    // Three float32 terms: each addition rounds once, so |error| <= 2 ulp-sized steps of the running sum.
+    const double worst = (sum.to(at::kDouble) - truth).abs().max().item<double>();
+    const double bound = 2 * 6e-8 * truth.abs().max().item<double>() + 1e-6;
+    return fmt::format("sum within bound: {} (worst {}, bound {})\nmax equal: {}", worst <= bound, worst,
+                       bound, at::equal(scattered, max_truth));
+  });
+  EXPECT_EQ(statuses, (std::vector<int>(kRanks, 0)));
+  for (int rank = 0; rank < kRanks; ++rank) {
+    const std::string result = read_file(dir / fmt::format("rank{}.txt", rank));
+    EXPECT_NE(result.find("sum within bound: true"), std::string::npos) << "rank " << rank << ": " << result;
+    EXPECT_NE(result.find("max equal: true"), std::string::npos) << "rank " << rank << ": " << result;
+  }
+}
+
+TEST(TcpCommunicator, ADeadRankFailsTheOthersAtOnceNamingIt) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "dead");
+  const Store store;
+  const std::vector<int> statuses = run_ranks(3, dir, 60s, [&](int rank) -> std::string {
+    auto client = store.connect(rank);
+    auto comm = vimo::comm::make_tcp_communicator(*client, "tcp/dead", rank, 3, kToken, 30s);
+    comm->barrier();
+    if (rank == 2) ::_exit(0);  // dies without a word, its sockets closed by the kernel
+    comm->set_timeout(120s);
+    at::Tensor x = at::ones({1 << 20});
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      comm->allreduce(x, ReduceOp::Sum);
+    } catch (const std::runtime_error& e) {
+      const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      // A later call is refused, naming the failure.
+      std::string later;
+      try {
+        comm->barrier();
+      } catch (const std::runtime_error& again) {
+        later = again.what();
+      }
+      return fmt::format("failed after {:.1f} s: {}\nlater: {}", waited, e.what(), later);
+    }
+    return "no error";
+  });
+  EXPECT_EQ(statuses, (std::vector<int>{0, 0, 0}));
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string result = read_file(dir / fmt::format("rank{}.txt", rank));
+    EXPECT_NE(result.find("failed after"), std::string::npos) << result;
+    // Rank 1 receives from rank 0 first in the ring, so either may be the one that sees rank 2 go first; the
+    // other then sees that one's failure. Both must name a peer that closed its connection, well before 120
+    // s.
+    EXPECT_NE(result.find("closed its connection"), std::string::npos) << result;
+    EXPECT_NE(result.find("refused: this communicator is unusable"), std::string::npos) << result;
+    const double waited = std::stod(result.substr(std::string("failed after ").size()));
+    EXPECT_LT(waited, 30.0) << result;
+  }
+  const bool named = read_file(dir / "rank0.txt").find("rank 2 (") != std::string::npos ||
+                     read_file(dir / "rank1.txt").find("rank 2 (") != std::string::npos;
+  EXPECT_TRUE(named) << "neither surviving rank names rank 2";
+}
+
+TEST(TcpCommunicator, ARankThatNeverComesIsNamed) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "absent");
+  const Store store;
+  // Ranks 0 and 1 of 3 come; rank 2 never does.
+  const std::vector<int> statuses = run_ranks(2, dir, 60s, [&](int rank) -> std::string {
+    auto client = store.connect(rank);
+    auto comm = vimo::comm::make_tcp_communicator(*client, "tcp/absent", rank, 3, kToken, 2s);
+    return "formed";
+  });
+  EXPECT_EQ(statuses, (std::vector<int>{1, 1}));
+  for (int rank = 0; rank < 2; ++rank) {
+    const std::string result = read_file(dir / fmt::format("rank{}.txt", rank));
+    EXPECT_NE(
+        result.find("no connection with 1 of the 2 other ranks before the timeout: rank 2 (never connected)"),
+        std::string::npos)
+        << result;
+  }
+}
+
+}  // namespace
