@@ -38,6 +38,8 @@
 #include <thread>
 #include <vector>
 
+#include "comm/job_store.h"
+#include "comm/tcp_communicator.h"
 #include "trainer/bench_comm_internal.h"
 #include "trainer/bench_stats.h"
 
@@ -410,7 +412,7 @@ void print_comm_bench(const nlohmann::json& report) {
         "  the last bucket, all-reduced only once backward is over, holds {:.1f} % of the bytes\n",
         o["dp"].get<int>(), o["transport"].get<std::string>(), o["model"].get<std::string>(),
         o["parameters"].get<int64_t>(), o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(),
-        o["transport"].get<std::string>().rfind("shared memory", 0) == 0
+        o["transport"].get<std::string>().rfind("mpi", 0) != 0  // the progress thread is MPI's only
             ? std::string("no progress thread")
             : fmt::format("progress every {} us", o["progress_interval_us"].get<int>()),
         o.value("gradients", std::string("copied")), o["step_ms"].get<double>(),
@@ -463,6 +465,11 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
   command.add_flag(
       "!--grad-copy", options_.gradient_as_bucket_view,
       "Overlap measurement with gradients copied into their buckets and back, not views of them");
+  command
+      .add_option("--backend", backend_,
+                  "Our communicator: mpi, or tcp (the TCP backend over the same ranks)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"mpi", "tcp"}));
   command.add_flag("!--no-shm", options_.shared_memory,
                    "Overlap measurement through MPI only (by default it runs through the shared-memory "
                    "all-reduce when every rank is on this host, then through MPI as the baseline)");
@@ -471,7 +478,16 @@ CommBenchCommand::CommBenchCommand(CLI::App& command) {
 int CommBenchCommand::run() const {
   CommBenchOptions options = options_;
   options.max_bytes = static_cast<int64_t>(max_mib_ * kMiB);
-  const std::shared_ptr<comm::Communicator> comm = comm::make_mpi_communicator();
+  std::shared_ptr<comm::Communicator> comm = comm::make_mpi_communicator();
+  // The TCP backend's ranks meet through a store formed over MPI, which only launched them; the store lives
+  // until the end, since rank 0 must not close it while the others still read it.
+  std::unique_ptr<comm::JobStore> store;
+  std::unique_ptr<comm::StoreClient> client;
+  if (backend_ == "tcp") {
+    store = comm::start_job_store(*comm);
+    client = comm::connect_job_store(*store, comm->rank());
+    comm = comm::make_tcp_communicator(*client, "bench/tcp", comm->rank(), comm->size(), store->token);
+  }
   const nlohmann::json report = run_comm_bench(options, comm);
   if (comm->rank() == 0) {
     print_comm_bench(report);

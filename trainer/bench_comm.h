@@ -78,19 +78,21 @@ void print_comm_bench(const nlohmann::json& report);
 
 // The command line of `vimo bench comm` and bench/comm_report_main.cpp: --out, --max-mib, --iters,
 // --overlap-steps, --overlap-width/-depth/-batch, --bucket-mib, --progress-us, --no-overlap, --grad-copy,
-// --no-shm, added to `command`. Not movable: CLI11 holds pointers to its members.
+// --no-shm, --backend, added to `command`. Not movable: CLI11 holds pointers to its members.
 class CommBenchCommand {
  public:
   explicit CommBenchCommand(CLI::App& command);
   CommBenchCommand(const CommBenchCommand&) = delete;
   CommBenchCommand& operator=(const CommBenchCommand&) = delete;
-  // After parsing, with MpiRuntime alive: runs run_comm_bench on make_mpi_communicator() (every rank),
-  // rank 0 prints the tables and writes the report. Returns the exit code.
+  // After parsing, with MpiRuntime alive: runs run_comm_bench on make_mpi_communicator() (every rank), or
+  // with --backend tcp on the TCP backend over the same ranks (the raw rows stay MPI's), rank 0 prints the
+  // tables and writes the report. Returns the exit code.
   int run() const;
 
  private:
   CommBenchOptions options_;
   double max_mib_ = 256;
+  std::string backend_ = "mpi";
 };
 
 }  // namespace vimo::trainer

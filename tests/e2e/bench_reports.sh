@@ -48,4 +48,14 @@ assert {row["bytes"] for row in rows} == {4096, 16384, 65536, 262144, 1048576}, 
 for row in rows:
     assert row["ours"]["time_us"] > 0 and row["raw"]["time_us"] > 0 and row["ours_over_raw"] > 0, row
 PY
+# The same sweep with the TCP backend as ours (raw stays MPI), and its overlap row through TCP.
+mpirun --oversubscribe --bind-to none -np 2 "$vimo" bench comm --backend tcp --max-mib 0.25 --iters 2 \
+  --no-shm --overlap-steps 1 --overlap-depth 2 --overlap-width 64 --out "$work/comm_tcp.json" > "$work/comm_tcp.log"
+python3 - "$work/comm_tcp.json" <<'PY' || fail "bad comm_tcp.json"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["backend"] == "tcp", r["backend"]
+assert all(row["ours"]["time_us"] > 0 and row["ours_over_raw"] > 0 for row in r["collectives"]), r["collectives"]
+assert r["overlap"]["transport"].startswith("tcp"), r["overlap"]["transport"]
+PY
 echo "1 passed, 0 failed"
