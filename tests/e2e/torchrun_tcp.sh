@@ -3,8 +3,9 @@
 # WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, MPI sees each process alone, and the ranks meet through
 # the rendezvous store and talk over TCP. Two ranks must log the same losses, bit for bit, as the same run
 # under mpirun (with two ranks every sum is a + b, whichever backend adds), with the gradients all-reduced
-# through shared memory (the default on one host) and through TCP itself. Without VIMO_RENDEZVOUS_TOKEN the
-# run stops at once with an error naming it.
+# through shared memory (the default on one host) and through TCP itself. A rank stopped or killed mid-run
+# ends the other with an error naming it. Without VIMO_RENDEZVOUS_TOKEN the run stops at once with an error
+# naming it.
 source "$(dirname "$0")/common.sh"
 config="$source_dir/configs/demo/retriever_action.yaml"
 args="$tiny train.steps=8 train.eval_every=0"
@@ -38,6 +39,37 @@ for run in shm tcp; do
   diff <(losses "$work/mpi/metrics.jsonl") <(losses "$work/$run/metrics.jsonl") \
     || fail "the torchrun-style run ($run) logged other losses than the same run under mpirun"
 done
+
+# Hang detection over TCP: a long run, rank 1 stopped (SIGSTOP: its connections stay open) or killed mid-run;
+# rank 0 must exit non-zero within the watchdog timeout plus a margin, naming rank 1.
+for signal in STOP KILL; do
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  pids=()
+  for r in 0 1; do
+    env -u OMPI_COMM_WORLD_RANK -u OMPI_COMM_WORLD_SIZE RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 \
+      MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$vimo" train "$config" $tiny train.steps=1000000 train.eval_every=0 \
+      train.log_every=20 train.checkpoint_every=1000000 train.watchdog_timeout_s=3 train.out_dir="$work/$signal" \
+      > "$work/$signal.rank$r.log" 2>&1 &
+    pids+=($!)
+  done
+  deadline=$((SECONDS + 60))
+  until grep -q "step *20/" "$work/$signal.rank0.log"; do
+    [ $SECONDS -lt $deadline ] || { kill -9 "${pids[@]}"; fail "no step 20 within 60 s ($signal)"; }
+    sleep 0.2
+  done
+  kill -$signal "${pids[1]}"
+  start=$SECONDS
+  while kill -0 "${pids[0]}" 2>/dev/null && [ $((SECONDS - start)) -lt 30 ]; do sleep 0.2; done
+  kill -0 "${pids[0]}" 2>/dev/null && { kill -9 "${pids[@]}"; fail "rank 0 still runs 30 s after rank 1 got SIG$signal"; }
+  set +e; wait "${pids[0]}"; code=$?; set -e
+  kill -CONT "${pids[1]}" 2>/dev/null || true
+  kill -9 "${pids[1]}" 2>/dev/null || true
+  wait "${pids[1]}" 2>/dev/null || true
+  [ "$code" -ne 0 ] || fail "rank 0 exited 0 after rank 1 got SIG$signal"
+  grep -q "rank 1" "$work/$signal.rank0.log" || { cat "$work/$signal.rank0.log"; fail "rank 0 does not name rank 1 (SIG$signal)"; }
+done
+grep -q "vimo watchdog \[rank 0 on .*\]: rank 1 (host .*) sent no heartbeat" "$work/STOP.rank0.log" \
+  || { cat "$work/STOP.rank0.log"; fail "no watchdog message for the stopped rank"; }
 
 unset VIMO_RENDEZVOUS_TOKEN
 if torchrun_like 2 no_token; then fail "a run without VIMO_RENDEZVOUS_TOKEN was accepted"; fi
