@@ -48,20 +48,28 @@ using detail::tensor_text;
 // reduced in float32 and rounded once, as over MPI (Note [Half types over MPI]).
 // Blocking calls first agree on the call (Note [Agreeing on a collective before running it]) through a ring
 // all-gather of the signatures; asynchronous ones do not (Note [Agreement on asynchronous calls]). Every call
-// has a deadline, its start plus the communicator's timeout. A timeout that cut a message in the middle, or a
-// peer that closed its connection, leaves the communicator unusable, and every later call fails at once
-// naming the first failure.
+// has a deadline: the communicator's timeout from when the worker starts it (a queued call waits for the ones
+// before it, which have deadlines of their own; like MPI's waits, a timeout counts the time spent waiting for
+// peers, not in the queue). A collective that timed out, a send cut in the middle, a peer that closed its
+// connection, or any other failure inside a call leaves the communicator unusable, and every later call
+// fails at once naming the first failure. A receive that timed out keeps it usable (Note [Ending an exchange
+// that did not finish] in tcp_mesh.cpp), and so does a call the agreement rejected on every rank.
 
 constexpr int64_t kMaxTag = INT_MAX;
 
+// A call every rank gave up together (the agreement found a mismatch or a rejected input) or that failed on
+// this rank alone with its stream intact (a receive of the wrong size): the communicator goes on. Any other
+// failure inside a call leaves the ranks at different points of it, and breaks the communicator.
+struct CallRejected : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // A queued call: its state, which its caller or Work waits on, and what the worker runs.
 struct OpState {
-  OpState(CallName c, int64_t b, std::chrono::milliseconds t)
-      : call(std::move(c)), bytes(b), timeout(t), deadline(Clock::now() + t) {}
+  OpState(CallName c, int64_t b, std::chrono::milliseconds t) : call(std::move(c)), bytes(b), timeout(t) {}
   CallName call;
   int64_t bytes;
-  std::chrono::milliseconds timeout;
-  Clock::time_point deadline;
+  std::chrono::milliseconds timeout;  // from when the worker starts the call (Note [A TCP communicator])
   std::mutex mutex;
   std::condition_variable finished;
   std::atomic<bool> done{false};
@@ -172,7 +180,11 @@ class Engine {
     mine[detail::kInputAccepted] = problem.empty() ? 1 : 0;
     std::vector<int64_t> all(static_cast<size_t>(size_) * kSignatureLength);
     ring_allgather(mine.data(), all.data(), sizeof(mine), deadline);
-    detail::judge_signatures(rank_, call, mine, all, problem);
+    try {
+      detail::judge_signatures(rank_, call, mine, all, problem);
+    } catch (const std::runtime_error& e) {
+      throw CallRejected(e.what());
+    }
   }
 
   // Each rank's `block` bytes at `mine` -> `all` [size, block], in rank order.
@@ -255,41 +267,13 @@ class Engine {
       }
       OpState& state = *op.state;
       std::exception_ptr error;
-      try {
-        if (!broken_.empty()) {
-          throw std::runtime_error(fmt::format(
-              "[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
-              "HINT: exit and resume from the last checkpoint",
-              rank_, state.call.text(), broken_));
-        }
-        op.run(state.deadline);
-      } catch (const MeshTimeout& e) {
-        // A collective cut short leaves the ranks at different points of it: only a receive that got
-        // nothing can be given up alone.
-        const bool collective = state.call.signature()[detail::kCollective] != 0;
-        std::string consequence;
-        if (collective) {
-          consequence = fmt::format(
-              "Over TCP, {}; the ranks are now at different points of the collective, so "
-              "the communicator is unusable",
-              e.what());
-        } else if (!e.usable) {
-          consequence = fmt::format(
-              "Over TCP, {}; a message was cut in the middle, so the communicator is unusable", e.what());
-        } else {
-          consequence =
-              fmt::format("Over TCP, {}; no message arrived, so the communicator stays usable", e.what());
-        }
-        if (collective || !e.usable) broken_ = fmt::format("{} timed out: {}", state.call.text(), e.what());
-        error = std::make_exception_ptr(std::runtime_error(detail::describe_timeout(
-            rank_, state.call.text(), state.bytes, state.timeout, size_, consequence)));
-      } catch (const MeshFailure& e) {
-        broken_ = e.what();
-        error = std::make_exception_ptr(
-            std::runtime_error(fmt::format("[rank {}] {} failed: {}. The TCP communicator is unusable now",
-                                           rank_, state.call.text(), e.what())));
-      } catch (...) {
-        error = std::current_exception();
+      if (!broken_.empty()) {
+        error = std::make_exception_ptr(std::runtime_error(fmt::format(
+            "[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
+            "HINT: exit and resume from the last checkpoint",
+            rank_, state.call.text(), broken_)));
+      } else {
+        error = execute(op);
       }
       {
         const std::lock_guard<std::mutex> lock(state.mutex);
@@ -299,6 +283,46 @@ class Engine {
       }
       state.finished.notify_all();
     }
+  }
+
+  // Runs `op` to its deadline; returns its error, and marks the communicator broken when the failure left the
+  // ranks out of step (Note [A TCP communicator]).
+  std::exception_ptr execute(Op& op) {
+    OpState& state = *op.state;
+    std::exception_ptr error;
+    try {
+      op.run(Clock::now() + state.timeout);
+    } catch (const MeshTimeout& e) {
+      // A collective cut short leaves the ranks at different points of it: only a receive that got
+      // nothing can be given up alone.
+      const bool collective = state.call.signature()[detail::kCollective] != 0;
+      std::string consequence;
+      if (collective) {
+        consequence = fmt::format(
+            "Over TCP, {}; the ranks are now at different points of the collective, so "
+            "the communicator is unusable",
+            e.what());
+      } else if (!e.usable) {
+        consequence = fmt::format(
+            "Over TCP, {}; a send was cut in the middle, so the communicator is unusable", e.what());
+      } else {
+        consequence = fmt::format(
+            "Over TCP, {}; the receive is given up and the communicator stays usable (a message that "
+            "arrives later is kept for the next receive of its tag)",
+            e.what());
+      }
+      if (collective || !e.usable) broken_ = fmt::format("{} timed out: {}", state.call.text(), e.what());
+      error = std::make_exception_ptr(std::runtime_error(detail::describe_timeout(
+          rank_, state.call.text(), state.bytes, state.timeout, size_, consequence)));
+    } catch (const CallRejected& e) {
+      error = std::make_exception_ptr(std::runtime_error(e.what()));
+    } catch (const std::exception& e) {  // MeshFailure, or anything else that cut a call short
+      broken_ = e.what();
+      error = std::make_exception_ptr(
+          std::runtime_error(fmt::format("[rank {}] {} failed: {}. The TCP communicator is unusable now",
+                                         rank_, state.call.text(), e.what())));
+    }
+    return error;
   }
 
   std::unique_ptr<Mesh> mesh_;
@@ -425,7 +449,7 @@ class TcpCommunicator final : public Communicator {
                       try {
                         engine->mesh().exchange({}, {&r, 1}, deadline);
                       } catch (const MessageSizeMismatch& e) {
-                        throw std::runtime_error(fmt::format(
+                        throw CallRejected(fmt::format(
                             "[rank {}] {}: {}, but {} needs {}. HINT: the sender must send a tensor of the "
                             "receiver's shape and "
                             "dtype",

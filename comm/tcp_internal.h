@@ -125,6 +125,7 @@ class Mesh {
   bool wants_more(const Peer& peer) const;
   bool take_from_mailbox(Peer& peer, PendingRecv& pending);
   void fail(const std::string& reason);
+  void stop_exchange();              // Note [Ending an exchange that did not finish] in tcp_mesh.cpp
   std::string name(int rank) const;  // "rank 3 (host:port)"
 
   std::unique_ptr<asio::io_context> io_;
@@ -140,7 +141,8 @@ class Mesh {
   size_t recvs_left_ = 0;
   size_t writes_left_ = 0;
   std::vector<std::array<uint8_t, 24>> send_headers_;
-  std::string failure_;  // set by a handler: the exchange fails
+  std::string failure_;    // set by a handler: the exchange fails
+  bool draining_ = false;  // stop_exchange runs the handlers left: none may start another read
 };
 
 }  // namespace vimo::comm::tcp_detail

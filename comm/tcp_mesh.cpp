@@ -33,6 +33,9 @@ namespace vimo::comm::tcp_detail {
 constexpr uint32_t kFrameMagic = 0x50435456;  // "VTCP"
 constexpr size_t kFrameHeaderBytes = 24;
 constexpr uint64_t kMaxFrameBytes = uint64_t{1} << 40;  // a bound on what a header may claim
+// A bound on a frame that no receive awaits yet, which this rank must hold in memory until one does (a
+// collective's chunk sent ahead, a point-to-point message sent early): far above any chunk vimo sends.
+constexpr uint64_t kMaxUnawaitedBytes = uint64_t{16} << 30;
 // The hello that opens every connection: magic u32 "VHLO", version u32, mesh id u64, rank u32, token length
 // u32, listener length u32, then the token and where the connecting rank listens (encode_listener). The
 // accepting rank answers one byte (1) when it accepts, and closes otherwise. A rank learns where the higher
@@ -404,7 +407,18 @@ void Mesh::begin_payload(Peer& peer) {
                       "(every rank must make the same collective calls in the same order)",
                       name(sender), tag_text(peer.tag)));
     }
-    peer.spill.resize(peer.bytes);
+    if (peer.bytes > kMaxUnawaitedBytes) {
+      return fail(
+          fmt::format("{} sent a frame of {} bytes ({}) that no receive awaits, over the {} bytes such a "
+                      "frame may hold",
+                      name(sender), peer.bytes, tag_text(peer.tag), kMaxUnawaitedBytes));
+    }
+    try {
+      peer.spill.resize(peer.bytes);
+    } catch (const std::bad_alloc&) {
+      return fail(fmt::format("no memory to hold a frame of {} bytes from {} ({}) until it is received",
+                              peer.bytes, name(sender), tag_text(peer.tag)));
+    }
     peer.into = peer.spill.data();
   }
   if (peer.bytes == 0) finish_payload(peer);
@@ -415,18 +429,30 @@ void Mesh::finish_payload(Peer& peer) {
     recvs_[static_cast<size_t>(peer.into_recv)].done = true;
     --recvs_left_;
   } else {
-    // A receive of this tag whose size did not match takes the message as its error; otherwise it waits.
-    bool dropped = false;
+    // A message read into the spill belongs to a pending receive of its tag when there is one: one whose size
+    // did not match takes it as its error; one begun after the frame was routed (an exchange that timed out
+    // while this frame was half read) takes it as its message, ahead of anything later. Otherwise it waits in
+    // the mailbox, behind the earlier messages of its tag.
+    bool taken = false;
     for (PendingRecv& pending : recvs_) {
-      if (!pending.done && !pending.mismatch.empty() && pending.recv.tag == peer.tag &&
-          peers_[static_cast<size_t>(pending.recv.peer)].get() == &peer) {
-        pending.done = true;
-        --recvs_left_;
-        dropped = true;
-        break;
+      if (pending.done || pending.recv.tag != peer.tag || pending.recv.peer != peer.rank) continue;
+      if (pending.mismatch.empty() && pending.recv.bytes != peer.bytes) {
+        if (peer.tag < 0) {
+          fail(fmt::format(
+              "{} sent {} bytes for {}, but this rank expected {}: the ranks made different calls",
+              name(peer.rank), peer.bytes, tag_text(peer.tag), pending.recv.bytes));
+          break;
+        }
+        pending.mismatch = fmt::format("the message held {} bytes", peer.bytes);
+      } else if (pending.mismatch.empty() && !peer.spill.empty()) {
+        std::memcpy(pending.recv.data, peer.spill.data(), peer.spill.size());
       }
+      pending.done = true;
+      --recvs_left_;
+      taken = true;
+      break;
     }
-    if (!dropped) peer.mailbox[peer.tag].push_back(std::move(peer.spill));
+    if (!taken) peer.mailbox[peer.tag].push_back(std::move(peer.spill));
     peer.spill = {};
   }
   peer.in_payload = false;
@@ -435,8 +461,16 @@ void Mesh::finish_payload(Peer& peer) {
   peer.into_recv = -1;
 }
 
+// How a peer's connection ended, as errors say it: "closed its connection (it exited or failed)" for the
+// ways a dead process's socket ends, else the error itself.
+std::string connection_lost(const boost::system::error_code& ec) {
+  if (ec == asio::error::eof || ec == asio::error::connection_reset || ec == asio::error::broken_pipe)
+    return "closed its connection (it exited or failed)";
+  return "broke its connection: " + ec.message();
+}
+
 void Mesh::read_more(Peer& peer) {
-  if (peer.reading || !wants_more(peer)) return;
+  if (peer.reading || draining_ || !wants_more(peer)) return;
   peer.reading = true;
   auto on_read = [this, &peer](boost::system::error_code ec, size_t n) {
     peer.reading = false;
@@ -446,10 +480,8 @@ void Mesh::read_more(Peer& peer) {
       peer.header_have += n;
     }
     if (ec) {
-      if (ec != asio::error::operation_aborted) {
-        fail(fmt::format("{} {}", name(peer.rank),
-                         ec == asio::error::eof ? "closed its connection (it exited or failed)"
-                                                : "broke its connection: " + ec.message()));
+      if (ec != asio::error::operation_aborted && !draining_) {  // closing while draining is ours
+        fail(fmt::format("{} {}", name(peer.rank), connection_lost(ec)));
       }
       return;
     }
@@ -463,6 +495,43 @@ void Mesh::read_more(Peer& peer) {
   } else {
     peer.socket.async_read_some(
         asio::buffer(peer.header.data() + peer.header_have, kFrameHeaderBytes - peer.header_have), on_read);
+  }
+}
+
+// Note [Ending an exchange that did not finish]
+// A cancel ends only the operations still waiting in the reactor: a read that has completed but whose handler
+// is queued is past cancelling, and its handler would start the next read, which nothing cancels (a recv of
+// a 20 ms timeout then waited as long as the peer kept sending other tags). So the drain runs with
+// `draining_` set, under which no read starts. A write still pending means a peer is not reading: the stream
+// is lost anyway, so on failure or an unfinished send every socket closes (the peers then fail at once,
+// naming this rank, instead of at their own timeouts). Afterwards, a payload half read into a receive's
+// buffer, which the caller is about to get back, moves into the spill with what has arrived so far, and goes
+// on there at the next exchange: a receive that timed out loses nothing of its stream.
+void Mesh::stop_exchange() {
+  boost::system::error_code ignored;
+  const bool close = !failure_.empty() || writes_left_ > 0;
+  draining_ = true;
+  for (auto& peer : peers_) {
+    if (!peer) continue;
+    if (close) {
+      peer->socket.close(ignored);
+    } else if (peer->reading || peer->writing) {
+      peer->socket.cancel(ignored);
+    }
+  }
+  io_->restart();
+  try {
+    io_->run();
+  } catch (const std::exception& e) {
+    fail(fmt::format("an exchange failed while stopping: {}", e.what()));
+  }
+  draining_ = false;
+  for (auto& peer : peers_) {
+    if (!peer || !peer->in_payload || peer->into_recv < 0) continue;
+    peer->spill.assign(peer->into, peer->into + peer->payload_have);
+    peer->spill.resize(peer->bytes);
+    peer->into = peer->spill.data();
+    peer->into_recv = -1;
   }
 }
 
@@ -488,8 +557,8 @@ void Mesh::exchange(std::span<const Send> sends, std::span<const Recv> recvs, Cl
                       [this, &peer, to = send.peer](boost::system::error_code ec, size_t) {
                         peer.writing = false;
                         if (ec) {
-                          if (ec != asio::error::operation_aborted)
-                            fail(fmt::format("sending to {} failed: {}", name(to), ec.message()));
+                          if (ec != asio::error::operation_aborted && !draining_)
+                            fail(fmt::format("sending to {} failed: it {}", name(to), connection_lost(ec)));
                           return;
                         }
                         --writes_left_;
@@ -500,35 +569,27 @@ void Mesh::exchange(std::span<const Send> sends, std::span<const Recv> recvs, Cl
   }
 
   io_->restart();
-  while ((recvs_left_ > 0 || writes_left_ > 0) && failure_.empty() && Clock::now() < deadline) {
-    if (io_->run_one_until(deadline) == 0 && io_->stopped()) break;
-  }
-  const bool finished = recvs_left_ == 0 && writes_left_ == 0 && failure_.empty();
-  if (!finished) {
-    // Ends the operations still pending and lets their handlers run, so nothing refers to this exchange.
-    boost::system::error_code ignored;
-    for (auto& peer : peers_) {
-      if (peer && (peer->reading || peer->writing)) peer->socket.cancel(ignored);
+  try {
+    while ((recvs_left_ > 0 || writes_left_ > 0) && failure_.empty() && Clock::now() < deadline) {
+      if (io_->run_one_until(deadline) == 0 && io_->stopped()) break;
     }
-    io_->restart();
-    io_->run();
+  } catch (const std::exception& e) {  // a handler threw: nothing of this exchange can be trusted
+    fail(fmt::format("an exchange failed: {}", e.what()));
   }
+  if (recvs_left_ > 0 || writes_left_ > 0 || !failure_.empty()) stop_exchange();
   if (!failure_.empty()) {
     broken_ = failure_;
     throw MeshFailure(broken_);
   }
-  if (!finished) {
-    bool usable = writes_left_ == 0;
+  if (recvs_left_ > 0 || writes_left_ > 0) {
     std::vector<std::string> waiting;
     for (const PendingRecv& pending : recvs_) {
-      if (pending.done) continue;
-      waiting.push_back(name(pending.recv.peer));
-      const Peer& peer = *peers_[static_cast<size_t>(pending.recv.peer)];
-      if (peer.in_payload && peer.into_recv >= 0) usable = false;
+      if (!pending.done) waiting.push_back(name(pending.recv.peer));
     }
     const std::string what = waiting.empty() ? std::string("the sends had not finished")
                                              : fmt::format("still waiting for {}", fmt::join(waiting, ", "));
-    if (!usable) broken_ = "an earlier exchange timed out with a message cut in the middle (" + what + ")";
+    const bool usable = writes_left_ == 0;  // a send cut in the middle has left its stream unusable
+    if (!usable) broken_ = "an earlier exchange timed out with a send cut in the middle (" + what + ")";
     throw MeshTimeout(what, usable);
   }
   for (const PendingRecv& pending : recvs_) {
