@@ -146,6 +146,55 @@ std::string check_output(const char* collective, const at::Tensor& input, const 
   return "";
 }
 
+std::string check_gather_input(InputCheck check_input, const at::Tensor& input) {
+  std::string problem = check_input("allgather", input);
+  if (problem.empty() && input.dim() == 0) {
+    problem = "allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
+  }
+  return problem;
+}
+
+std::string check_gather_into(InputCheck check_input, const at::Tensor& input, const at::Tensor& output,
+                              int size) {
+  std::string problem = check_gather_input(check_input, input);
+  if (problem.empty()) problem = check_output("allgather", input, output, gathered_sizes(input, size));
+  return problem;
+}
+
+std::string check_scatter_input(InputCheck check_input, const at::Tensor& input, ReduceOp op, int size) {
+  std::string problem = check_input("reduce_scatter", input);
+  if (problem.empty()) problem = check_average("reduce_scatter", input, op);
+  if (problem.empty() && input.dim() == 0) {
+    problem = "reduce_scatter splits dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
+  }
+  if (problem.empty() && input.size(0) % size != 0) {
+    problem = fmt::format(
+        "reduce_scatter splits dim 0 of {} among {} ranks, but {} is not divisible by {}. HINT: pad dim 0 "
+        "to a multiple of the communicator size",
+        tensor_text(input), size, input.size(0), size);
+  }
+  return problem;
+}
+
+std::string check_scatter_into(InputCheck check_input, const at::Tensor& input, const at::Tensor& output,
+                               ReduceOp op, int size) {
+  std::string problem = check_scatter_input(check_input, input, op, size);
+  if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input, size));
+  return problem;
+}
+
+at::DimVector scattered_sizes(const at::Tensor& input, int size) {
+  at::DimVector sizes(input.sizes());
+  sizes[0] /= size;
+  return sizes;
+}
+
+at::DimVector gathered_sizes(const at::Tensor& input, int size) {
+  at::DimVector sizes(input.sizes());
+  sizes[0] *= size;
+  return sizes;
+}
+
 std::string check_peer(const char* direction, int peer, int tag, int rank, int size, int64_t max_tag,
                        const char* max_tag_name) {
   if (peer < 0 || peer >= size) {

@@ -71,6 +71,24 @@ std::string check_average(const char* collective, const at::Tensor& tensor, Redu
 std::string check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
                          at::IntArrayRef expected_sizes);
 
+// A backend's checks of one input tensor (defined, on its device, of a dtype it moves, ...): what is wrong
+// with `tensor` as the input of `collective`, or "".
+using InputCheck = std::string (*)(const char* collective, const at::Tensor& tensor);
+
+// What is wrong with `input` [n, ...] of an all-gather, or "": the backend's own checks, then the shape.
+std::string check_gather_input(InputCheck check_input, const at::Tensor& input);
+// ... and with the caller's `output` [size * n, ...] of an all-gather into it.
+std::string check_gather_into(InputCheck check_input, const at::Tensor& input, const at::Tensor& output,
+                              int size);
+// What is wrong with `input` [size * n, ...] of a reduce-scatter with `op` over `size` ranks, or "".
+std::string check_scatter_input(InputCheck check_input, const at::Tensor& input, ReduceOp op, int size);
+// ... and with the caller's `output` [n, ...] of a reduce-scatter into it.
+std::string check_scatter_into(InputCheck check_input, const at::Tensor& input, const at::Tensor& output,
+                               ReduceOp op, int size);
+// [size * n, ...] -> [n, ...] and [n, ...] -> [size * n, ...].
+at::DimVector scattered_sizes(const at::Tensor& input, int size);
+at::DimVector gathered_sizes(const at::Tensor& input, int size);
+
 // What is wrong with `peer` as the other end of a send or recv (`direction`: "send to" / "recv from") on a
 // communicator of `size` ranks where this is `rank`, or "". Tags must be in 0..max_tag.
 std::string check_peer(const char* direction, int peer, int tag, int rank, int size, int64_t max_tag,

@@ -24,7 +24,6 @@ namespace {
 using namespace mpi_detail;  // NOLINT(google-build-using-namespace): the backend's own internals
 
 using detail::check_average;
-using detail::check_output;
 
 class MpiCommunicator final : public Communicator {
  public:
@@ -359,53 +358,19 @@ class MpiCommunicator final : public Communicator {
     return "";
   }
 
-  static std::string check_gather_input(const at::Tensor& input) {
-    std::string problem = check_input("allgather", input);
-    if (problem.empty() && input.dim() == 0) {
-      problem = "allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
-    }
-    return problem;
+  std::string check_gather_input(const at::Tensor& input) const {
+    return detail::check_gather_input(&check_input, input);
   }
-
   std::string check_scatter_input(const at::Tensor& input, ReduceOp op) const {
-    std::string problem = check_input("reduce_scatter", input);
-    if (problem.empty()) problem = check_average("reduce_scatter", input, op);
-    if (problem.empty() && input.dim() == 0) {
-      problem = "reduce_scatter splits dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
-    }
-    if (problem.empty() && input.size(0) % size() != 0) {
-      problem = fmt::format(
-          "reduce_scatter splits dim 0 of {} among {} ranks, but {} is not divisible by {}. HINT: pad dim 0 "
-          "to a multiple of the communicator size",
-          tensor_text(input), size(), input.size(0), size());
-    }
-    return problem;
+    return detail::check_scatter_input(&check_input, input, op, size());
   }
-
-  // What is wrong with an all-gather of `input` into the caller's `output`, or "".
   std::string check_gather_into(const at::Tensor& input, const at::Tensor& output) const {
-    std::string problem = check_gather_input(input);
-    if (problem.empty()) {
-      at::DimVector sizes(input.sizes());
-      sizes[0] *= size();
-      problem = check_output("allgather", input, output, sizes);
-    }
-    return problem;
+    return detail::check_gather_into(&check_input, input, output, size());
   }
-
-  // What is wrong with a reduce-scatter of `input` into the caller's `output`, or "".
   std::string check_scatter_into(const at::Tensor& input, const at::Tensor& output, ReduceOp op) const {
-    std::string problem = check_scatter_input(input, op);
-    if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input));
-    return problem;
+    return detail::check_scatter_into(&check_input, input, output, op, size());
   }
-
-  // input [size * n, ...] -> [n, ...]
-  at::DimVector scattered_sizes(const at::Tensor& input) const {
-    at::DimVector sizes(input.sizes());
-    sizes[0] /= size();
-    return sizes;
-  }
+  at::DimVector scattered_sizes(const at::Tensor& input) const { return detail::scattered_sizes(input, size()); }
 
   std::string check_peer(const char* direction, int peer, int tag) const {
     return detail::check_peer(direction, peer, tag, rank(), size(), group_->max_tag, "MPI_TAG_UB");

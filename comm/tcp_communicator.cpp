@@ -1,22 +1,17 @@
-// Defines the TCP backend of vimo::comm::Communicator (comm/tcp_communicator.h): a worker thread per
-// communicator that runs its calls in order over the mesh of comm/tcp_mesh.cpp, with ring collectives, the
-// agreement of blocking calls shared with the MPI backend (comm/collective_call.h), and split.
+// Defines the TCP backend of vimo::comm::Communicator (comm/tcp_communicator.h): TcpCommunicator, which
+// checks each call and queues it on its Engine (comm/tcp_engine.h) as a ring collective, a broadcast or a
+// point-to-point exchange; split; and make_tcp_communicator, which forms the mesh through the store.
 #include "comm/tcp_communicator.h"
 
-#include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 
 #include <climits>
-#include <condition_variable>
-#include <deque>
 #include <functional>
-#include <mutex>
-#include <numeric>
 #include <stdexcept>
-#include <thread>
 #include <vector>
 
 #include "comm/collective_call.h"
+#include "comm/tcp_engine.h"
 #include "comm/tcp_internal.h"
 
 namespace vimo::comm {
@@ -26,11 +21,8 @@ using namespace tcp_detail;  // NOLINT(google-build-using-namespace): the backen
 using detail::bytes_of;
 using detail::CallName;
 using detail::check_average;
-using detail::check_output;
 using detail::Collective;
 using detail::is_half;
-using detail::kSignatureLength;
-using detail::Signature;
 using detail::tensor_text;
 
 // Note [A TCP communicator]
@@ -57,286 +49,10 @@ using detail::tensor_text;
 
 constexpr int64_t kMaxTag = INT_MAX;
 
-// A call every rank gave up together (the agreement found a mismatch or a rejected input) or that failed on
-// this rank alone with its stream intact (a receive of the wrong size): the communicator goes on. Any other
-// failure inside a call leaves the ranks at different points of it, and breaks the communicator.
-struct CallRejected : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// A queued call: its state, which its caller or Work waits on, and what the worker runs.
-struct OpState {
-  OpState(CallName c, int64_t b, std::chrono::milliseconds t) : call(std::move(c)), bytes(b), timeout(t) {}
-  CallName call;
-  int64_t bytes;
-  std::chrono::milliseconds timeout;  // from when the worker starts the call (Note [A TCP communicator])
-  std::mutex mutex;
-  std::condition_variable finished;
-  std::atomic<bool> done{false};
-  std::exception_ptr error;
-  std::string broke;      // when this call left the communicator unusable: why (a later wait is refused)
-  bool reported = false;  // whether a wait has thrown `error` already
-};
-
-// Waits for `state` (seen by the collective observer), then throws its error if it failed.
-void wait_for(OpState& state) {
-  CollectiveObserver* observer = collective_observer();
-  if (observer != nullptr) observer->enter_collective(state.call.literal(), state.bytes);
-  {
-    std::unique_lock<std::mutex> lock(state.mutex);
-    state.finished.wait(lock, [&] { return state.done.load(); });
-  }
-  if (observer != nullptr) observer->leave_collective();
-  if (state.error) std::rethrow_exception(state.error);
-}
-
-class TcpWork final : public Work {
- public:
-  TcpWork(std::shared_ptr<OpState> state, int rank) : state_(std::move(state)), rank_(rank) {}
-  ~TcpWork() override {
-    std::unique_lock<std::mutex> lock(state_->mutex);
-    state_->finished.wait(lock, [&] { return state_->done.load(); });
-  }
-  // The first wait throws the call's error; once a failure made the communicator unusable, later waits are
-  // refused, as on MPI.
-  void wait() override {
-    if (state_->done.load() && state_->reported && !state_->broke.empty()) {
-      throw std::runtime_error(fmt::format(
-          "[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
-          "HINT: exit and resume from the last checkpoint",
-          rank_, state_->call.text(), state_->broke));
-    }
-    state_->reported = true;
-    wait_for(*state_);
-  }
-  bool is_completed() override { return state_->done.load(); }
-  std::string description() const override { return state_->call.text(); }
-
- private:
-  std::shared_ptr<OpState> state_;
-  int rank_;
-};
-
-void reduce_into(at::Tensor dst, const at::Tensor& src, ReduceOp op) {
-  switch (op) {
-    case ReduceOp::Sum:
-    case ReduceOp::Avg:
-      dst.add_(src);
-      break;
-    case ReduceOp::Max:
-      at::maximum_out(dst, dst, src);
-      break;
-    case ReduceOp::Min:
-      at::minimum_out(dst, dst, src);
-      break;
-  }
-}
-
 uint64_t fnv1a(const std::string& text, uint64_t hash = 1469598103934665603ull) {
   for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
   return hash;
 }
-
-// The mesh and the worker thread that owns it, shared by a communicator and nothing else.
-class Engine {
- public:
-  explicit Engine(std::unique_ptr<Mesh> mesh)
-      : mesh_(std::move(mesh)), rank_(mesh_->rank()), size_(mesh_->size()), worker_([this] { loop(); }) {}
-  ~Engine() {
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    worker_.join();  // after running what is queued, so every Work finishes
-  }
-  Engine(const Engine&) = delete;
-  Engine& operator=(const Engine&) = delete;
-
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-
-  std::shared_ptr<OpState> submit(CallName call, int64_t bytes, std::chrono::milliseconds timeout,
-                                  std::function<void(Clock::time_point)> run) {
-    auto state = std::make_shared<OpState>(std::move(call), bytes, timeout);
-    {
-      const std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back({state, std::move(run)});
-    }
-    wake_.notify_one();
-    return state;
-  }
-
-  // The rest runs on the worker only.
-  Mesh& mesh() { return *mesh_; }
-
-  // The tag of the next collective: Note [Frames, tags and mailboxes].
-  int64_t next_tag() { return -1 - collectives_++; }
-  uint64_t next_split() { return splits_++; }
-
-  // Note [Agreeing on a collective before running it], through a ring all-gather of the signatures.
-  void agree(const CallName& call, const std::string& problem, Clock::time_point deadline) {
-    Signature mine = call.signature();
-    mine[detail::kInputAccepted] = problem.empty() ? 1 : 0;
-    std::vector<int64_t> all(static_cast<size_t>(size_) * kSignatureLength);
-    ring_allgather(mine.data(), all.data(), sizeof(mine), deadline);
-    try {
-      detail::judge_signatures(rank_, call, mine, all, problem);
-    } catch (const std::runtime_error& e) {
-      throw CallRejected(e.what());
-    }
-  }
-
-  // Each rank's `block` bytes at `mine` -> `all` [size, block], in rank order.
-  void ring_allgather(const void* mine, void* all, size_t block, Clock::time_point deadline) {
-    auto* out = static_cast<uint8_t*>(all);
-    if (out + static_cast<ptrdiff_t>(rank_ * block) != mine) std::memcpy(out + rank_ * block, mine, block);
-    const int64_t tag = next_tag();
-    for (int step = 0; step + 1 < size_; ++step) {
-      const int send = mod(rank_ - step), receive = mod(rank_ - step - 1);
-      const Send s{next(), tag, out + send * block, block};
-      const Recv r{previous(), tag, out + receive * block, block};
-      mesh_->exchange({&s, 1}, {&r, 1}, deadline);
-    }
-  }
-
-  // Reduces the contiguous 1-d `flat` over the ring so that this rank ends with chunk (rank + shift) % size
-  // of `bounds` (size + 1 element offsets) reduced over all ranks; the other chunks hold partial results.
-  void ring_reduce_scatter(at::Tensor& flat, const std::vector<int64_t>& bounds, ReduceOp op, int shift,
-                           Clock::time_point deadline) {
-    int64_t longest = 0;
-    for (int c = 0; c < size_; ++c) longest = std::max(longest, bounds[c + 1] - bounds[c]);
-    const at::Tensor scratch = at::empty({longest}, flat.options());
-    const auto element = static_cast<size_t>(flat.element_size());
-    auto* base = static_cast<uint8_t*>(flat.data_ptr());
-    const int64_t tag = next_tag();
-    for (int step = 0; step + 1 < size_; ++step) {
-      const int send = mod(rank_ + shift - 1 - step), receive = mod(rank_ + shift - 2 - step);
-      const int64_t receive_length = bounds[receive + 1] - bounds[receive];
-      const Send s{next(), tag, base + bounds[send] * element,
-                   static_cast<size_t>(bounds[send + 1] - bounds[send]) * element};
-      const Recv r{previous(), tag, scratch.data_ptr(), static_cast<size_t>(receive_length) * element};
-      mesh_->exchange({&s, 1}, {&r, 1}, deadline);
-      reduce_into(flat.narrow(0, bounds[receive], receive_length), scratch.narrow(0, 0, receive_length), op);
-    }
-  }
-
-  // After ring_reduce_scatter with the same `shift`: copies every rank's reduced chunk to every rank.
-  void ring_share_chunks(at::Tensor& flat, const std::vector<int64_t>& bounds, int shift,
-                         Clock::time_point deadline) {
-    const auto element = static_cast<size_t>(flat.element_size());
-    auto* base = static_cast<uint8_t*>(flat.data_ptr());
-    const int64_t tag = next_tag();
-    for (int step = 0; step + 1 < size_; ++step) {
-      const int send = mod(rank_ + shift - step), receive = mod(rank_ + shift - step - 1);
-      const Send s{next(), tag, base + bounds[send] * element,
-                   static_cast<size_t>(bounds[send + 1] - bounds[send]) * element};
-      const Recv r{previous(), tag, base + bounds[receive] * element,
-                   static_cast<size_t>(bounds[receive + 1] - bounds[receive]) * element};
-      mesh_->exchange({&s, 1}, {&r, 1}, deadline);
-    }
-  }
-
-  // Chunk offsets of `elements` split as evenly as possible into size() chunks.
-  std::vector<int64_t> even_bounds(int64_t elements) const {
-    std::vector<int64_t> bounds(static_cast<size_t>(size_) + 1);
-    for (int c = 0; c <= size_; ++c) bounds[c] = elements * c / size_;
-    return bounds;
-  }
-
- private:
-  struct Op {
-    std::shared_ptr<OpState> state;
-    std::function<void(Clock::time_point)> run;
-  };
-
-  int mod(int r) const { return ((r % size_) + size_) % size_; }
-  int next() const { return mod(rank_ + 1); }
-  int previous() const { return mod(rank_ - 1); }
-
-  void loop() {
-    const at::NoGradGuard no_grad;  // communication is never part of a graph (grad mode is per thread)
-    while (true) {
-      Op op;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;
-        op = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      OpState& state = *op.state;
-      std::exception_ptr error;
-      if (!broken_.empty()) {
-        error = std::make_exception_ptr(std::runtime_error(fmt::format(
-            "[rank {}] {} refused: this communicator is unusable since an earlier call failed ({}). "
-            "HINT: exit and resume from the last checkpoint",
-            rank_, state.call.text(), broken_)));
-      } else {
-        error = execute(op);
-      }
-      {
-        const std::lock_guard<std::mutex> lock(state.mutex);
-        state.error = error;
-        if (error && !broken_.empty()) state.broke = broken_;
-        state.done = true;
-      }
-      state.finished.notify_all();
-    }
-  }
-
-  // Runs `op` to its deadline; returns its error, and marks the communicator broken when the failure left the
-  // ranks out of step (Note [A TCP communicator]).
-  std::exception_ptr execute(Op& op) {
-    OpState& state = *op.state;
-    std::exception_ptr error;
-    try {
-      op.run(Clock::now() + state.timeout);
-    } catch (const MeshTimeout& e) {
-      // A collective cut short leaves the ranks at different points of it: only a receive that got
-      // nothing can be given up alone.
-      const bool collective = state.call.signature()[detail::kCollective] != 0;
-      std::string consequence;
-      if (collective) {
-        consequence = fmt::format(
-            "Over TCP, {}; the ranks are now at different points of the collective, so "
-            "the communicator is unusable",
-            e.what());
-      } else if (!e.usable) {
-        consequence = fmt::format(
-            "Over TCP, {}; a send was cut in the middle, so the communicator is unusable", e.what());
-      } else {
-        consequence = fmt::format(
-            "Over TCP, {}; the receive is given up and the communicator stays usable (a message that "
-            "arrives later is kept for the next receive of its tag)",
-            e.what());
-      }
-      if (collective || !e.usable) broken_ = fmt::format("{} timed out: {}", state.call.text(), e.what());
-      error = std::make_exception_ptr(std::runtime_error(detail::describe_timeout(
-          rank_, state.call.text(), state.bytes, state.timeout, size_, consequence)));
-    } catch (const CallRejected& e) {
-      error = std::make_exception_ptr(std::runtime_error(e.what()));
-    } catch (const std::exception& e) {  // MeshFailure, or anything else that cut a call short
-      broken_ = e.what();
-      error = std::make_exception_ptr(
-          std::runtime_error(fmt::format("[rank {}] {} failed: {}. The TCP communicator is unusable now",
-                                         rank_, state.call.text(), e.what())));
-    }
-    return error;
-  }
-
-  std::unique_ptr<Mesh> mesh_;
-  const int rank_;
-  const int size_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<Op> queue_;
-  bool stopping_ = false;
-  int64_t collectives_ = 0;  // worker only
-  uint64_t splits_ = 0;      // worker only
-  std::string broken_;       // worker only
-  std::thread worker_;       // last: starts after everything it uses
-};
 
 class TcpCommunicator final : public Communicator {
  public:
@@ -559,49 +275,20 @@ class TcpCommunicator final : public Communicator {
     }
   }
 
-  static std::string check_gather_input(const at::Tensor& input) {
-    std::string problem = check_input("allgather", input);
-    if (problem.empty() && input.dim() == 0) {
-      problem = "allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
-    }
-    return problem;
+  std::string check_gather_input(const at::Tensor& input) const {
+    return detail::check_gather_input(&check_input, input);
   }
-
   std::string check_scatter_input(const at::Tensor& input, ReduceOp op) const {
-    std::string problem = check_input("reduce_scatter", input);
-    if (problem.empty()) problem = check_average("reduce_scatter", input, op);
-    if (problem.empty() && input.dim() == 0) {
-      problem = "reduce_scatter splits dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it first";
-    }
-    if (problem.empty() && input.size(0) % size() != 0) {
-      problem = fmt::format(
-          "reduce_scatter splits dim 0 of {} among {} ranks, but {} is not divisible by {}. HINT: pad dim 0 "
-          "to a multiple of the communicator size",
-          tensor_text(input), size(), input.size(0), size());
-    }
-    return problem;
+    return detail::check_scatter_input(&check_input, input, op, size());
   }
-
   std::string check_gather_into(const at::Tensor& input, const at::Tensor& output) const {
-    std::string problem = check_gather_input(input);
-    if (problem.empty()) {
-      at::DimVector sizes(input.sizes());
-      sizes[0] *= size();
-      problem = check_output("allgather", input, output, sizes);
-    }
-    return problem;
+    return detail::check_gather_into(&check_input, input, output, size());
   }
-
   std::string check_scatter_into(const at::Tensor& input, const at::Tensor& output, ReduceOp op) const {
-    std::string problem = check_scatter_input(input, op);
-    if (problem.empty()) problem = check_output("reduce_scatter", input, output, scattered_sizes(input));
-    return problem;
+    return detail::check_scatter_into(&check_input, input, output, op, size());
   }
-
   at::DimVector scattered_sizes(const at::Tensor& input) const {
-    at::DimVector sizes(input.sizes());
-    sizes[0] /= size();
-    return sizes;
+    return detail::scattered_sizes(input, size());
   }
 
   std::unique_ptr<Engine> engine_;  // ops hold a raw pointer: it drains its queue before it goes

@@ -7,6 +7,7 @@
 #include <boost/asio.hpp>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <memory>
@@ -83,7 +84,40 @@ std::string this_host_name();
 // sends nothing; the host name when that fails.
 std::string address_towards(const std::string& host, uint16_t port);
 
-struct Peer;
+// Every frame's header: Note [Frames, tags and mailboxes] in tcp_mesh.cpp.
+inline constexpr size_t kFrameHeaderBytes = 24;
+
+// Little-endian fields of the wire formats (every host vimo runs on is little-endian).
+template <class T>
+inline void put(uint8_t* at, T value) {
+  std::memcpy(at, &value, sizeof(T));
+}
+template <class T>
+inline T get(const uint8_t* at) {
+  T value;
+  std::memcpy(&value, at, sizeof(T));
+  return value;
+}
+
+// One connection of the mesh and its receiving state.
+struct Peer {
+  Peer(tcp::socket s, int r) : socket(std::move(s)), rank(r) {}
+  tcp::socket socket;
+  int rank;
+  // Receiving (Note [Frames, tags and mailboxes]).
+  std::array<uint8_t, kFrameHeaderBytes> header{};
+  size_t header_have = 0;
+  bool in_payload = false;
+  int64_t tag = 0;
+  uint64_t bytes = 0;
+  uint64_t payload_have = 0;
+  uint8_t* into = nullptr;  // where the payload goes: a receive's buffer or `spill`
+  int into_recv = -1;       // the receive it fills, or -1 for the mailbox
+  std::vector<uint8_t> spill;
+  std::map<int64_t, std::deque<std::vector<uint8_t>>> mailbox;
+  bool reading = false;
+  bool writing = false;
+};
 
 // The connections of one rank to every other rank of a communicator, used by one thread at a time.
 class Mesh {
