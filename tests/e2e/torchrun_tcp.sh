@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Training launched without MPI, the way torchrun (or srun without PMI) starts ranks: each process gets RANK,
-# WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, MPI sees each process alone, and the ranks meet through
-# the rendezvous store and talk over TCP. Two ranks must log the same losses, bit for bit, as the same run
-# under mpirun (with two ranks every sum is a + b, whichever backend adds), with the gradients all-reduced
-# through shared memory (the default on one host) and through TCP itself. A rank stopped or killed mid-run
-# ends the other with an error naming it. Without VIMO_RENDEZVOUS_TOKEN the run stops at once with an error
-# naming it.
+# WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (or srun's SLURM_* variables), MPI sees each process
+# alone, and the ranks meet through the rendezvous store and talk over TCP. Two ranks must log the same
+# losses, bit for bit, as the same run under mpirun (with two ranks every sum is a + b, whichever backend
+# adds), with the gradients all-reduced through shared memory (the default on one host) and through TCP
+# itself. A rank stopped or killed mid-run ends the other with an error naming it. Without
+# VIMO_RENDEZVOUS_TOKEN the run stops at once with an error naming it.
 source "$(dirname "$0")/common.sh"
+export VIMO_COMM_TIMEOUT_S=60  # a rank that never comes fails the test in a minute, not ten
 config="$source_dir/configs/demo/retriever_action.yaml"
 args="$tiny train.steps=8 train.eval_every=0"
 
@@ -39,6 +40,20 @@ for run in shm tcp; do
   diff <(losses "$work/mpi/metrics.jsonl") <(losses "$work/$run/metrics.jsonl") \
     || fail "the torchrun-style run ($run) logged other losses than the same run under mpirun"
 done
+
+# Slurm's srun without PMI: the same, from SLURM_* variables (the store on the job's first host, its port
+# derived from the job id).
+job=$((RANDOM + 1))
+pids=()
+for r in 0 1; do
+  env -u OMPI_COMM_WORLD_RANK -u OMPI_COMM_WORLD_SIZE SLURM_PROCID=$r SLURM_NTASKS=2 SLURM_LOCALID=$r SLURM_NODEID=0 \
+    SLURM_NTASKS_PER_NODE=2 SLURM_JOB_NODELIST="$(hostname)" SLURM_STEP_NODELIST="$(hostname)" SLURM_JOB_ID=$job \
+    "$vimo" train "$config" $args train.steps=4 train.out_dir="$work/srun" > "$work/srun.rank$r.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || { cat "$work"/srun.rank*.log; fail "the srun-style run failed"; }; done
+grep -q "2 ranks (launcher slurm, communication TCP" "$work/srun.rank0.log" \
+  || { cat "$work/srun.rank0.log"; fail "the srun-style run does not log TCP"; }
 
 # Hang detection over TCP: a long run, rank 1 stopped (SIGSTOP: its connections stay open) or killed mid-run;
 # rank 0 must exit non-zero within the watchdog timeout plus a margin, naming rank 1.
