@@ -37,8 +37,9 @@ struct MeshFailure : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// An exchange that did not finish before its deadline. `usable`: nothing was cut in the middle (only
-// receives that had not begun were pending), so the mesh may go on.
+// An exchange that did not finish before its deadline. `usable`: only point-to-point receives were given up
+// and the connections stay open; otherwise this rank closed them (Note [Ending an exchange that did not
+// finish] in tcp_mesh.cpp) and the mesh is unusable.
 struct MeshTimeout : std::runtime_error {
   MeshTimeout(const std::string& what, bool still_usable) : std::runtime_error(what), usable(still_usable) {}
   bool usable;
@@ -159,8 +160,8 @@ class Mesh {
   bool wants_more(const Peer& peer) const;
   bool take_from_mailbox(Peer& peer, PendingRecv& pending);
   void fail(const std::string& reason);
-  void stop_exchange();              // Note [Ending an exchange that did not finish] in tcp_mesh.cpp
-  std::string name(int rank) const;  // "rank 3 (host:port)"
+  bool stop_exchange(bool collective);  // Note [Ending an exchange that did not finish] in tcp_mesh.cpp
+  std::string name(int rank) const;     // "rank 3 (host:port)"
 
   std::unique_ptr<asio::io_context> io_;
   std::vector<Listener> listeners_;

@@ -178,6 +178,17 @@ void Mesh::finish_payload(Peer& peer) {
       taken = true;
       break;
     }
+    if (!taken && peer.tag < 0 && failure_.empty()) {
+      for (const PendingRecv& pending : recvs_) {
+        if (!pending.done && pending.recv.peer == peer.rank && pending.recv.tag < 0) {
+          fail(fmt::format(
+              "{} sent a message of {} while this rank waits in {}: the ranks made different calls "
+              "(every rank must make the same collective calls in the same order)",
+              name(peer.rank), tag_text(peer.tag), tag_text(pending.recv.tag)));
+          break;
+        }
+      }
+    }
     if (!taken) peer.mailbox[peer.tag].push_back(std::move(peer.spill));
     peer.spill = {};
   }
@@ -228,37 +239,69 @@ void Mesh::read_more(Peer& peer) {
 // A cancel ends only the operations still waiting in the reactor: a read that has completed but whose handler
 // is queued is past cancelling, and its handler would start the next read, which nothing cancels (a recv of
 // a 20 ms timeout then waited as long as the peer kept sending other tags). So the drain runs with
-// `draining_` set, under which no read starts. A write still pending means a peer is not reading: the stream
-// is lost anyway, so on failure or an unfinished send every socket closes (the peers then fail at once,
-// naming this rank, instead of at their own timeouts). Afterwards, a payload half read into a receive's
-// buffer, which the caller is about to get back, moves into the spill with what has arrived so far, and goes
-// on there at the next exchange: a receive that timed out loses nothing of its stream.
-void Mesh::stop_exchange() {
+// `draining_` set, under which no read starts, and it first runs the handlers that are ready: when they
+// complete the exchange after all, it succeeds. Otherwise every socket closes when the stream is lost or the
+// communicator will be: on a failure (also one found while draining), a send still pending (a peer is not
+// reading), or a collective's exchange (a collective that timed out breaks the communicator). The peers then
+// fail at once, naming this rank, instead of at their own timeouts. A point-to-point receive that timed out
+// only cancels; a payload half read into its buffer, which the caller is about to get back, moves into the
+// spill with what has arrived so far and goes on there at the next exchange, so it loses nothing of its
+// stream. Returns whether the sockets were closed.
+bool Mesh::stop_exchange(bool collective) {
   boost::system::error_code ignored;
-  const bool close = !failure_.empty() || writes_left_ > 0;
   draining_ = true;
-  for (auto& peer : peers_) {
-    if (!peer) continue;
-    if (close) {
-      peer->socket.close(ignored);
-    } else if (peer->reading || peer->writing) {
-      peer->socket.cancel(ignored);
+  const auto drain = [&](bool all) {
+    io_->restart();
+    try {
+      if (all) {
+        io_->run();
+      } else {
+        io_->poll();
+      }
+    } catch (const std::exception& e) {
+      fail(fmt::format("an exchange failed while stopping: {}", e.what()));
+    }
+  };
+  drain(false);
+  if (recvs_left_ == 0 && writes_left_ == 0 && failure_.empty()) {
+    draining_ = false;
+    return false;
+  }
+  const auto close_all = [&] {
+    for (auto& peer : peers_) {
+      if (peer) peer->socket.close(ignored);
+    }
+  };
+  bool closed = !failure_.empty() || writes_left_ > 0 || collective;
+  if (closed) {
+    close_all();
+  } else {
+    for (auto& peer : peers_) {
+      if (peer && (peer->reading || peer->writing)) peer->socket.cancel(ignored);
     }
   }
-  io_->restart();
-  try {
-    io_->run();
-  } catch (const std::exception& e) {
-    fail(fmt::format("an exchange failed while stopping: {}", e.what()));
+  drain(true);
+  if (!closed && !failure_.empty()) {
+    close_all();
+    closed = true;
   }
   draining_ = false;
+  if (closed) return true;
   for (auto& peer : peers_) {
     if (!peer || !peer->in_payload || peer->into_recv < 0) continue;
-    peer->spill.assign(peer->into, peer->into + peer->payload_have);
-    peer->spill.resize(peer->bytes);
+    try {
+      peer->spill.assign(peer->into, peer->into + peer->payload_have);
+      peer->spill.resize(peer->bytes);
+    } catch (const std::bad_alloc&) {
+      fail(fmt::format("no memory to hold the rest of a frame of {} bytes from {}", peer->bytes,
+                       name(peer->rank)));
+      close_all();
+      return true;
+    }
     peer->into = peer->spill.data();
     peer->into_recv = -1;
   }
+  return false;
 }
 
 void Mesh::exchange(std::span<const Send> sends, std::span<const Recv> recvs, Clock::time_point deadline) {
@@ -302,7 +345,13 @@ void Mesh::exchange(std::span<const Send> sends, std::span<const Recv> recvs, Cl
   } catch (const std::exception& e) {  // a handler threw: nothing of this exchange can be trusted
     fail(fmt::format("an exchange failed: {}", e.what()));
   }
-  if (recvs_left_ > 0 || writes_left_ > 0 || !failure_.empty()) stop_exchange();
+  bool closed = false;
+  if (recvs_left_ > 0 || writes_left_ > 0 || !failure_.empty()) {
+    const bool collective =
+        std::any_of(sends.begin(), sends.end(), [](const Send& x) { return x.tag < 0; }) ||
+        std::any_of(recvs.begin(), recvs.end(), [](const Recv& x) { return x.tag < 0; });
+    closed = stop_exchange(collective);
+  }
   if (!failure_.empty()) {
     broken_ = failure_;
     throw MeshFailure(broken_);
@@ -314,9 +363,9 @@ void Mesh::exchange(std::span<const Send> sends, std::span<const Recv> recvs, Cl
     }
     const std::string what = waiting.empty() ? std::string("the sends had not finished")
                                              : fmt::format("still waiting for {}", fmt::join(waiting, ", "));
-    const bool usable = writes_left_ == 0;  // a send cut in the middle has left its stream unusable
-    if (!usable) broken_ = "an earlier exchange timed out with a send cut in the middle (" + what + ")";
-    throw MeshTimeout(what, usable);
+    if (closed)
+      broken_ = fmt::format("an earlier exchange timed out ({}) and this rank closed its connections", what);
+    throw MeshTimeout(what, !closed);
   }
   for (const PendingRecv& pending : recvs_) {
     if (!pending.mismatch.empty()) throw MessageSizeMismatch(pending.mismatch);
