@@ -361,6 +361,98 @@ TEST(FusedContrastive, GeminiRouterScoreInFloat32) {
   expect_gemini_matches_eager(x, p, at::kFloat, 1e-5, kEverythingLearns);
 }
 
+// ----- bfloat16: the rule, |fused − float64 truth| ≤ |eager bfloat16 − truth| + 1e-2 -----
+
+// A loss and the gradients of its leaves, each with the floor of relative_error it is measured with.
+struct Outcome {
+  std::vector<std::string> names;
+  std::vector<at::Tensor> values;  // loss first, then gradients (undefined where a leaf got none)
+  std::vector<double> floors;
+};
+
+// The rule, per output: truth is the float64 composition on the same bfloat16-rounded values, so only the
+// arithmetic differs. The fused kernel accumulates in float32 where eager rounds every score, softmax and
+// sum to bfloat16 (8 significant bits), so the fused error is usually far smaller; the 1e-2 allows the
+// bfloat16 rounding of the fused results themselves (2^-8 relative) where eager happens to be lucky.
+void expect_no_worse_than_eager(const Outcome& fused, const Outcome& eager, const Outcome& truth,
+                                const std::string& context) {
+  ASSERT_EQ(fused.values.size(), truth.values.size());
+  for (size_t k = 0; k < fused.values.size(); ++k) {
+    ASSERT_EQ(fused.values[k].defined(), truth.values[k].defined()) << context << ": " << fused.names[k];
+    if (!truth.values[k].defined()) continue;
+    EXPECT_TRUE(at::isfinite(fused.values[k].to(at::kDouble)).all().item<bool>()) << context;
+    const double fused_error = relative_error(fused.values[k], truth.values[k], truth.floors[k]);
+    const double eager_error = relative_error(eager.values[k], truth.values[k], truth.floors[k]);
+    EXPECT_LE(fused_error, eager_error + 1e-2)
+        << context << ": " << fused.names[k] << ": fused " << fused_error << ", eager " << eager_error;
+  }
+}
+
+// Single branch in data parallelism (distinct local and gathered leaves, two score matrices).
+Outcome single_branch_outcome(const Inputs& x, const Problem& p, at::ScalarType dtype, bool fused) {
+  const Inputs in = leaves(x, dtype);
+  const at::Tensor loss = fused ? fused_loss(in, p) : eager_loss(in, p.offset);
+  EXPECT_EQ(loss.scalar_type(), dtype);
+  loss.backward();
+  const double unit = x.scale.item<double>() / (2.0 * p.n);  // see expect_gradient_matches
+  return {{"loss", "text_local", "text_all", "video_local", "video_all", "scale"},
+          {loss.detach(), in.text_local.grad(), in.text_all.grad(), in.video_local.grad(),
+           in.video_all.grad(), in.scale.grad()},
+          {1, unit, unit, unit, unit, 1}};
+}
+
+TEST(FusedContrastive, DataParallelBfloat16NoWorseThanEagerBfloat16) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : {Problem{8, 16, 32, 8, 5}, Problem{24, 96, 64, 48, 20}, Problem{1, 9, 8, 4, 4}}) {
+    Inputs x = random_inputs(p, kInitialScale);
+    for (at::Tensor* t : {&x.text_local, &x.text_all, &x.video_local, &x.video_all}) {
+      *t = t->to(at::kBFloat16).to(at::kDouble);  // the values every run sees; the scale stays float64
+    }
+    const Outcome fused = single_branch_outcome(x, p, at::kBFloat16, true);
+    EXPECT_EQ(fused.values[1].scalar_type(), at::kBFloat16);
+    expect_no_worse_than_eager(fused, single_branch_outcome(x, p, at::kBFloat16, false),
+                               single_branch_outcome(x, p, at::kDouble, false), describe(p) + " bfloat16");
+  }
+}
+
+// The Gemini router form on `dtype` leaves of x, every input learning; one_process: one leaf per local/all
+// pair (as GeminiMVR passes them in one process), so one score matrix serves both directions.
+Outcome gemini_outcome(const GeminiInfoNCEInputs& x, const Problem& p, at::ScalarType dtype, bool fused,
+                       bool one_process) {
+  GeminiInfoNCEInputs in = gemini_leaves(x, dtype, kEverythingLearns);
+  std::vector<at::Tensor*> f = fields(in);
+  if (one_process) {
+    for (int k = 0; k < 10; k += 2) *f[k] = *f[k + 1];
+  }
+  const at::Tensor loss =
+      fused ? fused_gemini_infonce(in, p.offset, p.tile) : eager_gemini_loss(in, p.offset);
+  EXPECT_EQ(loss.scalar_type(), dtype);
+  loss.backward();
+  const double unit = (kActionScale + kInitialScale) / (2.0 * p.n);  // see expect_gradient_matches
+  Outcome out{{"loss"}, {loss.detach()}, {1}};
+  for (size_t k = 0; k < f.size(); ++k) {
+    if (one_process && k < 10 && k % 2 == 0) continue;  // the same leaf as k + 1
+    out.names.emplace_back(kGeminiNames[k]);
+    out.values.push_back(f[k]->grad());
+    out.floors.push_back(k >= 10 ? 1 : unit);
+  }
+  return out;
+}
+
+TEST(FusedContrastive, GeminiRouterScoreBfloat16NoWorseThanEagerBfloat16) {
+  vimo::testing::seed_torch();
+  for (const Problem& p : {Problem{8, 24, 16, 8, 5}, Problem{12, 12, 16, 0, 5}}) {
+    const bool one_process = p.n == p.N;
+    GeminiInfoNCEInputs x = random_gemini_inputs(p);
+    for (int k = 0; k < 10; ++k) *fields(x)[k] = fields(x)[k]->to(at::kBFloat16).to(at::kDouble);
+    const Outcome fused = gemini_outcome(x, p, at::kBFloat16, true, one_process);
+    EXPECT_EQ(fused.values[1].scalar_type(), at::kBFloat16);
+    expect_no_worse_than_eager(fused, gemini_outcome(x, p, at::kBFloat16, false, one_process),
+                               gemini_outcome(x, p, at::kDouble, false, one_process),
+                               describe(p) + (one_process ? " one process" : "") + " bfloat16");
+  }
+}
+
 // Expects `body` to throw std::invalid_argument whose message contains `part`.
 void expect_invalid(const std::function<void()>& body, const std::string& part) {
   try {

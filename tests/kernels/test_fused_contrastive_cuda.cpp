@@ -1,7 +1,8 @@
 // The CUDA twin of the fused symmetric InfoNCE (kernels/cuda/fused_contrastive.cu) against the CPU kernel
 // (itself tested against the eager composition in test_fused_contrastive.cpp): the same fresh random inputs
 // on both devices, loss and every gradient, single branch (one process and data parallel) and the Gemini
-// router form, in float64, float32 and bfloat16. Built only with CUDA; skips where no device is visible.
+// router form, in float64, float32 and bfloat16; logits of ±1e4. Built only with CUDA; skips where no device
+// is visible.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -119,6 +120,39 @@ TEST(FusedContrastiveCuda, SingleBranchMatchesCpu) {
     for (const at::ScalarType dtype : {at::kDouble, at::kFloat, at::kBFloat16}) {
       expect_same(run_single(v, p, dtype, at::Device(at::kCUDA, 0)),
                   run_single(v, p, dtype, at::Device(at::kCPU)), p, dtype, scale / (2.0 * p.n), 1);
+    }
+  }
+}
+
+// Logits of ±1e4 (scale 1e4 on unit vectors), far beyond exp's range in any dtype: both devices subtract
+// the max first, and on the CPU nearly every column of the one-process matrix takes the far-column path
+// (Note [Shared exponentials] in kernels/fused_contrastive.cpp), which CUDA does not have. float64 within
+// 1e-10. float32: a logit carries an absolute error δ ≈ 1e4·u ≈ 1e-3 on each device, differently rounded, so
+// the loss (O(1e2..1e4), against max(|loss|, 1)) agrees within 1e-5 but a gradient entry whose logit lies
+// within a few units of its row's max moves relatively by δ: 1e-2, the bound the CPU test
+// (LogitsOfTenThousandStayFiniteAndExact) holds the CPU kernel to against float64.
+TEST(FusedContrastiveCuda, LogitsOfTenThousandMatchCpu) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  vimo::testing::seed_torch();
+  const double scale = 1e4;
+  for (const Problem& p : {Problem{8, 24, 16, 8, 5, false}, Problem{24, 24, 16, 0, 5, true}}) {
+    const Values v = single_values(p, scale);
+    for (const at::ScalarType dtype : {at::kDouble, at::kFloat}) {
+      const std::vector<at::Tensor> cuda = run_single(v, p, dtype, at::Device(at::kCUDA, 0));
+      const std::vector<at::Tensor> cpu = run_single(v, p, dtype, at::Device(at::kCPU));
+      for (const at::Tensor& t : cuda) {
+        EXPECT_TRUE(at::isfinite(t).all().item<bool>()) << describe(p, dtype) << ": logits of 1e4";
+      }
+      if (dtype == at::kDouble) {
+        expect_same(cuda, cpu, p, dtype, scale / (2.0 * p.n), 1);
+        continue;
+      }
+      EXPECT_LE(relative_error(cuda[0], cpu[0], 1), 1e-5) << describe(p, dtype) << ": loss";
+      for (size_t k = 1; k < cuda.size(); ++k) {
+        const double floor = k + 1 == cuda.size() ? 1 : scale / (2.0 * p.n);  // the scale, or an embedding
+        EXPECT_LE(relative_error(cuda[k], cpu[k], floor), 1e-2)
+            << describe(p, dtype) << ": gradient of input " << k - 1;
+      }
     }
   }
 }

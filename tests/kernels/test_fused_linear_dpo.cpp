@@ -288,6 +288,45 @@ TEST(FusedLinearDpo, UpstreamGradientScalesTheResult) {
   EXPECT_THROW(loss.backward(), std::exception);
 }
 
+// Note [Threads in the fused LM-head kernel]: pass 1's element work (max, exp, sums of a tile) runs in blocks
+// of kCacheBlockValues / V rows spread over the threads by at::parallel_for, and the products are threaded by
+// the BLAS. The suite runs with one thread (tests/serial_main.cpp), so here 4 threads (on any number of
+// cores). Answers cover at least the last 3/4 of every row, so a pair has ≥ 144 answer tokens. V = 4096
+// makes blocks of 32 rows: each pair fills a 128-token chunk, 4 blocks, one per thread. With vocabulary
+// chunks of 512, blocks of 256 rows: both pairs (≥ 288 tokens) form one chunk of 512, 2 blocks. The threads
+// change only the order of the BLAS's sums: float64 within 1e-12 of the one-thread result and 1e-10 of eager;
+// float32 within 1e-5 of the float64 truth, the bound of MatchesFloat64ReferenceInFloat32.
+TEST(FusedLinearDpo, ThreadCountDoesNotChangeTheResult) {
+  vimo::testing::seed_torch();
+  struct RestoreThreads {
+    int threads = at::get_num_threads();
+    ~RestoreThreads() { at::set_num_threads(threads); }
+  } restore;
+  const McDpoConfig config{0.1, 1.0, 0.1, 0.1};
+  for (const Problem& p : {Problem{2, 96, 32, 4096, {128, 0}}, Problem{2, 96, 32, 4096, {512, 512}}}) {
+    Inputs x = random_inputs(p);
+    const at::Tensor position = at::arange(p.T, at::kLong).unsqueeze(0);                   // [1, T]
+    x.mask = (position >= at::randint(0, p.T / 4, {2 * p.B, 1}, at::kLong)).contiguous();  // [2B, T]
+    x.targets = at::where(x.mask, at::randint(0, p.V, x.mask.sizes(), at::kLong), -100);
+    x.hidden = x.hidden.to(at::kFloat).to(at::kDouble);  // float32-representable, for the float32 runs
+    x.weight = x.weight.to(at::kFloat).to(at::kDouble);
+    x.reference = vimo::kernels::eager_sequence_logps(x.hidden, x.weight, x.targets, x.mask) +
+                  3 * at::randn({2 * p.B}, at::kDouble);
+    at::set_num_threads(1);
+    const LossRun truth = run_mcdpo(x, at::kDouble, false, config, p.chunking);
+    const LossRun serial = run_mcdpo(x, at::kDouble, true, config, p.chunking);
+    const LossRun serial32 = run_mcdpo(x, at::kFloat, true, config, p.chunking);
+    at::set_num_threads(4);
+    ASSERT_EQ(at::get_num_threads(), 4);
+    const LossRun parallel = run_mcdpo(x, at::kDouble, true, config, p.chunking);
+    const LossRun parallel32 = run_mcdpo(x, at::kFloat, true, config, p.chunking);
+    expect_close(parallel, serial, 1e-12, describe(p) + " 4 threads vs 1, float64");
+    expect_close(parallel, truth, 1e-10, describe(p) + " 4 threads vs eager, float64");
+    expect_close(parallel32, truth, 1e-5, describe(p) + " 4 threads float32 vs float64");
+    expect_close(serial32, truth, 1e-5, describe(p) + " 1 thread float32 vs float64");
+  }
+}
+
 // ----- the same machinery for the reference model and SFT -----
 
 TEST(FusedLinearDpo, SequenceLogProbsMatchEagerWithoutGradient) {

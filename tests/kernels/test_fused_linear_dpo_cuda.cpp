@@ -128,13 +128,17 @@ TEST(FusedLinearDpoCuda, MatchesCpuInFloat64AcrossChunkingsAndTerms) {
   SKIP_WITHOUT_CUDA();
   vimo::testing::seed_torch();
   const at::Device cuda(at::kCUDA);
-  for (const McDpoConfig& config : {McDpoConfig{}, McDpoConfig{0.5, 1.0, 1.0, 0.2},
-                                    McDpoConfig{0.1, 0.0, 0.1, 0}, McDpoConfig{0, 0, 0, 0}}) {
+  // Defaults; ε > 0 with γ = 1; α = 0 (the CE term alone); γ = 0 (the DPO term alone: no gradient from the
+  // CE term, so the chosen rows' token weights come from Δ only); everything off.
+  for (const McDpoConfig& config :
+       {McDpoConfig{}, McDpoConfig{0.5, 1.0, 1.0, 0.2}, McDpoConfig{0.1, 0.0, 0.1, 0},
+        McDpoConfig{0.1, 1.0, 0.0, 0.0}, McDpoConfig{0, 0, 0, 0}}) {
     for (const Problem& p : kChunkingCases) {
       const Inputs x = random_inputs(p);
-      expect_close(run_mcdpo(x, at::kDouble, cuda, config, p.chunking),
-                   run_mcdpo(x, at::kDouble, at::kCPU, config, p.chunking), 1e-10,
-                   describe(p) + " alpha=" + std::to_string(config.alpha));
+      expect_close(
+          run_mcdpo(x, at::kDouble, cuda, config, p.chunking),
+          run_mcdpo(x, at::kDouble, at::kCPU, config, p.chunking), 1e-10,
+          describe(p) + " alpha=" + std::to_string(config.alpha) + " gamma=" + std::to_string(config.gamma));
     }
   }
 }

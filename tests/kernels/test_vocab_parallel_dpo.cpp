@@ -2,8 +2,9 @@
 // every rank builds the same full inputs from a seed broadcast by rank 0, runs its shard of the LM head, and
 // compares loss, metrics, grad_hidden (after the TP sum) and its grad_weight rows against the single-process
 // fused kernel and the eager composition on the whole LM head: float64 within 1e-10, float32 within 1e-5
-// relative; V not divisible by TP, chunkings, an all-masked sequence, logits of ±1e4, a TP group inside a
-// bigger world, the partial grad_hidden contract and the errors.
+// relative, bfloat16 no worse than eager bfloat16 against float64 (+ 1e-2); V not divisible by TP,
+// chunkings, an all-masked sequence, logits of ±1e4, a TP group inside a bigger world, the partial
+// grad_hidden contract and the errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -209,6 +210,60 @@ TEST(VocabParallelDpo, McDpoMatchesSingleProcessInFloat32) {
     const LossRun fused = run_mcdpo(x, at::kFloat, Kind::kFused, group, config, p.chunking);
     EXPECT_EQ(parallel.result.loss.scalar_type(), at::kFloat);
     expect_close(parallel, fused, group, 1e-5, describe(p) + " float32");
+  }
+}
+
+// bfloat16 (8 significant bits): the rule, |vocabulary-parallel − float64 truth| ≤ |eager bfloat16 −
+// truth| + 1e-2 per output, with truth the float64 eager composition on the same bfloat16-rounded values and
+// eager bfloat16 on the whole head (test_fused_linear_dpo.cpp's Bfloat16NoWorseThanEagerBfloat16 for one
+// process). The shards' statistics are combined in float32, so the parallel kernel is as accurate as the
+// single-process one; the 1e-2 allows the bfloat16 rounding of its results (2^-8) where eager is lucky.
+// grad_weight: this rank's rows, relative to the whole gradient's largest entry (see expect_close).
+TEST(VocabParallelDpo, McDpoBfloat16NoWorseThanEagerBfloat16) {
+  seed_all_ranks();
+  const VocabParallelGroup group = group_of(mpi_world());
+  const McDpoConfig config{0.1, 1.0, 0.1, 0.0};
+  for (const Problem& p : {Problem{2, 24, 32, 201, {32, 0}}, Problem{2, 16, 32, 157, {20, 40}}}) {
+    Inputs x = random_inputs(p);
+    x.hidden = x.hidden.to(at::kBFloat16).to(at::kDouble);
+    x.weight = x.weight.to(at::kBFloat16).to(at::kDouble);
+    const LossRun parallel = run_mcdpo(x, at::kBFloat16, Kind::kVocabParallel, group, config, p.chunking);
+    const LossRun eager = run_mcdpo(x, at::kBFloat16, Kind::kEager, group, config, p.chunking);
+    const LossRun truth = run_mcdpo(x, at::kDouble, Kind::kEager, group, config, p.chunking);
+    EXPECT_EQ(parallel.result.loss.scalar_type(), at::kBFloat16);
+    EXPECT_EQ(parallel.weight.grad().scalar_type(), at::kBFloat16);
+    // {name, parallel, eager, truth, floor of relative_error}; scalars against max(|·|, 1), gradients against
+    // their largest entry.
+    struct Output {
+      const char* name;
+      at::Tensor parallel, eager, truth;
+      double floor;
+    };
+    const McDpoResult &r = parallel.result, &e = eager.result, &t = truth.result;
+    const VocabShardRange range = vimo::kernels::vocab_shard_range(p.V, group.rank, group.size);
+    const std::vector<Output> outputs = {
+        {"loss", r.loss, e.loss, t.loss, 1},
+        {"dpo_loss", r.dpo_loss, e.dpo_loss, t.dpo_loss, 1},
+        {"sft_loss", r.sft_loss, e.sft_loss, t.sft_loss, 1},
+        {"logps_chosen", r.logps_chosen, e.logps_chosen, t.logps_chosen, 1},
+        {"logps_rejected", r.logps_rejected, e.logps_rejected, t.logps_rejected, 1},
+        {"rewards_chosen", r.rewards_chosen, e.rewards_chosen, t.rewards_chosen, 1},
+        {"rewards_rejected", r.rewards_rejected, e.rewards_rejected, t.rewards_rejected, 1},
+        {"accuracy", r.accuracy, e.accuracy, t.accuracy, 1},
+        {"margin", r.margin, e.margin, t.margin, 1},
+        {"grad hidden", parallel.hidden.grad(), eager.hidden.grad(), truth.hidden.grad(), 0},
+        // This rank's rows, against the whole gradient's largest entry (a shard may hold only small ones).
+        {"grad weight shard", parallel.weight.grad(),
+         eager.weight.grad().narrow(0, range.begin, range.size()),
+         truth.weight.grad().narrow(0, range.begin, range.size()),
+         truth.weight.grad().abs().max().item<double>()}};
+    for (const Output& o : outputs) {
+      const double parallel_error = relative_error(o.parallel, o.truth, o.floor);
+      const double eager_error = relative_error(o.eager, o.truth, o.floor);
+      EXPECT_LE(parallel_error, eager_error + 1e-2) << describe(p) << " bfloat16: " << o.name << ": parallel "
+                                                    << parallel_error << ", eager " << eager_error;
+    }
+    EXPECT_TRUE(at::isfinite(parallel.hidden.grad()).all().item<bool>()) << describe(p);
   }
 }
 

@@ -136,4 +136,54 @@ TEST(GeminiMVR, RouterLossIsSymmetricInfoNCEOfFusedScores) {
   EXPECT_NEAR(loss, expected, 1e-10);
 }
 
+// The learnable log-scale above its clamp ln 100 (DESIGN.md: τ clamped ≤ ln 100), where training can push
+// it: the object branch's scale is exp(ln 100) = 100, not exp(τ), and dL/dτ is exactly 0 (clamp_max passes
+// no gradient above its bound), in the object stage (τ trains) and the router stage (τ frozen, value only).
+// The reference is plain LibTorch on the same embeddings, detached into leaves: s = 100·⟨t, v⟩, the symmetric
+// cross-entropy, autograd. Float64; the loss and the embeddings' gradients within 1e-10 (the fused kernel
+// sums in another order, ~1e-14 relative).
+TEST(GeminiMVR, LogScaleAboveTheClampUsesTheClampAndGetsNoGradient) {
+  vimo::testing::seed_torch();
+  GeminiConfig c = tiny();
+  GeminiMVR model(c);
+  model->to(at::kDouble);
+  {
+    at::NoGradGuard no_grad;
+    model->logit_scale().fill_(c.logit_scale_max + 0.5);
+  }
+  Inputs in = random_inputs(6, c);
+  const at::Tensor targets = at::arange(6, at::kLong);
+  auto symmetric_cross_entropy = [&](const at::Tensor& S) {  // S [captions, videos]
+    return 0.5 * (at::cross_entropy_loss(S, targets) + at::cross_entropy_loss(S.t(), targets));
+  };
+  // Object stage: τ trains.
+  model->set_stage(GeminiStage::Object);
+  ASSERT_TRUE(model->logit_scale().requires_grad());
+  auto texts = model->encode_texts(in.text_ids, in.text_mask);
+  auto videos = model->encode_videos(in.frames.to(at::kDouble), in.keypoints.to(at::kDouble), in.frame_mask);
+  const at::Tensor loss = model->contrastive_loss(texts, videos, nullptr);
+  const std::vector<at::Tensor> grads =
+      torch::autograd::grad({loss}, {texts.text_object, videos.video_object, model->logit_scale()});
+  ASSERT_TRUE(grads[2].defined());
+  EXPECT_EQ(grads[2].item<double>(), 0.0) << "dL/dτ with τ = ln 100 + 0.5";
+  const at::Tensor t = texts.text_object.detach().requires_grad_(),
+                   v = videos.video_object.detach().requires_grad_();
+  const at::Tensor expected = symmetric_cross_entropy(std::exp(c.logit_scale_max) * t.matmul(v.t()));
+  expected.backward();
+  EXPECT_NEAR(loss.item<double>(), expected.item<double>(), 1e-10);
+  EXPECT_LE((grads[0] - t.grad()).abs().max().item<double>(), 1e-10 * t.grad().abs().max().item<double>());
+  EXPECT_LE((grads[1] - v.grad()).abs().max().item<double>(), 1e-10 * v.grad().abs().max().item<double>());
+  // Router stage: the fused score uses the clamped scale too.
+  model->set_stage(GeminiStage::Router);
+  texts = model->encode_texts(in.text_ids, in.text_mask);
+  videos = model->encode_videos(in.frames.to(at::kDouble), in.keypoints.to(at::kDouble), in.frame_mask);
+  const at::Tensor w = videos.router_weights;  // [6, 2] per video (column)
+  const at::Tensor S =
+      w.select(1, 0).unsqueeze(0) * (c.action_scale * texts.text_action.matmul(videos.video_action.t())) +
+      w.select(1, 1).unsqueeze(0) *
+          (std::exp(c.logit_scale_max) * texts.text_object.matmul(videos.video_object.t()));
+  EXPECT_NEAR(model->contrastive_loss(texts, videos, nullptr).item<double>(),
+              symmetric_cross_entropy(S).item<double>(), 1e-10);
+}
+
 }  // namespace
