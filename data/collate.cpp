@@ -133,10 +133,6 @@ int64_t TensorPool::reused() const {
 // tensors start at the first record's length; a longer record regrows them (a new tensor, the rows so far
 // copied over). Records of one length (the retrieval data) never regrow; for random lengths a batch of B
 // regrows about ln B times, on average over a quarter of the rows each time.
-Collator::Collator(int64_t capacity, TensorPool* pool) : capacity_(capacity), pool_(pool) {
-  keys_.reserve(static_cast<size_t>(capacity));
-}
-
 at::Tensor Collator::allocate(const std::vector<int64_t>& shape, DType dtype) {
   const at::ScalarType type = torch_dtype(dtype);
   // Not at::zeros: it fills in an intra-op parallel region, which costs a thread handoff per field on a busy
@@ -162,49 +158,119 @@ void Collator::grow(Column& column, int64_t max_len) {
   column.row_elements = values.numel() / capacity_;
 }
 
+uint64_t RecordOrigin::offset() const {
+  if (!shard || record < 0) return 0;
+  return shard->record_offset(static_cast<uint64_t>(record));
+}
+
 std::string RecordOrigin::describe() const {
-  return record < 0 ? std::string(source) : fmt::format("shard {}: record {}", source, record);
+  if (record < 0) return std::string(source);
+  if (!shard) return fmt::format("shard {}: record {}", source, record);
+  return fmt::format("shard {}: record {} at offset {}", source, record, offset());
+}
+
+RecordSchema RecordSchema::of(const RecordView& record, std::string source) {
+  RecordSchema schema;
+  schema.source = std::move(source);
+  for (const FieldView& field : record.fields) {
+    FieldSpec spec{std::string(field.name), field.dtype, field.shape};
+    if (!spec.shape.empty()) spec.shape[0] = kAnyExtent;
+    schema.fields.push_back(std::move(spec));
+  }
+  return schema;
+}
+
+namespace {
+
+bool fits(const FieldView& field, const FieldSpec& spec) {
+  if (field.dtype != spec.dtype || field.shape.size() != spec.shape.size()) return false;
+  for (size_t d = 0; d < spec.shape.size(); ++d) {
+    if (spec.shape[d] != kAnyExtent && spec.shape[d] != field.shape[d]) return false;
+  }
+  return true;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    text += (d ? ", " : "") + (shape[d] == kAnyExtent ? std::string("*") : std::to_string(shape[d]));
+  }
+  return text;
+}
+
+[[noreturn]] void throw_corrupt(const RecordOrigin& origin, const std::string& what) {
+  throw CorruptDataError(fmt::format("{}: {}", origin.describe(), what), std::string(origin.source),
+                         origin.record, origin.offset());
+}
+
+}  // namespace
+
+Collator::Collator(int64_t capacity, TensorPool* pool, const RecordSchema* schema)
+    : capacity_(capacity), pool_(pool), given_schema_(schema) {
+  keys_.reserve(static_cast<size_t>(capacity));
+}
+
+void Collator::reject(const RecordOrigin& origin, const FieldSpec& spec, const FieldView* field) const {
+  const std::string source = given_schema_
+                                 ? given_schema_->source
+                                 : "the batch's first record, " +
+                                       RecordOrigin{first_source_, first_record_, first_shard_}.describe();
+  const std::string expected =
+      fmt::format("expected {} [{}] ({})", dtype_name(spec.dtype), shape_text(spec.shape), source);
+  if (!field) throw_corrupt(origin, fmt::format("missing field '{}', {}", spec.name, expected));
+  throw_corrupt(origin, fmt::format("field '{}' is {} [{}], {}", spec.name, dtype_name(field->dtype),
+                                    shape_text(field->shape), expected));
+}
+
+void Collator::start_columns() {
+  const std::vector<FieldSpec>& specs = schema().fields;
+  columns_.clear();
+  for (size_t c = 0; c < specs.size(); ++c) {
+    Column column;
+    column.name = specs[c].name;
+    column.dtype = specs[c].dtype;
+    // The record's extents, or with no record (an empty batch) the schema's, 0 where any would do.
+    column.shape = found_.empty() ? specs[c].shape : found_[c]->shape;
+    for (int64_t& extent : column.shape) extent = std::max<int64_t>(extent, 0);
+    column.lengths.reserve(static_cast<size_t>(capacity_));
+    std::vector<int64_t> shape = {capacity_};
+    shape.insert(shape.end(), column.shape.begin(), column.shape.end());
+    column.values = allocate(shape, column.dtype);
+    column.max_len = column.shape.empty() ? 0 : column.shape[0];
+    column.row_elements = column.values.numel() / std::max<int64_t>(capacity_, 1);
+    columns_.push_back(std::move(column));
+  }
 }
 
 void Collator::add(const RecordView& record, int64_t key, const RecordOrigin& origin) {
   if (size() == capacity_) throw std::logic_error("Collator: more records than its capacity");
-  if (keys_.empty()) {
-    first_where_ = origin.describe();
-    for (const FieldView& field : record.fields) {
-      Column column;
-      column.name = std::string(field.name);
-      column.dtype = field.dtype;
-      column.shape = field.shape;
-      column.lengths.reserve(static_cast<size_t>(capacity_));
-      std::vector<int64_t> shape = {capacity_};
-      shape.insert(shape.end(), field.shape.begin(), field.shape.end());
-      column.values = allocate(shape, field.dtype);
-      column.max_len = field.shape.empty() ? 0 : field.shape[0];
-      column.row_elements = column.values.numel() / std::max<int64_t>(capacity_, 1);
-      columns_.push_back(std::move(column));
-    }
-  }
-  // Check every field against the first record's before copying any, so that a bad record leaves no row.
+  if (keys_.empty() && !given_schema_) first_schema_ = RecordSchema::of(record, "");
+  // Check every field before copying any, so that a bad record leaves no row.
+  const std::vector<FieldSpec>& specs = schema().fields;
   std::vector<const FieldView*>& found = found_;  // reused: no allocation per record
-  found.resize(columns_.size());
+  found.resize(specs.size());
+  for (size_t c = 0; c < specs.size(); ++c) {
+    found[c] = record.find(specs[c].name);
+    if (!found[c] || !fits(*found[c], specs[c])) reject(origin, specs[c], found[c]);
+  }
+  if (keys_.empty()) {
+    first_source_ = std::string(origin.source);
+    first_record_ = origin.record;
+    first_shard_ = origin.shard;
+    start_columns();
+  }
   for (size_t c = 0; c < columns_.size(); ++c) {
+    // A schema's extent that matches any, past the first: collation still needs the batch's to agree.
     const Column& column = columns_[c];
-    const FieldView* field = record.find(column.name);
-    if (!field)
-      throw std::runtime_error(fmt::format("{}: missing field '{}' (present in the batch's first record, {})",
-                                           origin.describe(), column.name, first_where_));
-    const bool same_tail =
-        field->shape.size() == column.shape.size() &&
-        std::equal(field->shape.begin() + (column.shape.empty() ? 0 : 1), field->shape.end(),
-                   column.shape.begin() + (column.shape.empty() ? 0 : 1));
-    if (field->dtype != column.dtype || !same_tail) {
-      throw std::runtime_error(
-          fmt::format("{}: field '{}' is {} [{}], but {} has {} [{}] (only the first extent may "
-                      "differ within a batch)",
-                      origin.describe(), column.name, dtype_name(field->dtype), fmt::join(field->shape, ", "),
-                      first_where_, dtype_name(column.dtype), fmt::join(column.shape, ", ")));
+    const std::vector<int64_t>& shape = found[c]->shape;
+    if (shape.size() > 1 && !std::equal(shape.begin() + 1, shape.end(), column.shape.begin() + 1)) {
+      throw_corrupt(origin,
+                    fmt::format("field '{}' is {} [{}], but the batch's first record, {}, has [{}] (only the "
+                                "first extent may differ within a batch)",
+                                column.name, dtype_name(found[c]->dtype), shape_text(shape),
+                                RecordOrigin{first_source_, first_record_, first_shard_}.describe(),
+                                shape_text(column.shape)));
     }
-    found[c] = field;
   }
   const int64_t row = size();
   for (size_t c = 0; c < columns_.size(); ++c) {
@@ -225,6 +291,10 @@ void Collator::add(const RecordView& record, int64_t key, const RecordOrigin& or
 CollatedBatch Collator::finish() {
   CollatedBatch batch;
   const int64_t rows = size();
+  if (rows == 0) {
+    found_.clear();
+    start_columns();
+  }
   batch.keys = at::tensor(keys_, at::kLong);
   for (Column& column : columns_) {
     // Fewer rows than the capacity (records skipped as corrupt): the leading rows, still contiguous.

@@ -130,8 +130,59 @@ std::shared_ptr<ShardReader> StreamingLoader::open_shard(uint32_t shard) {
   return reader;
 }
 
+namespace {
+
+// What the trainer sees of a corrupt record when skip_corrupt is off.
+std::runtime_error stop_at(const CorruptDataError& error) {
+  return std::runtime_error(
+      fmt::format("{}. HINT: set data.skip_corrupt to skip and count corrupt records", error.what()));
+}
+
+}  // namespace
+
+// Note [One schema per split]
+// Collation needs every record of a batch to hold the same fields, dtypes and extents past the first. The
+// loader checks each record against one schema for the whole split rather than against its batch's first
+// record: a record with a missing field or another dtype is then reported, or skipped, as itself wherever it
+// falls in a batch (measured against its batch's first record, the good records of a batch whose first record
+// is the odd one would be the ones rejected), and the records skipped do not depend on the DP size. The
+// schema is the consumer's (LoaderOptions::schema: the retriever trainer's holds the shapes of the test
+// split) or that of the split's first record that reads cleanly, in manifest order, read once by whichever
+// batch needs it first; if that record is itself the odd one, every other record is reported against it,
+// and the message names it.
+const RecordSchema& StreamingLoader::record_schema() {
+  std::lock_guard<std::mutex> lock(schema_mutex_);
+  if (schema_) return *schema_;
+  if (!options_.schema.empty()) return schema_.emplace(options_.schema);
+  for (uint32_t s = 0; s < split_->shards.size(); ++s) {
+    try {
+      const std::shared_ptr<ShardReader> reader = open_shard(s);
+      for (uint64_t i = 0; i < reader->size(); ++i) {
+        try {
+          const Record record = reader->read_record(i);
+          const RecordOrigin origin{reader->path(), static_cast<int64_t>(i), reader.get()};
+          return schema_.emplace(
+              RecordSchema::of(RecordView::of(record), "the split's first record, " + origin.describe()));
+        } catch (const CorruptDataError&) {
+          if (!options_.skip_corrupt) throw;  // the skips are counted when batches read the records
+        }
+      }
+    } catch (const CorruptDataError&) {
+      if (!options_.skip_corrupt) throw;
+    }
+  }
+  throw std::runtime_error(
+      fmt::format("dataset {}: split '{}' holds no record that reads cleanly", options_.dir, options_.split));
+}
+
 LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
   const std::vector<SampleRef> refs = local_refs(epoch, step);
+  const RecordSchema* schema = nullptr;
+  try {
+    schema = &record_schema();
+  } catch (const CorruptDataError& error) {
+    throw stop_at(error);
+  }
   // Each record is read into this thread's buffer and copied into the batch at once, while its bytes are in
   // the core's cache (Note [Collating record by record] in data/collate.cpp); the batch's tensors come from
   // pool_, so once warm a batch allocates nothing else of its size.
@@ -148,7 +199,7 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
       }
     }
   } forget_views{record};
-  Collator collator(static_cast<int64_t>(refs.size()), &pool_);
+  Collator collator(static_cast<int64_t>(refs.size()), &pool_, schema);
   uint64_t bytes = 0;
   int64_t skipped = 0;
   // The batch's shards, looked up in the shared LRU cache once each rather than once per record; they stay
@@ -173,13 +224,10 @@ LoaderBatch StreamingLoader::read_batch(int64_t epoch, int64_t step) {
       }
       const ShardReader* reader = it->second.get();
       reader->read_view(ref.record, buffer, record);
-      collator.add(record, ref.key, {reader->path(), static_cast<int64_t>(ref.record)});
+      collator.add(record, ref.key, {reader->path(), static_cast<int64_t>(ref.record), reader});
       bytes += reader->stored_size(ref.record);
     } catch (const CorruptDataError& error) {
-      if (!options_.skip_corrupt) {
-        throw std::runtime_error(
-            fmt::format("{}. HINT: set data.skip_corrupt to skip and count corrupt records", error.what()));
-      }
+      if (!options_.skip_corrupt) throw stop_at(error);
       ++skipped;
       std::fprintf(stderr, "[vimo data] skipping a corrupt record (key %lld): %s\n",
                    static_cast<long long>(ref.key), error.what());

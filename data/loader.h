@@ -9,6 +9,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -33,6 +34,11 @@ struct LoaderOptions {
   int workers = 2;               // background reader threads
   int prefetch = 4;              // batches read ahead (bounds memory: prefetch × local batch records)
   bool skip_corrupt = false;     // skip and count corrupt records instead of stopping
+  // What every record must hold (RecordSchema in data/collate.h); only its fields are collated. A record
+  // that lacks one or holds it with another dtype or shape is corrupt: an error naming its file, record and
+  // offset, or skipped and counted with skip_corrupt. Empty: the split's first record that reads cleanly, in
+  // manifest order, sets it (Note [One schema per split] in data/loader.cpp).
+  RecordSchema schema;
   // When records' checksums are checked: every read (default), or a mapped record's first read only (Note
   // [Verifying a mapped record once] in data/shard_reader.cpp).
   Verification verify = Verification::EveryRead;
@@ -90,6 +96,7 @@ class StreamingLoader {
   std::vector<SampleRef> local_refs(int64_t epoch, int64_t step) const;
   LoaderBatch read_batch(int64_t epoch, int64_t step);
   std::shared_ptr<ShardReader> open_shard(uint32_t shard);
+  const RecordSchema& record_schema();
   void schedule();
   void drain();
   void worker_loop();
@@ -100,6 +107,9 @@ class StreamingLoader {
   SampleOrder order_;
   SamplerState state_;
   int64_t scheduled_epoch_ = 0, scheduled_consumed_ = 0;  // position after the last scheduled batch
+
+  std::mutex schema_mutex_;  // taken before shards_mutex_ when both are
+  std::optional<RecordSchema> schema_;
 
   std::mutex shards_mutex_;
   std::list<std::pair<uint32_t, std::shared_ptr<ShardReader>>> open_;  // most recently used first

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 
 #include "data/shard.h"
@@ -18,18 +19,35 @@ namespace fs = std::filesystem;
 
 constexpr int64_t kJoints = 17;
 
-void expect_shape(const CollatedBatch& batch, const std::string& name, at::ScalarType dtype,
-                  const std::vector<int64_t>& tail, const std::string& where) {
-  const at::Tensor& t = batch.field(name);
+// `batch`'s field `spec.name` is [B] + spec.shape of spec.dtype (an extent of kAnyExtent matches any).
+void expect_field(const CollatedBatch& batch, const FieldSpec& spec, const std::string& where) {
+  const at::Tensor& t = batch.field(spec.name);
   std::vector<int64_t> expected = {batch.size()};
-  expected.insert(expected.end(), tail.begin(), tail.end());
-  if (t.scalar_type() != dtype || t.sizes().vec() != expected) {
+  expected.insert(expected.end(), spec.shape.begin(), spec.shape.end());
+  bool same = t.scalar_type() == torch_dtype(spec.dtype) && t.dim() == static_cast<int64_t>(expected.size());
+  for (size_t d = 0; same && d < expected.size(); ++d)
+    same = expected[d] == kAnyExtent || expected[d] == t.size(d);
+  if (!same) {
     throw std::runtime_error(
         fmt::format("{}: field '{}' is {} [{}], expected {} [{}]. HINT: the records do not match "
                     "the dataset's shapes (see its first test record) or the model config",
-                    where, name, c10::toString(t.scalar_type()), fmt::join(t.sizes(), ", "),
-                    c10::toString(dtype), fmt::join(expected, ", ")));
+                    where, spec.name, c10::toString(t.scalar_type()), fmt::join(t.sizes(), ", "),
+                    c10::toString(torch_dtype(spec.dtype)), fmt::join(expected, ", ")));
   }
+}
+
+// The shapes of a retrieval record: kAnyExtent where `first` lacks the field or has another rank (the schema
+// check then names the field).
+RetrievalDims dims_of(const RecordView& first, int64_t vocab_size) {
+  RetrievalDims dims{kAnyExtent, kAnyExtent, kAnyExtent, vocab_size};
+  const FieldView* text_ids = first.find("text_ids");
+  if (text_ids && text_ids->shape.size() == 1) dims.max_text_len = text_ids->shape[0];
+  const FieldView* frames = first.find("frames");
+  if (frames && frames->shape.size() == 2) {
+    dims.frames = frames->shape[0];
+    dims.feature_dim = frames->shape[1];
+  }
+  return dims;
 }
 
 }  // namespace
@@ -44,13 +62,19 @@ int64_t dataset_vocab_size(const DatasetManifest& manifest) {
   return lines;
 }
 
+RecordSchema retrieval_schema(const RetrievalDims& dims, const std::string& dims_source) {
+  return {{{"id", DType::Int64, {1}},
+           {"caption", DType::UInt8, {kAnyExtent}},
+           {"text_ids", DType::Int64, {dims.max_text_len}},
+           {"frames", DType::Float32, {dims.frames, dims.feature_dim}},
+           {"keypoints", DType::Float32, {dims.frames, kJoints, 3}},
+           {"num_frames", DType::Int64, {1}}},
+          "a retrieval record with the shapes of " + dims_source};
+}
+
 RetrievalBatch to_retrieval_batch(const CollatedBatch& batch, const RetrievalDims& dims,
                                   const std::string& where) {
-  expect_shape(batch, "id", at::kLong, {1}, where);
-  expect_shape(batch, "text_ids", at::kLong, {dims.max_text_len}, where);
-  expect_shape(batch, "frames", at::kFloat, {dims.frames, dims.feature_dim}, where);
-  expect_shape(batch, "keypoints", at::kFloat, {dims.frames, kJoints, 3}, where);
-  expect_shape(batch, "num_frames", at::kLong, {1}, where);
+  for (const FieldSpec& spec : retrieval_schema(dims, where).fields) expect_field(batch, spec, where);
   RetrievalBatch out;
   out.sample_ids = batch.field("id").select(1, 0);
   out.text_ids = batch.field("text_ids");
@@ -89,33 +113,36 @@ RetrievalDataset::RetrievalDataset(const std::string& dir, const std::string& sp
   if (split_manifest.records == 0) {
     throw std::runtime_error(fmt::format("dataset {}: split '{}' holds no records", dir, split));
   }
-  std::vector<Record> records;
-  std::vector<int64_t> keys;
-  std::vector<std::string> where;
+  std::vector<std::unique_ptr<ShardReader>> readers;
   for (size_t s = 0; s < split_manifest.shards.size(); ++s) {
-    const ShardReader reader(manifest.shard_path(split, s));
-    if (reader.size() != split_manifest.shards[s].records) {
+    readers.push_back(std::make_unique<ShardReader>(manifest.shard_path(split, s)));
+    if (readers.back()->size() != split_manifest.shards[s].records) {
       throw std::runtime_error(fmt::format("shard {} holds {} records, {}/manifest.json says {}",
-                                           reader.path(), reader.size(), dir,
+                                           readers.back()->path(), readers.back()->size(), dir,
                                            split_manifest.shards[s].records));
     }
-    for (uint64_t i = 0; i < reader.size(); ++i) {
-      records.push_back(reader.read_record(i));
-      keys.push_back(static_cast<int64_t>(keys.size()));
-      where.push_back(fmt::format("shard {}: record {}", reader.path(), i));
+  }
+  // The first record sets the shapes; every record, the first included, is checked against them as it is
+  // collated.
+  RecordSchema schema;
+  std::optional<Collator> collator;
+  int64_t key = 0;
+  for (const std::unique_ptr<ShardReader>& reader : readers) {
+    for (uint64_t i = 0; i < reader->size(); ++i) {
+      const Record record = reader->read_record(i);
+      const RecordView view = RecordView::of(record);
+      const RecordOrigin origin{reader->path(), static_cast<int64_t>(i), reader.get()};
+      if (!collator) {
+        dims_ = dims_of(view, dataset_vocab_size(manifest));
+        schema = retrieval_schema(dims_,
+                                  fmt::format("split '{}' (its first record, {})", split, origin.describe()));
+        collator.emplace(static_cast<int64_t>(split_manifest.records), nullptr, &schema);
+      }
+      collator->add(view, key++, origin);
+      captions_.push_back(record.get("caption").text());
     }
   }
-  const Record& first = records.front();
-  const std::vector<int64_t> frames = first.get("frames").shape;
-  if (frames.size() != 2) {
-    throw std::runtime_error(
-        fmt::format("{}: field 'frames' has rank {}, expected [F, Dv]", where[0], frames.size()));
-  }
-  dims_ = {first.get("text_ids").numel(), frames[0], frames[1], dataset_vocab_size(manifest)};
-  const CollatedBatch all = collate(records, keys, where);
-  all_ = to_retrieval_batch(all, dims_, fmt::format("dataset {} split '{}'", dir, split));
-  captions_.reserve(records.size());
-  for (const Record& record : records) captions_.push_back(record.get("caption").text());
+  all_ = to_retrieval_batch(collator->finish(), dims_, fmt::format("dataset {} split '{}'", dir, split));
 }
 
 RetrievalBatch RetrievalDataset::batch(const std::vector<int64_t>& indices) const {

@@ -36,11 +36,18 @@ struct RetrievalDims {
 // The vocabulary size of a dataset: metadata "vocab_size", else the line count of its vocab.txt.
 int64_t dataset_vocab_size(const DatasetManifest& manifest);
 
+// The fields of a retrieval record with `dims`' shapes (caption: any length), for the loader to check every
+// record against (LoaderOptions::schema). `dims_source` says where the shapes come from, for errors.
+RecordSchema retrieval_schema(const RetrievalDims& dims, const std::string& dims_source);
+
 // Checks the fields, dtypes, shapes and value ranges against `dims`; `where` names the batch for errors.
+// Batches of a loader given retrieval_schema(dims) already hold the right fields: their records were checked
+// one by one, with errors that name them.
 RetrievalBatch to_retrieval_batch(const CollatedBatch& batch, const RetrievalDims& dims,
                                   const std::string& where);
 
-// All records of one split, held in memory as stacked tensors; shapes are taken from its first record.
+// All records of one split, held in memory as stacked tensors; shapes are taken from its first record, and a
+// record that does not fit them is a CorruptDataError naming its file, record and offset.
 class RetrievalDataset {
  public:
   RetrievalDataset(const std::string& dir, const std::string& split);

@@ -176,6 +176,8 @@ class ShardReader {
   uint64_t file_size() const { return file_size_; }
   // Stored bytes of record `index` (what read_record reads from disk).
   uint64_t stored_size(uint64_t index) const;
+  // Where record `index` starts in the file (from the index; `index` < size()).
+  uint64_t record_offset(uint64_t index) const { return offsets_.at(index); }
   // With Verification::FirstRead a record read through the mapping is checksummed the first time only (Note
   // [Verifying a mapped record once] in data/shard_reader.cpp). This forgets every record's verification when
   // the file's modification or status-change time has moved since the reader opened it or last looked, so

@@ -203,7 +203,13 @@ data::RetrievalBatch agree_on_batch(const data::LoaderBatch& loaded, const data:
   data::RetrievalBatch batch = data::to_retrieval_batch(
       loaded.tensors, dims, fmt::format("training batch {} of epoch {}", loaded.step, loaded.epoch));
   skipped = loaded.corrupt_skipped;
-  if (!skip_corrupt || !comm || comm->size() == 1) return batch;
+  if (!skip_corrupt || !comm || comm->size() == 1) {
+    if (batch.size() == 0) {
+      throw std::runtime_error(fmt::format(
+          "every record of training batch {} of epoch {} was corrupt; stopping", loaded.step, loaded.epoch));
+    }
+    return batch;
+  }
   at::Tensor counts = at::tensor({batch.size(), -batch.size(), loaded.corrupt_skipped}, at::kLong);
   comm->allreduce(counts, comm::ReduceOp::Max);  // [max size, -min size, max skipped]
   at::Tensor total = at::tensor({loaded.corrupt_skipped}, at::kLong);
@@ -263,6 +269,8 @@ TrainResult train_retriever(const Config& config, bool resume,
   loader_options.workers = static_cast<int>(config.data.workers);
   loader_options.prefetch = static_cast<int>(config.data.prefetch);
   loader_options.skip_corrupt = config.data.skip_corrupt;
+  // Each record is checked against the test split's shapes as it is read: a bad one is named, or skipped.
+  loader_options.schema = data::retrieval_schema(test_set.dims(), "the test split's first record");
   loader_options.verify =
       config.data.verify == "first_read" ? data::Verification::FirstRead : data::Verification::EveryRead;
   loader_options.drop_last = config.data.drop_last;

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "data/manifest.h"
 #include "data/npy.h"
 #include "data/shard.h"
+#include "tests/random_seed.h"
 #include "tests/test_support.h"
 
 namespace vimo::data {
@@ -60,20 +62,24 @@ std::string numpy_float64_v2(const std::vector<float>& values, int64_t frames) {
 struct Tree {
   fs::path root;
   std::vector<float> m1, mirror, m6, m7;  // the motions whose samples are kept
+  std::vector<float> mean, std_dev;       // Mean.npy and Std.npy, as float32
 };
 
 Tree make_tree(const fs::path& root) {
-  Tree tree{root, motion_values(1, 60), motion_values(2, 45), motion_values(6, 120), motion_values(7, 199)};
+  Tree tree{
+      root, motion_values(1, 60), motion_values(2, 45), motion_values(6, 120), motion_values(7, 199), {}, {}};
   fs::create_directories(root / "new_joint_vecs");
   fs::create_directories(root / "texts");
   const fs::path motions = root / "new_joint_vecs", texts = root / "texts";
-  std::vector<float> mean(kDim), std_dev(kDim);
+  // The training set's per-feature statistics in the real files; fresh random values here, every one
+  // different, so that an element copied from the wrong place or rounded shows.
+  std::mt19937_64 rng(vimo::testing::seed_torch());
   for (int64_t d = 0; d < kDim; ++d) {
-    mean[d] = 0.25f * static_cast<float>(d);
-    std_dev[d] = 1.0f + static_cast<float>(d) / 8.0f;
+    tree.mean.push_back(std::normal_distribution<float>(0.0f, 3.0f)(rng));
+    tree.std_dev.push_back(std::uniform_real_distribution<float>(0.01f, 2.0f)(rng));
   }
-  write_npy((root / "Mean.npy").string(), {kDim}, mean);
-  write_npy((root / "Std.npy").string(), {kDim}, std_dev);
+  write_npy((root / "Mean.npy").string(), {kDim}, tree.mean);
+  write_npy((root / "Std.npy").string(), {kDim}, tree.std_dev);
 
   write_npy((motions / "000001.npy").string(), {60, kDim}, tree.m1);
   write_text(texts / "000001.txt",
@@ -191,10 +197,14 @@ TEST(ImportHumanML3D, ImportsEverySampleOfTheRealLayout) {
   EXPECT_EQ(manifest.split("train").shards.size(), 2u);
   EXPECT_EQ(manifest.metadata.at("feature_dim"), kDim);
   EXPECT_EQ(manifest.metadata.at("humanml3d").at("report").at("train").at("missing_motion"), 1);
-  const NpyArray mean = read_npy(manifest.file_path("mean.npy"));
-  EXPECT_EQ(mean.shape, std::vector<int64_t>{kDim});
-  EXPECT_EQ(mean.to_floats()[8], 2.0f);
-  EXPECT_EQ(read_npy(manifest.file_path("std.npy")).to_floats()[8], 2.0f);
+  // The statistics are the source's, every element, stored as float32 [263].
+  for (const auto& [file, expected] :
+       {std::pair{"mean.npy", &tree.mean}, std::pair{"std.npy", &tree.std_dev}}) {
+    const NpyArray stored = read_npy(manifest.file_path(file));
+    EXPECT_EQ(stored.dtype, NpyDType::Float32) << file;
+    EXPECT_EQ(stored.shape, std::vector<int64_t>{kDim}) << file;
+    EXPECT_EQ(stored.to_floats(), *expected) << file;
+  }
 }
 
 TEST(ImportHumanML3D, StrictMakesSkipsErrors) {

@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
 #include <set>
 #include <string>
@@ -21,7 +23,9 @@
 #include "data/dataset_writer.h"
 #include "data/loader.h"
 #include "data/manifest.h"
+#include "data/pack.h"
 #include "data/sample_order.h"
+#include "tests/data/shard_file.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
 
@@ -30,6 +34,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using vimo::testing::expect_error;
+using vimo::testing::indexed_record_offset;
 
 fs::path test_dir() {
   return vimo::testing::fresh_test_dir("loader",
@@ -49,14 +54,20 @@ Record keyed_record(int64_t key) {
   return r;
 }
 
-// A dataset of `records` keyed records in shards of `per_shard` records (the last one shorter).
+// A dataset of `records` keyed records in shards of `per_shard` records (the last one shorter); `change`,
+// when given, may alter each record before it is written.
 void write_keyed_dataset(const fs::path& dir, int64_t records, uint64_t per_shard,
-                         Compression compression = Compression::None) {
+                         Compression compression = Compression::None,
+                         const std::function<void(int64_t key, Record&)>& change = {}) {
   DatasetWriterOptions options;
   options.max_shard_records = per_shard;
   options.compression = compression;
   DatasetWriter writer(dir.string(), "keyed", options);
-  for (int64_t k = 0; k < records; ++k) writer.append("train", keyed_record(k));
+  for (int64_t k = 0; k < records; ++k) {
+    Record record = keyed_record(k);
+    if (change) change(k, record);
+    writer.append("train", record);
+  }
   writer.add_file("notes.txt", "keyed test data\n");
   writer.set_metadata("records", records);
   writer.finish();
@@ -196,6 +207,63 @@ TEST(Manifest, VerifyFindsChangedMissingAndMiscountedFiles) {
   expect_error([&] { read_manifest(dir.string()); }, {"splits.train.shards[0].xxh3", "missing"});
 }
 
+// `vimo data pack` with a shard size limit (--max-shard-mb): a shard closes at the first record that takes
+// it to the limit, so every shard's records but its last start before the limit and every shard but a
+// split's last reaches it (read from the files' own indexes); and the records round-trip, in order.
+TEST(Pack, ShardsCloseAtTheSizeLimitAndRecordsRoundTrip) {
+  std::mt19937_64 rng(vimo::testing::fresh_seed());
+  const fs::path dir = test_dir();
+  DatasetWriterOptions source_options;
+  source_options.max_shard_records = 50;
+  DatasetWriter source((dir / "source").string(), "keyed", source_options);
+  std::map<std::string, std::vector<int64_t>> keys;  // per split, in order
+  for (int64_t k = 0; k < 200; ++k) {
+    const std::string split = rng() % 4 == 0 ? "test" : "train";
+    source.append(split, keyed_record(k));
+    keys[split].push_back(k);
+  }
+  source.add_file("notes.txt", "packed\n");
+  source.finish();
+  for (const Compression compression : {Compression::None, Compression::Zstd}) {
+    DatasetWriterOptions options;
+    options.max_shard_bytes = 400 + rng() % 800;  // a few records of 81 to 117 encoded bytes each
+    options.compression = compression;
+    const fs::path out = dir / (compression == Compression::None ? "plain" : "zstd");
+    const PackReport report = repack_dataset((dir / "source").string(), out.string(), options);
+    EXPECT_EQ(report.records, 200u);
+    const DatasetManifest packed = read_manifest(out.string());
+    EXPECT_NO_THROW(verify_dataset(packed, /*hashes=*/true));
+    EXPECT_EQ(packed.files.count("notes.txt"), 1u);
+    uint64_t shards = 0;
+    for (const auto& [name, split] : packed.splits) {
+      SCOPED_TRACE(name + " with a limit of " + std::to_string(options.max_shard_bytes));
+      std::vector<int64_t> read;
+      for (size_t s = 0; s < split.shards.size(); ++s) {
+        const std::string path = packed.shard_path(name, s);
+        const ShardReader reader(path);
+        for (uint64_t i = 0; i < reader.size(); ++i) {
+          const Record record = reader.read_record(i);
+          const int64_t key = record.get("key").int64s().at(0);
+          const Record expected = keyed_record(key);
+          EXPECT_EQ(record.get("values").shape, expected.get("values").shape);
+          EXPECT_EQ(record.get("values").floats(), expected.get("values").floats());
+          read.push_back(key);
+        }
+        // The index and footer follow the last record: the footer's index offset is where the records end.
+        const uint64_t records_end = fs::file_size(path) - 24 * reader.size() - 24;
+        EXPECT_LT(indexed_record_offset(path, reader.size() - 1), options.max_shard_bytes) << path;
+        if (s + 1 < split.shards.size()) {
+          EXPECT_GE(records_end, options.max_shard_bytes) << path;
+        }
+      }
+      EXPECT_EQ(read, keys.at(name));
+      shards += split.shards.size();
+    }
+    EXPECT_GT(shards, 4u);  // the limit, not the source's 50 records per shard, cut them
+    EXPECT_EQ(report.shards_out, shards);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Collation
 
@@ -211,9 +279,11 @@ TEST(Collate, PadsTheFirstExtentAndChecksTheRest) {
       [&] {
         collate(records, {0, 3, 5}, {"r0", "r1", "r2"});
       },
-      {"r2", "'values'", "[2, 2]", "[1, 3]"});
+      {"r2: field 'values' is float32 [2, 2], expected float32 [*, 3] (the batch's first record, r0)"});
   records[2].fields.pop_back();
   expect_error([&] { collate(records, {0, 3, 5}, {"r0", "r1", "r2"}); }, {"r2", "missing field 'values'"});
+  // Bad data, which the loader may skip.
+  EXPECT_THROW(collate(records, {0, 3, 5}, {"r0", "r1", "r2"}), CorruptDataError);
   expect_error([&] { b.field("nope"); }, {"'nope'", "key", "values"});
   // The loader's origins (file and record), formatted only for the error.
   Collator collator(2, nullptr);
@@ -535,6 +605,109 @@ TEST_F(LoaderTest, CorruptRecordStopsByDefaultAndIsSkippedAndCountedOnRequest) {
     EXPECT_EQ(keys.size(), 52u);
     EXPECT_EQ(std::count(keys.begin(), keys.end(), 20), 0);
   }
+}
+
+// A record that lacks a field, or holds one with another dtype or shape, is bad data like a bad checksum: by
+// default an error naming its file, record and offset; with skip_corrupt skipped and counted. It is measured
+// against the split's first record, not its batch's: unshuffled in batches of 4, key 20 opens its batch, and
+// it alone is skipped (Note [One schema per split] in data/loader.cpp).
+TEST_F(LoaderTest, RecordsWithAMissingFieldOrAnotherDtypeOrShapeAreCorrupt) {
+  struct Case {
+    int64_t key;
+    std::function<void(Record&)> change;
+    std::string what;
+  };
+  const std::vector<Case> cases = {
+      {20, [](Record& r) { r.fields.pop_back(); }, "missing field 'values', expected float32 [*, 3]"},
+      {31,
+       [](Record& r) {
+         r.fields[1] = Field::from_bytes("values", DType::Float64, {4, 3}, std::vector<uint8_t>(96, 1));
+       },
+       "field 'values' is float64 [4, 3], expected float32 [*, 3]"},
+      {45,
+       [](Record& r) {
+         r.fields[1] = Field::from_floats("values", {2, 2}, {1, 2, 3, 4});
+       },
+       "field 'values' is float32 [2, 2], expected float32 [*, 3]"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    write_keyed_dataset(dir_, 53, 6, Compression::None, [&](int64_t key, Record& r) {
+      if (key == c.key) c.change(r);
+    });
+    const DatasetManifest manifest = read_manifest(dir_.string());
+    const std::string shard = manifest.shard_path("train", static_cast<size_t>(c.key / 6));
+    const auto record = static_cast<uint64_t>(c.key % 6);
+    LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
+    expect_error([&] { read_epoch(o); },
+                 {"shard " + shard + ": record " + std::to_string(record) + " at offset " +
+                      std::to_string(indexed_record_offset(shard, record)) + ": " + c.what +
+                      " (the split's first record, shard " + manifest.shard_path("train", 0) +
+                      ": record 0 at offset 16)",
+                  "skip_corrupt"});
+    o = keyed_options(dir_, 4, 0, 1, seed_);
+    o.shuffle = false;
+    o.skip_corrupt = true;
+    std::vector<int64_t> expected(52);  // 13 batches of 4
+    std::iota(expected.begin(), expected.end(), 0);
+    expected.erase(expected.begin() + c.key);
+    int64_t skipped = 0;
+    EXPECT_EQ(read_epoch(o, &skipped), expected);
+    EXPECT_EQ(skipped, 1);
+  }
+}
+
+// Without a consumer's schema the split's first record sets it; when that record is corrupt, the next one
+// does, and with skip_corrupt the corrupt one is skipped and counted like any other.
+TEST_F(LoaderTest, ACorruptFirstRecordLeavesTheSchemaToTheNext) {
+  const std::string shard = read_manifest(dir_.string()).shard_path("train", 0);
+  flip_byte(shard, 16 + 10);  // inside record 0
+  LoaderOptions o = keyed_options(dir_, 53, 0, 1, seed_);
+  expect_error([&] { read_epoch(o); }, {shard + ": record 0 at offset 16", "checksum", "skip_corrupt"});
+  o.skip_corrupt = true;
+  int64_t skipped = 0;
+  std::vector<int64_t> keys = read_epoch(o, &skipped);
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> expected(52);
+  std::iota(expected.begin(), expected.end(), 1);
+  EXPECT_EQ(keys, expected);
+  EXPECT_EQ(skipped, 1);
+}
+
+// A consumer's schema: only its fields are collated, and every record is checked against it. Here it wants
+// float64 values, which no record has: the first record read is named, and with skip_corrupt every record is
+// skipped, each batch keeping the schema's fields with no rows.
+TEST_F(LoaderTest, AConsumersSchemaIsCheckedForEveryRecordAndOnlyItsFieldsAreCollated) {
+  LoaderOptions o = keyed_options(dir_, 4, 0, 1, seed_);
+  o.schema = {{{"key", DType::Int64, {1}}}, "the test's schema"};
+  {
+    StreamingLoader loader(o);
+    const LoaderBatch batch = loader.next();
+    EXPECT_EQ(batch.keys, loader.global_keys(0, 0));
+    EXPECT_TRUE(batch.tensors.field("key").select(1, 0).equal(at::tensor(batch.keys, at::kLong)));
+    EXPECT_EQ(batch.tensors.fields.size(), 1u);
+  }
+  o.schema.fields.push_back({"values", DType::Float64, {kAnyExtent, 3}});
+  StreamingLoader strict(o);
+  const int64_t first = strict.global_keys(0, 0).front();
+  const std::string shard = read_manifest(dir_.string()).shard_path("train", static_cast<size_t>(first / 6));
+  expect_error([&] { strict.next(); },
+               {"shard " + shard + ": record " + std::to_string(first % 6) + " at offset " +
+                    std::to_string(indexed_record_offset(shard, static_cast<uint64_t>(first % 6))) +
+                    ": field 'values' is float32 [" + std::to_string(1 + first % 4) +
+                    ", 3], expected float64 [*, 3] (the test's schema)",
+                "skip_corrupt"});
+  o.skip_corrupt = true;
+  StreamingLoader skipping(o);
+  for (int step = 0; step < 3; ++step) {
+    const LoaderBatch batch = skipping.next();
+    EXPECT_EQ(batch.corrupt_skipped, 4);
+    EXPECT_TRUE(batch.keys.empty());
+    EXPECT_EQ(batch.tensors.field("key").sizes().vec(), (std::vector<int64_t>{0, 1}));
+    EXPECT_EQ(batch.tensors.field("values").sizes().vec(), (std::vector<int64_t>{0, 0, 3}));
+    EXPECT_EQ(batch.tensors.lengths.at("values").numel(), 0);
+  }
+  EXPECT_EQ(skipping.stats().corrupt_skipped, 12);
 }
 
 // With data.verify = first_read a loader keeps its shards open across epochs and hashes each mapped record on

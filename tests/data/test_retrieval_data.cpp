@@ -17,10 +17,13 @@
 #include <vector>
 
 #include "data/collate.h"
+#include "data/dataset_writer.h"
+#include "data/loader.h"
 #include "data/manifest.h"
 #include "data/retrieval_dataset.h"
 #include "data/shard.h"
 #include "data/synthetic.h"
+#include "tests/data/shard_file.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
 
@@ -29,6 +32,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using vimo::testing::expect_error;
+using vimo::testing::indexed_record_offset;
 
 fs::path test_dir(const std::string& name) { return vimo::testing::fresh_test_dir("retrieval_data", name); }
 
@@ -316,10 +320,10 @@ TEST(RetrievalDataset, ErrorsNameTheInput) {
   const fs::path odd = root / "a" / "train" / "shard_00001.bin";
   fs::copy_file(root / "b" / "train" / "shard_00001.bin", odd, fs::copy_options::overwrite_existing);
   expect_error([&] { RetrievalDataset((root / "a").string(), "train"); },
-               {odd.string(), "record 0", "'frames'", "float32 [6, 6]", "float32 [6, 5]"});
+               {odd.string() + ": record 0 at offset 16", "'frames'", "float32 [6, 6]", "float32 [6, 5]"});
 }
 
-TEST(RetrievalDataset, TrainingBatchesWithMissingFieldsOrWrongDtypesAreNamed) {
+TEST(RetrievalDataset, CollatedBatchesWithMissingFieldsOrWrongDtypesAreNamed) {
   const fs::path root = test_dir("batch_errors");
   write_synthetic_dataset(tiny_options(3), root.string());
   const RetrievalDataset test(root.string(), "test");
@@ -338,6 +342,100 @@ TEST(RetrievalDataset, TrainingBatchesWithMissingFieldsOrWrongDtypesAreNamed) {
   expect_error([&] { convert(records); }, {"batch 7", "'num_frames'", "Int", "expected Long"});
   for (Record& r : records) r.fields.erase(r.fields.begin() + 2);  // text_ids
   expect_error([&] { convert(records); }, {"no field 'text_ids'"});
+}
+
+// The dataset at `source` written again to `out`, record for record, with `change` applied to each train
+// record (by its index in the split) and 8 records per shard.
+void rewrite_dataset(const fs::path& source, const fs::path& out,
+                     const std::function<void(int64_t, Record&)>& change) {
+  const DatasetManifest manifest = read_manifest(source.string());
+  DatasetWriterOptions options;
+  options.max_shard_records = 8;
+  DatasetWriter writer(out.string(), manifest.kind, options);
+  for (const auto& [name, split] : manifest.splits) {
+    int64_t index = 0;
+    for (size_t s = 0; s < split.shards.size(); ++s) {
+      const ShardReader reader(manifest.shard_path(name, s));
+      for (uint64_t i = 0; i < reader.size(); ++i, ++index) {
+        Record record = reader.read_record(i);
+        if (name == "train") change(index, record);
+        writer.append(name, record);
+      }
+    }
+  }
+  writer.add_file("vocab.txt", read_bytes(manifest.file_path("vocab.txt")));
+  for (const auto& [key, value] : manifest.metadata.items()) writer.set_metadata(key, value);
+  writer.finish();
+}
+
+// An epoch of the train split as the retriever trainer reads it: every batch converted; returns the keys.
+std::vector<int64_t> read_training_epoch(const LoaderOptions& o, const RetrievalDims& dims,
+                                         int64_t& skipped) {
+  StreamingLoader loader(o);
+  std::vector<int64_t> keys;
+  for (int64_t step = 0; step < loader.batches_per_epoch(); ++step) {
+    const LoaderBatch batch = loader.next();
+    EXPECT_EQ(to_retrieval_batch(batch.tensors, dims, "batch").size(),
+              static_cast<int64_t>(batch.keys.size()));
+    keys.insert(keys.end(), batch.keys.begin(), batch.keys.end());
+    skipped += batch.corrupt_skipped;
+  }
+  return keys;
+}
+
+// The trainer's loader checks every training record against the test split's shapes (retrieval_schema): a
+// record without text_ids, and a split whose every record has int32 num_frames, are named with their file,
+// record and offset, or skipped and counted with skip_corrupt.
+TEST(RetrievalDataset, TrainingRecordsOfOtherFieldsAreNamedOrSkippedByTheLoader) {
+  const fs::path root = test_dir("loader_schema");
+  const uint64_t seed = vimo::testing::fresh_seed();
+  write_synthetic_dataset(tiny_options(seed), (root / "good").string());  // 20 train records
+  const RetrievalDataset test((root / "good").string(), "test");
+  LoaderOptions o;
+  o.dir = (root / "bad").string();
+  o.kind = kRetrievalKind;
+  o.global_batch = 4;
+  o.seed = seed;
+  o.schema = retrieval_schema(test.dims(), "the test split's first record");
+  const std::string required = " (a retrieval record with the shapes of the test split's first record)";
+  int64_t skipped = 0;
+
+  rewrite_dataset(root / "good", root / "bad", [](int64_t index, Record& r) {
+    if (index == 11) r.fields.erase(r.fields.begin() + 2);  // text_ids of shard 1, record 3
+  });
+  std::string shard = read_manifest(o.dir).shard_path("train", 1);
+  expect_error([&] { read_training_epoch(o, test.dims(), skipped); },
+               {"shard " + shard + ": record 3 at offset " + std::to_string(indexed_record_offset(shard, 3)) +
+                    ": missing field 'text_ids', expected int64 [12]" + required,
+                "skip_corrupt"});
+  o.skip_corrupt = true;
+  skipped = 0;
+  std::vector<int64_t> keys = read_training_epoch(o, test.dims(), skipped);
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> expected(20);
+  std::iota(expected.begin(), expected.end(), 0);
+  expected.erase(expected.begin() + 11);
+  EXPECT_EQ(keys, expected);
+  EXPECT_EQ(skipped, 1);
+
+  rewrite_dataset(root / "good", root / "bad", [](int64_t, Record& r) {
+    for (Field& f : r.fields) {
+      if (f.name == "num_frames") f = Field::from_bytes("num_frames", DType::Int32, {1}, {4, 0, 0, 0});
+    }
+  });
+  o.skip_corrupt = false;
+  const int64_t first = StreamingLoader(o).global_keys(0, 0).front();  // the first record read
+  shard = read_manifest(o.dir).shard_path("train", static_cast<size_t>(first / 8));
+  const auto record = static_cast<uint64_t>(first % 8);
+  expect_error([&] { read_training_epoch(o, test.dims(), skipped); },
+               {"shard " + shard + ": record " + std::to_string(record) + " at offset " +
+                    std::to_string(indexed_record_offset(shard, record)) +
+                    ": field 'num_frames' is int32 [1], expected int64 [1]" + required,
+                "skip_corrupt"});
+  o.skip_corrupt = true;
+  skipped = 0;
+  EXPECT_TRUE(read_training_epoch(o, test.dims(), skipped).empty());  // batches of no rows, still converted
+  EXPECT_EQ(skipped, 20);
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The data path end to end: `vimo data pack` re-shards the dataset with zstd and `vimo data verify` checks
-# it; a run on 2 ranks is interrupted, resumed on 4 ranks, interrupted again and finished on 1 rank, and
+# it, and re-shards it by size (--max-shard-mb), checked record for record against the source; a run on 2 ranks is interrupted, resumed on 4 ranks, interrupted again and finished on 1 rank, and
 # every step's global batch (its batch_hash in metrics.jsonl) equals the uninterrupted run's. Then a
 # corrupt record stops training with a named error by default and is skipped and counted with
 # data.skip_corrupt=true.
@@ -12,6 +12,33 @@ hashes() { grep '"batch_hash"' "$1" | sed 's/.*"step": \([0-9]*\),.*"batch_hash"
 "$vimo" data pack "$work/data" "$work/packed" --zstd --max-shard-records 60 > /dev/null
 "$vimo" data verify "$work/packed" 2> /dev/null | grep -q "every xxh3 matches" || fail "the packed dataset does not verify"
 [ "$(ls "$work/packed/train" | wc -l)" -eq 5 ] || fail "expected 5 train shards of at most 60 records"
+# --max-shard-mb: a shard closes at the first record that takes it to 0.25 MiB, and the records are the
+# source's, byte for byte and in order (both datasets read by hand from FORMAT.md: uncompressed shards).
+"$vimo" data pack "$work/data" "$work/by_size" --max-shard-mb 0.25 > /dev/null
+python3 - "$work/data" "$work/by_size" $((256 * 1024)) <<'PY' || fail "pack --max-shard-mb"
+import json, struct, sys
+def splits(root):
+    manifest = json.load(open(f"{root}/manifest.json"))
+    out = {}
+    for name, split in manifest["splits"].items():
+        out[name] = []
+        for shard in split["shards"]:
+            data = open(f"{root}/{name}/{shard['file']}", "rb").read()
+            assert data[12:14] == b"\0\0", "compressed"
+            n, index = struct.unpack_from("<QQ", data, len(data) - 24)
+            offsets = list(struct.unpack_from(f"<{n}Q", data, index)) + [index]
+            out[name].append((index, offsets[-2], [data[a:b] for a, b in zip(offsets, offsets[1:])]))
+    return out
+source, packed, limit = splits(sys.argv[1]), splits(sys.argv[2]), int(sys.argv[3])
+for name, shards in packed.items():
+    for i, (records_end, last_record, _) in enumerate(shards):
+        assert last_record < limit, f"{name} shard {i}: its last record starts at {last_record}"
+        assert i == len(shards) - 1 or records_end >= limit, f"{name} shard {i} closed at {records_end}"
+    flat = lambda s: [r for shard in s for r in shard[2]]
+    assert flat(shards) == flat(source[name]), f"{name}: the records differ"
+PY
+[ "$(ls "$work/by_size/train" | wc -l)" -gt 1 ] || fail "--max-shard-mb made one train shard"
+
 packed="$tiny data.dir=$work/packed train.steps=12"  # 8 batches per epoch: the runs cross an epoch
 
 run_ranks 2 train "$config" $packed train.out_dir="$work/straight" > /dev/null
