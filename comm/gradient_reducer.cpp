@@ -81,6 +81,10 @@ struct GradientReducer::HookRegistrations {
 // without a gradient as zero, and a parameter no rank used ends with a zero .grad(), exactly like
 // trainer::average_gradients. The price is that a bucket holding an unused parameter launches only in
 // finalize(): keep rarely used parameters registered first (they then land in the last bucket).
+// It also means that between backward and finalize() the ranks may have launched different numbers of
+// buckets, so the caller must not run another collective on the reducer's communicator in between: it would
+// be paired with another rank's bucket (MPI_ERR_TRUNCATE, or wrong sums where the sizes match). Buckets in
+// shared memory do not use the communicator, but buckets of other dtypes still do.
 
 // Note [Gradients as views of their bucket]
 // Copying, a gradient's bytes cross memory twice more per step than the all-reduce needs: the hook copies

@@ -77,7 +77,9 @@ class GradientReducer {
   // every bucket, and sets each parameter's .grad() to the average over the ranks: a view of its bucket
   // (ReducerOptions::gradient_as_bucket_view), valid until the next synchronised backward writes the bucket
   // again. Every parameter has a defined .grad() afterwards. A no-op while synchronisation is off. Call it
-  // after every synchronised backward.
+  // after every synchronised backward, before any other collective on the reducer's communicator: a rank
+  // whose buckets are not all complete launches the rest here, so a collective between backward and
+  // finalize() could be paired with another rank's bucket.
   void finalize();
 
   // Off: backward passes only accumulate into .grad() locally (no communication), as on the non-final

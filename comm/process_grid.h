@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "comm/communicator.h"
@@ -25,6 +26,10 @@ struct ParallelDims {
   // Throws std::invalid_argument unless dp >= 1, tp >= 1 and dp × tp == world_size, e.g.
   //   "world size 6 is not dp 4 × tp 2 = 8. HINT: ..."
   void check_fits(int world_size) const;
+  // Note [TP groups stay on one node]: throws std::invalid_argument, naming both sizes, when
+  // `ranks_per_node` (the launcher's local size, LaunchEnvironment::local_size) is known and tp does not
+  // divide it. Unknown (nullopt): nothing to check.
+  void check_tp_within_node(std::optional<int> ranks_per_node) const;
 };
 
 // Where one rank sits on the grid.
@@ -40,12 +45,23 @@ struct GridCoordinates {
 // (launchers number the ranks of a node contiguously); data parallelism communicates once per step in large
 // buckets and tolerates the slower links between nodes. Each group's own ranks are the coordinate along its
 // axis: tp_group()->rank() == tp_rank() and dp_group()->rank() == dp_rank().
+//
+// Note [TP groups stay on one node]
+// With the ranks of a node numbered contiguously (the launchers' default placement: mpirun --map-by slot,
+// srun's block distribution, torchrun), the contiguous TP groups stay inside nodes exactly when tp divides
+// every node's rank count: each node then starts at a multiple of tp. ProcessGrid checks this with each
+// rank's local size (ranks on its node) when the launcher reports it; a TP group across nodes would run
+// every layer's all-reduce over the network, many times slower, without failing. (A placement that does not
+// number a node's ranks contiguously, mpirun --map-by node, is not detected.)
 class ProcessGrid {
  public:
   // A collective over `world` (every rank calls it with the same dims): first checks that all ranks asked for
-  // the same grid and that it fits the world, then splits `world` into the TP and DP groups. Throws
-  // std::runtime_error on every rank, naming the rank, when the dims disagree or do not fit.
-  ProcessGrid(std::shared_ptr<Communicator> world, ParallelDims dims);
+  // the same grid, that it fits the world and, where `ranks_per_node` (this rank's
+  // LaunchEnvironment::local_size) is known, that no TP group spans two nodes; then splits `world` into the
+  // TP and DP groups. Throws std::runtime_error on every rank, naming the rank, when the dims disagree or do
+  // not fit.
+  ProcessGrid(std::shared_ptr<Communicator> world, ParallelDims dims,
+              std::optional<int> ranks_per_node = std::nullopt);
 
   // Pure functions of the layout (no communication). Throw std::invalid_argument, naming the value, when a
   // rank or coordinate is outside the grid.

@@ -1,14 +1,17 @@
 // Communicator::split and ProcessGrid under mpirun (2 and 4 ranks): the pure layout functions on every shape
 // up to 8 × 8, every grid shape that fits the world checked through real collectives over its groups, invalid
-// or disagreeing shapes failing on every rank instead of hanging, and split's color / key rules on a subset.
+// or disagreeing shapes failing on every rank instead of hanging, TP groups that would span nodes (by the
+// launcher's local size) refused on every rank, and split's color / key rules on a subset.
 #include <gtest/gtest.h>
 
 #include <numeric>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/launcher_env.h"
 #include "comm/process_grid.h"
 #include "tests/comm/collective_reference.h"
 
@@ -106,6 +109,31 @@ TEST(ParallelDims, FromWorldInfersDpAndChecksFit) {
   EXPECT_CONTAINS(message, "world size 6 is not dp 4 × tp 2 = 8. HINT: launch 8 ranks");
 }
 
+// Note [TP groups stay on one node]: tp must divide the ranks per node, when the launcher says how many.
+TEST(ParallelDims, TpMustDivideTheRanksPerNode) {
+  for (const auto& [tp, local] : std::vector<std::pair<int, int>>{{1, 1}, {1, 3}, {2, 2}, {2, 8}, {4, 8}}) {
+    EXPECT_EQ(error_of([&] { ParallelDims{.dp = 2, .tp = tp}.check_tp_within_node(local); }),
+              "(nothing thrown)")
+        << "tp " << tp << ", local size " << local;
+  }
+  EXPECT_EQ(error_of([] { ParallelDims{.dp = 1, .tp = 16}.check_tp_within_node(std::nullopt); }),
+            "(nothing thrown)")
+      << "an unknown local size has nothing to check";
+
+  const std::string larger = error_of([] { ParallelDims{.dp = 2, .tp = 4}.check_tp_within_node(2); });
+  EXPECT_CONTAINS(larger,
+                  "TP size 4 is larger than the local size 2 (ranks per node), so a TP group would "
+                  "span two nodes");
+  EXPECT_CONTAINS(larger,
+                  "HINT: choose a TP size that divides 2 (1, 2), or launch a multiple of 4 ranks on "
+                  "every node");
+  const std::string uneven = error_of([] { ParallelDims{.dp = 4, .tp = 3}.check_tp_within_node(4); });
+  EXPECT_CONTAINS(uneven, "TP size 3 does not divide the local size 4 (ranks per node)");
+  EXPECT_CONTAINS(uneven, "HINT: choose a TP size that divides 4 (1, 2, 4), or launch a multiple of 3");
+  EXPECT_CONTAINS(error_of([] { ParallelDims{.dp = 1, .tp = 2}.check_tp_within_node(0); }),
+                  "the launcher reports 0 ranks per node");
+}
+
 // Every (dp, tp) with dp × tp == the world: 1 × N, N × 1, and 2 × 2 with 4 ranks.
 std::vector<ParallelDims> shapes_of_the_world() {
   std::vector<ParallelDims> shapes;
@@ -163,6 +191,45 @@ TEST(ProcessGrid, ShapeThatDoesNotFitTheWorldFailsOnEveryRank) {
                                " × tp 2 = " + std::to_string(2 * world) + ". HINT:");
   EXPECT_CONTAINS(error_of([&] { ProcessGrid grid(mpi_world(), ParallelDims{.dp = world, .tp = 0}); }),
                   "has an axis below 1");
+  expect_still_usable();
+}
+
+// Under mpirun every rank of these tests is on this host, so the launcher's local size is the world: every
+// shape fits, and the groups come out as without the check.
+TEST(ProcessGrid, EveryShapeFitsTheLaunchersNode) {
+  const std::optional<int> local_size = vimo::comm::launch_environment().local_size;
+  ASSERT_EQ(local_size, mpi_world()->size()) << "mpirun started every rank on this host";
+  for (const ParallelDims& dims : shapes_of_the_world()) {
+    SCOPED_TRACE(dims.describe());
+    const ProcessGrid grid(mpi_world(), dims, local_size);
+    EXPECT_EQ(members_in_order(*grid.tp_group()).size(), static_cast<size_t>(dims.tp));
+  }
+  // Nodes of different sizes that tp divides (4 ranks: nodes of 2 and 2 with tp 2) are fine too.
+  const int world = mpi_world()->size();
+  if (world % 2 == 0) {
+    const ProcessGrid grid(mpi_world(), ParallelDims::from_world(world, 2), 2);
+    EXPECT_EQ(grid.tp_size(), 2);
+  }
+  expect_still_usable();
+}
+
+// A TP group across nodes: every rank fails, naming the node that does not fit, instead of some ranks
+// splitting while others throw. First only the last rank's node is too small (nodes may differ: Slurm's
+// "4,1"), then every node holds half the world while tp is the whole world.
+TEST(ProcessGrid, TpGroupSpanningNodesFailsOnEveryRank) {
+  const int world = mpi_world()->size(), rank = mpi_world()->rank(), last = world - 1;
+  const ParallelDims whole_world_tp{.dp = 1, .tp = world};
+  const std::string one_small_node =
+      error_of([&] { ProcessGrid grid(mpi_world(), whole_world_tp, rank == last ? 1 : world); });
+  EXPECT_CONTAINS(one_small_node, "[rank " + std::to_string(rank) + "] dp 1 × tp " + std::to_string(world) +
+                                      " on the node of rank " + std::to_string(last) + ": TP size " +
+                                      std::to_string(world) + " is larger than the local size 1");
+  EXPECT_CONTAINS(one_small_node, "HINT:");
+  expect_still_usable();
+
+  const std::string half_nodes = error_of([&] { ProcessGrid grid(mpi_world(), whole_world_tp, world / 2); });
+  EXPECT_CONTAINS(half_nodes, "on the node of rank 0: TP size " + std::to_string(world) +
+                                  " is larger than the local size " + std::to_string(world / 2));
   expect_still_usable();
 }
 

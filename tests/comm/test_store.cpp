@@ -1,9 +1,14 @@
 // The TCP rendezvous store on loopback, without MPI: a StoreServer in the test process and clients in forked
-// child processes (each a real peer with its own connection), plus raw sockets that break the protocol.
-// Every server listens on an ephemeral port, so parallel test runs never collide.
+// child processes (each a real peer with its own connection), plus raw sockets that break the protocol: peers
+// that speak it wrongly to the server, and fake servers that answer a real client wrongly or come up late.
+// What the server logs is captured from spdlog's default logger. Every server listens on an ephemeral port,
+// so parallel test runs never collide.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -12,6 +17,8 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -24,6 +31,7 @@ namespace {
 using namespace std::chrono_literals;
 using vimo::comm::StoreClient;
 using vimo::comm::StoreClientOptions;
+using vimo::comm::StoreLimits;
 using vimo::comm::StoreServer;
 using vimo::comm::StoreServerOptions;
 using vimo::testing::expect_error;
@@ -149,8 +157,123 @@ std::vector<uint8_t> frame(uint8_t type, const std::vector<std::string>& fields,
 }
 constexpr uint8_t kHello = 1;
 constexpr uint8_t kSet = 2;
+constexpr uint8_t kGet = 3;
 constexpr uint8_t kOk = 64;
+constexpr uint8_t kValue = 65;
 constexpr uint8_t kError = 69;
+
+// Every line spdlog's default logger writes while this lives ("warning <message>"), read under the sink's
+// lock. The store server logs through the default logger from its io thread, so make the capture before the
+// server and destroy it after: the thread never sees the logger change.
+class LogCapture {
+ public:
+  LogCapture() : previous_(spdlog::default_logger()), sink_(std::make_shared<Sink>()) {
+    auto logger = std::make_shared<spdlog::logger>("capture", sink_);
+    logger->set_level(spdlog::level::debug);
+    spdlog::set_default_logger(logger);
+  }
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+
+  std::vector<std::string> lines() const { return sink_->lines(); }
+  // The first line that contains every one of `parts`, or nullopt.
+  std::optional<std::string> find(const std::vector<std::string>& parts) const {
+    for (const std::string& line : lines()) {
+      bool all = true;
+      for (const std::string& part : parts) all = all && line.find(part) != std::string::npos;
+      if (all) return line;
+    }
+    return std::nullopt;
+  }
+
+ private:
+  class Sink : public spdlog::sinks::base_sink<std::mutex> {
+   public:
+    std::vector<std::string> lines() {
+      std::lock_guard<std::mutex> lock(mutex_);
+      return lines_;
+    }
+
+   protected:
+    void sink_it_(const spdlog::details::log_msg& message) override {
+      const auto level = spdlog::level::to_string_view(message.level);
+      lines_.push_back(std::string(level.data(), level.size()) + " " +
+                       std::string(message.payload.data(), message.payload.size()));
+    }
+    void flush_() override {}
+
+   private:
+    std::vector<std::string> lines_;
+  };
+  std::shared_ptr<spdlog::logger> previous_;
+  std::shared_ptr<Sink> sink_;
+};
+
+// A listening TCP socket on a loopback port, for playing the store's part by hand. Bound at once (the port is
+// this object's from then on); listens only when told, so that until then connects to it are refused.
+class RawListener {
+ public:
+  explicit RawListener(bool listening = true) : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bound_ = bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
+    socklen_t length = sizeof(address);
+    getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
+    port_ = ntohs(address.sin_port);
+    if (listening) listen();
+  }
+  ~RawListener() { stop(); }
+  RawListener(const RawListener&) = delete;
+  RawListener& operator=(const RawListener&) = delete;
+
+  bool ok() const { return bound_ && fd_ >= 0; }
+  uint16_t port() const { return port_; }
+  bool listen() { return ::listen(fd_, 8) == 0; }
+  // Closes the socket: connects are refused again and the port is free.
+  void stop() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+  // The next connection, or -1 when none came within 5 s. The caller closes it.
+  int accept_one() {
+    pollfd waiting{fd_, POLLIN, 0};
+    if (poll(&waiting, 1, 5000) != 1) return -1;
+    const int connection = accept(fd_, nullptr, nullptr);
+    const timeval limit{5, 0};  // a client that never sends fails the test instead of hanging it
+    setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
+    return connection;
+  }
+
+ private:
+  int fd_;
+  bool bound_ = false;
+  uint16_t port_ = 0;
+};
+
+// Reads one whole frame from `fd`; returns its type, or nullopt when the peer closed or said nothing.
+std::optional<uint8_t> read_frame(int fd) {
+  const auto read_exactly = [fd](uint8_t* data, size_t size) {
+    for (size_t done = 0; done < size;) {
+      const ssize_t n = recv(fd, data + done, size - done, 0);
+      if (n <= 0) return false;
+      done += static_cast<size_t>(n);
+    }
+    return true;
+  };
+  uint8_t header[8];
+  if (!read_exactly(header, sizeof(header))) return std::nullopt;
+  uint32_t length = 0;
+  for (int i = 0; i < 4; ++i) length |= static_cast<uint32_t>(header[4 + i]) << (8 * i);
+  std::vector<uint8_t> payload(length);  // the client's own frames: small
+  if (!read_exactly(payload.data(), payload.size())) return std::nullopt;
+  return header[1];
+}
+
+bool send_all(int fd, const std::vector<uint8_t>& data) {
+  return send(fd, data.data(), data.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(data.size());
+}
 
 TEST(Store, SetGetAddCheckAndErrorsInOneProcess) {
   StoreServer server(server_options());
@@ -280,7 +403,9 @@ TEST(Store, BarrierTimeoutNamesTheMissingRank) {
   for (pid_t child : children) EXPECT_EQ(wait_for(child), 0);
 }
 
-TEST(Store, WrongTokenIsRefusedAndOthersKeepWorking) {
+// The server logs each refusal (and the peer's address and name), never either token.
+TEST(Store, WrongTokenIsRefusedLoggedAndOthersKeepWorking) {
+  const LogCapture log;
   StoreServer server(server_options());
   StoreClient good(client_options(server.port(), 0));
   good.set("before", bytes("1"));
@@ -300,6 +425,16 @@ TEST(Store, WrongTokenIsRefusedAndOthersKeepWorking) {
   EXPECT_EQ(wait_for(intruder), 0);
   EXPECT_EQ(server.rejected_connections(), 1u);
   EXPECT_EQ(text(good.get("before")), "1");
+  // The count goes up just before the line is written, on the server's thread: wait for the line.
+  const std::vector<std::string> refusal = {
+      "warning rendezvous store: closing the connection from 127.0.0.1:",
+      ": wrong token from a peer calling itself 'rank 1'"};
+  EXPECT_TRUE(eventually([&] { return log.find(refusal).has_value(); }))
+      << "the refusal was not logged; the log has " << log.lines().size() << " lines";
+  for (const std::string& line : log.lines()) {
+    EXPECT_EQ(line.find(kToken), std::string::npos) << "the log shows the job's token: " << line;
+    EXPECT_EQ(line.find("not-the-token"), std::string::npos) << "the log shows the peer's token: " << line;
+  }
   StoreServerOptions no_token = server_options();
   no_token.token.clear();
   expect_error([&] { StoreServer refused(no_token); }, {"the token is empty", "HINT:"});
@@ -406,6 +541,97 @@ TEST(Store, ConnectingToNothingRetriesUntilTheDeadline) {
   EXPECT_GE(std::stoi(message.substr(count_at)), 4) << message;
   EXPECT_GE(elapsed, 900ms) << "gave up before the deadline";
   EXPECT_LE(elapsed, 2500ms) << "overran the deadline";
+}
+
+// Note [Rendezvous protocol]: a reply's header is checked against the client's limit before its payload is
+// allocated or read. A fake store answers the handshake, then a Get with a header that claims more than the
+// limit and sends no payload: the client must fail at once, naming the size and the limit (a client that
+// allocated and read would wait for bytes that never come and report a timeout instead).
+TEST(Store, AReplyOverTheClientsLimitFailsBeforeItIsRead) {
+  StoreLimits small;  // a frame of at most 1024 + 64 + 64 = 1152 bytes
+  small.max_key_bytes = 64;
+  small.max_value_bytes = 1024;
+  // Just over a small limit first (a client without the check would only wait), then 4 GiB - 1 against the
+  // default limit (one with it would try to allocate that).
+  for (const auto& [limits, claimed] :
+       std::vector<std::pair<StoreLimits, uint32_t>>{{small, 1153u}, {StoreLimits{}, 0xFFFFFFFFu}}) {
+    SCOPED_TRACE(::testing::Message() << claimed << " bytes claimed");
+    RawListener fake;
+    ASSERT_TRUE(fake.ok());
+    StoreClientOptions options = client_options(fake.port(), 0);
+    options.limits = limits;
+    options.operation_timeout = 2s;
+    std::string first_error, second_error;
+    std::jthread client_thread([&] {  // joined on every way out, also a failed ASSERT
+      try {
+        StoreClient client(options);
+        try {
+          client.get("k", 1s);
+        } catch (const std::runtime_error& e) {
+          first_error = e.what();
+        }
+        client.set("after", bytes("x"));
+      } catch (const std::runtime_error& e) {
+        second_error = e.what();
+      }
+    });
+    const int connection = fake.accept_one();
+    ASSERT_GE(connection, 0) << "the client never connected";
+    EXPECT_EQ(read_frame(connection), kHello);
+    EXPECT_TRUE(send_all(connection, frame(kOk, {})));
+    EXPECT_EQ(read_frame(connection), kGet);
+    EXPECT_TRUE(send_all(connection, frame(kValue, {}, claimed)));  // a header, and no payload
+    client_thread.join();  // the connection stays open until the client is done
+    close(connection);
+    const std::string where = "rendezvous store at 127.0.0.1:" + std::to_string(fake.port());
+    ASSERT_NE(first_error.find(where + ": get of key 'k': a reply of " + std::to_string(claimed) +
+                               " bytes, over the limit of " + std::to_string(limits.max_frame_bytes())),
+              std::string::npos)
+        << first_error;
+    // The connection is closed after that, and says so.
+    EXPECT_NE(second_error.find("closed after an earlier error (a reply of"), std::string::npos)
+        << second_error;
+    EXPECT_NE(second_error.find("create a new client"), std::string::npos) << second_error;
+  }
+}
+
+// The client retries its connect with backoff, so rank 0 may start its store after the others. Here the port
+// first refuses connects (bound, not listening), then accepts and drops two (the client must have retried
+// after a failure to make the second), and only then does the real server come up on it, while the client
+// is backing off: the client connects and works.
+TEST(Store, AServerComingUpDuringTheBackoffIsReached) {
+  RawListener early(/*listening=*/false);
+  ASSERT_TRUE(early.ok());
+  const uint16_t port = early.port();
+  StoreClientOptions options = client_options(port, 0);
+  options.connect_timeout = 30s;  // long enough for a loaded machine: the test ends with the connect
+  std::string error;
+  bool connected = false;
+  std::jthread client_thread([&] {  // joined on every way out, also a failed ASSERT
+    try {
+      StoreClient client(options);
+      client.set("late", bytes("but there"));
+      connected = true;
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+  });
+  std::this_thread::sleep_for(100ms);  // some refused attempts (not checked: they leave no trace)
+  ASSERT_TRUE(early.listen());
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    const int connection = early.accept_one();
+    EXPECT_GE(connection, 0) << "attempt " << attempt << " never came: the client stopped retrying";
+    if (connection >= 0) close(connection);  // the handshake fails: the client backs off and tries again
+  }
+  early.stop();
+  StoreServerOptions late = server_options();
+  late.port = port;
+  StoreServer server(late);
+  client_thread.join();
+  ASSERT_TRUE(connected) << error;
+  StoreClient reader(client_options(port, 1));
+  EXPECT_EQ(text(reader.get("late", 1s)), "but there");
+  EXPECT_EQ(server.rejected_connections(), 0u);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The DDP-style GradientReducer and ZeRO-1 under mpirun (2 and 4 ranks), in float64 against one process
 // trained on the concatenated batch: an MLP with parameters of varied sizes plus one the forward never uses,
 // with bucket sizes that put several parameters per bucket, one per bucket, or all in one; gradient
-// accumulation with NoSyncGuard against the big batch; the same bucket launch order on every rank; ZeroAdamW
+// accumulation with NoSyncGuard against the big batch; the same bucket launch order on every rank, with the
+// buckets that can be complete launched before backward's last gradients arrive (overlap); ZeroAdamW
 // against AdamW on the reducer's averaged gradients, with 1/DP of its optimizer state per rank.
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -122,8 +123,21 @@ TEST_P(ReducerTraining, EndsWithTheParametersOfOneProcessOnTheWholeBatch) {
   EXPECT_EQ(reducer.transport().rfind(c.options.shared_memory ? "shared memory" : "mpi", 0), 0u)
       << reducer.transport();
   vimo::trainer::AdamW dp_optimizer(distributed.named, {}), single_optimizer(single.named, {});
+  // Overlap, by structure rather than by time: the first layer's gradients (w1, b1) are the last of backward,
+  // so when either arrives (a hook run just before it is accumulated) every bucket that can already be
+  // complete, those before the one holding `unused` (and w1, b1), must have been launched while backward
+  // still has the first layer to accumulate. A reducer that launched in finalize(), or only at backward's
+  // last hooks, would show fewer here.
+  std::vector<int64_t> launched_before_first_layer;  // per step, at w1's and at b1's hook
+  int64_t launched_before_step = 0;
+  for (size_t first_layer : {0, 1}) {
+    distributed[first_layer].register_hook([&](const at::TensorBase&) {
+      launched_before_first_layer.push_back(reducer.stats().buckets_launched - launched_before_step);
+    });
+  }
   for (int step = 0; step < steps; ++step) {
     const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
+    launched_before_step = reducer.stats().buckets_launched;
     distributed
         .loss(batch.x.narrow(0, rank * per_rank, per_rank), batch.y.narrow(0, rank * per_rank, per_rank))
         .backward();
@@ -156,6 +170,8 @@ TEST_P(ReducerTraining, EndsWithTheParametersOfOneProcessOnTheWholeBatch) {
   EXPECT_EQ(stats.steps, steps);
   EXPECT_EQ(stats.buckets_launched, steps * static_cast<int64_t>(c.buckets.size()));
   EXPECT_EQ(stats.buckets_launched_in_backward, steps * c.launched_in_backward);
+  EXPECT_EQ(launched_before_first_layer, std::vector<int64_t>(2 * steps, c.launched_in_backward))
+      << "buckets launched when w1's and b1's gradients arrived, per step";
   EXPECT_EQ(stats.bytes_reduced, steps * 826 * 8);
   EXPECT_GE(stats.hidden_fraction(), 0.0);
   EXPECT_LE(stats.hidden_fraction(), 1.0);
