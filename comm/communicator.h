@@ -82,7 +82,7 @@ class Communicator {
   virtual void send(const at::Tensor& tensor, int dst, int tag) = 0;
   virtual void recv(at::Tensor& tensor, int src, int tag) = 0;
 
-  // Asynchronous collectives: the same results as the blocking calls, in the tensors given, once the returned
+  // Asynchronous calls: the same results as the blocking calls, in the tensors given, once the returned
   // Work has finished. Several may be in flight at once. They check their own inputs (throwing on this rank
   // only) but do not make the ranks agree on the call first: see Note [Agreement on asynchronous calls] in
   // comm/mpi_agreement.cpp.
@@ -93,6 +93,22 @@ class Communicator {
   virtual std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) = 0;
   virtual std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
                                                      ReduceOp op) = 0;
+  //   broadcast_async:      `tensor` in place, as broadcast.
+  //   barrier_async:        finished once every rank has started its barrier.
+  //   send_async:           `tensor` must not change until the Work has finished.
+  //   recv_async:           `tensor` holds the message once the Work has finished; a message of another size
+  //                         fails its wait, naming both sizes. Receives of one (src, tag) match messages in
+  //                         the order the receives were started.
+  // Note [Ordering of asynchronous point-to-point calls]: on MPI, a send started after a receive may complete
+  // first, so two ranks may each start a receive and then send to each other. The TCP and NCCL backends run
+  // a communicator's calls in the order they were started (one worker thread, one CUDA stream), as NCCL's
+  // own ncclSend / ncclRecv do outside a group: there the same pair of receives would wait for each other
+  // until the timeout. Code meant for every backend starts its sends first on one side (as with the blocking
+  // calls: even ranks send first, odd ranks receive first).
+  virtual std::shared_ptr<Work> broadcast_async(at::Tensor& tensor, int root) = 0;
+  virtual std::shared_ptr<Work> barrier_async() = 0;
+  virtual std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) = 0;
+  virtual std::shared_ptr<Work> recv_async(at::Tensor& tensor, int src, int tag) = 0;
 
   // Blocking all-gather / reduce-scatter into the caller's `output` (the shapes of the *_async calls), with
   // the blocking calls' agreement. Use these where the same collective runs every step: allgather() and

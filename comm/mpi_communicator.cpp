@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -103,21 +104,10 @@ class MpiCommunicator final : public Communicator {
     start_reduce_scatter(call, input, output, op, Call::Blocking);
   }
 
-  void broadcast(at::Tensor& tensor, int root) override {
-    std::string problem = check_input("broadcast", tensor);
-    if (problem.empty() && (root < 0 || root >= size())) {
-      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
-    }
-    const CallName call(Collective::Broadcast, tensor, root);
-    admit(call, bytes_of(tensor), problem, true);
+  void broadcast(at::Tensor& tensor, int root) override { start_broadcast(tensor, root, Call::Blocking); }
 
-    at::NoGradGuard no_grad;
-    at::Tensor buffer = tensor.contiguous();
-    run_blocking(*group_, call, bytes_of(tensor), [&] {
-      return MPI_Bcast(buffer.data_ptr(), static_cast<int>(buffer.numel()), wire_type(buffer.scalar_type()),
-                       root, group_->comm);
-    });
-    write_back(buffer, tensor, false, size());
+  std::shared_ptr<Work> broadcast_async(at::Tensor& tensor, int root) override {
+    return start_broadcast(tensor, root, detail::check_async_calls() ? Call::AgreedAsync : Call::Async);
   }
 
   // The agreement (an all-gather, or an all-reduce beyond 64 ranks) has a result that depends on every
@@ -125,28 +115,38 @@ class MpiCommunicator final : public Communicator {
   // catches a rank calling something else).
   void barrier() override { admit(CallName(Collective::Barrier, at::Tensor(), 0), 0, "", true); }
 
-  void send(const at::Tensor& tensor, int dst, int tag) override {
-    CallName call("send", fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag));
-    group_->throw_if_broken(call);
-    std::string problem = check_input("send", tensor);
-    if (problem.empty()) problem = check_peer("send to", dst, tag);
-    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+  std::shared_ptr<Work> barrier_async() override {
+    const CallName call(Collective::Barrier, at::Tensor(), 0);
+    admit(call, 0, "", detail::check_async_calls());
+    auto work = new_work(call, 0);
+    VIMO_MPI_CHECK(MPI_Ibarrier(group_->comm, work->request()));
+    return work;
+  }
 
-    const at::Tensor buffer = tensor.contiguous();
+  void send(const at::Tensor& tensor, int dst, int tag) override { start_send(tensor, dst, tag)->wait(); }
+
+  std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) override {
+    return start_send(tensor, dst, tag);
+  }
+
+  // Posted at once, so that receives of one (src, tag) match in the order started. Unlike recv, it cannot
+  // probe the message's size first: the work's status is checked instead (MpiWork::expect_message).
+  std::shared_ptr<Work> recv_async(at::Tensor& tensor, int src, int tag) override {
+    CallName call = p2p_call("recv", tensor, src, tag);
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
+    const MPI_Datatype type = wire_type(tensor.scalar_type());
     auto work = new_work(std::move(call), bytes_of(tensor));
-    VIMO_MPI_CHECK(MPI_Isend(buffer.data_ptr(), static_cast<int>(buffer.numel()),
-                             wire_type(buffer.scalar_type()), dst, tag, group_->comm, work->request()));
-    work->keep({buffer});
-    work->wait();
+    work->keep({buffer, tensor});
+    work->write_back_on_completion(buffer, tensor, false);
+    work->expect_message(type, tensor.numel());
+    VIMO_MPI_CHECK(MPI_Irecv(buffer.data_ptr(), static_cast<int>(buffer.numel()), type, src, tag,
+                             group_->comm, work->request()));
+    return work;
   }
 
   void recv(at::Tensor& tensor, int src, int tag) override {
-    const CallName call("recv",
-                        fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag));
-    group_->throw_if_broken(call);
-    std::string problem = check_input("recv", tensor);
-    if (problem.empty()) problem = check_peer("recv from", src, tag);
-    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+    const CallName call = p2p_call("recv", tensor, src, tag);
 
     // Probe first, to compare the message's size with ours before receiving it: MPI would otherwise report a
     // longer message as a bare truncation and accept a shorter one silently.
@@ -243,6 +243,54 @@ class MpiCommunicator final : public Communicator {
     } else if (!problem.empty()) {
       throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
     }
+  }
+
+  // Names a point-to-point call and checks it on this rank (there is no agreement to fail every rank).
+  CallName p2p_call(const char* kind, const at::Tensor& tensor, int peer, int tag) const {
+    const bool sending = std::string_view(kind) == "send";
+    CallName call(kind, fmt::format("{} of {} {} rank {} (tag {})", kind, tensor_text(tensor),
+                                    sending ? "to" : "from", peer, tag));
+    group_->throw_if_broken(call);
+    std::string problem = check_input(kind, tensor);
+    if (problem.empty()) problem = check_peer(sending ? "send to" : "recv from", peer, tag);
+    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank(), problem));
+    return call;
+  }
+
+  std::shared_ptr<MpiWork> start_send(const at::Tensor& tensor, int dst, int tag) {
+    CallName call = p2p_call("send", tensor, dst, tag);
+    const at::Tensor buffer = tensor.contiguous();
+    auto work = new_work(std::move(call), bytes_of(tensor));
+    work->keep({buffer});
+    VIMO_MPI_CHECK(MPI_Isend(buffer.data_ptr(), static_cast<int>(buffer.numel()),
+                             wire_type(buffer.scalar_type()), dst, tag, group_->comm, work->request()));
+    return work;
+  }
+
+  // In place from `root`; a blocking call returns no Work.
+  std::shared_ptr<MpiWork> start_broadcast(at::Tensor& tensor, int root, Call mode) {
+    std::string problem = check_input("broadcast", tensor);
+    if (problem.empty() && (root < 0 || root >= size())) {
+      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
+    }
+    const CallName call(Collective::Broadcast, tensor, root);
+    admit(call, bytes_of(tensor), problem, mode != Call::Async);
+
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.contiguous();
+    const auto count = static_cast<int>(buffer.numel());
+    const MPI_Datatype type = wire_type(buffer.scalar_type());
+    if (mode == Call::Blocking) {
+      run_blocking(*group_, call, bytes_of(tensor),
+                   [&] { return MPI_Bcast(buffer.data_ptr(), count, type, root, group_->comm); });
+      write_back(buffer, tensor, false, size());
+      return nullptr;
+    }
+    auto work = new_work(call, bytes_of(tensor));
+    work->keep({buffer, tensor});
+    work->write_back_on_completion(buffer, tensor, false);
+    VIMO_MPI_CHECK(MPI_Ibcast(buffer.data_ptr(), count, type, root, group_->comm, work->request()));
+    return work;
   }
 
   // Reduces `tensor` in place, through a float32 copy for half types (Note [Half types over MPI]) or a
@@ -370,7 +418,9 @@ class MpiCommunicator final : public Communicator {
   std::string check_scatter_into(const at::Tensor& input, const at::Tensor& output, ReduceOp op) const {
     return detail::check_scatter_into(&check_input, input, output, op, size());
   }
-  at::DimVector scattered_sizes(const at::Tensor& input) const { return detail::scattered_sizes(input, size()); }
+  at::DimVector scattered_sizes(const at::Tensor& input) const {
+    return detail::scattered_sizes(input, size());
+  }
 
   std::string check_peer(const char* direction, int peer, int tag) const {
     return detail::check_peer(direction, peer, tag, rank(), size(), group_->max_tag, "MPI_TAG_UB");

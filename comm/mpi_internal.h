@@ -314,6 +314,12 @@ class MpiWork final : public Work {
     target_ = std::move(target);
     average_ = average;
   }
+  // A receive of `count` elements of `type`: a message of another length fails the wait, naming both (MPI
+  // itself would report a longer one as a bare truncation and accept a shorter one silently).
+  void expect_message(MPI_Datatype type, int64_t count) {
+    expected_type_ = type;
+    expected_count_ = count;
+  }
 
   void wait() override;
   bool is_completed() override;
@@ -333,6 +339,9 @@ class MpiWork final : public Work {
   std::vector<at::Tensor> buffers_;
   at::Tensor result_, target_;  // what write_back_on_completion named; undefined when nothing is written back
   bool average_ = false;
+  MPI_Datatype expected_type_ = MPI_DATATYPE_NULL;  // set for a receive: see expect_message
+  int64_t expected_count_ = 0;
+  std::string failure_;  // why a finished receive failed (its every wait throws it)
   bool done_ = false;
 };
 

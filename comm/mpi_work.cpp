@@ -74,6 +74,7 @@ MpiWork::~MpiWork() {
 }
 
 void MpiWork::wait() {
+  if (!failure_.empty()) throw std::runtime_error(failure_);
   if (done_) return;
   group_->throw_if_broken(call_);
   const ObservedWait observed(call_, bytes_);
@@ -86,17 +87,54 @@ void MpiWork::wait() {
 }
 
 bool MpiWork::is_completed() {
+  if (!failure_.empty()) throw std::runtime_error(failure_);
   if (done_) return true;
   group_->throw_if_broken(call_);
   return test();
 }
 
 bool MpiWork::test() {
+  if (expected_type_ == MPI_DATATYPE_NULL) {
+    int flag = 0;
+    VIMO_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+    if (!flag) return false;
+    finish();
+    return true;
+  }
+  // A receive: its status says how long the message was.
   int flag = 0;
-  VIMO_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-  if (!flag) return false;
-  finish();
-  return true;
+  MPI_Status status{};
+  int code = MPI_SUCCESS;
+  int error_class = MPI_SUCCESS;
+  {
+    const std::lock_guard<std::recursive_mutex> lock(mpi_call_mutex());
+    code = MPI_Test(&request_, &flag, &status);
+    // Open MPI keeps a request that completed with an error (a truncated message): it is over, so free it.
+    if (code != MPI_SUCCESS && request_ != MPI_REQUEST_NULL) MPI_Request_free(&request_);
+    if (code != MPI_SUCCESS) MPI_Error_class(code, &error_class);
+  }
+  if (code != MPI_SUCCESS && error_class != MPI_ERR_TRUNCATE) {
+    throw_mpi_failure(code, "MPI_Test(&request_, &flag, &status)", __FILE__, __LINE__);
+  }
+  if (code == MPI_SUCCESS && !flag) return false;
+  int count = 0;
+  if (code == MPI_SUCCESS) VIMO_MPI_CHECK(MPI_Get_count(&status, expected_type_, &count));
+  if (code == MPI_SUCCESS && count == expected_count_) {
+    finish();
+    return true;
+  }
+  // The message is received (or cut) and the stream goes on: only this call fails.
+  done_ = true;
+  result_ = at::Tensor();
+  target_ = at::Tensor();
+  buffers_.clear();
+  failure_ = fmt::format(
+      "[rank {}] {}: the message held {} elements, but the tensor has {}. HINT: the sender must send a "
+      "tensor "
+      "of the receiver's shape and dtype",
+      group_->rank, call_.text(), code == MPI_SUCCESS ? fmt::format("{}", count) : std::string("more"),
+      expected_count_);
+  throw std::runtime_error(failure_);
 }
 
 void MpiWork::finish() {

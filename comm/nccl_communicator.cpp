@@ -146,10 +146,7 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
 
   void broadcast(at::Tensor& tensor, int root) override {
     const ncclDataType_t type = check_input("broadcast", tensor);
-    if (root < 0 || root >= size_) {
-      throw std::runtime_error(
-          fmt::format("[rank {}] broadcast from rank {}, but the ranks are 0..{}", rank_, root, size_ - 1));
-    }
+    check_root(root);
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
@@ -234,6 +231,58 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
                     VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
                                                            static_cast<size_t>(output.numel()), type,
                                                            nccl_op(op), comm_, side));
+                  });
+  }
+
+  std::shared_ptr<Work> broadcast_async(at::Tensor& tensor, int root) override {
+    const ncclDataType_t type = check_input("broadcast", tensor);
+    check_root(root);
+    c10::cuda::CUDAGuard guard(device_);
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.contiguous();
+    std::function<void()> finish;
+    if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
+    return launch(
+        fmt::format("broadcast of {} from rank {}", tensor_text(tensor), root), bytes_of(tensor),
+        {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
+          VIMO_NCCL_COMM_CHECK(ncclBroadcast(buffer.data_ptr(), buffer.data_ptr(),
+                                             static_cast<size_t>(buffer.numel()), type, root, comm_, side));
+        });
+  }
+
+  // A one-element all-reduce, as barrier(); finished when every rank has started it.
+  std::shared_ptr<Work> barrier_async() override {
+    c10::cuda::CUDAGuard guard(device_);
+    at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
+    return allreduce_async(token, ReduceOp::Sum);
+  }
+
+  // NCCL has no tags (see send); the calls run in order on the communicator's stream (Note [Ordering of
+  // asynchronous point-to-point calls] in comm/communicator.h).
+  std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) override {
+    const ncclDataType_t type = check_input("send", tensor);
+    check_peer("send to", dst);
+    c10::cuda::CUDAGuard guard(device_);
+    const at::Tensor buffer = tensor.contiguous();
+    return launch(fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag),
+                  bytes_of(tensor), {buffer}, nullptr, [&](cudaStream_t side) {
+                    VIMO_NCCL_COMM_CHECK(ncclSend(buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
+                                                  type, dst, comm_, side));
+                  });
+  }
+
+  std::shared_ptr<Work> recv_async(at::Tensor& tensor, int src, int tag) override {
+    const ncclDataType_t type = check_input("recv", tensor);
+    check_peer("recv from", src);
+    c10::cuda::CUDAGuard guard(device_);
+    at::NoGradGuard no_grad;
+    at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
+    std::function<void()> finish;
+    if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
+    return launch(fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag),
+                  bytes_of(tensor), {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
+                    VIMO_NCCL_COMM_CHECK(ncclRecv(buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
+                                                  type, src, comm_, side));
                   });
   }
 
@@ -368,6 +417,13 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
                                            rank_, collective, tensor_text(input),
                                            c10::getDtypeNames(input.scalar_type()).first,
                                            fmt::join(expected_sizes, ", "), input.device().str()));
+    }
+  }
+
+  void check_root(int root) const {
+    if (root < 0 || root >= size_) {
+      throw std::runtime_error(
+          fmt::format("[rank {}] broadcast from rank {}, but the ranks are 0..{}", rank_, root, size_ - 1));
     }
   }
 

@@ -105,74 +105,27 @@ class TcpCommunicator final : public Communicator {
     wait_for(*start_reduce_scatter(input, output, op, check_scatter_into(input, output, op), true));
   }
 
-  void broadcast(at::Tensor& tensor, int root) override {
-    std::string problem = check_input("broadcast", tensor);
-    if (problem.empty() && (root < 0 || root >= size())) {
-      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
-    }
-    CallName call(Collective::Broadcast, tensor, root);
-    Engine* engine = engine_.get();
-    wait_for(*start(std::move(call), bytes_of(tensor), problem, true,
-                    [engine, tensor, root](Clock::time_point deadline) {
-                      at::Tensor buffer = tensor.contiguous();
-                      const auto bytes = static_cast<size_t>(bytes_of(buffer));
-                      const int64_t tag = engine->next_tag();
-                      if (engine->rank() == root) {
-                        std::vector<Send> sends;
-                        for (int r = 0; r < engine->size(); ++r) {
-                          if (r != root) sends.push_back(Send{r, tag, buffer.data_ptr(), bytes});
-                        }
-                        engine->mesh().exchange(sends, {}, deadline);
-                      } else {
-                        const Recv r{root, tag, buffer.data_ptr(), bytes};
-                        engine->mesh().exchange({}, {&r, 1}, deadline);
-                        if (!buffer.is_same(tensor)) at::Tensor(tensor).copy_(buffer);
-                      }
-                    }));
+  void broadcast(at::Tensor& tensor, int root) override { wait_for(*start_broadcast(tensor, root, true)); }
+  std::shared_ptr<Work> broadcast_async(at::Tensor& tensor, int root) override {
+    return std::make_shared<TcpWork>(start_broadcast(tensor, root, detail::check_async_calls()), rank());
   }
 
-  // The agreement is a ring all-gather, which no rank can leave before every rank has entered it.
-  void barrier() override {
-    wait_for(*start(CallName(Collective::Barrier, at::Tensor(), 0), 0, "", true, [](Clock::time_point) {}));
+  // The agreement is a ring all-gather, which no rank can leave before every rank has entered it. The
+  // asynchronous barrier is one too, agreed or not: with nothing to agree on, a ring all-gather of no bytes
+  // still passes a frame from every rank to the next, around the whole ring.
+  void barrier() override { wait_for(*start_barrier(true)); }
+  std::shared_ptr<Work> barrier_async() override {
+    return std::make_shared<TcpWork>(start_barrier(detail::check_async_calls()), rank());
   }
 
-  void send(const at::Tensor& tensor, int dst, int tag) override {
-    CallName call("send", fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag));
-    std::string problem = check_input("send", tensor);
-    if (problem.empty())
-      problem = detail::check_peer("send to", dst, tag, rank(), size(), kMaxTag, "INT_MAX");
-    Engine* engine = engine_.get();
-    wait_for(*start(std::move(call), bytes_of(tensor), problem, false,
-                    [engine, tensor, dst, tag](Clock::time_point deadline) {
-                      const at::Tensor buffer = tensor.contiguous();
-                      const Send s{dst, tag, buffer.data_ptr(), static_cast<size_t>(bytes_of(buffer))};
-                      engine->mesh().exchange({&s, 1}, {}, deadline);
-                    }));
+  void send(const at::Tensor& tensor, int dst, int tag) override { wait_for(*start_send(tensor, dst, tag)); }
+  std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) override {
+    return std::make_shared<TcpWork>(start_send(tensor, dst, tag), rank());
   }
 
-  void recv(at::Tensor& tensor, int src, int tag) override {
-    CallName call("recv", fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag));
-    std::string problem = check_input("recv", tensor);
-    if (problem.empty())
-      problem = detail::check_peer("recv from", src, tag, rank(), size(), kMaxTag, "INT_MAX");
-    Engine* engine = engine_.get();
-    const std::string text = call.text();
-    wait_for(*start(std::move(call), bytes_of(tensor), problem, false,
-                    [engine, tensor, src, tag, text](Clock::time_point deadline) {
-                      at::Tensor buffer =
-                          tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
-                      const Recv r{src, tag, buffer.data_ptr(), static_cast<size_t>(bytes_of(buffer))};
-                      try {
-                        engine->mesh().exchange({}, {&r, 1}, deadline);
-                      } catch (const MessageSizeMismatch& e) {
-                        throw CallRejected(fmt::format(
-                            "[rank {}] {}: {}, but {} needs {}. HINT: the sender must send a tensor of the "
-                            "receiver's shape and "
-                            "dtype",
-                            engine->rank(), text, e.what(), tensor_text(tensor), bytes_of(tensor)));
-                      }
-                      if (!buffer.is_same(tensor)) at::Tensor(tensor).copy_(buffer);
-                    }));
+  void recv(at::Tensor& tensor, int src, int tag) override { wait_for(*start_recv(tensor, src, tag)); }
+  std::shared_ptr<Work> recv_async(at::Tensor& tensor, int src, int tag) override {
+    return std::make_shared<TcpWork>(start_recv(tensor, src, tag), rank());
   }
 
   std::shared_ptr<Communicator> split(int color, int key) override;
@@ -192,6 +145,83 @@ class TcpCommunicator final : public Communicator {
                              engine->agree(agreed, problem, deadline);
                              run(deadline);
                            });
+  }
+
+  std::shared_ptr<OpState> start_broadcast(const at::Tensor& tensor, int root, bool agree_first) {
+    std::string problem = check_input("broadcast", tensor);
+    if (problem.empty() && (root < 0 || root >= size())) {
+      problem = fmt::format("broadcast from rank {}, but the ranks are 0..{}", root, size() - 1);
+    }
+    CallName call(Collective::Broadcast, tensor, root);
+    Engine* engine = engine_.get();
+    return start(std::move(call), bytes_of(tensor), problem, agree_first,
+                 [engine, tensor, root](Clock::time_point deadline) {
+                   at::Tensor buffer = tensor.contiguous();
+                   const auto bytes = static_cast<size_t>(bytes_of(buffer));
+                   const int64_t tag = engine->next_tag();
+                   if (engine->rank() == root) {
+                     std::vector<Send> sends;
+                     for (int r = 0; r < engine->size(); ++r) {
+                       if (r != root) sends.push_back(Send{r, tag, buffer.data_ptr(), bytes});
+                     }
+                     engine->mesh().exchange(sends, {}, deadline);
+                   } else {
+                     const Recv r{root, tag, buffer.data_ptr(), bytes};
+                     engine->mesh().exchange({}, {&r, 1}, deadline);
+                     if (!buffer.is_same(tensor)) at::Tensor(tensor).copy_(buffer);
+                   }
+                 });
+  }
+
+  // Agreed: the agreement is the barrier. Not agreed: a ring all-gather of nothing, in which each rank's
+  // frame must travel the whole ring.
+  std::shared_ptr<OpState> start_barrier(bool agree_first) {
+    Engine* engine = engine_.get();
+    return start(CallName(Collective::Barrier, at::Tensor(), 0), 0, "", agree_first,
+                 [engine, agree_first](Clock::time_point deadline) {
+                   if (agree_first) return;
+                   std::vector<uint8_t> all(static_cast<size_t>(engine->size()));
+                   const uint8_t mine = 1;
+                   engine->ring_allgather(&mine, all.data(), 1, deadline);
+                 });
+  }
+
+  std::shared_ptr<OpState> start_send(const at::Tensor& tensor, int dst, int tag) {
+    CallName call("send", fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag));
+    std::string problem = check_input("send", tensor);
+    if (problem.empty())
+      problem = detail::check_peer("send to", dst, tag, rank(), size(), kMaxTag, "INT_MAX");
+    Engine* engine = engine_.get();
+    return start(std::move(call), bytes_of(tensor), problem, false,
+                 [engine, tensor, dst, tag](Clock::time_point deadline) {
+                   const at::Tensor buffer = tensor.contiguous();
+                   const Send s{dst, tag, buffer.data_ptr(), static_cast<size_t>(bytes_of(buffer))};
+                   engine->mesh().exchange({&s, 1}, {}, deadline);
+                 });
+  }
+
+  std::shared_ptr<OpState> start_recv(const at::Tensor& tensor, int src, int tag) {
+    CallName call("recv", fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag));
+    std::string problem = check_input("recv", tensor);
+    if (problem.empty())
+      problem = detail::check_peer("recv from", src, tag, rank(), size(), kMaxTag, "INT_MAX");
+    Engine* engine = engine_.get();
+    const std::string text = call.text();
+    return start(std::move(call), bytes_of(tensor), problem, false,
+                 [engine, tensor, src, tag, text](Clock::time_point deadline) {
+                   at::Tensor buffer =
+                       tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
+                   const Recv r{src, tag, buffer.data_ptr(), static_cast<size_t>(bytes_of(buffer))};
+                   try {
+                     engine->mesh().exchange({}, {&r, 1}, deadline);
+                   } catch (const MessageSizeMismatch& e) {
+                     throw CallRejected(fmt::format(
+                         "[rank {}] {}: {}, but {} needs {}. HINT: the sender must send a tensor of the "
+                         "receiver's shape and dtype",
+                         engine->rank(), text, e.what(), tensor_text(tensor), bytes_of(tensor)));
+                   }
+                   if (!buffer.is_same(tensor)) at::Tensor(tensor).copy_(buffer);
+                 });
   }
 
   std::shared_ptr<OpState> start_allreduce(at::Tensor& tensor, ReduceOp op, bool agree_first) {

@@ -2,6 +2,9 @@
 // (and all_gather_with_grad against plain autograd); the unique id through the rendezvous store instead of
 // MPI; split() against the MPI backend's. Built only with CUDA; skips, saying why, without one GPU per rank.
 // Under `-np 1` it still runs NCCL's whole path (init, streams, dtypes, a split into one group) on one GPU.
+#include <ATen/cuda/Sleep.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 #include <torch/cuda.h>
@@ -105,6 +108,53 @@ TEST_F(NcclCommunicator, AllgatherAndBroadcastMatchMpiBitForBit) {
     }
   }
   nccl_->barrier();
+}
+
+// The asynchronous calls run on the communicator's own stream, ordered after the caller's: each input here is
+// written on the caller's (non-default) stream behind a ~50 ms spin kernel and the calls start at once, with
+// no synchronisation, so a side stream that did not wait would move the stale values. After wait(), the
+// caller's stream reads the results without a device synchronisation. Broadcast, a ring of sends and
+// receives (even ranks send first: Note [Ordering of asynchronous point-to-point calls]), an all-reduce and a
+// barrier, each against every rank's inputs rebuilt from the shared seed.
+TEST_F(NcclCommunicator, AsyncCallsAreOrderedAfterTheCallersStream) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const uint64_t seed = shared_seed();
+  const c10::cuda::CUDAStream caller = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_);
+  const c10::cuda::CUDAStreamGuard on_caller(caller);
+  const at::Tensor inputs = all_inputs(at::kFloat, seed, ranks, {1 << 16});  // [ranks, 65536]
+  const auto written_late = [&](const at::Tensor& values) {
+    at::Tensor target = on_gpu(at::zeros_like(values));
+    at::cuda::sleep(100'000'000);  // cycles: ~50 ms at 2 GHz
+    target.copy_(on_gpu(values));
+    return target;
+  };
+  const int root = static_cast<int>(seed % static_cast<uint64_t>(ranks));
+  at::Tensor broadcast = written_late(inputs[rank]);
+  nccl_->broadcast_async(broadcast, root)->wait();
+  EXPECT_TRUE(at::equal(broadcast.cpu(), inputs[root]));
+
+  at::Tensor sum = written_late(inputs[rank]);
+  const std::shared_ptr<vimo::comm::Work> reducing = nccl_->allreduce_async(sum, ReduceOp::Sum);
+  reducing->wait();
+  vimo::testing::expect_reduced(sum, inputs, ReduceOp::Sum, at::kFloat, "allreduce_async (nccl)");
+
+  if (ranks > 1) {
+    const int next = (rank + 1) % ranks, previous = (rank + ranks - 1) % ranks;
+    const at::Tensor message = written_late(inputs[rank]);
+    at::Tensor received = on_gpu(at::zeros({1 << 16}));
+    std::shared_ptr<vimo::comm::Work> sent, got;
+    if (rank % 2 == 0) {
+      sent = nccl_->send_async(message, next, 0);
+      got = nccl_->recv_async(received, previous, 0);
+    } else {
+      got = nccl_->recv_async(received, previous, 0);
+      sent = nccl_->send_async(message, next, 0);
+    }
+    got->wait();
+    sent->wait();
+    EXPECT_TRUE(at::equal(received.cpu(), inputs[previous]));
+  }
+  nccl_->barrier_async()->wait();
 }
 
 // The *_into calls write the caller's output: the all-gather equals MPI's bit for bit, the int64 sum of the
