@@ -172,7 +172,17 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
   if (rank_ + 1 < ranks) accept_next();
 
   // Connecting to the lower ranks, retrying with backoff until the deadline.
+  // Note [A time limit per connection attempt]: an attempt is connect, hello and the peer's one-byte answer.
+  // Without a limit of its own, an attempt that gets no answer (SYNs dropped by a firewall or a full backlog,
+  // or a peer whose process is stopped: its kernel accepts and buffers the hello, and nothing answers) would
+  // sit until the deadline, never retried, and the error would not say why. Each attempt gets a quarter of
+  // the time to form (at least 0.1 s, at most 5 s); when it runs out the socket is closed, the reason is kept
+  // for the error, and the next attempt starts after the backoff.
+  const auto attempt_limit = std::clamp<Clock::duration>(
+      (deadline - Clock::now()) / 4, std::chrono::milliseconds(100), std::chrono::seconds(5));
+  const double attempt_limit_s = std::chrono::duration<double>(attempt_limit).count();
   std::vector<std::unique_ptr<asio::steady_timer>> timers;
+  std::vector<std::weak_ptr<asio::steady_timer>> attempt_limits;
   std::function<void(int, std::chrono::milliseconds)> connect_to = [&](int to,
                                                                        std::chrono::milliseconds backoff) {
     const Listener& where = listeners_[static_cast<size_t>(to)];
@@ -194,9 +204,33 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
     if (ec) return retry(fmt::format("cannot resolve {}: {}", host, ec.message()));
     auto socket = std::make_shared<tcp::socket>(*io_);
     handshakes.push_back(socket);
+    // Where the attempt stands when its time runs out: 0 connecting, 1 waiting for the answer to the hello.
+    auto stage = std::make_shared<int>(0);
+    auto expired = std::make_shared<bool>(false);
+    auto limit = std::make_shared<asio::steady_timer>(*io_, attempt_limit);
+    attempt_limits.push_back(limit);
+    limit->async_wait([socket, expired](boost::system::error_code ec) {
+      if (ec) return;  // cancelled: the attempt ended first
+      *expired = true;
+      boost::system::error_code ignored;
+      socket->close(ignored);  // the attempt's pending handler then runs with operation_aborted
+    });
+    const auto why = [=](const boost::system::error_code& ec) {
+      if (!*expired) return ec.message();
+      return *stage == 0 ? fmt::format("no answer to a connection attempt within {:.1f} s", attempt_limit_s)
+                         : fmt::format(
+                               "connected, but no answer to the hello within {:.1f} s (is the rank "
+                               "stopped or busy?)",
+                               attempt_limit_s);
+    };
     asio::async_connect(
-        *socket, endpoints, [&, socket, to, retry](boost::system::error_code ec, const tcp::endpoint&) {
-          if (ec) return retry(ec.message());
+        *socket, endpoints,
+        [&, socket, to, retry, stage, limit, why](boost::system::error_code ec, const tcp::endpoint&) {
+          if (ec) {
+            limit->cancel();
+            return retry(why(ec));
+          }
+          *stage = 1;
           auto hello =
               std::make_shared<std::vector<uint8_t>>(kHelloBytes + token_.size() + introduction.size());
           put<uint32_t>(hello->data(), kHelloMagic);
@@ -209,13 +243,18 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
           std::memcpy(hello->data() + kHelloBytes + token_.size(), introduction.data(), introduction.size());
           asio::async_write(
               *socket, asio::buffer(*hello),
-              [&, socket, hello, to, retry](boost::system::error_code ec, size_t) {
-                if (ec) return retry(ec.message());
+              [&, socket, hello, to, retry, limit, why, expired](boost::system::error_code ec, size_t) {
+                if (ec) {
+                  limit->cancel();
+                  return retry(why(ec));
+                }
                 auto ack = std::make_shared<uint8_t>(0);
                 asio::async_read(
                     *socket, asio::buffer(ack.get(), 1),
-                    [&, socket, ack, to](boost::system::error_code ec, size_t) {
+                    [&, socket, ack, to, retry, limit, why, expired](boost::system::error_code ec, size_t) {
+                      limit->cancel();
                       if (!forming) return;
+                      if (ec && *expired) return retry(why(ec));
                       if (ec || *ack != 1) {
                         // Refused: a wrong token or another communicator's port. Not worth retrying.
                         last_error[to] =
@@ -237,6 +276,9 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
   boost::system::error_code ignored;
   acceptor.close(ignored);
   for (auto& timer : timers) timer->cancel();
+  for (auto& weak : attempt_limits) {
+    if (auto limit = weak.lock()) limit->cancel();
+  }
   for (auto& weak : handshakes) {
     if (auto socket = weak.lock()) socket->close(ignored);  // a socket moved into a Peer is closed already
   }

@@ -26,6 +26,7 @@
 
 #include "comm/store.h"
 #include "comm/tcp_communicator.h"
+#include "comm/tcp_internal.h"
 #include "tests/comm/tcp_test_harness.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
@@ -195,6 +196,43 @@ TEST(TcpCommunicator, ARankThatNeverComesIsNamed) {
         std::string::npos)
         << result;
   }
+}
+
+// A lower rank whose port accepts connections (the kernel's backlog does) but whose process never answers, as
+// a stopped rank's would: each connection attempt ends after its own time limit (Note [A time limit per
+// connection attempt]) and is retried, and when forming times out the error says what happened.
+TEST(TcpCommunicator, ALowerRankThatNeverAnswersIsNamedWithWhy) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "mute");
+  const Store store;
+  const int mute = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  ::inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+  ASSERT_EQ(::bind(mute, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  ASSERT_EQ(::listen(mute, 16), 0);  // never accepted: the kernel completes the connections, nobody reads
+  socklen_t length = sizeof(address);
+  ::getsockname(mute, reinterpret_cast<sockaddr*>(&address), &length);
+  const std::string where =
+      vimo::comm::tcp_detail::encode_listener({vimo::comm::tcp_detail::this_host_name(), "127.0.0.1",
+                                               static_cast<uint16_t>(ntohs(address.sin_port))});
+  store.connect(0)->set("tcp/mute/0", {reinterpret_cast<const uint8_t*>(where.data()), where.size()});
+
+  const auto started = std::chrono::steady_clock::now();
+  const std::vector<int> statuses = run_ranks(1, dir, 60s, [&](int) -> std::string {
+    auto client = store.connect(1);
+    auto comm = vimo::comm::make_tcp_communicator(*client, "tcp/mute", 1, 2, kToken, 2s);
+    return "formed";
+  });
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  ::close(mute);
+  EXPECT_EQ(statuses, (std::vector<int>{1}));
+  const std::string result = read_file(dir / "rank0.txt");
+  EXPECT_NE(result.find("no connection with 1 of the 1 other ranks before the timeout: rank 0 ("),
+            std::string::npos)
+      << result;
+  // A quarter of the 2 s: 0.5 s per attempt.
+  EXPECT_NE(result.find("connected, but no answer to the hello within 0.5 s"), std::string::npos) << result;
+  EXPECT_LT(took, 20) << "forming was to give up after its 2 s timeout";
 }
 
 }  // namespace
