@@ -7,9 +7,11 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <limits>
 #include <memory>
 #include <string>
@@ -148,4 +150,32 @@ inline void expect_reduced(const at::Tensor& got, const at::Tensor& inputs, comm
       << " element(s) beyond the rounding bound; worst excess " << excess.max().item<double>();
 }
 
+// The message `call` throws (on this rank), or "(nothing thrown)".
+template <typename Call>
+std::string error_of(Call&& call) {
+  try {
+    call();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(nothing thrown)";
+}
+
+// After a call failed on every rank, `comm` must still work (nobody is stuck mid-call).
+inline void expect_still_usable(comm::Communicator& comm = *mpi_world()) {
+  at::Tensor one = at::ones({2}, at::kLong);
+  comm.allreduce(one, comm::ReduceOp::Sum);
+  EXPECT_TRUE(at::equal(one, at::full({2}, comm.size(), at::kLong)));
+}
+
+// steady_clock in ns: comparable between the ranks of one host (CLOCK_MONOTONIC), not across hosts.
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 }  // namespace vimo::testing
+
+#define EXPECT_CONTAINS(text, part) \
+  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)

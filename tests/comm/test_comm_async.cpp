@@ -18,33 +18,11 @@ using vimo::comm::ReduceOp;
 using vimo::comm::Work;
 using vimo::testing::all_inputs;
 using vimo::testing::dtype_name;
+using vimo::testing::error_of;
+using vimo::testing::expect_still_usable;
 using vimo::testing::mpi_world;
+using vimo::testing::now_ns;
 using vimo::testing::shared_seed;
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)
-
-template <typename Call>
-std::string error_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "(nothing thrown)";
-}
-
-void expect_still_usable(vimo::comm::Communicator& comm) {
-  at::Tensor one = at::ones({2}, at::kLong);
-  comm.allreduce(one, ReduceOp::Sum);
-  EXPECT_TRUE(at::equal(one, at::full({2}, comm.size(), at::kLong)));
-}
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 class BroadcastAsync : public ::testing::TestWithParam<at::ScalarType> {};
 

@@ -19,29 +19,12 @@ using vimo::comm::ReduceOp;
 using vimo::comm::Work;
 using vimo::testing::all_inputs;
 using vimo::testing::dtype_name;
+using vimo::testing::error_of;
 using vimo::testing::expect_reduced;
+using vimo::testing::expect_still_usable;
 using vimo::testing::mpi_world;
 using vimo::testing::op_name;
 using vimo::testing::shared_seed;
-
-template <typename Call>
-std::string error_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "(nothing thrown)";
-}
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)
-
-void expect_still_usable(vimo::comm::Communicator& comm) {
-  at::Tensor one = at::ones({2}, at::kLong);
-  comm.allreduce(one, ReduceOp::Sum);
-  EXPECT_TRUE(at::equal(one, at::full({2}, comm.size(), at::kLong)));
-}
 
 // Half types are added in float32 over MPI (Note [Half types over MPI]); the others in their own type.
 at::ScalarType accumulation_of(at::ScalarType dtype) {

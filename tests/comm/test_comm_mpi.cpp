@@ -18,30 +18,12 @@ namespace {
 using vimo::comm::ReduceOp;
 using vimo::testing::all_inputs;
 using vimo::testing::dtype_name;
+using vimo::testing::error_of;
+using vimo::testing::expect_still_usable;
 using vimo::testing::mpi_world;
+using vimo::testing::now_ns;
 using vimo::testing::op_name;
 using vimo::testing::shared_seed;
-
-// The message `call` throws (on this rank), or "(nothing thrown)".
-template <typename Call>
-std::string error_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "(nothing thrown)";
-}
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)
-
-// After a collective failed on every rank, the communicator must still work (nobody is stuck mid-call).
-void expect_still_usable() {
-  at::Tensor one = at::ones({2}, at::kLong);
-  mpi_world()->allreduce(one, ReduceOp::Sum);
-  EXPECT_TRUE(at::equal(one, at::full({2}, mpi_world()->size(), at::kLong)));
-}
 
 TEST(MpiCommunicator, DescribesItself) {
   EXPECT_EQ(mpi_world()->backend_name(), vimo::testing::backend_under_test());
@@ -238,12 +220,6 @@ TEST(MpiCollectiveErrors, DifferentCollectivesFailTogether) {
   });
   EXPECT_CONTAINS(message, "rank 0: barrier; rank 1: broadcast from rank 0 of float32 [3]");
   expect_still_usable();
-}
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
 }
 
 TEST(MpiBarrier, NoRankLeavesBeforeEveryRankHasArrived) {

@@ -23,6 +23,7 @@ namespace {
 using vimo::comm::ReduceOp;
 using vimo::testing::all_inputs;
 using vimo::testing::dtype_name;
+using vimo::testing::error_of;
 using vimo::testing::mpi_world;
 using vimo::testing::op_name;
 using vimo::testing::shared_seed;
@@ -211,17 +212,6 @@ TEST_F(NcclCommunicator, AllGatherWithGradMatchesTheCpuGradient) {
   const at::Tensor on_cpu = gradient(mpi_world(), at::Device(at::kCPU));
   const at::Tensor on_cuda = gradient(nccl_, at::Device(at::kCUDA, device_));
   EXPECT_TRUE(at::allclose(on_cuda, on_cpu, 1e-12, 1e-12)) << (on_cuda - on_cpu).abs().max().item<double>();
-}
-
-// The message `body` throws, or "(nothing thrown)".
-template <typename Body>
-std::string error_of(Body&& body) {
-  try {
-    body();
-  } catch (const std::runtime_error& e) {
-    return e.what();
-  }
-  return "(nothing thrown)";
 }
 
 // A store key no earlier communicator of this run used: every rank makes the same calls, so the same keys.

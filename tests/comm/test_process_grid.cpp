@@ -21,28 +21,9 @@ using vimo::comm::GridCoordinates;
 using vimo::comm::ParallelDims;
 using vimo::comm::ProcessGrid;
 using vimo::comm::ReduceOp;
+using vimo::testing::error_of;
+using vimo::testing::expect_still_usable;
 using vimo::testing::mpi_world;
-
-// The message `call` throws (on this rank), or "(nothing thrown)".
-template <typename Call>
-std::string error_of(Call&& call) {
-  try {
-    call();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(nothing thrown)";
-}
-
-#define EXPECT_CONTAINS(text, part) \
-  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected '" << (part) << "' in: " << (text)
-
-// After a call failed on every rank, the world must still work (nobody is stuck mid-call).
-void expect_still_usable() {
-  at::Tensor one = at::ones({2}, at::kLong);
-  mpi_world()->allreduce(one, ReduceOp::Sum);
-  EXPECT_TRUE(at::equal(one, at::full({2}, mpi_world()->size(), at::kLong)));
-}
 
 // The world ranks of `group`'s members in group-rank order, by an all-gather of each member's world rank.
 std::vector<int64_t> members_in_order(Communicator& group) {
