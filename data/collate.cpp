@@ -222,6 +222,18 @@ void Collator::reject(const RecordOrigin& origin, const FieldSpec& spec, const F
                                     shape_text(field->shape), expected));
 }
 
+void Collator::check_values(const RecordOrigin& origin, const FieldSpec& spec, const FieldView& field) const {
+  const size_t count = field.bytes.size() / sizeof(int64_t);
+  for (size_t i = 0; i < count; ++i) {
+    int64_t value = 0;
+    std::memcpy(&value, field.bytes.data() + i * sizeof(int64_t), sizeof(value));  // the bytes are unaligned
+    if (value < spec.min_value || value > spec.max_value) {
+      throw_corrupt(origin, fmt::format("field '{}' holds {} at element {}, outside [{}, {}] ({})", spec.name,
+                                        value, i, spec.min_value, spec.max_value, schema().source));
+    }
+  }
+}
+
 void Collator::start_columns() {
   const std::vector<FieldSpec>& specs = schema().fields;
   columns_.clear();
@@ -252,6 +264,7 @@ void Collator::add(const RecordView& record, int64_t key, const RecordOrigin& or
   for (size_t c = 0; c < specs.size(); ++c) {
     found[c] = record.find(specs[c].name);
     if (!found[c] || !fits(*found[c], specs[c])) reject(origin, specs[c], found[c]);
+    if (specs[c].checks_values()) check_values(origin, specs[c], *found[c]);
   }
   if (keys_.empty()) {
     first_source_ = std::string(origin.source);

@@ -63,10 +63,16 @@ struct FieldSpec {
   std::string name;
   DType dtype = DType::UInt8;
   std::vector<int64_t> shape;  // extents, kAnyExtent where any is accepted
+  // For an int64 field: every value must lie in [min_value, max_value] (token ids within the vocabulary,
+  // frame counts within the frames). Unchecked when min_value > max_value (the default).
+  int64_t min_value = 0;
+  int64_t max_value = -1;
+  bool checks_values() const { return dtype == DType::Int64 && min_value <= max_value; }
 };
 
-// What every record of a batch must hold: named fields of a dtype and shape (fields it does not name are
-// not collated). A record that lacks one, or holds it with another dtype, rank or extent, is corrupt data:
+// What every record of a batch must hold: named fields of a dtype and shape, and for int64 fields values in a
+// range (fields it does not name are not collated). A record that lacks one, or holds it with another dtype,
+// rank or extent, or a value out of its range, is corrupt data:
 // the Collator throws CorruptDataError naming its file, record and offset, which the loader skips and counts
 // with skip_corrupt (Note [One schema per split] in data/loader.cpp).
 struct RecordSchema {
@@ -105,6 +111,7 @@ class Collator {
   };
   const RecordSchema& schema() const { return given_schema_ ? *given_schema_ : first_schema_; }
   [[noreturn]] void reject(const RecordOrigin& origin, const FieldSpec& spec, const FieldView* field) const;
+  void check_values(const RecordOrigin& origin, const FieldSpec& spec, const FieldView& field) const;
   void start_columns();  // from found_, or from the schema alone when found_ is empty
   void grow(Column& column, int64_t max_len);
   at::Tensor allocate(const std::vector<int64_t>& shape, DType dtype);

@@ -63,13 +63,24 @@ int64_t dataset_vocab_size(const DatasetManifest& manifest) {
 }
 
 RecordSchema retrieval_schema(const RetrievalDims& dims, const std::string& dims_source) {
-  return {{{"id", DType::Int64, {1}},
-           {"caption", DType::UInt8, {kAnyExtent}},
-           {"text_ids", DType::Int64, {dims.max_text_len}},
-           {"frames", DType::Float32, {dims.frames, dims.feature_dim}},
-           {"keypoints", DType::Float32, {dims.frames, kJoints, 3}},
-           {"num_frames", DType::Int64, {1}}},
-          "a retrieval record with the shapes of " + dims_source};
+  RecordSchema schema{{{"id", DType::Int64, {1}},
+                       {"caption", DType::UInt8, {kAnyExtent}},
+                       {"text_ids", DType::Int64, {dims.max_text_len}},
+                       {"frames", DType::Float32, {dims.frames, dims.feature_dim}},
+                       {"keypoints", DType::Float32, {dims.frames, kJoints, 3}},
+                       {"num_frames", DType::Int64, {1}}},
+                      "a retrieval record with the shapes of " + dims_source};
+  // Token ids within the vocabulary and frame counts within the frames, where those are known: a record
+  // outside them is named (or skipped) by itself, rather than failing its whole batch in to_retrieval_batch.
+  if (dims.vocab_size > 0) {
+    schema.fields[2].min_value = 0;
+    schema.fields[2].max_value = dims.vocab_size - 1;
+  }
+  if (dims.frames >= 0) {
+    schema.fields[5].min_value = 0;
+    schema.fields[5].max_value = dims.frames;
+  }
+  return schema;
 }
 
 RetrievalBatch to_retrieval_batch(const CollatedBatch& batch, const RetrievalDims& dims,

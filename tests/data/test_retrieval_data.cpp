@@ -1,8 +1,10 @@
 // Tests the synthetic generator (determinism, documented fields, learnable structure), the retrieval
 // dataset (shapes, masks, errors). The streaming loader has its own tests (test_loader.cpp).
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -436,6 +438,67 @@ TEST(RetrievalDataset, TrainingRecordsOfOtherFieldsAreNamedOrSkippedByTheLoader)
   skipped = 0;
   EXPECT_TRUE(read_training_epoch(o, test.dims(), skipped).empty());  // batches of no rows, still converted
   EXPECT_EQ(skipped, 20);
+}
+
+// A token id at the vocabulary's size and a frame count past the frames: each record is named by itself,
+// with its file, record and offset (not its batch), or skipped and counted.
+TEST(RetrievalDataset, TokenIdsAndFrameCountsOutOfRangeAreNamedOrSkippedByRecord) {
+  const fs::path root = test_dir("loader_ranges");
+  const uint64_t seed = vimo::testing::fresh_seed();
+  write_synthetic_dataset(tiny_options(seed), (root / "good").string());  // 20 train records, 8 per shard
+  const RetrievalDataset test((root / "good").string(), "test");
+  const RetrievalDims dims = test.dims();
+  LoaderOptions o;
+  o.dir = (root / "bad").string();
+  o.kind = kRetrievalKind;
+  o.global_batch = 4;
+  o.seed = seed;
+  o.schema = retrieval_schema(dims, "the test split's first record");
+  std::mt19937_64 rng(seed);
+  const int64_t bad_tokens = static_cast<int64_t>(rng() % 20);
+  const int64_t bad_frames = (bad_tokens + 1 + static_cast<int64_t>(rng() % 19)) % 20;  // another record
+  const int64_t position = static_cast<int64_t>(rng() % static_cast<uint64_t>(dims.max_text_len));
+  const auto set_int64 = [](Field& field, int64_t element, int64_t value) {
+    std::memcpy(field.bytes.data() + element * sizeof(int64_t), &value, sizeof(value));
+  };
+  rewrite_dataset(root / "good", root / "bad", [&](int64_t index, Record& r) {
+    for (Field& f : r.fields) {
+      if (index == bad_tokens && f.name == "text_ids") set_int64(f, position, dims.vocab_size);
+      if (index == bad_frames && f.name == "num_frames") set_int64(f, 0, dims.frames + 1);
+    }
+  });
+  const DatasetManifest manifest = read_manifest(o.dir);
+  int64_t skipped = 0;
+  try {
+    read_training_epoch(o, dims, skipped);
+    ADD_FAILURE() << "records out of range were accepted";
+  } catch (const std::runtime_error& e) {
+    // Whichever of the two the epoch's order reads first.
+    const std::string message = e.what();
+    const bool tokens_first = message.find("text_ids") != std::string::npos;
+    const int64_t index = tokens_first ? bad_tokens : bad_frames;
+    const std::string shard = manifest.shard_path("train", static_cast<size_t>(index / 8));
+    const auto record = static_cast<uint64_t>(index % 8);
+    const std::string where = "shard " + shard + ": record " + std::to_string(record) + " at offset " +
+                              std::to_string(indexed_record_offset(shard, record)) + ": ";
+    const std::string what = tokens_first
+                                 ? fmt::format("field 'text_ids' holds {} at element {}, outside [0, {}]",
+                                               dims.vocab_size, position, dims.vocab_size - 1)
+                                 : fmt::format("field 'num_frames' holds {} at element 0, outside [0, {}]",
+                                               dims.frames + 1, dims.frames);
+    EXPECT_NE(message.find(where + what), std::string::npos) << message;
+    EXPECT_NE(message.find("skip_corrupt"), std::string::npos) << message;
+  }
+  o.skip_corrupt = true;
+  skipped = 0;
+  std::vector<int64_t> keys = read_training_epoch(o, dims, skipped);
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> expected;
+  for (int64_t k = 0; k < 20; ++k) {
+    if (k != bad_tokens && k != bad_frames) expected.push_back(k);
+  }
+  EXPECT_EQ(keys, expected);
+  EXPECT_EQ(skipped, 2);
 }
 
 }  // namespace
