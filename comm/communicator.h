@@ -96,15 +96,18 @@ class Communicator {
   //   broadcast_async:      `tensor` in place, as broadcast.
   //   barrier_async:        finished once every rank has started its barrier.
   //   send_async:           `tensor` must not change until the Work has finished.
-  //   recv_async:           `tensor` holds the message once the Work has finished; a message of another size
-  //                         fails its wait, naming both sizes. Receives of one (src, tag) match messages in
-  //                         the order the receives were started.
+  //   recv_async:           `tensor` holds the message once the Work has finished. On MPI and TCP a message
+  //   of
+  //                         another size fails its wait, naming both sizes, and a receive that times out
+  //                         leaves the communicator usable; NCCL cannot tell (sizes must match, as for its
+  //                         blocking recv). Receives of one (src, tag) match messages in the order started.
   // Note [Ordering of asynchronous point-to-point calls]: on MPI, a send started after a receive may complete
-  // first, so two ranks may each start a receive and then send to each other. The TCP and NCCL backends run
-  // a communicator's calls in the order they were started (one worker thread, one CUDA stream), as NCCL's
-  // own ncclSend / ncclRecv do outside a group: there the same pair of receives would wait for each other
-  // until the timeout. Code meant for every backend starts its sends first on one side (as with the blocking
-  // calls: even ranks send first, odd ranks receive first).
+  // first, so two ranks may each start a receive and then send to each other. The TCP backend runs a
+  // communicator's calls one after another on its worker thread, and NCCL runs the asynchronous ones in order
+  // on the communicator's side stream, as its own ncclSend / ncclRecv do outside a group: there the same pair
+  // of receives would wait for each other until the timeout. Code meant for every backend starts its sends
+  // first on one side (as with the blocking calls: even ranks send first, odd ranks receive first). NCCL has
+  // no tags: messages between two ranks arrive in the order sent, whatever the tag.
   virtual std::shared_ptr<Work> broadcast_async(at::Tensor& tensor, int root) = 0;
   virtual std::shared_ptr<Work> barrier_async() = 0;
   virtual std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) = 0;

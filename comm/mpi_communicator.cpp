@@ -139,7 +139,7 @@ class MpiCommunicator final : public Communicator {
     auto work = new_work(std::move(call), bytes_of(tensor));
     work->keep({buffer, tensor});
     work->write_back_on_completion(buffer, tensor, false);
-    work->expect_message(type, tensor.numel());
+    work->expect_message(tensor);
     VIMO_MPI_CHECK(MPI_Irecv(buffer.data_ptr(), static_cast<int>(buffer.numel()), type, src, tag,
                              group_->comm, work->request()));
     return work;

@@ -314,11 +314,11 @@ class MpiWork final : public Work {
     target_ = std::move(target);
     average_ = average;
   }
-  // A receive of `count` elements of `type`: a message of another length fails the wait, naming both (MPI
-  // itself would report a longer one as a bare truncation and accept a shorter one silently).
-  void expect_message(MPI_Datatype type, int64_t count) {
-    expected_type_ = type;
-    expected_count_ = count;
+  // A receive into `tensor`: a message of another length fails the wait, naming both (MPI itself would report
+  // a longer one as a bare truncation and accept a shorter one silently), and a timeout cancels it.
+  void expect_message(const at::Tensor& tensor) {
+    expected_bytes_ = detail::bytes_of(tensor);
+    expected_text_ = detail::tensor_text(tensor);
   }
 
   void wait() override;
@@ -339,8 +339,10 @@ class MpiWork final : public Work {
   std::vector<at::Tensor> buffers_;
   at::Tensor result_, target_;  // what write_back_on_completion named; undefined when nothing is written back
   bool average_ = false;
-  MPI_Datatype expected_type_ = MPI_DATATYPE_NULL;  // set for a receive: see expect_message
-  int64_t expected_count_ = 0;
+  bool receiving() const { return expected_bytes_ >= 0; }
+  bool cancel_receive();         // after a timeout; true when the receive is over (cancelled or completed)
+  int64_t expected_bytes_ = -1;  // a receive's length: see expect_message
+  std::string expected_text_;
   std::string failure_;  // why a finished receive failed (its every wait throws it)
   bool done_ = false;
 };

@@ -79,6 +79,10 @@ void MpiWork::wait() {
   group_->throw_if_broken(call_);
   const ObservedWait observed(call_, bytes_);
   if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for, bytes_)) {
+    if (receiving() && cancel_receive()) {
+      if (!failure_.empty()) throw std::runtime_error(failure_);
+      return;
+    }
     group_->broken = detail::describe_timeout(group_->rank, call_.text(), bytes_, timeout_, group_->size,
                                               "This communicator is unusable from now on");
     group_->abandoned.insert(group_->abandoned.end(), buffers_.begin(), buffers_.end());
@@ -94,7 +98,7 @@ bool MpiWork::is_completed() {
 }
 
 bool MpiWork::test() {
-  if (expected_type_ == MPI_DATATYPE_NULL) {
+  if (!receiving()) {
     int flag = 0;
     VIMO_MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
     if (!flag) return false;
@@ -106,35 +110,73 @@ bool MpiWork::test() {
   MPI_Status status{};
   int code = MPI_SUCCESS;
   int error_class = MPI_SUCCESS;
+  int bytes = 0;
   {
     const std::lock_guard<std::recursive_mutex> lock(mpi_call_mutex());
     code = MPI_Test(&request_, &flag, &status);
     // Open MPI keeps a request that completed with an error (a truncated message): it is over, so free it.
     if (code != MPI_SUCCESS && request_ != MPI_REQUEST_NULL) MPI_Request_free(&request_);
     if (code != MPI_SUCCESS) MPI_Error_class(code, &error_class);
-  }
-  if (code != MPI_SUCCESS && error_class != MPI_ERR_TRUNCATE) {
-    throw_mpi_failure(code, "MPI_Test(&request_, &flag, &status)", __FILE__, __LINE__);
+    if (code == MPI_SUCCESS && flag) MPI_Get_count(&status, MPI_BYTE, &bytes);
   }
   if (code == MPI_SUCCESS && !flag) return false;
-  int count = 0;
-  if (code == MPI_SUCCESS) VIMO_MPI_CHECK(MPI_Get_count(&status, expected_type_, &count));
-  if (code == MPI_SUCCESS && count == expected_count_) {
+  if (code == MPI_SUCCESS && bytes == expected_bytes_) {
     finish();
     return true;
   }
-  // The message is received (or cut) and the stream goes on: only this call fails.
+  // The receive is over (the message taken, or cut), so only this call fails and the stream goes on.
   done_ = true;
   result_ = at::Tensor();
   target_ = at::Tensor();
   buffers_.clear();
+  if (code != MPI_SUCCESS && error_class != MPI_ERR_TRUNCATE) {
+    try {
+      throw_mpi_failure(code, "MPI_Test(&request_, &flag, &status)", __FILE__, __LINE__);
+    } catch (const std::runtime_error& e) {
+      failure_ = e.what();
+      throw;
+    }
+  }
   failure_ = fmt::format(
-      "[rank {}] {}: the message held {} elements, but the tensor has {}. HINT: the sender must send a "
-      "tensor "
-      "of the receiver's shape and dtype",
-      group_->rank, call_.text(), code == MPI_SUCCESS ? fmt::format("{}", count) : std::string("more"),
-      expected_count_);
+      "[rank {}] {}: the message held {} bytes, but {} needs {}. HINT: the sender must send a tensor of the "
+      "receiver's shape and dtype",
+      group_->rank, call_.text(),
+      code == MPI_SUCCESS ? fmt::format("{}", bytes) : fmt::format("more than {}", expected_bytes_),
+      expected_text_, expected_bytes_);
   throw std::runtime_error(failure_);
+}
+
+// A receive that timed out is cancelled: MPI can take back a receive nothing matched (unlike a collective),
+// so the communicator stays usable, as after the blocking recv's timeout. If a message matched it meanwhile,
+// the cancel fails and the receive completes: then it is checked as any other.
+bool MpiWork::cancel_receive() {
+  int cancelled = 0;
+  MPI_Status status{};
+  {
+    const std::lock_guard<std::recursive_mutex> lock(mpi_call_mutex());
+    if (MPI_Cancel(&request_) != MPI_SUCCESS) return false;
+    if (MPI_Wait(&request_, &status) != MPI_SUCCESS) return false;  // returns at once after a cancel
+    if (MPI_Test_cancelled(&status, &cancelled) != MPI_SUCCESS) return false;
+  }
+  if (!cancelled) {
+    int bytes = 0;
+    MPI_Get_count(&status, MPI_BYTE, &bytes);
+    if (bytes == expected_bytes_) {
+      finish();
+      return true;
+    }
+  }
+  done_ = true;
+  result_ = at::Tensor();
+  target_ = at::Tensor();
+  buffers_.clear();
+  failure_ = cancelled ? detail::describe_timeout(group_->rank, call_.text(), bytes_, timeout_, group_->size,
+                                                  "No message arrived, so the communicator stays usable")
+                       : fmt::format(
+                             "[rank {}] {}: the message arrived as the receive timed out, and its length "
+                             "does not match {}",
+                             group_->rank, call_.text(), expected_text_);
+  return true;
 }
 
 void MpiWork::finish() {

@@ -252,9 +252,13 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
 
   // A one-element all-reduce, as barrier(); finished when every rank has started it.
   std::shared_ptr<Work> barrier_async() override {
+    throw_if_broken("barrier");
     c10::cuda::CUDAGuard guard(device_);
     at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
-    return allreduce_async(token, ReduceOp::Sum);
+    return launch("barrier", 0, {token}, nullptr, [&](cudaStream_t side) {
+      VIMO_NCCL_COMM_CHECK(
+          ncclAllReduce(token.data_ptr(), token.data_ptr(), 1, ncclFloat, ncclSum, comm_, side));
+    });
   }
 
   // NCCL has no tags (see send); the calls run in order on the communicator's stream (Note [Ordering of

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -65,6 +66,13 @@ class TcpWork final : public Work {
   ~TcpWork() override {
     std::unique_lock<std::mutex> lock(state_->mutex);
     state_->finished.wait(lock, [&] { return state_->done.load(); });
+    if (state_->error && !state_->reported) {  // dropped unwaited: say what failed, as MPI's Work does
+      try {
+        std::rethrow_exception(state_->error);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s\n", e.what());
+      }
+    }
   }
   // The first wait throws the call's error; once a failure made the communicator unusable, later waits are
   // refused, as on MPI.

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -112,6 +113,7 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
 
   // Accepting the higher ranks: each connection must open with a valid hello within the deadline.
   tcp::acceptor& acceptor = *seed.acceptor;
+  std::vector<bool> claimed(static_cast<size_t>(ranks), false);  // a higher rank's hello was acked
   std::function<void()> accept_next = [&] {
     if (!forming) return;
     auto socket = std::make_shared<tcp::socket>(*io_);
@@ -144,45 +146,62 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
               return refuse(fmt::format("a hello of {} + {} bytes", length, listener_length));
             if (from <= rank_ || from >= ranks) return refuse(fmt::format("a hello from rank {}", from));
             auto rest = std::make_shared<std::string>(length + listener_length, '\0');
-            asio::async_read(*socket, asio::buffer(*rest),
-                             [&, socket, rest, length, from, refuse](boost::system::error_code ec, size_t) {
-                               if (ec || !forming) return;
-                               if (rest->compare(0, length, token_) != 0 || length != token_.size())
-                                 return refuse(fmt::format("rank {} presented a wrong token", from));
-                               const std::optional<Listener> where =
-                                   decode_listener(std::string_view(*rest).substr(length));
-                               if (!where)
-                                 return refuse(fmt::format("rank {} sent a malformed address", from));
-                               if (peers_[static_cast<size_t>(from)])
-                                 return refuse(fmt::format("rank {} connected twice", from));
-                               auto ack = std::make_shared<uint8_t>(1);
-                               asio::async_write(
-                                   *socket, asio::buffer(ack.get(), 1),
-                                   [&, socket, ack, from, where](boost::system::error_code ec, size_t) {
-                                     if (ec || !forming || peers_[static_cast<size_t>(from)]) return;
-                                     peers_[static_cast<size_t>(from)] =
-                                         std::make_unique<Peer>(std::move(*socket), from);
-                                     listeners_[static_cast<size_t>(from)] = *where;
-                                     --missing;
-                                   });
-                             });
+            asio::async_read(
+                *socket, asio::buffer(*rest),
+                [&, socket, rest, length, from, refuse](boost::system::error_code ec, size_t) {
+                  if (ec || !forming) return;
+                  if (rest->compare(0, length, token_) != 0 || length != token_.size())
+                    return refuse(fmt::format("rank {} presented a wrong token", from));
+                  const std::optional<Listener> where =
+                      decode_listener(std::string_view(*rest).substr(length));
+                  if (!where) return refuse(fmt::format("rank {} sent a malformed address", from));
+                  // A connection closed right after its hello is an attempt its rank gave up
+                  // on: taking it would leave this rank a dead connection for that rank's.
+                  uint8_t probe = 0;
+                  if (::recv(socket->native_handle(), &probe, 1, MSG_PEEK | MSG_DONTWAIT) == 0)
+                    return refuse(fmt::format("rank {} closed its connection after the hello", from));
+                  // Claimed before the ack is written, so that a second hello of the same
+                  // rank arriving meanwhile is not acked too.
+                  if (claimed[static_cast<size_t>(from)])
+                    return refuse(fmt::format("rank {} connected twice", from));
+                  claimed[static_cast<size_t>(from)] = true;
+                  auto ack = std::make_shared<uint8_t>(1);
+                  asio::async_write(*socket, asio::buffer(ack.get(), 1),
+                                    [&, socket, ack, from, where](boost::system::error_code ec, size_t) {
+                                      if (ec) claimed[static_cast<size_t>(from)] = false;  // it may retry
+                                      if (ec || !forming || peers_[static_cast<size_t>(from)]) return;
+                                      peers_[static_cast<size_t>(from)] =
+                                          std::make_unique<Peer>(std::move(*socket), from);
+                                      listeners_[static_cast<size_t>(from)] = *where;
+                                      --missing;
+                                    });
+                });
           });
     });
   };
   if (rank_ + 1 < ranks) accept_next();
 
   // Connecting to the lower ranks, retrying with backoff until the deadline.
-  // Note [A time limit per connection attempt]: an attempt is connect, hello and the peer's one-byte answer.
-  // Without a limit of its own, an attempt that gets no answer (SYNs dropped by a firewall or a full backlog,
-  // or a peer whose process is stopped: its kernel accepts and buffers the hello, and nothing answers) would
-  // sit until the deadline, never retried, and the error would not say why. Each attempt gets a quarter of
-  // the time to form (at least 0.1 s, at most 5 s); when it runs out the socket is closed, the reason is kept
-  // for the error, and the next attempt starts after the backoff.
-  const auto attempt_limit = std::clamp<Clock::duration>(
+  // Note [A time limit per connection attempt]: connecting gets a time limit of its own, a quarter of the
+  // time to form (at least 0.1 s, at most 5 s). Without one, a connection whose SYNs nobody answers (dropped
+  // by a firewall, or by a full backlog) would sit until the deadline, never retried, and the error would not
+  // say why; when it runs out, the socket is closed and the next attempt starts after the backoff. Once
+  // connected, the hello is written and its answer awaited until the deadline, with no limit: the peer's
+  // kernel has accepted the connection and holds the hello, so closing it now would leave the peer a dead
+  // connection to take for this rank's (and a stopped peer answers when it resumes). Only the reason is
+  // kept, for the error if the answer never comes.
+  const auto connect_limit = std::clamp<Clock::duration>(
       (deadline - Clock::now()) / 4, std::chrono::milliseconds(100), std::chrono::seconds(5));
-  const double attempt_limit_s = std::chrono::duration<double>(attempt_limit).count();
+  const double connect_limit_s = std::chrono::duration<double>(connect_limit).count();
+  struct Attempt {
+    Attempt(asio::io_context& io, Clock::duration limit) : socket(io), limit(io, limit) {}
+    tcp::socket socket;
+    asio::steady_timer limit;  // running while connecting
+    bool connected = false;
+    bool expired = false;  // the limit closed the socket before it connected
+  };
+  std::vector<std::weak_ptr<Attempt>> attempts;
   std::vector<std::unique_ptr<asio::steady_timer>> timers;
-  std::vector<std::weak_ptr<asio::steady_timer>> attempt_limits;
   std::function<void(int, std::chrono::milliseconds)> connect_to = [&](int to,
                                                                        std::chrono::milliseconds backoff) {
     const Listener& where = listeners_[static_cast<size_t>(to)];
@@ -202,35 +221,24 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
     tcp::resolver resolver(*io_);
     const auto endpoints = resolver.resolve(tcp::v4(), host, std::to_string(where.port), ec);
     if (ec) return retry(fmt::format("cannot resolve {}: {}", host, ec.message()));
-    auto socket = std::make_shared<tcp::socket>(*io_);
-    handshakes.push_back(socket);
-    // Where the attempt stands when its time runs out: 0 connecting, 1 waiting for the answer to the hello.
-    auto stage = std::make_shared<int>(0);
-    auto expired = std::make_shared<bool>(false);
-    auto limit = std::make_shared<asio::steady_timer>(*io_, attempt_limit);
-    attempt_limits.push_back(limit);
-    limit->async_wait([socket, expired](boost::system::error_code ec) {
-      if (ec) return;  // cancelled: the attempt ended first
-      *expired = true;
+    auto attempt = std::make_shared<Attempt>(*io_, connect_limit);
+    attempts.push_back(attempt);
+    attempt->limit.async_wait([attempt](boost::system::error_code ec) {
+      if (ec || attempt->connected) return;  // cancelled, or it connected first
+      attempt->expired = true;
       boost::system::error_code ignored;
-      socket->close(ignored);  // the attempt's pending handler then runs with operation_aborted
+      attempt->socket.close(ignored);  // the connect's handler then runs with operation_aborted
     });
-    const auto why = [=](const boost::system::error_code& ec) {
-      if (!*expired) return ec.message();
-      return *stage == 0 ? fmt::format("no answer to a connection attempt within {:.1f} s", attempt_limit_s)
-                         : fmt::format(
-                               "connected, but no answer to the hello within {:.1f} s (is the rank "
-                               "stopped or busy?)",
-                               attempt_limit_s);
-    };
     asio::async_connect(
-        *socket, endpoints,
-        [&, socket, to, retry, stage, limit, why](boost::system::error_code ec, const tcp::endpoint&) {
-          if (ec) {
-            limit->cancel();
-            return retry(why(ec));
+        attempt->socket, endpoints,
+        [&, attempt, to, retry](boost::system::error_code ec, const tcp::endpoint&) {
+          attempt->limit.cancel();
+          if (ec || attempt->expired) {
+            return retry(attempt->expired ? fmt::format("no answer to a connection attempt within {:.1f} s",
+                                                        connect_limit_s)
+                                          : ec.message());
           }
-          *stage = 1;
+          attempt->connected = true;
           auto hello =
               std::make_shared<std::vector<uint8_t>>(kHelloBytes + token_.size() + introduction.size());
           put<uint32_t>(hello->data(), kHelloMagic);
@@ -242,26 +250,24 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
           std::memcpy(hello->data() + kHelloBytes, token_.data(), token_.size());
           std::memcpy(hello->data() + kHelloBytes + token_.size(), introduction.data(), introduction.size());
           asio::async_write(
-              *socket, asio::buffer(*hello),
-              [&, socket, hello, to, retry, limit, why, expired](boost::system::error_code ec, size_t) {
-                if (ec) {
-                  limit->cancel();
-                  return retry(why(ec));
-                }
+              attempt->socket, asio::buffer(*hello),
+              [&, attempt, hello, to, retry](boost::system::error_code ec, size_t) {
+                if (ec) return retry(ec.message());
+                if (forming)
+                  last_error[to] = "connected, but no answer to the hello (is the rank stopped or busy?)";
                 auto ack = std::make_shared<uint8_t>(0);
                 asio::async_read(
-                    *socket, asio::buffer(ack.get(), 1),
-                    [&, socket, ack, to, retry, limit, why, expired](boost::system::error_code ec, size_t) {
-                      limit->cancel();
+                    attempt->socket, asio::buffer(ack.get(), 1),
+                    [&, attempt, ack, to](boost::system::error_code ec, size_t) {
                       if (!forming) return;
-                      if (ec && *expired) return retry(why(ec));
                       if (ec || *ack != 1) {
                         // Refused: a wrong token or another communicator's port. Not worth retrying.
                         last_error[to] =
                             "the rank refused the connection (a wrong token, or another job's port)";
                         return;
                       }
-                      peers_[static_cast<size_t>(to)] = std::make_unique<Peer>(std::move(*socket), to);
+                      peers_[static_cast<size_t>(to)] =
+                          std::make_unique<Peer>(std::move(attempt->socket), to);
                       --missing;
                     });
               });
@@ -276,11 +282,14 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
   boost::system::error_code ignored;
   acceptor.close(ignored);
   for (auto& timer : timers) timer->cancel();
-  for (auto& weak : attempt_limits) {
-    if (auto limit = weak.lock()) limit->cancel();
-  }
   for (auto& weak : handshakes) {
-    if (auto socket = weak.lock()) socket->close(ignored);  // a socket moved into a Peer is closed already
+    if (auto socket = weak.lock()) socket->close(ignored);
+  }
+  for (auto& weak : attempts) {
+    if (auto attempt = weak.lock()) {
+      attempt->limit.cancel();
+      attempt->socket.close(ignored);  // a socket moved into a Peer is closed already
+    }
   }
   io_->restart();
   io_->run();

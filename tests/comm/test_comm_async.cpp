@@ -43,7 +43,6 @@ TEST_P(BroadcastAsync, EveryRankEndsWithTheRootsTensorBitForBit) {
   const std::shared_ptr<Work> second = mpi_world()->broadcast_async(matrix, second_root);
   second->wait();
   first->wait();
-  EXPECT_TRUE(first->is_completed());
   EXPECT_TRUE(at::equal(vector, vectors[first_root]));
   EXPECT_TRUE(at::equal(storage.t(), matrices[second_root]));
   EXPECT_CONTAINS(second->description(), "broadcast");
@@ -155,15 +154,57 @@ TEST(SendRecvAsyncErrors, AMessageOfTheWrongSizeFailsTheWaitAndTheStreamGoesOn) 
     at::Tensor four = at::zeros({4});
     const std::shared_ptr<Work> longer = mpi_world()->recv_async(four, 0, 3);
     const std::string message = error_of([&] { longer->wait(); });
-    EXPECT_CONTAINS(message, "[rank 1] recv of float32 [4] from rank 0 (tag 3)");
+    EXPECT_CONTAINS(message, "[rank 1] recv of float32 [4] from rank 0 (tag 3): the message held ");
+    EXPECT_CONTAINS(message, " bytes, but float32 [4] needs 16");  // MPI knows only "more than 16"
     EXPECT_CONTAINS(message, "HINT:");
     EXPECT_EQ(error_of([&] { longer->wait(); }), message);
 
     const std::shared_ptr<Work> shorter = mpi_world()->recv_async(four, 0, 3);
-    EXPECT_CONTAINS(error_of([&] { shorter->wait(); }), "[rank 1] recv of float32 [4] from rank 0 (tag 3)");
+    EXPECT_CONTAINS(
+        error_of([&] { shorter->wait(); }),
+        "[rank 1] recv of float32 [4] from rank 0 (tag 3): the message held 8 bytes, but float32 [4] "
+        "needs 16");
 
     mpi_world()->recv_async(four, 0, 3)->wait();
     EXPECT_TRUE(at::equal(four, at::arange(4, at::kFloat)));
+  }
+  expect_still_usable(*mpi_world());
+}
+
+// A message of another dtype whose bytes are not a whole number of the receiver's elements: named in bytes.
+TEST(SendRecvAsyncErrors, AMessageOfAnotherDtypeIsNamedInBytes) {
+  const int rank = mpi_world()->rank();
+  if (rank == 0) {
+    mpi_world()->send(at::ones({3}, at::kFloat), 1, 9);  // 12 bytes
+  } else if (rank == 1) {
+    at::Tensor two = at::zeros({2}, at::kLong);  // 16 bytes
+    const std::shared_ptr<Work> work = mpi_world()->recv_async(two, 0, 9);
+    EXPECT_CONTAINS(error_of([&] { work->wait(); }), "the message held 12 bytes, but int64 [2] needs 16");
+  }
+  expect_still_usable(*mpi_world());
+}
+
+// A receive that nothing matches times out like the blocking one: nothing arrived, so the communicator stays
+// usable (on MPI the receive is cancelled), and a message sent later goes to a later receive.
+TEST(SendRecvAsyncErrors, AReceiveThatTimesOutLeavesTheCommunicatorUsable) {
+  const int rank = mpi_world()->rank();
+  const std::chrono::milliseconds before = mpi_world()->timeout();
+  if (rank == 1) {
+    mpi_world()->set_timeout(std::chrono::milliseconds(300));
+    at::Tensor t = at::zeros({2});
+    const std::shared_ptr<Work> work = mpi_world()->recv_async(t, 0, 77);
+    const std::string message = error_of([&] { work->wait(); });
+    EXPECT_CONTAINS(message, "recv of float32 [2] from rank 0 (tag 77)");
+    EXPECT_CONTAINS(message, "timed out");
+    EXPECT_CONTAINS(message, "stays usable");
+    mpi_world()->set_timeout(before);
+  }
+  expect_still_usable(*mpi_world());  // rank 0 waits here for rank 1's timeout
+  if (rank == 0) mpi_world()->send(at::full({2}, 5.0), 1, 77);
+  if (rank == 1) {
+    at::Tensor t = at::zeros({2});
+    mpi_world()->recv_async(t, 0, 77)->wait();
+    EXPECT_TRUE(at::equal(t, at::full({2}, 5.0)));
   }
   expect_still_usable(*mpi_world());
 }
