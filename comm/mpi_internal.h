@@ -341,6 +341,7 @@ class MpiWork final : public Work {
   bool average_ = false;
   bool receiving() const { return expected_bytes_ >= 0; }
   bool cancel_receive();         // after a timeout; true when the receive is over (cancelled or completed)
+  void end_without_result();     // a receive that failed: done, nothing written back, buffers released
   int64_t expected_bytes_ = -1;  // a receive's length: see expect_message
   std::string expected_text_;
   std::string failure_;  // why a finished receive failed (its every wait throws it)

@@ -125,10 +125,7 @@ bool MpiWork::test() {
     return true;
   }
   // The receive is over (the message taken, or cut), so only this call fails and the stream goes on.
-  done_ = true;
-  result_ = at::Tensor();
-  target_ = at::Tensor();
-  buffers_.clear();
+  end_without_result();
   if (code != MPI_SUCCESS && error_class != MPI_ERR_TRUNCATE) {
     try {
       throw_mpi_failure(code, "MPI_Test(&request_, &flag, &status)", __FILE__, __LINE__);
@@ -166,10 +163,7 @@ bool MpiWork::cancel_receive() {
       return true;
     }
   }
-  done_ = true;
-  result_ = at::Tensor();
-  target_ = at::Tensor();
-  buffers_.clear();
+  end_without_result();
   failure_ = cancelled ? detail::describe_timeout(group_->rank, call_.text(), bytes_, timeout_, group_->size,
                                                   "No message arrived, so the communicator stays usable")
                        : fmt::format(
@@ -177,6 +171,13 @@ bool MpiWork::cancel_receive() {
                              "does not match {}",
                              group_->rank, call_.text(), expected_text_);
   return true;
+}
+
+void MpiWork::end_without_result() {
+  done_ = true;
+  result_ = at::Tensor();
+  target_ = at::Tensor();
+  buffers_.clear();
 }
 
 void MpiWork::finish() {

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <arpa/inet.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -111,6 +114,21 @@ inline std::vector<int> run_ranks(int ranks, const std::filesystem::path& dir, s
 }
 
 // A hello as tcp_mesh.cpp frames it, for the mesh of key `key`, from `rank`, with `token`.
+// Connects to 127.0.0.1:port and writes `bytes` (a hello, say); returns the socket, or -1.
+inline int connect_and_send(uint16_t port, const std::string& bytes) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  ::inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      ::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
 inline std::string hello(const std::string& key, uint32_t rank, const std::string& token) {
   uint64_t id = 1469598103934665603ull;  // the mesh id: FNV-1a of the key, as make_tcp_communicator takes it
   for (unsigned char c : key) id = (id ^ c) * 1099511628211ull;

@@ -155,18 +155,6 @@ TEST(TcpMesh, ALowerRankLateByMoreThanOneConnectionLimitStillForms) {
   EXPECT_EQ(one_more_message(pair), "ok");
 }
 
-// Connects to 127.0.0.1:port and writes `bytes`; returns the socket, or -1.
-int connect_and_send(uint16_t port, const std::string& bytes) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(port);
-  ::inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return -1;
-  if (::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) return -1;
-  return fd;
-}
-
 // Rank 1 played by hand: a first connection sends its hello and is closed (an attempt given up), a second
 // sends the same hello and waits. Rank 0 enters Mesh only then, with both hellos waiting: it must take the
 // live connection as rank 1's, not the closed one, so that its first message reaches the live one.
@@ -178,10 +166,10 @@ TEST(TcpMesh, AHelloOnAClosedConnectionIsNotTakenForTheLiveOne) {
   const uint16_t port = seed0.port;
   const Listener at0{this_host_name(), "127.0.0.1", port};
   const std::string hello = vimo::testing::tcp::hello(key, 1, "t");
-  const int given_up = connect_and_send(port, hello);
+  const int given_up = vimo::testing::tcp::connect_and_send(port, hello);
   ASSERT_GE(given_up, 0);
   ::close(given_up);
-  const int live = connect_and_send(port, hello);
+  const int live = vimo::testing::tcp::connect_and_send(port, hello);
   ASSERT_GE(live, 0);
   const auto rank0 =
       std::make_unique<Mesh>(std::move(seed0), 2, std::vector<Listener>{at0}, id, "t", Clock::now() + 3s);

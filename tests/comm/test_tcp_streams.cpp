@@ -41,15 +41,8 @@ using namespace vimo::testing::tcp;  // NOLINT(google-build-using-namespace): th
 // A fake rank 1 of the 2-rank mesh `key`: connects to rank 0 with a valid hello and returns the socket once
 // rank 0 has acknowledged it (-1 if not), so a test can write frames byte by byte.
 int join_as_rank_one(vimo::comm::StoreClient& store, const std::string& key) {
-  const uint16_t port = listening_port(store, key);
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(port);
-  ::inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) return -1;
-  const std::string bytes = hello(key, 1, kToken);
-  if (::write(fd, bytes.data(), bytes.size()) != static_cast<ssize_t>(bytes.size())) return -1;
+  const int fd = connect_and_send(listening_port(store, key), hello(key, 1, kToken));
+  if (fd < 0) return -1;
   char ack = 0;
   if (::read(fd, &ack, 1) != 1 || ack != 1) return -1;
   return fd;
