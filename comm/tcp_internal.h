@@ -116,6 +116,7 @@ struct Peer {
   int into_recv = -1;       // the receive it fills, or -1 for the mailbox
   std::vector<uint8_t> spill;
   std::map<int64_t, std::deque<std::vector<uint8_t>>> mailbox;
+  uint64_t mailbox_bytes = 0;  // held in `mailbox`, bounded by unawaited_limit() (tcp_mesh.cpp)
   bool reading = false;
   bool writing = false;
 };

@@ -7,8 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <climits>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <utility>
@@ -32,10 +35,36 @@ namespace vimo::comm::tcp_detail {
 // caller's buffer, or a send cut in the middle, leaves the stream unusable.
 constexpr uint32_t kFrameMagic = 0x50435456;            // "VTCP"
 constexpr uint64_t kMaxFrameBytes = uint64_t{1} << 40;  // a bound on what a header may claim
-// A bound on a frame that no receive awaits yet, which this rank must hold in memory until one does (a
-// collective's chunk sent ahead, a point-to-point message sent early): far above any chunk vimo sends.
-constexpr uint64_t kMaxUnawaitedBytes = uint64_t{16} << 30;
 namespace {
+
+// Note [A bound on unawaited frames]
+// A frame that no receive awaits yet (a collective's chunk sent ahead, a point-to-point message sent early)
+// must be held in memory until a receive takes it: the stream cannot be read past it otherwise. What one
+// peer's frames may hold that way, in all, is bounded, by default at 16 GiB (far above any chunk vimo sends,
+// below the memory of the hosts it runs on): a peer that sends much more than the receiver takes fails the
+// receiver's call, naming the peer and the sizes, instead of growing this process until the kernel kills it.
+// Like MPI's unexpected-message queue, but with a bound that says so. The sender is not slowed down instead:
+// the frames a call awaits may come behind the unawaited ones, so a receiver that stopped reading could wait
+// for them forever. VIMO_TCP_MAX_UNAWAITED_BYTES sets the bound (bytes, at least 1), for tests and for hosts
+// with less memory.
+uint64_t unawaited_limit() {
+  static const uint64_t limit = [] {
+    constexpr uint64_t kDefault = uint64_t{16} << 30;
+    const char* text = std::getenv("VIMO_TCP_MAX_UNAWAITED_BYTES");
+    if (text == nullptr || *text == '\0') return kDefault;
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long value = std::strtoull(text, &end, 10);
+    if (errno != 0 || *end != '\0' || value == 0 || text[0] == '-') {
+      std::fprintf(stderr,
+                   "vimo: VIMO_TCP_MAX_UNAWAITED_BYTES='%s' is not a positive number of bytes; using %llu\n",
+                   text, static_cast<unsigned long long>(kDefault));
+      return kDefault;
+    }
+    return static_cast<uint64_t>(value);
+  }();
+  return limit;
+}
 
 std::array<uint8_t, kFrameHeaderBytes> frame_header(int64_t tag, uint64_t bytes) {
   std::array<uint8_t, kFrameHeaderBytes> header{};
@@ -77,6 +106,7 @@ bool Mesh::take_from_mailbox(Peer& peer, PendingRecv& pending) {
   } else if (!message.empty()) {
     std::memcpy(pending.recv.data, message.data(), message.size());
   }
+  peer.mailbox_bytes -= message.size();
   it->second.pop_front();
   if (it->second.empty()) peer.mailbox.erase(it);
   pending.done = true;
@@ -133,11 +163,13 @@ void Mesh::begin_payload(Peer& peer) {
                       "(every rank must make the same collective calls in the same order)",
                       name(sender), tag_text(peer.tag)));
     }
-    if (peer.bytes > kMaxUnawaitedBytes) {
-      return fail(
-          fmt::format("{} sent a frame of {} bytes ({}) that no receive awaits, over the {} bytes such a "
-                      "frame may hold",
-                      name(sender), peer.bytes, tag_text(peer.tag), kMaxUnawaitedBytes));
+    if (peer.bytes > unawaited_limit() - std::min(peer.mailbox_bytes, unawaited_limit())) {
+      return fail(fmt::format(
+          "{} sent a frame of {} bytes ({}) that no receive awaits, while {} bytes of its earlier frames "
+          "wait for receives: over the {} bytes this rank holds for a peer (Note [A bound on unawaited "
+          "frames]). HINT: receive point-to-point messages before their sender gets that far ahead, or raise "
+          "VIMO_TCP_MAX_UNAWAITED_BYTES",
+          name(sender), peer.bytes, tag_text(peer.tag), peer.mailbox_bytes, unawaited_limit()));
     }
     try {
       peer.spill.resize(peer.bytes);
@@ -189,7 +221,10 @@ void Mesh::finish_payload(Peer& peer) {
         }
       }
     }
-    if (!taken) peer.mailbox[peer.tag].push_back(std::move(peer.spill));
+    if (!taken) {
+      peer.mailbox_bytes += peer.spill.size();
+      peer.mailbox[peer.tag].push_back(std::move(peer.spill));
+    }
     peer.spill = {};
   }
   peer.in_payload = false;

@@ -236,4 +236,62 @@ TEST(TcpCommunicator, ALowerRankThatNeverAnswersIsNamedWithWhy) {
   EXPECT_LT(took, 20) << "forming was to give up after its 2 s timeout";
 }
 
+// Rank 0 sends three 4000-byte messages (tags 1..3) that rank 1 has not asked for yet, then the one (tag 9)
+// it waits for: rank 1 must hold the three in memory to read past them (Note [A bound on unawaited frames]).
+// With a bound of 12000 bytes they fit, every message arrives intact, and the bytes taken by receives are
+// counted off (a second round of the same fits again). With 10000 the third fails rank 1's receive, naming
+// rank 0 and the sizes.
+TEST(TcpCommunicator, MessagesSentAheadAreHeldUpToABoundPerPeer) {
+  const Store store;
+  for (const char* limit : {"12000", "10000"}) {
+    SCOPED_TRACE(std::string("VIMO_TCP_MAX_UNAWAITED_BYTES=") + limit);
+    const auto dir = vimo::testing::fresh_test_dir("tcp", std::string("ahead_") + limit);
+    ::setenv("VIMO_TCP_MAX_UNAWAITED_BYTES", limit, 1);  // read by each forked rank
+    const std::string key = std::string("tcp/ahead/") + limit;
+    const std::vector<int> statuses = run_ranks(2, dir, 60s, [&](int rank) -> std::string {
+      auto client = store.connect(rank);
+      auto comm = vimo::comm::make_tcp_communicator(*client, key, rank, 2, kToken, 30s);
+      const auto message = [](int round, int tag) { return at::full({1000}, 100.0 * round + tag); };
+      std::string result;
+      for (int round = 0; round < 2; ++round) {
+        if (rank == 0) {
+          for (int tag = 1; tag <= 3; ++tag) comm->send(message(round, tag), 1, tag);
+          comm->send(at::full({2}, 9.0), 1, 9);
+          client->get(fmt::format("{}/round{}", key, round), 30s);  // rank 1 is done with the round
+          continue;
+        }
+        at::Tensor nine = at::zeros({2});
+        try {
+          comm->recv(nine, 0, 9);  // reads past tags 1..3
+        } catch (const std::runtime_error&) {
+          for (int r = 0; r < 2; ++r) client->set(fmt::format("{}/round{}", key, r), {});  // rank 0 goes on
+          throw;
+        }
+        bool intact = at::equal(nine, at::full({2}, 9.0));
+        for (int tag : {3, 1, 2}) {
+          at::Tensor got = at::zeros({1000});
+          comm->recv(got, 0, tag);
+          intact = intact && at::equal(got, message(round, tag));
+        }
+        result += fmt::format("round {} intact: {}\n", round, intact);
+        client->set(fmt::format("{}/round{}", key, round), {});
+      }
+      return result;
+    });
+    ::unsetenv("VIMO_TCP_MAX_UNAWAITED_BYTES");
+    const std::string receiver = read_file(dir / "rank1.txt");
+    if (std::string(limit) == "12000") {
+      EXPECT_EQ(statuses, (std::vector<int>{0, 0})) << receiver << read_file(dir / "rank0.txt");
+      EXPECT_EQ(receiver, "round 0 intact: true\nround 1 intact: true\n");
+    } else {
+      EXPECT_EQ(statuses[1], 1) << receiver;
+      EXPECT_NE(receiver.find("rank 0 ("), std::string::npos) << receiver;
+      EXPECT_NE(receiver.find("sent a frame of 4000 bytes (tag 3) that no receive awaits, while 8000 bytes "
+                              "of its earlier frames wait for receives: over the 10000 bytes"),
+                std::string::npos)
+          << receiver;
+    }
+  }
+}
+
 }  // namespace
