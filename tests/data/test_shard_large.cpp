@@ -1,7 +1,8 @@
-// Tests that records past 4 GiB into a shard read back (FORMAT.md: uint64 offsets). The file is sparse: its
-// first record is a field of 4 GiB + 1 MiB of zeros left as a hole, so the test needs no disk space and no
-// 4 GiB write; the records after it are real. It is built by hand from data/FORMAT.md, so it also checks the
-// reader against the spec rather than against our writer.
+// Tests that records past 4 GiB into a shard read back (FORMAT.md: uint64 offsets). The reader's file is
+// sparse: its first record is a field of 4 GiB + 1 MiB of zeros left as a hole, so those tests need no disk
+// space and no 4 GiB write; the records after it are real. It is built by hand from data/FORMAT.md, so it
+// also checks the reader against the spec rather than against our writer. The writer's own test cannot leave
+// a hole: it writes a 4.25 GiB shard through DatasetWriter (about 15 s and 4.25 GiB of disk, removed after).
 #include <gtest/gtest.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -13,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "data/dataset_writer.h"
+#include "data/manifest.h"
 #include "data/shard.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
@@ -181,6 +184,63 @@ TEST(ShardOver4GiB, ACorruptRecordPastFourGiBIsNamedWithItsFullOffset) {
         << e.what();
   }
   fs::remove_all(dir);
+}
+
+// 17 records of 256 MiB through DatasetWriter into one shard of 4.25 GiB: the manifest lists its true size
+// and hash, verify_dataset accepts it, and the records that start past 4 GiB read back byte for byte. Each
+// record is one random block with its index written into its first bytes, so a record read from a wrong
+// (truncated) offset cannot pass for the right one.
+TEST(ShardOver4GiB, OurWriterWritesPastFourGiB) {
+  std::mt19937_64 rng(vimo::testing::seed_torch());
+  const fs::path dir = vimo::testing::fresh_test_dir("shard_large", "writer");
+  struct RemovedAtTheEnd {  // also when an assertion returns early: 4.25 GiB must not stay behind
+    fs::path dir;
+    ~RemovedAtTheEnd() { fs::remove_all(dir); }
+  } removed{dir};
+  constexpr uint64_t kRecordBytes = uint64_t{256} << 20;
+  constexpr uint64_t kRecords = 17;
+  std::vector<uint8_t> block(kRecordBytes);
+  for (size_t i = 0; i < block.size(); i += 8) {
+    const uint64_t word = rng();
+    std::memcpy(block.data() + i, &word, 8);
+  }
+  const auto record_of = [&](uint64_t index) {
+    std::vector<uint8_t> bytes = block;
+    std::memcpy(bytes.data(), &index, sizeof(index));
+    Record record;
+    record.fields.push_back(
+        Field::from_bytes("payload", DType::UInt8, {static_cast<int64_t>(kRecordBytes)}, std::move(bytes)));
+    return record;
+  };
+  {
+    DatasetWriterOptions options;
+    options.max_shard_bytes = uint64_t{8} << 30;  // one shard
+    DatasetWriter writer(dir.string(), "large", options);
+    for (uint64_t i = 0; i < kRecords; ++i) writer.append("train", record_of(i));
+    writer.finish();
+  }
+  const DatasetManifest manifest = read_manifest(dir.string());
+  const SplitManifest& train = manifest.split("train");
+  ASSERT_EQ(train.shards.size(), 1u);
+  const std::string path = manifest.shard_path("train", 0);
+  EXPECT_EQ(train.shards[0].records, kRecords);
+  EXPECT_EQ(train.shards[0].bytes, fs::file_size(path));
+  EXPECT_GT(train.shards[0].bytes, kRecords * kRecordBytes);
+  EXPECT_NO_THROW(verify_dataset(manifest, /*hashes=*/true));
+
+  const ShardReader reader(path);
+  ASSERT_EQ(reader.size(), kRecords);
+  int past = 0;
+  for (uint64_t i = 0; i < kRecords; ++i) {
+    if (reader.record_offset(i) <= (uint64_t{1} << 32)) continue;
+    ++past;
+    const Record read = reader.read_record(i);
+    const Record want = record_of(i);
+    ASSERT_EQ(read.fields.size(), 1u) << "record " << i;
+    EXPECT_EQ(read.fields[0].name, "payload");
+    EXPECT_TRUE(read.fields[0].bytes == want.fields[0].bytes) << "record " << i << " differs";
+  }
+  EXPECT_EQ(past, 1) << "the last record, at 16 × 256 MiB plus headers, starts past 4 GiB";
 }
 
 }  // namespace
