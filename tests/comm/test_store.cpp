@@ -215,6 +215,11 @@ class LogCapture {
 class RawListener {
  public:
   explicit RawListener(bool listening = true) : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
+    // Inherited by the connections it accepts: one it closes before the peer does stays in TIME_WAIT for a
+    // minute, and Linux lets a later server (which sets SO_REUSEADDR) bind the port over it only when both
+    // sockets set the option.
+    const int reuse = 1;
+    setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
     sockaddr_in address{};
     address.sin_family = AF_INET;
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
