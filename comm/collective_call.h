@@ -56,6 +56,23 @@ class CallName {
 void judge_signatures(int rank, const CallName& call, const Signature& mine, std::span<const int64_t> all,
                       const std::string& problem);
 
+// Reports a wait to the CollectiveObserver while it lasts, so that the watchdog names a rank stuck in one:
+// `name` is the call's string literal ("allreduce", "send", ...), `bytes` its payload.
+class ObservedWait {
+ public:
+  ObservedWait(const char* name, int64_t bytes) : observer_(collective_observer()) {
+    if (observer_) observer_->enter_collective(name, bytes);
+  }
+  ~ObservedWait() {
+    if (observer_) observer_->leave_collective();
+  }
+  ObservedWait(const ObservedWait&) = delete;
+  ObservedWait& operator=(const ObservedWait&) = delete;
+
+ private:
+  CollectiveObserver* observer_;
+};
+
 // "float32 [3, 4]".
 std::string tensor_text(const at::Tensor& tensor);
 // The bytes `tensor` holds; 0 when undefined.

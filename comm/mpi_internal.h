@@ -106,6 +106,7 @@ using detail::describe;
 using detail::is_half;
 using detail::judge_signatures;
 using detail::kSignatureLength;
+using detail::ObservedWait;
 using detail::Signature;
 using detail::tensor_text;
 using SignatureField = detail::SignatureField;
@@ -243,22 +244,6 @@ struct MpiGroup {
   }
 };
 
-// Reports a wait to the CollectiveObserver while it lasts, so that the watchdog names a rank stuck in one.
-class ObservedWait {
- public:
-  ObservedWait(const CallName& call, int64_t bytes) : observer_(collective_observer()) {
-    if (observer_) observer_->enter_collective(call.literal(), bytes);
-  }
-  ~ObservedWait() {
-    if (observer_) observer_->leave_collective();
-  }
-  ObservedWait(const ObservedWait&) = delete;
-  ObservedWait& operator=(const ObservedWait&) = delete;
-
- private:
-  CollectiveObserver* observer_;
-};
-
 // After a reduction into `result`, the float32 or contiguous stand-in of the caller's `target` (or `target`
 // itself): divides an average by the rank count, then copies into `target` (mpi_work.cpp).
 void write_back(at::Tensor& result, at::Tensor& target, bool average, int ranks);
@@ -288,7 +273,7 @@ enum class Call {
 template <typename MpiCall>
 void run_blocking(const MpiGroup& group, const CallName& call, int64_t bytes, MpiCall&& mpi_call) {
   group.throw_if_broken(call);
-  const ObservedWait observed(call, bytes);
+  const ObservedWait observed(call.literal(), bytes);
   VIMO_MPI_CHECK(mpi_call());
 }
 

@@ -77,7 +77,7 @@ void MpiWork::wait() {
   if (!failure_.empty()) throw std::runtime_error(failure_);
   if (done_) return;
   group_->throw_if_broken(call_);
-  const ObservedWait observed(call_, bytes_);
+  const ObservedWait observed(call_.literal(), bytes_);
   if (!poll_until_done([&] { return test(); }, timeout_, group_->spin_for, bytes_)) {
     if (receiving() && cancel_receive()) {
       if (!failure_.empty()) throw std::runtime_error(failure_);

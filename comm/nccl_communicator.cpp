@@ -10,12 +10,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 #include <nccl.h>
 
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -23,26 +23,35 @@
 #include <string_view>
 #include <vector>
 
+#include "comm/collective_call.h"
 #include "comm/nccl_internal.h"
 
 namespace vimo::comm {
 namespace {
 
 using namespace nccl_detail;  // NOLINT(google-build-using-namespace): the backend's own internals
+using detail::bytes_of;
+using detail::tensor_text;
 
-// NCCL calls on the communicator: a failure also marks it broken, so the destructor aborts instead of
-// destroying.
-#define VIMO_NCCL_COMM_CHECK(call) check((call), #call, __FILE__, __LINE__)
+// The shared checks of comm/collective_call.h run after this backend's own input check (check_input), which
+// they need not repeat.
+std::string already_checked(const char* /*collective*/, const at::Tensor& /*tensor*/) { return {}; }
+
+// Enqueues an NCCL call on the communicator for our call `name` ("allreduce", ...) of `bytes`: a failure also
+// marks the communicator broken, so the destructor aborts instead of destroying; an enqueue still in
+// progress is waited for, seen by the CollectiveObserver (Note [Non-blocking NCCL communicators]).
+#define VIMO_NCCL_ENQUEUE(name, bytes, call) check((call), #call, __FILE__, __LINE__, (name), (bytes))
 
 class NcclCommunicator;
 
 // An asynchronous collective on the communicator's stream: done when its completion event has passed.
 class NcclWork final : public Work {
  public:
-  NcclWork(std::shared_ptr<NcclCommunicator> owner, std::string what, int64_t bytes,
+  NcclWork(std::shared_ptr<NcclCommunicator> owner, const char* name, std::string what, int64_t bytes,
            std::chrono::milliseconds timeout, std::unique_ptr<CudaEvent> done,
            std::vector<at::Tensor> buffers, std::function<void()> finish)
       : owner_(std::move(owner)),
+        name_(name),
         what_(std::move(what)),
         bytes_(bytes),
         timeout_(timeout),
@@ -58,6 +67,7 @@ class NcclWork final : public Work {
   void complete();
 
   std::shared_ptr<NcclCommunicator> owner_;
+  const char* name_;  // "allreduce", ...: what the CollectiveObserver is told while wait() blocks
   std::string what_;
   int64_t bytes_ = 0;
   std::chrono::milliseconds timeout_;
@@ -104,21 +114,22 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
 
   void allreduce(at::Tensor& tensor, ReduceOp op) override {
     const ncclDataType_t type = check_input("allreduce", tensor);
-    check_average("allreduce", tensor, op);
+    fail_if(detail::check_average("allreduce", tensor, op));
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
-    VIMO_NCCL_COMM_CHECK(ncclAllReduce(buffer.data_ptr(), buffer.data_ptr(),
-                                       static_cast<size_t>(buffer.numel()), type, nccl_op(op), comm_,
-                                       stream()));
+    VIMO_NCCL_ENQUEUE("allreduce", bytes_of(buffer),
+                      ncclAllReduce(buffer.data_ptr(), buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
+                                    type, nccl_op(op), comm_, stream()));
     if (!buffer.is_same(tensor)) tensor.copy_(buffer);
   }
 
   at::Tensor allgather(const at::Tensor& tensor) override {
     check_input("allgather", tensor);
+    fail_if(detail::check_gather_input(already_checked, tensor));
     c10::cuda::CUDAGuard guard(device_);
-    at::Tensor output =
-        at::empty(gathered_sizes(tensor), tensor.options().requires_grad(false));  // [size * n, ...]
+    at::Tensor output = at::empty(detail::gathered_sizes(tensor, size_),
+                                  tensor.options().requires_grad(false));  // [size * n, ...]
     allgather_into(tensor, output);
     return output;
   }
@@ -127,21 +138,23 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   // and no copy (the base's default allocates and copies).
   void allgather_into(const at::Tensor& tensor, at::Tensor& output) override {
     const ncclDataType_t type = check_input("allgather", tensor);
-    check_output("allgather", tensor, output, gathered_sizes(tensor));
+    fail_if(detail::check_gather_into(already_checked, tensor, output, size_));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor input = tensor.contiguous();  // [n, ...]
-    VIMO_NCCL_COMM_CHECK(ncclAllGather(input.data_ptr(), output.data_ptr(),
-                                       static_cast<size_t>(input.numel()), type, comm_, stream()));
+    VIMO_NCCL_ENQUEUE("allgather", bytes_of(input),
+                      ncclAllGather(input.data_ptr(), output.data_ptr(), static_cast<size_t>(input.numel()),
+                                    type, comm_, stream()));
   }
 
   void reduce_scatter_into(const at::Tensor& input, at::Tensor& output, ReduceOp op) override {
-    const ncclDataType_t type = check_scatter_input(input, op);
-    check_output("reduce_scatter", input, output, scattered_sizes(input));
+    const ncclDataType_t type = check_input("reduce_scatter", input);
+    fail_if(detail::check_scatter_into(already_checked, input, output, op, size_));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor send = input.contiguous();  // [size * n, ...]
-    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
-                                           static_cast<size_t>(output.numel()), type, nccl_op(op), comm_,
-                                           stream()));
+    VIMO_NCCL_ENQUEUE(
+        "reduce_scatter", bytes_of(send),
+        ncclReduceScatter(send.data_ptr(), output.data_ptr(), static_cast<size_t>(output.numel()), type,
+                          nccl_op(op), comm_, stream()));
   }
 
   void broadcast(at::Tensor& tensor, int root) override {
@@ -150,87 +163,91 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
-    VIMO_NCCL_COMM_CHECK(ncclBroadcast(buffer.data_ptr(), buffer.data_ptr(),
-                                       static_cast<size_t>(buffer.numel()), type, root, comm_, stream()));
+    VIMO_NCCL_ENQUEUE("broadcast", bytes_of(buffer),
+                      ncclBroadcast(buffer.data_ptr(), buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
+                                    type, root, comm_, stream()));
     if (!buffer.is_same(tensor)) tensor.copy_(buffer);
   }
 
   // NCCL has no barrier: a one-element all-reduce involves every rank, and waiting for it on the host makes
-  // the barrier hold for the calling thread, not just for the stream.
-  void barrier() override {
-    c10::cuda::CUDAGuard guard(device_);
-    at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
-    allreduce_async(token, ReduceOp::Sum)->wait();
-  }
+  // the barrier hold for the calling thread, not just for the stream (barrier_async).
+  void barrier() override { barrier_async()->wait(); }
 
   at::Tensor reduce_scatter(const at::Tensor& input, ReduceOp op) override {
-    check_scatter_input(input, op);
+    check_input("reduce_scatter", input);
+    fail_if(detail::check_scatter_input(already_checked, input, op, size_));
     c10::cuda::CUDAGuard guard(device_);
-    at::Tensor output = at::empty(scattered_sizes(input), input.options().requires_grad(false));  // [n, ...]
+    at::Tensor output =
+        at::empty(detail::scattered_sizes(input, size_), input.options().requires_grad(false));  // [n, ...]
     reduce_scatter_into(input, output, op);
     return output;
   }
 
   // NCCL has no tags: messages between two ranks arrive in the order sent, whatever the tag.
-  void send(const at::Tensor& tensor, int dst, int /*tag*/) override {
+  void send(const at::Tensor& tensor, int dst, int tag) override {
     const ncclDataType_t type = check_input("send", tensor);
-    check_peer("send to", dst);
+    check_peer("send to", dst, tag);
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor buffer = tensor.contiguous();
-    VIMO_NCCL_COMM_CHECK(
+    VIMO_NCCL_ENQUEUE(
+        "send", bytes_of(buffer),
         ncclSend(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type, dst, comm_, stream()));
   }
 
-  void recv(at::Tensor& tensor, int src, int /*tag*/) override {
+  void recv(at::Tensor& tensor, int src, int tag) override {
     const ncclDataType_t type = check_input("recv", tensor);
-    check_peer("recv from", src);
+    check_peer("recv from", src, tag);
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
-    VIMO_NCCL_COMM_CHECK(
+    VIMO_NCCL_ENQUEUE(
+        "recv", bytes_of(buffer),
         ncclRecv(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type, src, comm_, stream()));
     if (!buffer.is_same(tensor)) tensor.copy_(buffer);
   }
 
   std::shared_ptr<Work> allreduce_async(at::Tensor& tensor, ReduceOp op) override {
     const ncclDataType_t type = check_input("allreduce", tensor);
-    check_average("allreduce", tensor, op);
+    fail_if(detail::check_average("allreduce", tensor, op));
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.contiguous();
     std::function<void()> finish;
     if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
-    return launch(fmt::format("allreduce ({}) of {}", op_name(op), tensor_text(tensor)), bytes_of(tensor),
-                  {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
-                    VIMO_NCCL_COMM_CHECK(ncclAllReduce(buffer.data_ptr(), buffer.data_ptr(),
-                                                       static_cast<size_t>(buffer.numel()), type, nccl_op(op),
-                                                       comm_, side));
+    return launch("allreduce", fmt::format("allreduce ({}) of {}", op_name(op), tensor_text(tensor)),
+                  bytes_of(tensor), {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
+                    VIMO_NCCL_ENQUEUE(
+                        "allreduce", bytes_of(buffer),
+                        ncclAllReduce(buffer.data_ptr(), buffer.data_ptr(),
+                                      static_cast<size_t>(buffer.numel()), type, nccl_op(op), comm_, side));
                   });
   }
 
   std::shared_ptr<Work> allgather_async(const at::Tensor& input, at::Tensor& output) override {
     const ncclDataType_t type = check_input("allgather", input);
-    check_output("allgather", input, output, gathered_sizes(input));
+    fail_if(detail::check_gather_into(already_checked, input, output, size_));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor send = input.contiguous();  // [n, ...]
-    return launch(fmt::format("allgather of {}", tensor_text(input)), bytes_of(input), {send, output},
-                  nullptr, [&](cudaStream_t side) {
-                    VIMO_NCCL_COMM_CHECK(ncclAllGather(send.data_ptr(), output.data_ptr(),
-                                                       static_cast<size_t>(send.numel()), type, comm_, side));
+    return launch("allgather", fmt::format("allgather of {}", tensor_text(input)), bytes_of(input),
+                  {send, output}, nullptr, [&](cudaStream_t side) {
+                    VIMO_NCCL_ENQUEUE("allgather", bytes_of(send),
+                                      ncclAllGather(send.data_ptr(), output.data_ptr(),
+                                                    static_cast<size_t>(send.numel()), type, comm_, side));
                   });
   }
 
   std::shared_ptr<Work> reduce_scatter_async(const at::Tensor& input, at::Tensor& output,
                                              ReduceOp op) override {
-    const ncclDataType_t type = check_scatter_input(input, op);
-    check_output("reduce_scatter", input, output, scattered_sizes(input));
+    const ncclDataType_t type = check_input("reduce_scatter", input);
+    fail_if(detail::check_scatter_into(already_checked, input, output, op, size_));
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor send = input.contiguous();  // [size * n, ...]
-    return launch(fmt::format("reduce_scatter ({}) of {}", op_name(op), tensor_text(input)), bytes_of(input),
-                  {send, output}, nullptr, [&](cudaStream_t side) {
-                    VIMO_NCCL_COMM_CHECK(ncclReduceScatter(send.data_ptr(), output.data_ptr(),
-                                                           static_cast<size_t>(output.numel()), type,
-                                                           nccl_op(op), comm_, side));
+    return launch("reduce_scatter", fmt::format("reduce_scatter ({}) of {}", op_name(op), tensor_text(input)),
+                  bytes_of(input), {send, output}, nullptr, [&](cudaStream_t side) {
+                    VIMO_NCCL_ENQUEUE("reduce_scatter", bytes_of(send),
+                                      ncclReduceScatter(send.data_ptr(), output.data_ptr(),
+                                                        static_cast<size_t>(output.numel()), type,
+                                                        nccl_op(op), comm_, side));
                   });
   }
 
@@ -242,12 +259,13 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     at::Tensor buffer = tensor.contiguous();
     std::function<void()> finish;
     if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
-    return launch(
-        fmt::format("broadcast of {} from rank {}", tensor_text(tensor), root), bytes_of(tensor),
-        {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
-          VIMO_NCCL_COMM_CHECK(ncclBroadcast(buffer.data_ptr(), buffer.data_ptr(),
-                                             static_cast<size_t>(buffer.numel()), type, root, comm_, side));
-        });
+    return launch("broadcast", fmt::format("broadcast of {} from rank {}", tensor_text(tensor), root),
+                  bytes_of(tensor), {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
+                    VIMO_NCCL_ENQUEUE(
+                        "broadcast", bytes_of(buffer),
+                        ncclBroadcast(buffer.data_ptr(), buffer.data_ptr(),
+                                      static_cast<size_t>(buffer.numel()), type, root, comm_, side));
+                  });
   }
 
   // A one-element all-reduce, as barrier(); finished when every rank has started it.
@@ -255,8 +273,9 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     throw_if_broken("barrier");
     c10::cuda::CUDAGuard guard(device_);
     at::Tensor token = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));
-    return launch("barrier", 0, {token}, nullptr, [&](cudaStream_t side) {
-      VIMO_NCCL_COMM_CHECK(
+    return launch("barrier", "barrier", 0, {token}, nullptr, [&](cudaStream_t side) {
+      VIMO_NCCL_ENQUEUE(
+          "barrier", 0,
           ncclAllReduce(token.data_ptr(), token.data_ptr(), 1, ncclFloat, ncclSum, comm_, side));
     });
   }
@@ -265,28 +284,30 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   // asynchronous point-to-point calls] in comm/communicator.h).
   std::shared_ptr<Work> send_async(const at::Tensor& tensor, int dst, int tag) override {
     const ncclDataType_t type = check_input("send", tensor);
-    check_peer("send to", dst);
+    check_peer("send to", dst, tag);
     c10::cuda::CUDAGuard guard(device_);
     const at::Tensor buffer = tensor.contiguous();
-    return launch(fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag),
+    return launch("send", fmt::format("send of {} to rank {} (tag {})", tensor_text(tensor), dst, tag),
                   bytes_of(tensor), {buffer}, nullptr, [&](cudaStream_t side) {
-                    VIMO_NCCL_COMM_CHECK(ncclSend(buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
-                                                  type, dst, comm_, side));
+                    VIMO_NCCL_ENQUEUE("send", bytes_of(buffer),
+                                      ncclSend(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type,
+                                               dst, comm_, side));
                   });
   }
 
   std::shared_ptr<Work> recv_async(at::Tensor& tensor, int src, int tag) override {
     const ncclDataType_t type = check_input("recv", tensor);
-    check_peer("recv from", src);
+    check_peer("recv from", src, tag);
     c10::cuda::CUDAGuard guard(device_);
     at::NoGradGuard no_grad;
     at::Tensor buffer = tensor.is_contiguous() ? tensor : at::empty(tensor.sizes(), tensor.options());
     std::function<void()> finish;
     if (!buffer.is_same(tensor)) finish = [buffer, target = tensor]() mutable { target.copy_(buffer); };
-    return launch(fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag),
+    return launch("recv", fmt::format("recv of {} from rank {} (tag {})", tensor_text(tensor), src, tag),
                   bytes_of(tensor), {buffer, tensor}, std::move(finish), [&](cudaStream_t side) {
-                    VIMO_NCCL_COMM_CHECK(ncclRecv(buffer.data_ptr(), static_cast<size_t>(buffer.numel()),
-                                                  type, src, comm_, side));
+                    VIMO_NCCL_ENQUEUE("recv", bytes_of(buffer),
+                                      ncclRecv(buffer.data_ptr(), static_cast<size_t>(buffer.numel()), type,
+                                               src, comm_, side));
                   });
   }
 
@@ -345,8 +366,8 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   void throw_if_broken(const std::string& what) const {
     if (broken_.empty()) return;
     throw std::runtime_error(fmt::format(
-        "[rank {}] {} refused: this communicator was aborted after an earlier failure ({}). HINT: exit and "
-        "resume from the last checkpoint",
+        "[rank {}] {} refused: this communicator is unusable, aborted after an earlier failure ({}). HINT: "
+        "exit and resume from the last checkpoint",
         rank_, what, broken_));
   }
 
@@ -358,8 +379,9 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   // Orders the communicator's stream after the caller's, enqueues `enqueue` on it, and returns the Work that
   // waits for it (see the class comment).
   template <typename Enqueue>
-  std::shared_ptr<Work> launch(std::string what, int64_t bytes, std::vector<at::Tensor> buffers,
-                               std::function<void()> finish, Enqueue&& enqueue) {
+  std::shared_ptr<Work> launch(const char* name, std::string what, int64_t bytes,
+                               std::vector<at::Tensor> buffers, std::function<void()> finish,
+                               Enqueue&& enqueue) {
     if (!side_stream_) side_stream_ = at::cuda::getStreamFromPool(/*isHighPriority=*/true, device_);
     const cudaStream_t side = side_stream_->stream();
     CudaEvent inputs_ready(rank_);
@@ -368,60 +390,13 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     enqueue(side);
     auto done = std::make_unique<CudaEvent>(rank_);
     VIMO_CUDA_CHECK(cudaEventRecord(done->get(), side), rank_);
-    return std::make_shared<NcclWork>(shared_from_this(), std::move(what), bytes, timeout(), std::move(done),
-                                      std::move(buffers), std::move(finish));
+    return std::make_shared<NcclWork>(shared_from_this(), name, std::move(what), bytes, timeout(),
+                                      std::move(done), std::move(buffers), std::move(finish));
   }
 
-  // The same rule as the MPI backend: an integer mean would need a rounding rule nobody chose.
-  void check_average(const char* collective, const at::Tensor& tensor, ReduceOp op) const {
-    if (op != ReduceOp::Avg || at::isFloatingType(tensor.scalar_type())) return;
-    throw std::runtime_error(
-        fmt::format("[rank {}] {} (avg) of {} tensors is not supported. HINT: use Sum and divide with the "
-                    "rounding you want",
-                    rank_, collective, c10::getDtypeNames(tensor.scalar_type()).first));
-  }
-
-  ncclDataType_t check_scatter_input(const at::Tensor& input, ReduceOp op) const {
-    const ncclDataType_t type = check_input("reduce_scatter", input);
-    check_average("reduce_scatter", input, op);
-    if (input.dim() == 0 || input.size(0) % size_ != 0) {
-      throw std::runtime_error(
-          fmt::format("[rank {}] reduce_scatter splits dim 0 of {} among {} ranks, but it is not divisible. "
-                      "HINT: pad dim 0 "
-                      "to a multiple of the communicator size",
-                      rank_, tensor_text(input), size_));
-    }
-    return type;
-  }
-
-  // input [n, ...] -> [size * n, ...]; a 0-dim input has no dim 0 to gather along.
-  std::vector<int64_t> gathered_sizes(const at::Tensor& input) const {
-    if (input.dim() == 0) {
-      throw std::runtime_error(fmt::format(
-          "[rank {}] allgather gathers along dim 0 but got a 0-dim tensor. HINT: unsqueeze(0) it", rank_));
-    }
-    std::vector<int64_t> sizes = input.sizes().vec();
-    sizes[0] *= size_;
-    return sizes;
-  }
-
-  // input [size * n, ...] -> [n, ...]
-  std::vector<int64_t> scattered_sizes(const at::Tensor& input) const {
-    std::vector<int64_t> sizes = input.sizes().vec();
-    sizes[0] /= size_;
-    return sizes;
-  }
-
-  void check_output(const char* collective, const at::Tensor& input, const at::Tensor& output,
-                    at::IntArrayRef expected_sizes) const {
-    if (!output.defined() || output.device() != input.device() ||
-        output.scalar_type() != input.scalar_type() || !output.sizes().equals(expected_sizes) ||
-        !output.is_contiguous()) {
-      throw std::runtime_error(fmt::format("[rank {}] {} of {} needs a contiguous output of {} [{}] on {}",
-                                           rank_, collective, tensor_text(input),
-                                           c10::getDtypeNames(input.scalar_type()).first,
-                                           fmt::join(expected_sizes, ", "), input.device().str()));
-    }
+  // Throws `problem`, prefixed with this rank, unless it is empty.
+  void fail_if(const std::string& problem) const {
+    if (!problem.empty()) throw std::runtime_error(fmt::format("[rank {}] {}", rank_, problem));
   }
 
   void check_root(int root) const {
@@ -431,11 +406,11 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
     }
   }
 
-  void check_peer(const char* direction, int peer) const {
-    if (peer < 0 || peer >= size_ || peer == rank_) {
-      throw std::runtime_error(fmt::format("[rank {}] {} rank {}, but peers are the other ranks of 0..{}",
-                                           rank_, direction, peer, size_ - 1));
-    }
+  // The other backends' rules for peers and tags, so that a program moves between backends unchanged,
+  // although NCCL ignores the tag.
+  void check_peer(const char* direction, int peer, int tag) const {
+    fail_if(detail::check_peer(direction, peer, tag, rank_, size_, std::numeric_limits<int>::max(),
+                               "NCCL ignores the tag"));
   }
 
   // Returns the NCCL datatype of `tensor`, or throws saying what is wrong with it.
@@ -460,20 +435,27 @@ class NcclCommunicator final : public Communicator, public std::enable_shared_fr
   }
 
   // See Note [Non-blocking NCCL communicators]: ncclInProgress means "still being enqueued".
-  void check(ncclResult_t status, const char* call, const char* file, int line) {
-    if (status == ncclInProgress) status = await_enqueue(call);
+  void check(ncclResult_t status, const char* call, const char* file, int line, const char* name,
+             int64_t bytes) {
+    if (status == ncclInProgress) status = await_enqueue(call, name, bytes);
     if (status == ncclSuccess) return;
     failed_ = true;
     throw_nccl_failure(status, call, file, line, rank_, comm_);
   }
 
-  ncclResult_t await_enqueue(const char* call) {
-    const ncclResult_t state = await_state(comm_, std::chrono::steady_clock::now() + timeout());
+  // An enqueue can wait for the peers (NCCL connects lazily, on a communicator's first calls), so the wait is
+  // reported like any other, as the call it enqueues.
+  ncclResult_t await_enqueue(const char* call, const char* name, int64_t bytes) {
+    ncclResult_t state = ncclInProgress;
+    {
+      const detail::ObservedWait observed(name, bytes);
+      state = await_state(comm_, std::chrono::steady_clock::now() + timeout());
+    }
     if (state != ncclInProgress) return state;
     const std::string_view call_text(call);
     const std::string reason = detail::describe_timeout(
-        rank_, fmt::format("enqueueing {}", call_text.substr(0, call_text.find('('))), 0, timeout(), size_,
-        "The NCCL communicator was aborted and is unusable from now on");
+        rank_, fmt::format("enqueueing {}", call_text.substr(0, call_text.find('('))), bytes, timeout(),
+        size_, "The NCCL communicator was aborted and is unusable from now on");
     abort(reason);
     throw std::runtime_error(reason);
   }
@@ -500,7 +482,12 @@ void NcclWork::wait() {
   if (done_) return;
   owner_->throw_if_broken(what_);
   c10::cuda::CUDAGuard guard(owner_->device());
-  if (!wait_for_event(done_event_->get(), timeout_, owner_->rank())) {
+  bool finished = false;
+  {
+    const detail::ObservedWait observed(name_, bytes_);
+    finished = wait_for_event(done_event_->get(), timeout_, owner_->rank());
+  }
+  if (!finished) {
     const std::string reason =
         detail::describe_timeout(owner_->rank(), what_, bytes_, timeout_, owner_->size(),
                                  "The NCCL communicator was aborted and is unusable from now on");

@@ -23,9 +23,14 @@ class StoreClient;
 // caller's current CUDA stream (so they return before the GPU ran them and cannot time out on the host once
 // enqueued). Asynchronous ones run on the communicator's own stream after the work already queued on the
 // caller's; their Work::wait blocks the host until they finished (or aborts the communicator after the
-// timeout) and then orders the caller's stream after them. NCCL has no message tags: send/recv ignore `tag`,
-// and messages between two ranks arrive in the order sent. split() follows Communicator::split
-// (ncclCommSplit, plus one small all-reduce so that a negative color fails on every rank).
+// timeout) and then orders the caller's stream after them, reporting the wait to the CollectiveObserver as
+// the other backends do; an enqueue that waits (NCCL connects to the peers on a communicator's first calls)
+// is reported too, as its call. The checks
+// and error messages of a call's arguments are the other backends' (comm/collective_call.h), but the ranks do
+// not agree on a call before it runs. NCCL has no message tags: send/recv check `tag` as the other backends
+// do (0 or more) and then ignore it, and messages between two ranks arrive in the order sent. split() follows
+// Communicator::split (ncclCommSplit, plus one small all-reduce so that a negative color fails on every
+// rank).
 std::shared_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device);
 
 // The same communicator without MPI: `size` ranks, each calling this with its own `rank`, a StoreClient of

@@ -56,9 +56,6 @@ bool nccl_type(at::ScalarType dtype, ncclDataType_t* out);
 ncclRedOp_t nccl_op(ReduceOp op);
 // "sum", "avg", "max", "min".
 const char* op_name(ReduceOp op);
-// "float32 [3, 4]".
-std::string tensor_text(const at::Tensor& tensor);
-int64_t bytes_of(const at::Tensor& tensor);
 
 // A CUDA event without timing, created on the current device.
 class CudaEvent {

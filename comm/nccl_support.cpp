@@ -3,7 +3,6 @@
 // messages, and the host's bounded wait on a CUDA event. Only built when CUDA is enabled (VIMO_HAVE_CUDA).
 #include <cuda_runtime.h>
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 #include <nccl.h>
 
 #include <chrono>
@@ -107,16 +106,6 @@ ncclRedOp_t nccl_op(ReduceOp op) {
 }
 
 const char* op_name(ReduceOp op) { return detail::reduce_op_name(op); }
-
-// "float32 [3, 4]".
-std::string tensor_text(const at::Tensor& tensor) {
-  return fmt::format("{} [{}]", c10::getDtypeNames(tensor.scalar_type()).first,
-                     fmt::join(tensor.sizes(), ", "));
-}
-
-int64_t bytes_of(const at::Tensor& tensor) {
-  return tensor.numel() * static_cast<int64_t>(tensor.element_size());
-}
 
 // Polls `event` until the GPU passed it (true) or `timeout` elapsed (false): the host-side half of the
 // timeout of Note [Collective timeouts] in mpi_internal.h.

@@ -112,15 +112,14 @@ class ShmAllreduce::ShmWork final : public Work {
       }
       if (op_->state.load(std::memory_order_acquire) == 1) return;
     }
-    CollectiveObserver* observer = collective_observer();
-    if (observer) observer->enter_collective("allreduce", op_->numel * at::elementSize(op_->dtype));
-    std::unique_lock<std::mutex> lock(op_->mutex);
-    // The worker gives up after the timeout itself; this bound only guards against a worker that hangs.
-    const bool ended = op_->finished.wait_for(lock, timeout_ * 2 + std::chrono::seconds(10), [&] {
-      return op_->state.load(std::memory_order_acquire) != 0;
-    });
-    lock.unlock();
-    if (observer) observer->leave_collective();
+    bool ended = false;
+    {
+      const detail::ObservedWait observed("allreduce", op_->numel * at::elementSize(op_->dtype));
+      std::unique_lock<std::mutex> lock(op_->mutex);
+      // The worker gives up after the timeout itself; this bound only guards against a worker that hangs.
+      ended = op_->finished.wait_for(lock, timeout_ * 2 + std::chrono::seconds(10),
+                                     [&] { return op_->state.load(std::memory_order_acquire) != 0; });
+    }
     if (!ended) {
       thrown_ = true;
       throw std::runtime_error(fmt::format("{} did not end within twice its timeout", op_->text));

@@ -26,6 +26,7 @@
 namespace vimo::comm::tcp_detail {
 
 using detail::CallName;
+using detail::ObservedWait;
 
 // A call every rank gave up together (the agreement found a mismatch or a rejected input) or that failed on
 // this rank alone with its stream intact (a receive of the wrong size): the communicator goes on. Any other
@@ -50,13 +51,11 @@ struct OpState {
 
 // Waits for `state` (seen by the collective observer), then throws its error if it failed.
 inline void wait_for(OpState& state) {
-  CollectiveObserver* observer = collective_observer();
-  if (observer != nullptr) observer->enter_collective(state.call.literal(), state.bytes);
   {
+    const ObservedWait observed(state.call.literal(), state.bytes);
     std::unique_lock<std::mutex> lock(state.mutex);
     state.finished.wait(lock, [&] { return state.done.load(); });
   }
-  if (observer != nullptr) observer->leave_collective();
   if (state.error) std::rethrow_exception(state.error);
 }
 

@@ -16,11 +16,13 @@ cd "$(dirname "$0")/.."
 out=$1
 version=${VIMO_TORCH_VERSION:-2.11.0}
 build_dir=${VIMO_BUILD_DIR:-build-gpu-$version}
-binaries=(vimo tests/comm/test_comm_nccl tests/kernels/test_fused_contrastive_cuda
+binaries=(vimo tests/comm/test_comm_nccl tests/comm/test_comm_mpi tests/comm/test_comm_collectives
+          tests/comm/test_comm_async tests/kernels/test_fused_contrastive_cuda
           tests/kernels/test_fused_linear_dpo_cuda)
 
 VIMO_TORCH_VERSION=$version VIMO_BUILD_DIR=$build_dir VIMO_CUDA=ON \
-  VIMO_TARGETS="vimo test_comm_nccl test_fused_contrastive_cuda test_fused_linear_dpo_cuda" \
+  VIMO_TARGETS="vimo test_comm_nccl test_comm_mpi test_comm_collectives test_comm_async
+                test_fused_contrastive_cuda test_fused_linear_dpo_cuda" \
   bash scripts/build.sh
 
 rm -rf "${out:?}/bin" "${out:?}/lib" "${out:?}/mpilib" "${out:?}/root"

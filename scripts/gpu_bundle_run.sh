@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs vimo's GPU checks from a bundle made by scripts/gpu_bundle.sh (copied there as run.sh), on a machine
-# with a GPU and a python3 whose torch is the bundle's version: the NCCL suite at one rank (and at two, where
-# mpirun exists: it skips, naming why, without a GPU per rank), the CUDA-vs-CPU kernel tests, compute-
-# sanitizer's memcheck over them where it is installed, and `vimo bench kernels --device cuda`. Writes the
-# log and the JSON reports to OUT (default gpu-checks); exits non-zero when a test failed.
+# with a GPU and a python3 whose torch is the bundle's version: the NCCL suite and the collective suites on
+# NCCL at one rank (and at two, where mpirun exists: they skip, naming why, without a GPU per rank), the
+# CUDA-vs-CPU kernel tests, compute-sanitizer's memcheck over them where it is installed, and `vimo bench
+# kernels --device cuda`. Writes the log and the JSON reports to OUT (default gpu-checks); exits non-zero when
+# a test failed.
 #   bash BUNDLE/run.sh [OUT]      from the checkout's root
 set -uo pipefail
 bundle=$(cd "$(dirname "$0")" && pwd)
@@ -57,6 +58,19 @@ if command -v mpirun > /dev/null; then
   run nccl_np2 300 mpirun --allow-run-as-root --oversubscribe --bind-to none -x LD_LIBRARY_PATH -np 2 \
     "$bundle/bin/test_comm_nccl"
 fi
+# The collective suites every backend runs, on CUDA tensors over NCCL (tests/comm/collective_reference.h).
+for suite in test_comm_mpi test_comm_collectives test_comm_async; do
+  if ! command -v mpirun > /dev/null; then  # one process alone: an Open MPI singleton
+    run "${suite}_nccl_np1" 300 env VIMO_TEST_COMM_BACKEND=nccl "$bundle/bin/$suite" \
+      --gtest_output="json:$out/${suite}_nccl_np1.json"
+    continue
+  fi
+  nccl_mpirun=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x LD_LIBRARY_PATH
+               -x VIMO_TEST_COMM_BACKEND=nccl)
+  run "${suite}_nccl_np1" 300 "${nccl_mpirun[@]}" -np 1 "$bundle/bin/$suite" \
+    --gtest_output="json:$out/${suite}_nccl_np1.json"
+  run "${suite}_nccl_np2" 300 "${nccl_mpirun[@]}" -np 2 "$bundle/bin/$suite"  # one JSON writer only
+done
 run contrastive_cuda 300 "$bundle/bin/test_fused_contrastive_cuda" --gtest_output="json:$out/contrastive.json"
 run dpo_cuda 300 "$bundle/bin/test_fused_linear_dpo_cuda" --gtest_output="json:$out/dpo.json"
 if command -v compute-sanitizer > /dev/null; then

@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
-#include <torch/cuda.h>
 
 #include <chrono>
 #include <memory>
@@ -38,13 +37,7 @@ class NcclCommunicator : public ::testing::Test {
   void SetUp() override {
     // Every rank must make the same decision, or the ranks that go on would wait for the ones that skipped.
     const vimo::comm::WorldInfo world = vimo::comm::world_from_environment();
-    std::string reason;
-    if (!torch::cuda::is_available()) {
-      reason = "no CUDA device (torch::cuda::is_available() is false)";
-    } else if (static_cast<int>(torch::cuda::device_count()) < world.local_size) {
-      reason = "NCCL needs one GPU per rank: " + std::to_string(world.local_size) +
-               " ranks on this host but " + std::to_string(torch::cuda::device_count()) + " CUDA device(s)";
-    }
+    const std::string reason = vimo::testing::why_nccl_is_missing();
     at::Tensor able = at::full({1}, reason.empty() ? 1 : 0, at::kInt);
     mpi_world()->allreduce(able, ReduceOp::Min);
     if (able.item<int>() == 0) {

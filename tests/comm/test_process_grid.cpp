@@ -23,18 +23,18 @@ using vimo::comm::ProcessGrid;
 using vimo::comm::ReduceOp;
 using vimo::testing::error_of;
 using vimo::testing::expect_still_usable;
-using vimo::testing::mpi_world;
+using vimo::testing::world;
 
 // The world ranks of `group`'s members in group-rank order, by an all-gather of each member's world rank.
 std::vector<int64_t> members_in_order(Communicator& group) {
-  const at::Tensor mine = at::tensor({static_cast<int64_t>(mpi_world()->rank())}, at::kLong);  // [1]
-  const at::Tensor all = group.allgather(mine);                                                // [group size]
+  const at::Tensor mine = at::tensor({static_cast<int64_t>(world()->rank())}, at::kLong);  // [1]
+  const at::Tensor all = group.allgather(mine);                                            // [group size]
   return std::vector<int64_t>(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + all.numel());
 }
 
 // Sum of the world ranks of `group`'s members, by an all-reduce.
 int64_t sum_of_members(Communicator& group) {
-  at::Tensor rank = at::tensor({static_cast<int64_t>(mpi_world()->rank())}, at::kLong);  // [1]
+  at::Tensor rank = at::tensor({static_cast<int64_t>(world()->rank())}, at::kLong);  // [1]
   group.allreduce(rank, ReduceOp::Sum);
   return rank.item<int64_t>();
 }
@@ -118,26 +118,26 @@ TEST(ParallelDims, TpMustDivideTheRanksPerNode) {
 // Every (dp, tp) with dp × tp == the world: 1 × N, N × 1, and 2 × 2 with 4 ranks.
 std::vector<ParallelDims> shapes_of_the_world() {
   std::vector<ParallelDims> shapes;
-  const int world = mpi_world()->size();
-  for (int tp = 1; tp <= world; ++tp) {
-    if (world % tp == 0) shapes.push_back(ParallelDims{.dp = world / tp, .tp = tp});
+  const int ranks = world()->size();
+  for (int tp = 1; tp <= ranks; ++tp) {
+    if (ranks % tp == 0) shapes.push_back(ParallelDims{.dp = ranks / tp, .tp = tp});
   }
   return shapes;
 }
 
 TEST(ProcessGrid, EveryShapeThatFitsTheWorldHasTheRightGroups) {
-  const int rank = mpi_world()->rank();
+  const int rank = world()->rank();
   const std::vector<ParallelDims> shapes = shapes_of_the_world();
   ASSERT_GE(shapes.size(), 2u);
   for (const ParallelDims& dims : shapes) {
     SCOPED_TRACE(dims.describe());
-    const ProcessGrid grid(mpi_world(), dims);
+    const ProcessGrid grid(world(), dims);
     const int dp_rank = rank / dims.tp, tp_rank = rank % dims.tp;
     EXPECT_EQ(grid.dp_rank(), dp_rank);
     EXPECT_EQ(grid.tp_rank(), tp_rank);
     EXPECT_EQ(grid.dp_size(), dims.dp);
     EXPECT_EQ(grid.tp_size(), dims.tp);
-    EXPECT_EQ(grid.world().get(), mpi_world().get());
+    EXPECT_EQ(grid.world().get(), world().get());
 
     // TP group: the contiguous ranks [dp_rank * tp, (dp_rank + 1) * tp), in order.
     std::vector<int64_t> tp_members(static_cast<size_t>(dims.tp));
@@ -164,13 +164,13 @@ TEST(ProcessGrid, EveryShapeThatFitsTheWorldHasTheRightGroups) {
 }
 
 TEST(ProcessGrid, ShapeThatDoesNotFitTheWorldFailsOnEveryRank) {
-  const int world = mpi_world()->size(), rank = mpi_world()->rank();
-  const ParallelDims too_big{.dp = world, .tp = 2};
-  const std::string message = error_of([&] { ProcessGrid grid(mpi_world(), too_big); });
-  EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] world size " + std::to_string(world) +
-                               " is not dp " + std::to_string(world) +
-                               " × tp 2 = " + std::to_string(2 * world) + ". HINT:");
-  EXPECT_CONTAINS(error_of([&] { ProcessGrid grid(mpi_world(), ParallelDims{.dp = world, .tp = 0}); }),
+  const int ranks = world()->size(), rank = world()->rank();
+  const ParallelDims too_big{.dp = ranks, .tp = 2};
+  const std::string message = error_of([&] { ProcessGrid grid(world(), too_big); });
+  EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] world size " + std::to_string(ranks) +
+                               " is not dp " + std::to_string(ranks) +
+                               " × tp 2 = " + std::to_string(2 * ranks) + ". HINT:");
+  EXPECT_CONTAINS(error_of([&] { ProcessGrid grid(world(), ParallelDims{.dp = ranks, .tp = 0}); }),
                   "has an axis below 1");
   expect_still_usable();
 }
@@ -179,16 +179,16 @@ TEST(ProcessGrid, ShapeThatDoesNotFitTheWorldFailsOnEveryRank) {
 // shape fits, and the groups come out as without the check.
 TEST(ProcessGrid, EveryShapeFitsTheLaunchersNode) {
   const std::optional<int> local_size = vimo::comm::launch_environment().local_size;
-  ASSERT_EQ(local_size, mpi_world()->size()) << "mpirun started every rank on this host";
+  ASSERT_EQ(local_size, world()->size()) << "mpirun started every rank on this host";
   for (const ParallelDims& dims : shapes_of_the_world()) {
     SCOPED_TRACE(dims.describe());
-    const ProcessGrid grid(mpi_world(), dims, local_size);
+    const ProcessGrid grid(world(), dims, local_size);
     EXPECT_EQ(members_in_order(*grid.tp_group()).size(), static_cast<size_t>(dims.tp));
   }
   // Nodes of different sizes that tp divides (4 ranks: nodes of 2 and 2 with tp 2) are fine too.
-  const int world = mpi_world()->size();
-  if (world % 2 == 0) {
-    const ProcessGrid grid(mpi_world(), ParallelDims::from_world(world, 2), 2);
+  const int ranks = world()->size();
+  if (ranks % 2 == 0) {
+    const ProcessGrid grid(world(), ParallelDims::from_world(ranks, 2), 2);
     EXPECT_EQ(grid.tp_size(), 2);
   }
   expect_still_usable();
@@ -198,40 +198,40 @@ TEST(ProcessGrid, EveryShapeFitsTheLaunchersNode) {
 // splitting while others throw. First only the last rank's node is too small (nodes may differ: Slurm's
 // "4,1"), then every node holds half the world while tp is the whole world.
 TEST(ProcessGrid, TpGroupSpanningNodesFailsOnEveryRank) {
-  const int world = mpi_world()->size(), rank = mpi_world()->rank(), last = world - 1;
-  const ParallelDims whole_world_tp{.dp = 1, .tp = world};
+  const int ranks = world()->size(), rank = world()->rank(), last = ranks - 1;
+  const ParallelDims whole_world_tp{.dp = 1, .tp = ranks};
   const std::string one_small_node =
-      error_of([&] { ProcessGrid grid(mpi_world(), whole_world_tp, rank == last ? 1 : world); });
-  EXPECT_CONTAINS(one_small_node, "[rank " + std::to_string(rank) + "] dp 1 × tp " + std::to_string(world) +
+      error_of([&] { ProcessGrid grid(world(), whole_world_tp, rank == last ? 1 : ranks); });
+  EXPECT_CONTAINS(one_small_node, "[rank " + std::to_string(rank) + "] dp 1 × tp " + std::to_string(ranks) +
                                       " on the node of rank " + std::to_string(last) + ": TP size " +
-                                      std::to_string(world) + " is larger than the local size 1");
+                                      std::to_string(ranks) + " is larger than the local size 1");
   EXPECT_CONTAINS(one_small_node, "HINT:");
   expect_still_usable();
 
-  const std::string half_nodes = error_of([&] { ProcessGrid grid(mpi_world(), whole_world_tp, world / 2); });
-  EXPECT_CONTAINS(half_nodes, "on the node of rank 0: TP size " + std::to_string(world) +
-                                  " is larger than the local size " + std::to_string(world / 2));
+  const std::string half_nodes = error_of([&] { ProcessGrid grid(world(), whole_world_tp, ranks / 2); });
+  EXPECT_CONTAINS(half_nodes, "on the node of rank 0: TP size " + std::to_string(ranks) +
+                                  " is larger than the local size " + std::to_string(ranks / 2));
   expect_still_usable();
 }
 
 TEST(ProcessGrid, RanksAskingForDifferentGridsFailTogether) {
-  const int world = mpi_world()->size(), rank = mpi_world()->rank();
+  const int ranks = world()->size(), rank = world()->rank();
   // Both shapes fit the world on their own: only comparing the ranks' dims can catch this.
   const ParallelDims mine =
-      rank == 0 ? ParallelDims{.dp = world, .tp = 1} : ParallelDims{.dp = 1, .tp = world};
-  const std::string message = error_of([&] { ProcessGrid grid(mpi_world(), mine); });
+      rank == 0 ? ParallelDims{.dp = ranks, .tp = 1} : ParallelDims{.dp = 1, .tp = ranks};
+  const std::string message = error_of([&] { ProcessGrid grid(world(), mine); });
   EXPECT_CONTAINS(message, "[rank " + std::to_string(rank) + "] the ranks asked for different process grids");
   EXPECT_CONTAINS(
-      message, "rank 0: dp " + std::to_string(world) + " × tp 1; rank 1: dp 1 × tp " + std::to_string(world));
+      message, "rank 0: dp " + std::to_string(ranks) + " × tp 1; rank 1: dp 1 × tp " + std::to_string(ranks));
   expect_still_usable();
 }
 
 TEST(CommunicatorSplit, SubsetOrderedByKey) {
-  const int rank = mpi_world()->rank(), world = mpi_world()->size();
+  const int rank = world()->rank(), ranks = world()->size();
   // Even and odd ranks, each group in reversed order of world rank.
-  const std::shared_ptr<Communicator> parity = mpi_world()->split(/*color=*/rank % 2, /*key=*/-rank);
+  const std::shared_ptr<Communicator> parity = world()->split(/*color=*/rank % 2, /*key=*/-rank);
   std::vector<int64_t> expected;
-  for (int r = world - 1; r >= 0; --r) {
+  for (int r = ranks - 1; r >= 0; --r) {
     if (r % 2 == rank % 2) expected.push_back(r);
   }
   ASSERT_TRUE(parity);
@@ -243,14 +243,14 @@ TEST(CommunicatorSplit, SubsetOrderedByKey) {
   // Equal keys keep the parent's order; a split of a split works and outlives nothing it needs.
   const std::shared_ptr<Communicator> same = parity->split(/*color=*/0, /*key=*/0);
   EXPECT_EQ(members_in_order(*same), expected);
-  std::vector<int64_t> everyone(static_cast<size_t>(world));
+  std::vector<int64_t> everyone(static_cast<size_t>(ranks));
   std::iota(everyone.begin(), everyone.end(), int64_t{0});
-  EXPECT_EQ(members_in_order(*mpi_world()->split(7, 0)), everyone);
+  EXPECT_EQ(members_in_order(*world()->split(7, 0)), everyone);
 }
 
 TEST(CommunicatorSplit, NegativeColorFailsOnEveryRank) {
-  const int rank = mpi_world()->rank(), last = mpi_world()->size() - 1;
-  const std::string message = error_of([&] { mpi_world()->split(rank == last ? -1 : 0, rank); });
+  const int rank = world()->rank(), last = world()->size() - 1;
+  const std::string message = error_of([&] { world()->split(rank == last ? -1 : 0, rank); });
   if (rank == last) {
     EXPECT_CONTAINS(message,
                     "[rank " + std::to_string(last) + "] split got color -1, but colors must be >= 0");
@@ -262,10 +262,10 @@ TEST(CommunicatorSplit, NegativeColorFailsOnEveryRank) {
 
 TEST(CommunicatorSplit, SplitAgainstAnotherCollectiveFailsTogether) {
   const std::string message = error_of([&] {
-    if (mpi_world()->rank() == 0) {
-      mpi_world()->split(0, 0);
+    if (world()->rank() == 0) {
+      world()->split(0, 0);
     } else {
-      mpi_world()->barrier();
+      world()->barrier();
     }
   });
   EXPECT_CONTAINS(message, "rank 0: split; rank 1: barrier");
