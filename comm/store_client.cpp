@@ -2,10 +2,13 @@
 // connection, built from Asio's asynchronous ones, and the barrier of Note [Store barrier]. See Note
 // [Rendezvous protocol] in store.h; the frames are comm/store_protocol.h's.
 #include <fmt/format.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <array>
 #include <boost/asio.hpp>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string_view>
@@ -15,6 +18,31 @@
 #include "comm/store_protocol.h"
 
 namespace vimo::comm {
+
+namespace store_detail {
+
+bool connected_to_itself(int fd) {
+  sockaddr_storage mine{}, peer{};
+  socklen_t mine_length = sizeof(mine), peer_length = sizeof(peer);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&mine), &mine_length) != 0 ||
+      ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_length) != 0) {
+    return false;  // not connected: nothing to say
+  }
+  if (mine.ss_family != peer.ss_family) return false;
+  if (mine.ss_family == AF_INET) {
+    const auto& a = reinterpret_cast<const sockaddr_in&>(mine);
+    const auto& b = reinterpret_cast<const sockaddr_in&>(peer);
+    return a.sin_port == b.sin_port && a.sin_addr.s_addr == b.sin_addr.s_addr;
+  }
+  if (mine.ss_family == AF_INET6) {
+    const auto& a = reinterpret_cast<const sockaddr_in6&>(mine);
+    const auto& b = reinterpret_cast<const sockaddr_in6&>(peer);
+    return a.sin6_port == b.sin6_port && std::memcmp(&a.sin6_addr, &b.sin6_addr, sizeof(a.sin6_addr)) == 0;
+  }
+  return false;
+}
+
+}  // namespace store_detail
 
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
@@ -190,6 +218,10 @@ struct StoreClient::Connection {
     if (ec) {
       close();
       return ec.message();
+    }
+    if (store_detail::connected_to_itself(socket.native_handle())) {  // Note [A connection to itself]
+      close();
+      return "connected to itself (nothing listens there yet)";
     }
     socket.set_option(tcp::no_delay(true), ec);  // small request/reply pairs: do not wait to coalesce
     const std::string name = options.rank >= 0 ? fmt::format("rank {}", options.rank) : "a peer without rank";

@@ -171,4 +171,16 @@ class FrameReader {
   size_t position_ = 0;
 };
 
+// Note [A connection to itself]
+// A TCP connect to a local port that nothing listens on can connect the socket to itself: when the kernel
+// picks that very port as the connection's own (it walks the ephemeral range, from 32768 by default, on each
+// retry to one destination), both ends are one socket, and TCP's simultaneous open completes. A store client
+// that retries while rank 0's server is not up yet can do that when the store's port lies in the ephemeral
+// range (a MASTER_PORT drawn at random, say): it would then read its own hello as the answer, and hold the
+// port the server is about to bind. The client checks for it after every connect, closes such a connection
+// and retries, as after a refusal.
+//
+// Whether the connected socket `fd` has itself as its peer (same address and port at both ends).
+bool connected_to_itself(int fd);
+
 }  // namespace vimo::comm::store_detail

@@ -16,6 +16,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "comm/store.h"
+#include "comm/store_protocol.h"
 #include "tests/test_support.h"
 
 namespace {
@@ -637,6 +639,35 @@ TEST(Store, AServerComingUpDuringTheBackoffIsReached) {
   StoreClient reader(client_options(port, 1));
   EXPECT_EQ(text(reader.get("late", 1s)), "but there");
   EXPECT_EQ(server.rejected_connections(), 0u);
+}
+
+// Note [A connection to itself]: a socket bound to a port and connected to that same port is its own peer
+// (TCP's simultaneous open, which a connect retried through the ephemeral range can also reach). The client's
+// check must see it, and must not see it in an ordinary connection's ends or in a socket never connected.
+TEST(Store, AConnectionToItselfIsRecognized) {
+  const int self = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(self, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
+  socklen_t length = sizeof(address);
+  getsockname(self, reinterpret_cast<sockaddr*>(&address), &length);
+  ASSERT_EQ(connect(self, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0) << std::strerror(errno);
+  EXPECT_TRUE(vimo::comm::store_detail::connected_to_itself(self));
+  close(self);
+
+  RawListener listener;
+  ASSERT_TRUE(listener.ok());
+  const int client = socket(AF_INET, SOCK_STREAM, 0);
+  EXPECT_FALSE(vimo::comm::store_detail::connected_to_itself(client)) << "not connected yet";
+  address.sin_port = htons(listener.port());
+  ASSERT_EQ(connect(client, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0)
+      << std::strerror(errno);
+  const int accepted = listener.accept_one();
+  EXPECT_FALSE(vimo::comm::store_detail::connected_to_itself(client));
+  EXPECT_FALSE(vimo::comm::store_detail::connected_to_itself(accepted));
+  close(accepted);
+  close(client);
 }
 
 }  // namespace
