@@ -13,6 +13,7 @@
 #include <fstream>
 #include <memory>
 #include <stdexcept>
+#include <type_traits>
 
 #include "data/shard.h"
 
@@ -37,6 +38,14 @@ class ManifestReader {
   template <typename T>
   T get(const nlohmann::json& object, const std::string& key, const std::string& path) const {
     const nlohmann::json& value = at(object, key, path);
+    // nlohmann converts -1 to 2^64 - 1 and 3.7 to 3 without a word: a count or size must be written as one.
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      const bool fits = std::is_unsigned_v<T> ? value.is_number_unsigned() : value.is_number_integer();
+      if (!fits) {
+        fail(join(path, key), fmt::format("is {}, expected {} integer", value.dump(),
+                                          std::is_unsigned_v<T> ? "a non-negative" : "an"));
+      }
+    }
     try {
       return value.get<T>();
     } catch (const nlohmann::json::exception&) {

@@ -2,7 +2,10 @@
 #include "data/pack.h"
 
 #include <fmt/format.h>
+#include <xxhash.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -14,6 +17,33 @@
 namespace vimo::data {
 
 namespace fs = std::filesystem;
+
+namespace {
+
+// The bytes of the source's extra file `name`, checked against what its manifest lists: a copy must not turn
+// a file that cannot be read, or one damaged since, into a freshly hashed one that verifies.
+std::string checked_extra_file(const DatasetManifest& manifest, const std::string& name,
+                               const FileEntry& entry) {
+  const std::string path = manifest.file_path(name);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    throw std::runtime_error(fmt::format("vimo data pack: cannot open {}: {}", path, std::strerror(errno)));
+  }
+  std::string bytes(std::istreambuf_iterator<char>(in), {});
+  if (in.bad()) {
+    throw std::runtime_error(fmt::format("vimo data pack: cannot read {}: {}", path, std::strerror(errno)));
+  }
+  const std::string hash = fmt::format("{:016x}", XXH3_64bits(bytes.data(), bytes.size()));
+  if (bytes.size() != entry.bytes || hash != entry.xxh3) {
+    throw std::runtime_error(fmt::format(
+        "vimo data pack: {} holds {} bytes with xxh3 {}, but the manifest of {} lists {} bytes with xxh3 {}: "
+        "the source dataset is damaged. HINT: restore the file or import the dataset again",
+        path, bytes.size(), hash, manifest.dir, entry.bytes, entry.xxh3));
+  }
+  return bytes;
+}
+
+}  // namespace
 
 PackReport repack_dataset(const std::string& source, const std::string& out,
                           const DatasetWriterOptions& options,
@@ -43,10 +73,8 @@ PackReport repack_dataset(const std::string& source, const std::string& out,
     }
   }
   report.records = total;
-  for (const auto& [name, entry] : manifest.files) {
-    std::ifstream in(manifest.file_path(name), std::ios::binary);
-    writer.add_file(name, std::string(std::istreambuf_iterator<char>(in), {}));
-  }
+  for (const auto& [name, entry] : manifest.files)
+    writer.add_file(name, checked_extra_file(manifest, name, entry));
   for (const auto& [key, value] : manifest.metadata.items()) writer.set_metadata(key, value);
   writer.finish();
   const DatasetManifest written = read_manifest(out);

@@ -66,22 +66,25 @@ class RecordParser {
 };
 
 // Reads exactly `count` bytes at `offset` (pread: no shared file position, so reads are const and
-// thread-safe), or throws naming the file.
+// thread-safe), or throws naming the file, and the record when the bytes are record `record` (else -1).
 void read_exactly(int fd, uint64_t offset, void* out, uint64_t count, const std::string& path,
-                  const char* what) {
+                  const char* what, int64_t record = -1) {
+  const uint64_t start = offset;
+  const std::string where = record >= 0 ? fmt::format("record {} at offset {}", record, start)
+                                        : fmt::format("the {} at offset {}", what, start);
   auto* p = static_cast<uint8_t*>(out);
   while (count > 0) {
     const ssize_t n = ::pread(fd, p, count, static_cast<off_t>(offset));
     if (n < 0 && errno == EINTR) continue;
     if (n == 0) {
-      throw CorruptDataError(fmt::format("shard {}: cannot read the {} at offset {}: unexpected end of file "
-                                         "(the file is truncated); {}",
-                                         path, what, offset, kRegenerateHint),
-                             path, -1, offset);
+      throw CorruptDataError(fmt::format("shard {}: cannot read {}: unexpected end of file at offset {} (the "
+                                         "file is truncated); {}",
+                                         path, where, offset, kRegenerateHint),
+                             path, record, start);
     }
     if (n < 0) {
-      throw std::runtime_error(fmt::format("shard {}: cannot read the {} at offset {}: {}", path, what,
-                                           offset, std::strerror(errno)));
+      throw std::runtime_error(
+          fmt::format("shard {}: cannot read {}: {}", path, where, std::strerror(errno)));
     }
     p += n;
     offset += static_cast<uint64_t>(n);
@@ -248,7 +251,7 @@ void ShardReader::read_view(uint64_t index, RecordBuffer& buffer, RecordView& re
     thread_local RecordBuffer compressed;
     RecordBuffer& target = compression_ == Compression::Zstd ? compressed : buffer;
     target.resize(stored_size(index));
-    read_exactly(fd_, begin, target.data(), target.size(), path_, "record");
+    read_exactly(fd_, begin, target.data(), target.size(), path_, "record", record);
     stored = std::span<const uint8_t>(target.data(), target.size());
   }
   // Note [Verifying a mapped record once]: by default (Verification::EveryRead) every read of a record is
@@ -320,6 +323,11 @@ void ShardReader::read_view(uint64_t index, RecordBuffer& buffer, RecordView& re
     const auto name_length = parser.get<uint16_t>("field name length");
     const uint8_t* name = parser.take(name_length, "field name");
     field.name = std::string_view(reinterpret_cast<const char*>(name), name_length);
+    for (uint32_t earlier = 0; earlier < f; ++earlier) {  // a handful of fields: no set needed
+      if (result.fields[earlier].name == field.name) {
+        parser.fail(fmt::format("field '{}' appears twice (fields {} and {})", field.name, earlier, f));
+      }
+    }
     const auto dtype = parser.get<uint8_t>("dtype");
     if (!valid_dtype(dtype))
       parser.fail(fmt::format("field '{}': unknown dtype code {} (expected 1-7)", field.name, dtype));

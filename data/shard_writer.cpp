@@ -47,8 +47,15 @@ namespace {
 std::vector<uint8_t> encode_record(const Record& record, const std::string& context) {
   std::vector<uint8_t> bytes;
   put<uint32_t>(bytes, static_cast<uint32_t>(record.fields.size()));
-  for (const Field& field : record.fields) {
+  for (size_t f = 0; f < record.fields.size(); ++f) {
+    const Field& field = record.fields[f];
     const std::string where = fmt::format("{}: field '{}'", context, field.name);
+    for (size_t earlier = 0; earlier < f; ++earlier) {
+      if (record.fields[earlier].name == field.name) {
+        throw std::runtime_error(fmt::format(
+            "{} appears twice (fields {} and {}): names must be unique in a record", where, earlier, f));
+      }
+    }
     if (field.name.size() > std::numeric_limits<uint16_t>::max()) {
       throw std::runtime_error(where + ": the name is longer than 65535 bytes");
     }

@@ -202,6 +202,14 @@ TEST(Manifest, VerifyFindsChangedMissingAndMiscountedFiles) {
   std::ofstream(dir / "manifest.json") << json.dump();
   expect_error([&] { verify_dataset(read_manifest(dir.string()), false); },
                {"shard_00002.bin", "6 records", "5"});
+  // A count that is negative or fractional is refused, not converted (-1 would become 2^64 - 1).
+  for (const nlohmann::json& bad : {nlohmann::json(-1), nlohmann::json(3.5)}) {
+    nlohmann::json edited = json;
+    edited["splits"]["train"]["shards"][1]["records"] = bad;
+    std::ofstream(dir / "manifest.json") << edited.dump();
+    expect_error([&] { read_manifest(dir.string()); },
+                 {"splits.train.shards[1].records", "is " + bad.dump(), "non-negative integer"});
+  }
   json["splits"]["train"]["shards"][0].erase("xxh3");
   std::ofstream(dir / "manifest.json") << json.dump();
   expect_error([&] { read_manifest(dir.string()); }, {"splits.train.shards[0].xxh3", "missing"});
@@ -262,6 +270,21 @@ TEST(Pack, ShardsCloseAtTheSizeLimitAndRecordsRoundTrip) {
     EXPECT_GT(shards, 4u);  // the limit, not the source's 50 records per shard, cut them
     EXPECT_EQ(report.shards_out, shards);
   }
+}
+
+// An extra file damaged after its dataset was written (same size, one byte flipped: the pre-check compares
+// sizes only) is refused, naming it and both hashes, instead of being copied with a fresh hash that verifies.
+TEST(Pack, ADamagedExtraFileIsRefusedNotRehashed) {
+  const fs::path dir = test_dir();
+  DatasetWriter source((dir / "source").string(), "keyed");
+  for (int64_t k = 0; k < 5; ++k) source.append("train", keyed_record(k));
+  source.add_file("vocab.txt", "walk\nrun\njump\n");
+  source.finish();
+  const std::string listed = read_manifest((dir / "source").string()).files.at("vocab.txt").xxh3;
+  std::ofstream(dir / "source" / "vocab.txt", std::ios::binary | std::ios::trunc) << "walk\nrun\njumq\n";
+  expect_error([&] { repack_dataset((dir / "source").string(), (dir / "out").string(), {}); },
+               {"vocab.txt", "holds 14 bytes with xxh3", "lists 14 bytes with xxh3 " + listed, "damaged"});
+  EXPECT_FALSE(fs::exists(dir / "out" / "manifest.json"));
 }
 
 // ---------------------------------------------------------------------------------------------------------

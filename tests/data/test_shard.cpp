@@ -2,15 +2,19 @@
 // and crash safety of the writer.
 #include <gtest/gtest.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "data/shard.h"
@@ -179,6 +183,75 @@ TEST_P(ShardBothCompressions, ShardTruncatedWhileOpenExitsNamingIt) {
   ASSERT_EQ(::truncate(f.path.c_str(), 0), 0);
   EXPECT_EXIT(reader.read_view(last, buffer), ::testing::ExitedWithCode(kShardChangedExitCode),
               "shard .*shard_00000.bin became shorter while it was being read");
+}
+
+// With every mapping slot taken (512; the loader keeps 64 shards open), a reader falls back to pread. A
+// record that a truncation then cut is named with its index and offset there too, as on the mapped path.
+TEST(Shard, ARecordCutByTruncationIsNamedWhenReadWithoutAMapping) {
+  ShardFixture f;
+  std::vector<std::unique_ptr<ShardReader>> holding;  // every slot of the SIGBUS guard's table
+  for (int i = 0; i < 512; ++i) holding.push_back(std::make_unique<ShardReader>(f.path));
+  const ShardReader reader(f.path);
+  holding.clear();
+  const uint64_t last = reader.size() - 1;
+  RecordBuffer buffer;
+  const RecordView view = reader.read_view(last, buffer);
+  ASSERT_FALSE(view.fields.empty());
+  const uint8_t* data = view.fields[0].bytes.data();
+  ASSERT_TRUE(data >= buffer.data() && data < buffer.data() + buffer.size())
+      << "the record was not read into the buffer: the reader has a mapping, and truncating would SIGBUS";
+  ASSERT_EQ(::truncate(f.path.c_str(), static_cast<off_t>(f.offsets[last] + 3)), 0);
+  try {
+    (void)reader.read_record(last);
+    ADD_FAILURE() << "a record cut by truncation was read";
+  } catch (const CorruptDataError& e) {
+    EXPECT_EQ(e.file, f.path);
+    EXPECT_EQ(e.record, static_cast<int64_t>(last));
+    EXPECT_EQ(e.offset, f.offsets[last]);
+    EXPECT_NE(std::string(e.what()).find("record " + std::to_string(last) + " at offset " +
+                                         std::to_string(f.offsets[last])),
+              std::string::npos)
+        << e.what();
+    EXPECT_NE(std::string(e.what()).find("truncated"), std::string::npos) << e.what();
+  }
+}
+
+// Field names are unique within a record (FORMAT.md): the writer refuses a second field of one name, and
+// the reader names a record that has one as corrupt. Such a record is made by renaming field "vb" to "va" in
+// a written shard and fixing the record's checksum in the index.
+TEST(Shard, AFieldNameTwiceInARecordIsRefusedAndReportedCorrupt) {
+  const fs::path dir = test_dir();
+  const std::string path = (dir / "twice.bin").string();
+  Record twice;
+  twice.fields = {Field::from_int64s("v", {1}, {1}), Field::from_floats("v", {1}, {2.0f})};
+  ShardWriter writer(path);
+  expect_error([&] { writer.append(twice); }, {"field 'v' appears twice (fields 0 and 1)"});
+
+  Record two;
+  two.fields = {Field::from_int64s("va", {1}, {1}), Field::from_floats("vb", {1}, {2.0f})};
+  const uint64_t begin = write_shard(path, {two}).at(0);
+  std::vector<uint8_t> file(fs::file_size(path));
+  std::ifstream(path, std::ios::binary)
+      .read(reinterpret_cast<char*>(file.data()), static_cast<std::streamsize>(file.size()));
+  uint64_t index_offset = 0;  // footer: record count, index offset, magic
+  std::memcpy(&index_offset, file.data() + file.size() - 16, sizeof(index_offset));
+  const std::string_view record(reinterpret_cast<const char*>(file.data() + begin), index_offset - begin);
+  const size_t renamed = record.find("vb");
+  ASSERT_NE(renamed, std::string_view::npos);
+  file[begin + renamed + 1] = 'a';
+  const uint64_t checksum = XXH3_64bits(file.data() + begin, index_offset - begin);
+  std::memcpy(file.data() + index_offset + 8, &checksum, sizeof(checksum));  // after 1 record offset
+  std::ofstream(path, std::ios::binary | std::ios::trunc)
+      .write(reinterpret_cast<const char*>(file.data()), static_cast<std::streamsize>(file.size()));
+  const ShardReader reader(path);
+  try {
+    (void)reader.read_record(0);
+    ADD_FAILURE() << "a record with two fields named 'va' was read";
+  } catch (const CorruptDataError& e) {
+    EXPECT_EQ(e.record, 0);
+    EXPECT_NE(std::string(e.what()).find("field 'va' appears twice (fields 0 and 1)"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Shard, EmptyShardHasNoRecords) {
