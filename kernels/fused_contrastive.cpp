@@ -249,7 +249,19 @@ void cpu_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient, 
     far = (column_max < reference - kFarColumnGap).nonzero().squeeze(1);  // [F]
     if (far.numel() > 0) {
       far_columns_t = m.columns.index_select(0, far).t();  // [K, F]
-      out.column_lse.index_put_({far}, at::logsumexp(at::mm(m.rows, far_columns_t), {0}));
+      // Their log-sum-exp from their own scores, a strip of rows at a time with a running max and sum per
+      // column: never the [n, F] block, which is the whole matrix when most columns are far.
+      const int64_t far_count = far.numel();
+      at::Tensor far_max = at::full({far_count}, -std::numeric_limits<scalar_t>::infinity(), options);
+      at::Tensor far_sum = at::zeros({far_count}, options);
+      for (int64_t first = 0; first < n; first += strip_rows) {
+        const int64_t count = std::min(strip_rows, n - first);
+        at::Tensor scores = at::mm(m.rows.narrow(0, first, count), far_columns_t);  // [count, F]
+        const at::Tensor new_max = at::maximum(far_max, std::get<0>(scores.max(0)));
+        far_sum.mul_((far_max - new_max).exp_()).add_(scores.sub_(new_max).exp_().sum(0));
+        far_max = new_max;
+      }
+      out.column_lse.index_put_({far}, far_max.add_(far_sum.log_()));
     }
     if (gradients) {
       row_factor = row_sum.reciprocal().mul_(coefficient);        // a [n]

@@ -24,7 +24,8 @@ namespace vimo::kernels {
 //               memory beyond the inputs and their gradients is O((n + N) · D) plus O(tile · N + N · D) per
 //               thread
 // Differentiable w.r.t. the four embeddings and `scale` (a custom autograd function); the gradients are
-// computed in the forward pass when autograd will need them. In one process pass the same tensor as local
+// computed in the forward pass when autograd will need them (so double backward, create_graph=true, is
+// refused rather than silently missing its second-order terms). In one process pass the same tensor as local
 // and all (the identical tensor, not a copy): then one score matrix serves both directions (3 to 4 matrix
 // products instead of 8) and autograd sums both contributions. CPU or CUDA tensors (CUDA when built with it).
 // Inputs are float32, float64 or bfloat16, all of one dtype; float32/bfloat16 accumulate in float32, float64

@@ -277,6 +277,13 @@ class FusedSymmetricInfoNCE : public torch::autograd::Function<FusedSymmetricInf
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The gradients were computed in the forward: under create_graph they would carry no dependence on the
+    // inputs, and every second-order term would silently be zero.
+    if (at::GradMode::is_enabled()) {
+      throw std::runtime_error(
+          "fused contrastive loss: double backward (create_graph=true) is not supported; HINT: use the eager "
+          "composition (kernels/contrastive_loss.h) where second derivatives are needed");
+    }
     const variable_list grads = ctx->get_saved_variables();
     const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
     variable_list out;

@@ -48,7 +48,9 @@ struct McDpoResult {
 
 // McDPO from hidden states [2B, T, H] and the LM head [V, H]; `reference_logps` [2B] holds logπref of each
 // row (from fused_linear_sequence_logps on the frozen model, or the preference shards). Gradients reach
-// hidden and weight where they require grad.
+// hidden and weight where they require grad. They are computed in the forward and handed over once: a
+// second backward (retain_graph) and double backward (create_graph) are refused, the latter because its
+// second-order terms would silently be zero. The same holds for fused_linear_cross_entropy.
 McDpoResult fused_linear_mcdpo(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                                const at::Tensor& mask, const at::Tensor& reference_logps,
                                const McDpoConfig& config = {}, const LmHeadChunking& chunking = {});

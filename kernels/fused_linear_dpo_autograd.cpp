@@ -167,6 +167,13 @@ class FusedLinearLmHeadLoss : public torch::autograd::Function<FusedLinearLmHead
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    // The gradients were computed in the forward: under create_graph they would carry no dependence on the
+    // inputs, and every second-order term would silently be zero.
+    if (at::GradMode::is_enabled()) {
+      throw std::runtime_error(
+          "fused LM-head loss: double backward (create_graph=true) is not supported; HINT: use the eager "
+          "composition where second derivatives are needed");
+    }
     if (ctx->saved_data["consumed"].toBool()) {
       throw std::runtime_error(
           "fused LM-head loss: backward ran twice through the same forward; HINT: the gradients are computed "

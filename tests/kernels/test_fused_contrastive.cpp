@@ -2,6 +2,7 @@
 // built [n, N] score matrices, differentiated by autograd): loss and the gradients of all four embeddings and
 // of the scale, on fresh random inputs, over the tiling edge cases.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -163,6 +164,29 @@ TEST(FusedContrastive, SingleProcessSameTensorAsLocalAndAll) {
   EXPECT_LE(relative_error(fused_grads[0], texts.grad()), 1e-10);
   EXPECT_LE(relative_error(fused_grads[1], videos.grad()), 1e-10);
   EXPECT_LE(relative_error(fused_grads[2], scale.grad(), 1), 1e-10);
+}
+
+// The gradients are computed in the forward, so a gradient of a gradient (create_graph) would have no
+// second-order terms: refused with a hint, where eager gives a real one (the scale's here).
+TEST(FusedContrastive, DoubleBackwardIsRefusedNotSilentlyZero) {
+  vimo::testing::seed_torch();
+  at::Tensor texts = unit_rows(6, 8).requires_grad_(), videos = unit_rows(6, 8).requires_grad_();
+  at::Tensor scale = at::scalar_tensor(kInitialScale, at::kDouble).requires_grad_();
+  const at::Tensor fused = fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, 3);
+  try {
+    (void)torch::autograd::grad({fused}, {texts}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    ADD_FAILURE() << "double backward through the fused loss was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("double backward (create_graph=true) is not supported"),
+              std::string::npos)
+        << e.what();
+  }
+  const at::Tensor eager =
+      symmetric_infonce(scale * at::mm(texts, videos.t()), scale * at::mm(videos, texts.t()), 0);
+  const at::Tensor dtexts =
+      torch::autograd::grad({eager}, {texts}, {}, /*retain_graph=*/true, /*create_graph=*/true)[0];
+  const at::Tensor second = torch::autograd::grad({dtexts.pow(2).sum()}, {scale})[0];
+  EXPECT_GT(second.abs().item<double>(), 1e-6) << "the eager composition has a second-order term here";
 }
 
 // float32 against the exact (float64) answer for the same float32-rounded inputs. Error budget, with unit

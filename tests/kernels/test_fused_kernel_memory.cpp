@@ -236,4 +236,34 @@ TEST(FusedKernelMemory, ContrastiveExtraMemoryIsInputsPlusOneStrip) {
   }
 }
 
+// Columns whose best score lies more than 40 below the matrix's largest get their log-sum-exp from their own
+// scores (Note [Shared exponentials] in kernels/fused_contrastive.cpp), a strip of rows at a time as well.
+// Unit rows in 64 dimensions score at most ~0.5 against each other, so at scale 100 one matched pair (score
+// 100) leaves nearly every other column far: the case that once built their whole [n, F] block.
+TEST(FusedKernelMemory, ContrastiveFarColumnsStayWithinTheBound) {
+  vimo::testing::seed_torch();
+  counting_allocator();
+  const ContrastiveProblem p{2048, 2048, 64, 0, true};
+  ContrastiveLeaves x = contrastive_leaves(p);
+  {
+    const at::NoGradGuard no_grad;
+    x.video_all.narrow(0, 0, 1).copy_(x.text_all.narrow(0, 0, 1));  // the matched pair: cosine 1
+  }
+  x.scale = at::scalar_tensor(100.0).requires_grad_();
+  const at::Tensor scores = 100 * at::mm(x.text_all.detach(), x.video_all.detach().t());  // [n, N]
+  const int64_t far_columns = (std::get<0>(scores.max(0)) < scores.max() - 40).sum().item<int64_t>();
+  ASSERT_GT(far_columns, p.N / 2) << "the inputs must leave most columns far";
+  double eager_loss = 0, loss = 0;
+  (void)contrastive_peak(x, p, 0, &eager_loss);
+  const int64_t tile = 64;
+  const int64_t peak = contrastive_peak(x, p, tile, &loss);
+  const int64_t bound = contrastive_bound(p, tile);
+  std::printf("[ memory   ] InfoNCE with %lld far columns, tile=%lld: peak %s, bound %s\n",
+              static_cast<long long>(far_columns), static_cast<long long>(tile), mib(peak).c_str(),
+              mib(bound).c_str());
+  EXPECT_NEAR(loss, eager_loss, 1e-4 * std::max(1.0, std::abs(eager_loss)));
+  EXPECT_LE(peak, bound) << "peak " << mib(peak) << " above " << mib(bound) << " with " << far_columns
+                         << " far columns";
+}
+
 }  // namespace

@@ -2,6 +2,7 @@
 // (logits = h·Wᵀ, log_softmax, gather, masked sums, the formula; differentiated by autograd): loss, metrics
 // and the gradients of hidden states and LM head, on fresh random inputs, over the chunking edge cases.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -286,6 +287,16 @@ TEST(FusedLinearDpo, UpstreamGradientScalesTheResult) {
   const at::Tensor loss = vimo::kernels::fused_linear_mcdpo(h, w, x.targets, x.mask, x.reference).loss;
   loss.backward({}, /*retain_graph=*/true);
   EXPECT_THROW(loss.backward(), std::exception);
+  // ... and a gradient of a gradient (create_graph) would have no second-order terms: refused, named.
+  const at::Tensor again = vimo::kernels::fused_linear_mcdpo(h, w, x.targets, x.mask, x.reference).loss;
+  try {
+    (void)torch::autograd::grad({again}, {h}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+    ADD_FAILURE() << "double backward through the fused loss was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("double backward (create_graph=true) is not supported"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 // Note [Threads in the fused LM-head kernel]: pass 1's element work (max, exp, sums of a tile) runs in blocks
