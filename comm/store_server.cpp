@@ -87,6 +87,8 @@ struct StoreServer::State {
   StoreServerOptions options;
   asio::io_context io;  // first member: destroyed last, after everything holding a socket or a timer
   tcp::acceptor acceptor{io};
+  asio::steady_timer accept_retry{io};  // Note [A failed accept]
+  size_t accept_failures = 0;           // in a row
   uint16_t port = 0;
   std::unordered_map<std::string, std::vector<uint8_t>> data;
   std::unordered_map<std::string, std::vector<std::shared_ptr<Waiter>>> waiters_by_key;
@@ -284,15 +286,36 @@ class Session : public std::enable_shared_from_this<Session> {
 
 }  // namespace
 
+// Note [A failed accept]
+// An accept that fails for want of a descriptor or of memory (EMFILE, ENFILE, ENOBUFS, ENOMEM: rank 0 holds
+// a store connection per rank and another per watchdog, so a few hundred ranks reach the usual limit of
+// 1024) leaves the connection queued: accepting again at once fails again at once, forever, at the full speed
+// of a core, with a warning each time, while the sessions already open wait for the io thread. So the next
+// try waits 100 ms (the ranks' clients retry with backoff meanwhile), and the warning is given on the first
+// failure of a run and on every 100th after it.
 void StoreServer::State::accept() {
   acceptor.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
     if (ec == asio::error::operation_aborted) return;
-    if (ec) {
-      spdlog::warn("rendezvous store on port {}: accept failed: {}", port, ec.message());
-    } else {
+    if (!ec) {
+      if (accept_failures > 0) {
+        spdlog::info("rendezvous store on port {}: accepting again after {} failed accepts", port,
+                     accept_failures);
+      }
+      accept_failures = 0;
       std::make_shared<Session>(*this, std::move(socket))->start();
+      accept();
+      return;
     }
-    accept();
+    if (accept_failures++ % 100 == 0) {
+      spdlog::warn(
+          "rendezvous store on port {}: accept failed: {} ({} in a row); trying again every 100 ms. HINT: "
+          "if descriptors ran out, raise the open-file limit (ulimit -n) of rank 0",
+          port, ec.message(), accept_failures);
+    }
+    accept_retry.expires_after(std::chrono::milliseconds(100));
+    accept_retry.async_wait([this](boost::system::error_code waited) {
+      if (!waited) accept();
+    });
   });
 }
 

@@ -9,6 +9,7 @@
 #include <poll.h>
 #include <spdlog/sinks/base_sink.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,7 +18,9 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -668,6 +671,64 @@ TEST(Store, AConnectionToItselfIsRecognized) {
   EXPECT_FALSE(vimo::comm::store_detail::connected_to_itself(accepted));
   close(accepted);
   close(client);
+}
+
+// Note [A failed accept]: with rank 0 out of descriptors, an accept fails while its connection stays queued.
+// The server must neither spin on it (before: a warning per failure, about a million lines in 3 s at a full
+// core) nor give up: once descriptors are free again, a client is served. The server runs in a child whose
+// open-file limit leaves room for 24 more descriptors; the parent holds 80 connections to it for a second.
+TEST(Store, AcceptFailingForWantOfDescriptorsNeitherSpinsNorStops) {
+  int to_parent[2], to_child[2];
+  ASSERT_EQ(pipe(to_parent), 0);
+  ASSERT_EQ(pipe(to_child), 0);
+  const pid_t child = fork();
+  if (child == 0) {
+    int64_t warnings = -1;
+    {
+      LogCapture log;
+      const auto open_now = static_cast<rlim_t>(std::distance(
+          std::filesystem::directory_iterator("/proc/self/fd"), std::filesystem::directory_iterator{}));
+      const rlimit limit{open_now + 24, open_now + 24};
+      if (setrlimit(RLIMIT_NOFILE, &limit) != 0) _exit(2);
+      StoreServer server(server_options());
+      const uint16_t port = server.port();
+      if (write(to_parent[1], &port, sizeof(port)) != sizeof(port)) _exit(3);
+      char go = 0;
+      if (read(to_child[0], &go, 1) != 1) _exit(4);  // the parent is done
+      warnings = 0;
+      for (const std::string& line : log.lines()) warnings += line.find("accept failed") != std::string::npos;
+    }
+    if (write(to_parent[1], &warnings, sizeof(warnings)) != sizeof(warnings)) _exit(5);
+    _exit(0);
+  }
+  uint16_t port = 0;
+  ASSERT_EQ(read(to_parent[0], &port, sizeof(port)), static_cast<ssize_t>(sizeof(port)));
+  std::vector<int> held;
+  for (int i = 0; i < 80; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0) << std::strerror(errno);
+    held.push_back(fd);
+  }
+  std::this_thread::sleep_for(1s);  // the server runs out of descriptors, again and again
+  for (const int fd : held) close(fd);
+  {
+    StoreClient client(client_options(port, 0));
+    client.set("after", bytes("descriptors"));
+    EXPECT_EQ(text(client.get("after", 1s)), "descriptors");
+  }
+  EXPECT_EQ(write(to_child[1], "x", 1), 1);
+  int64_t warnings = -1;
+  EXPECT_EQ(read(to_parent[0], &warnings, sizeof(warnings)), static_cast<ssize_t>(sizeof(warnings)));
+  int status = 0;
+  waitpid(child, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+  EXPECT_GE(warnings, 1) << "the failed accepts must be reported";
+  EXPECT_LE(warnings, 3) << "one warning, then one per 100 failures (10 a second)";
+  for (const int fd : {to_parent[0], to_parent[1], to_child[0], to_child[1]}) close(fd);
 }
 
 }  // namespace
