@@ -114,12 +114,30 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
   // Accepting the higher ranks: each connection must open with a valid hello within the deadline.
   tcp::acceptor& acceptor = *seed.acceptor;
   std::vector<bool> claimed(static_cast<size_t>(ranks), false);  // a higher rank's hello was acked
+  // A failed accept (out of descriptors, say) leaves its connection queued: accepting again at once would
+  // spin, and not again would leave every higher rank unconnected. So the next try waits 100 ms (Note [A
+  // failed accept] in comm/store_server.cpp), and a rank missing at the deadline is named with the failure.
+  asio::steady_timer accept_retry(*io_);
+  std::string accept_failure;  // the last failed accept's error, or empty
   std::function<void()> accept_next = [&] {
     if (!forming) return;
     auto socket = std::make_shared<tcp::socket>(*io_);
     handshakes.push_back(socket);
     acceptor.async_accept(*socket, [&, socket](boost::system::error_code ec) {
-      if (ec || !forming) return;
+      if (!forming || ec == asio::error::operation_aborted) return;
+      if (ec) {
+        if (accept_failure.empty()) {
+          spdlog::warn(
+              "[rank {}] TCP communicator: accepting a connection failed: {}; trying again every 100 ms",
+              rank_, ec.message());
+        }
+        accept_failure = ec.message();
+        accept_retry.expires_after(std::chrono::milliseconds(100));
+        accept_retry.async_wait([&](boost::system::error_code waited) {
+          if (!waited) accept_next();
+        });
+        return;
+      }
       accept_next();
       auto hello = std::make_shared<std::array<uint8_t, kHelloBytes>>();
       asio::async_read(
@@ -281,6 +299,7 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
   forming = false;
   boost::system::error_code ignored;
   acceptor.close(ignored);
+  accept_retry.cancel();
   for (auto& timer : timers) timer->cancel();
   for (auto& weak : handshakes) {
     if (auto socket = weak.lock()) socket->close(ignored);
@@ -300,7 +319,11 @@ Mesh::Mesh(MeshSeed seed, int size, std::vector<Listener> known, uint64_t mesh_i
     for (int r = 0; r < ranks; ++r) {
       if (r == rank_ || peers_[static_cast<size_t>(r)]) continue;
       std::string text = name(r);
-      if (auto it = last_error.find(r); it != last_error.end()) text += ": " + it->second;
+      if (auto it = last_error.find(r); it != last_error.end()) {
+        text += ": " + it->second;
+      } else if (r > rank_ && !accept_failure.empty()) {
+        text += ": this rank could not accept connections (" + accept_failure + ")";
+      }
       absent.push_back(text);
     }
     throw std::runtime_error(fmt::format(

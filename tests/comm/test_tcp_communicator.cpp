@@ -5,9 +5,11 @@
 // naming it, instead of waiting for the timeout; and a rank that never comes is named when forming times out.
 #include <ATen/CPUGeneratorImpl.h>
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -19,6 +21,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -292,6 +295,49 @@ TEST(TcpCommunicator, MessagesSentAheadAreHeldUpToABoundPerPeer) {
           << receiver;
     }
   }
+}
+
+// Rank 0 runs out of descriptors just as the others connect to it: its accepts fail, with the connections
+// left queued. It must try again (every 100 ms) rather than stop accepting, which left the mesh unformed
+// until the deadline, or spin: once descriptors are free again the mesh forms, and the failure is logged.
+TEST(TcpCommunicator, AnAcceptThatFailsForWantOfDescriptorsIsTriedAgain) {
+  const auto dir = vimo::testing::fresh_test_dir("tcp", "descriptors");
+  const Store store;
+  const std::string key = "tcp/descriptors";
+  const std::vector<int> statuses = run_ranks(3, dir, 60s, [&](int rank) -> std::string {
+    auto client = store.connect(rank);
+    std::vector<int> dummies;
+    std::thread filler;
+    if (rank == 0) {
+      const auto open_now = static_cast<rlim_t>(std::distance(
+          std::filesystem::directory_iterator("/proc/self/fd"), std::filesystem::directory_iterator{}));
+      const rlimit limit{open_now + 64, open_now + 64};
+      if (setrlimit(RLIMIT_NOFILE, &limit) != 0) return "setrlimit failed";
+      filler = std::thread([&] {
+        auto own = store.connect(0);
+        (void)listening_port(*own, key);  // rank 0 listens: from here on it only accepts
+        for (int fd = ::open("/dev/null", O_RDONLY); fd >= 0; fd = ::open("/dev/null", O_RDONLY)) {
+          dummies.push_back(fd);
+        }
+        own->set(key + "/filled", {});
+        std::this_thread::sleep_for(1s);  // the others' connections wait in the queue meanwhile
+        for (const int fd : dummies) ::close(fd);
+      });
+    } else {
+      client->get(key + "/filled", 30s);
+    }
+    auto comm = vimo::comm::make_tcp_communicator(*client, key, rank, 3, kToken, 10s);
+    if (filler.joinable()) filler.join();
+    at::Tensor x = at::full({3}, rank + 1.0);
+    comm->allreduce(x, ReduceOp::Sum);
+    return fmt::format("held {} descriptors; sum {}", dummies.size(), x[0].item<double>());
+  });
+  EXPECT_EQ(statuses, (std::vector<int>{0, 0, 0}))
+      << read_file(dir / "rank0.txt") << read_file(dir / "rank1.txt");
+  EXPECT_NE(read_file(dir / "rank0.txt").find("sum 6"), std::string::npos) << read_file(dir / "rank0.txt");
+  EXPECT_EQ(read_file(dir / "rank0.txt").find("held 0 "), std::string::npos) << "no descriptor was taken";
+  const std::string log = read_file(dir / "rank0.err");
+  EXPECT_NE(log.find("accepting a connection failed: Too many open files"), std::string::npos) << log;
 }
 
 }  // namespace
