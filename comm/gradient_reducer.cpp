@@ -346,9 +346,10 @@ void GradientReducer::on_gradient_ready(size_t param) {
   if (!require_sync_) return;  // a no_sync micro-step: the gradient stays in .grad(), accumulating
   step_started_ = true;
   ready_[param] = true;
-  const at::Tensor& grad = params_[param].grad();
-  TORCH_INTERNAL_ASSERT(grad.defined(), "AccumulateGrad ran, so the gradient is there");
-  copy_into_bucket(param, grad);
+  // Undefined when autograd delivered no gradient (a custom backward may return none for an input):
+  // AccumulateGrad then leaves .grad() alone, and the slot takes what earlier micro-steps accumulated or
+  // zeros, as for a parameter without a gradient (Note [Parameters without a gradient]).
+  copy_into_bucket(param, params_[param].grad());
   Bucket& bucket = buckets_[slot_of_[param].first];
   if (--bucket.pending == 0) launch_ready_buckets();
   poke_progress();
@@ -461,6 +462,12 @@ void GradientReducer::finalize() {
   for (size_t param = 0; param < params_.size(); ++param) {
     at::Tensor& grad = params_[param].mutable_grad();
     const at::Tensor& average = slots_[param];
+    if (!params_[param].requires_grad()) {
+      // Frozen since the reducer was made: its slot was still reduced (every rank runs the same collectives),
+      // but it gets no gradient, as in one process, where the optimizer then leaves it alone.
+      if (grad.is_same(average)) grad = at::Tensor();
+      continue;
+    }
     if (grad.is_same(average)) continue;  // Note [Gradients as views of their bucket]: already there
     if (grad_as_view_) {
       grad = average;

@@ -62,6 +62,15 @@ ZeroAdamW::ZeroAdamW(std::vector<std::pair<std::string, at::Tensor>> parameters,
 double ZeroAdamW::step(double lr, double max_norm) {
   at::NoGradGuard no_grad;
   const int64_t ranks = comm_->size();
+  // The parameters are the truth between steps: weights loaded after construction (a resume, init_from) or
+  // changed since the last step must be what this step updates, so this rank's shard is taken from them
+  // again (1/DP of their bytes). The AdamWs' parameters view shard_params_, so copying into it updates them.
+  const int64_t begin = comm_->rank() * shard_;
+  for (const Segment& s : segments_) {
+    const at::Tensor& p = parameters_[s.parameter].second;
+    shard_params_.narrow(0, s.first - begin, s.last - s.first)
+        .copy_(p.detach().reshape(-1).narrow(0, s.first - offsets_[s.parameter], s.last - s.first));
+  }
   // One flat buffer reused every step: a fresh one would pay its page faults each time (see
   // Communicator::allgather_into).
   if (!flat_buffer_.defined()) flat_buffer_ = at::empty({ranks * shard_}, shard_grads_.options());

@@ -6,6 +6,7 @@
 // against AdamW on the reducer's averaged gradients, with 1/DP of its optimizer state per rank.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
 #include <cmath>
@@ -284,6 +285,46 @@ TEST(ReducerEmptyParameter, AnEmptyBucketIsReducedThroughEitherTransport) {
   }
 }
 
+// A custom backward may return no gradient for an input: AccumulateGrad leaves .grad() alone, and the reducer
+// takes the parameter as one without a gradient (zeros in the average) instead of failing backward.
+struct NoGradient : torch::autograd::Function<NoGradient> {
+  static at::Tensor forward(torch::autograd::AutogradContext* /*ctx*/, const at::Tensor& x) {
+    return x.clone();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* /*ctx*/,
+                                                 torch::autograd::variable_list /*grads*/) {
+    return {at::Tensor()};
+  }
+};
+
+TEST(ReducerUndefinedGradient, AGradientAutogradDidNotDeliverCountsAsZero) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  at::Tensor p = at::zeros({5}, at::kDouble).requires_grad_();
+  at::Tensor q = at::zeros({3}, at::kDouble).requires_grad_();
+  GradientReducer reducer({p, q}, mpi_world(), {});
+  ((p * static_cast<double>(rank + 1)).sum() + NoGradient::apply(q).sum()).backward();
+  reducer.finalize();
+  EXPECT_TRUE(p.grad().eq((ranks + 1) / 2.0).all().item<bool>());
+  ASSERT_TRUE(q.grad().defined());
+  EXPECT_TRUE(q.grad().eq(0).all().item<bool>());
+}
+
+// A parameter frozen after the reducer was made gets no gradient, as in one process (AdamW then leaves it
+// alone, instead of decaying it and applying its old momentum), while the others are averaged as before.
+TEST(ReducerFrozenParameter, AParameterFrozenAfterConstructionGetsNoGradient) {
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  at::Tensor p = at::ones({4}, at::kDouble).requires_grad_();
+  at::Tensor frozen = at::ones({4}, at::kDouble).requires_grad_();
+  GradientReducer reducer({p, frozen}, mpi_world(), {});
+  frozen.requires_grad_(false);
+  for (int step = 0; step < 2; ++step) {
+    ((p * frozen).sum() * static_cast<double>(rank + 1)).backward();
+    reducer.finalize();
+    EXPECT_TRUE(p.grad().eq((step + 1) * (ranks + 1) / 2.0).all().item<bool>()) << "step " << step;
+    EXPECT_FALSE(frozen.grad().defined()) << "step " << step;
+  }
+}
+
 // Note [Gradients as views of their bucket]: after finalize() the parameters of one bucket have gradients
 // that share its memory (and with the option off, their own). A second step without clearing them adds into
 // those views in place, and must give the first average plus the second; destroying the reducer (whose
@@ -471,14 +512,20 @@ TEST(ReducerErrors, DestroyedInFlightEveryRankKeepsTheSameAverage) {
 }
 
 // Float64: ZeRO's reduce-scatter and the reducer's all-reduce add the ranks' gradients in their own orders.
+// The sharded model's weights are loaded after its optimizer is made, as a resume and init_from do: the
+// steps must update the loaded weights (they once updated the ones the optimizer had copied when made).
 TEST(ZeroOne, MatchesAdamWOnAveragedGradientsWithOneShardOfTheState) {
   const uint64_t seed = shared_seed();
   const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
   const int64_t per_rank = 3;
-  Mlp unsharded(seed), sharded(seed);
+  Mlp unsharded(seed), sharded(seed + 1);
   GradientReducer reducer(unsharded.params(), mpi_world(), {2097 / 1048576.0, 105 / 1048576.0});
   vimo::trainer::AdamW adamw(unsharded.named, {});
   vimo::trainer::ZeroAdamW zero(sharded.named, mpi_world(), {});
+  {
+    const at::NoGradGuard no_grad;
+    for (size_t i = 0; i < sharded.named.size(); ++i) sharded.named[i].second.copy_(unsharded[i]);
+  }
   for (int step = 0; step < 4; ++step) {
     const Batch batch = global_batch(seed + 1 + step, per_rank * ranks);
     const Batch mine = batch.rows(rank * per_rank, per_rank);

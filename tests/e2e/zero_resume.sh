@@ -3,7 +3,8 @@
 # to 1e-4 relative (the averaged gradients are the same sums; only the clipping norm is summed in another
 # order, which moves float32 values by an ulp now and then), and rank 0 holds about half of AdamW's moments.
 # A ZeRO run stopped after 8 steps resumes on 4 ranks without ZeRO (its checkpoint holds whole moments) and
-# ends with the losses of the straight ZeRO run, to 1e-4 relative (4 ranks average in another order).
+# ends with the losses of the straight ZeRO run, to 1e-4 relative (4 ranks average in another order); so does
+# one resumed with ZeRO on 2 ranks.
 source "$(dirname "$0")/common.sh"
 config="$source_dir/configs/demo/retriever_action.yaml"
 run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/adamw" | tee "$work/adamw.log"
@@ -32,4 +33,13 @@ run_ranks 4 train "$config" $tiny train.steps=16 train.out_dir="$work/moved" --r
 grep -q "resumed from .*step_00000008 (step 8, now on 4 ranks)" "$work/moved.log" || fail "no resume on 4 ranks"
 losses "$work/moved/metrics.jsonl" > "$work/moved.losses"
 close "$work/zero.losses" "$work/moved.losses" || fail "losses after moving the ZeRO checkpoint to 4 ranks differ"
+# A ZeRO run stopped after 8 steps resumes with ZeRO on the same 2 ranks and ends with the straight ZeRO
+# run's losses: the resumed optimizer must update the loaded weights (it once updated the ones it had copied
+# when it was made, before the checkpoint was loaded).
+run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/again" optim.zero_stage=1 train.stop_after=8
+run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/again" optim.zero_stage=1 --resume |
+  tee "$work/again.log"
+grep -q "resumed from .*step_00000008" "$work/again.log" || fail "no resume of the ZeRO run with ZeRO"
+losses "$work/again/metrics.jsonl" > "$work/again.losses"
+close "$work/zero.losses" "$work/again.losses" || fail "losses after resuming with ZeRO differ from the straight run"
 echo "1 passed, 0 failed"
