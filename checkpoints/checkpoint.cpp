@@ -115,6 +115,20 @@ nlohmann::json verify(const fs::path& directory) {
   return manifest;
 }
 
+// Deletes `dir` (a step directory, or a .step_N.old standing in for one) without ever leaving it half-deleted
+// under a name that list_step_directories shows: it is first renamed to a leftover name that no listing
+// takes and clean_up_crashed_saves removes (".step_N.deleting.tmp", ".step_N.old.deleting.tmp"), so a kill in
+// the middle of the deletion leaves only that. A half-deleted .step_N.old, say, would otherwise stand in for
+// step N once step_N is gone (Note [A re-save cut between its two renames]).
+void delete_out_of_sight(const fs::path& dir) {
+  std::string name = dir.filename().string();
+  if (name.front() != '.') name.insert(0, ".");
+  const fs::path doomed = dir.parent_path() / (name + ".deleting.tmp");
+  fs::remove_all(doomed);
+  fs::rename(dir, doomed);
+  fs::remove_all(doomed);
+}
+
 }  // namespace
 
 std::vector<std::string> list_step_directories(const std::string& root) {
@@ -148,7 +162,9 @@ CheckpointManager::CheckpointManager(std::string root, int64_t keep, std::shared
 // renames it back before anything else. Other leftovers of crashed saves (.step_*.tmp, a .step_N.old beside
 // its step_N) are deleted then: only rank 0 writes, one save at a time.
 void CheckpointManager::clean_up_crashed_saves() const {
-  for (const auto& entry : fs::directory_iterator(root_)) {
+  std::vector<fs::directory_entry> entries;  // listed first: the loop renames and deletes among them
+  for (const auto& entry : fs::directory_iterator(root_)) entries.push_back(entry);
+  for (const auto& entry : entries) {
     const std::string name = entry.path().filename().string();
     if (!entry.is_directory() || name.rfind(".step_", 0) != 0 || name.size() < 5) continue;
     const std::string suffix = name.substr(name.size() - 4);
@@ -169,7 +185,11 @@ void CheckpointManager::clean_up_crashed_saves() const {
       continue;
     }
     std::cerr << "[vimo] removing " << entry.path().string() << ", left by a crashed checkpoint save\n";
-    fs::remove_all(entry.path());
+    if (suffix == ".old") {
+      delete_out_of_sight(entry.path());
+    } else {
+      fs::remove_all(entry.path());
+    }
   }
   fsync_path(root_);
 }
@@ -209,10 +229,10 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
           fs::remove_all(temp_dir);
         } else if (!exchange_allowed() || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
           const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
-          fs::remove_all(old_dir);
+          if (fs::exists(old_dir)) delete_out_of_sight(old_dir);
           fs::rename(final_dir, old_dir);
           fs::rename(temp_dir, final_dir);
-          fs::remove_all(old_dir);
+          delete_out_of_sight(old_dir);
         } else {
           throw std::runtime_error(fmt::format("cannot swap {} into {}: {}", temp_dir.string(),
                                                final_dir.string(), std::strerror(errno)));
@@ -246,7 +266,7 @@ void CheckpointManager::prune(int64_t saved_step) const {
     if (step_of(dir) < saved_step && fs::exists(fs::path(dir) / kManifest)) older.push_back(dir);
   }
   const size_t kept = static_cast<size_t>(std::max<int64_t>(keep_ - 1, 0));
-  for (size_t i = 0; i + kept < older.size(); ++i) fs::remove_all(older[i]);
+  for (size_t i = 0; i + kept < older.size(); ++i) delete_out_of_sight(older[i]);
 }
 
 std::optional<std::string> CheckpointManager::latest_valid(const std::string& root) {

@@ -46,6 +46,15 @@ const std::string kToken = "job-42-secret";
 std::vector<uint8_t> bytes(std::string_view text) { return {text.begin(), text.end()}; }
 std::string text(const std::vector<uint8_t>& data) { return {data.begin(), data.end()}; }
 
+// 127.0.0.1:port (0: any port, for bind).
+sockaddr_in loopback(uint16_t port = 0) {
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  return address;
+}
+
 StoreServerOptions server_options() {
   StoreServerOptions options;
   options.host = "127.0.0.1";
@@ -110,10 +119,7 @@ bool eventually(const std::function<bool()>& condition, std::chrono::millisecond
 class RawPeer {
  public:
   explicit RawPeer(uint16_t port) : fd_(socket(AF_INET, SOCK_STREAM, 0)) {
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sockaddr_in address = loopback(port);
     connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
     const timeval limit{3, 0};  // a server that never answers fails the test instead of hanging it
     setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof(limit));
@@ -225,9 +231,7 @@ class RawListener {
     // sockets set the option.
     const int reuse = 1;
     setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &reuse, sizeof(reuse));
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sockaddr_in address = loopback();
     bound_ = bind(fd_, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0;
     socklen_t length = sizeof(address);
     getsockname(fd_, reinterpret_cast<sockaddr*>(&address), &length);
@@ -522,9 +526,7 @@ TEST(Store, ServerGoingAwayFailsAWaitingClient) {
 TEST(Store, ConnectingToNothingRetriesUntilTheDeadline) {
   // A port that was free a moment ago: bind an ephemeral one and release it.
   const int probe = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sockaddr_in address = loopback();
   ASSERT_EQ(bind(probe, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
   socklen_t length = sizeof(address);
   ASSERT_EQ(getsockname(probe, reinterpret_cast<sockaddr*>(&address), &length), 0);
@@ -649,9 +651,7 @@ TEST(Store, AServerComingUpDuringTheBackoffIsReached) {
 // check must see it, and must not see it in an ordinary connection's ends or in a socket never connected.
 TEST(Store, AConnectionToItselfIsRecognized) {
   const int self = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sockaddr_in address = loopback();
   ASSERT_EQ(bind(self, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0);
   socklen_t length = sizeof(address);
   getsockname(self, reinterpret_cast<sockaddr*>(&address), &length);
@@ -706,10 +706,7 @@ TEST(Store, AcceptFailingForWantOfDescriptorsNeitherSpinsNorStops) {
   std::vector<int> held;
   for (int i = 0; i < 80; ++i) {
     const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    sockaddr_in address = loopback(port);
     EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)), 0) << std::strerror(errno);
     held.push_back(fd);
   }
