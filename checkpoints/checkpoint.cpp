@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -280,6 +281,44 @@ std::optional<std::string> CheckpointManager::latest_valid(const std::string& ro
     }
   }
   return std::nullopt;
+}
+
+// Note [One checkpoint for every rank]
+// Each rank looking for the newest checkpoint on its own can find different ones: an out_dir that is local to
+// each node (a relative path on node-local disks), or a file that one rank cannot read, leaves some ranks
+// resuming from step N and others from an older step or from scratch. Plain AdamW then stops at the first
+// check of the replicas, with a misleading message; ZeRO-1 trains on silently with a half-loaded model. So
+// rank 0 picks the directory, broadcasts its path, and every rank verifies that very checkpoint; when any
+// cannot, all fail together, naming those ranks and the path.
+std::optional<std::string> CheckpointManager::agreed_latest_valid(
+    const std::string& root, const std::shared_ptr<comm::Communicator>& comm) {
+  if (!comm || comm->size() == 1) return latest_valid(root);
+  std::string chosen = comm->rank() == 0 ? latest_valid(root).value_or("") : "";
+  at::Tensor length = at::full({1}, static_cast<int64_t>(chosen.size()), at::kLong);
+  comm->broadcast(length, 0);
+  if (length.item<int64_t>() == 0) return std::nullopt;
+  at::Tensor bytes = at::zeros({length.item<int64_t>()}, at::kByte);
+  if (comm->rank() == 0) std::memcpy(bytes.data_ptr(), chosen.data(), chosen.size());
+  comm->broadcast(bytes, 0);
+  chosen.assign(static_cast<const char*>(bytes.data_ptr()), static_cast<size_t>(bytes.numel()));
+  std::string problem;
+  try {
+    verify(chosen);
+  } catch (const std::exception& e) {
+    problem = e.what();
+  }
+  const at::Tensor failed =
+      comm->allgather(at::full({1}, problem.empty() ? 0 : 1, at::kLong));  // [ranks]: 1 where it failed
+  std::vector<int> ranks;
+  for (int r = 0; r < comm->size(); ++r) {
+    if (failed[r].item<int64_t>() != 0) ranks.push_back(r);
+  }
+  if (ranks.empty()) return chosen;
+  throw std::runtime_error(fmt::format(
+      "[rank {}] cannot resume: rank 0 resumes from {}, but rank(s) {} cannot read it{}. HINT: every rank "
+      "must "
+      "see the same train.out_dir (a shared filesystem, or an absolute path that is the same on every node)",
+      comm->rank(), chosen, fmt::join(ranks, ", "), problem.empty() ? "" : " (here: " + problem + ")"));
 }
 
 Checkpoint CheckpointManager::load(const std::string& directory) {

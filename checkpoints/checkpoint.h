@@ -48,6 +48,12 @@ class CheckpointManager {
   // The newest step directory under `root` that verifies, skipping (and logging to stderr) corrupt ones.
   static std::optional<std::string> latest_valid(const std::string& root);
 
+  // The same chosen once for every rank of `comm` (null: one process), a collective: rank 0 picks it, and
+  // every rank checks that it reads that very directory. Throws on every rank, naming the ranks that cannot,
+  // otherwise (Note [One checkpoint for every rank]). nullopt when rank 0 finds none.
+  static std::optional<std::string> agreed_latest_valid(const std::string& root,
+                                                        const std::shared_ptr<comm::Communicator>& comm);
+
   // Verifies the manifest's sizes and checksums and reads the checkpoint; throws naming the file on error.
   static Checkpoint load(const std::string& directory);
 

@@ -290,7 +290,7 @@ TrainResult train_retriever(const Config& config, bool resume,
 
   int64_t start_step = 0;
   std::optional<std::string> resume_from =
-      resume ? checkpoints::CheckpointManager::latest_valid(checkpoints.root()) : std::nullopt;
+      resume ? checkpoints::CheckpointManager::agreed_latest_valid(checkpoints.root(), comm) : std::nullopt;
   if (resume && !resume_from) {
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   }
