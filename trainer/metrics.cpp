@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 
 namespace vimo::trainer {
 
@@ -22,8 +24,28 @@ ProgressLog::ProgressLog(const std::string& jsonl_path, int64_t first_step, int6
       start_(std::chrono::steady_clock::now()) {
   if (is_main_ && !jsonl_path.empty()) {
     std::filesystem::create_directories(std::filesystem::path(jsonl_path).parent_path());
+    keep_records_up_to(jsonl_path, first_step);
     jsonl_.open(jsonl_path, std::ios::app);
   }
+}
+
+// A run that resumes from step S continues the log after S: records of later steps (a run that went on past
+// the checkpoint it resumes from, then died) would repeat those steps, and a cut last line would stay. A
+// fresh run (S = 0) starts a new log. Rewritten through a temporary file and a rename.
+void ProgressLog::keep_records_up_to(const std::string& jsonl_path, int64_t step) {
+  if (!std::filesystem::exists(jsonl_path)) return;
+  std::ifstream in(jsonl_path);
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (step > 0 && record.is_object() && record.contains("step") && record["step"].is_number_integer() &&
+        record["step"].get<int64_t>() <= step) {
+      kept += line + "\n";
+    }
+  }
+  const std::string temporary = jsonl_path + ".tmp";
+  std::ofstream(temporary, std::ios::trunc) << kept;
+  std::filesystem::rename(temporary, jsonl_path);
 }
 
 void ProgressLog::record(const StepMetrics& m, bool print) {

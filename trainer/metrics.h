@@ -23,7 +23,8 @@ struct StepMetrics {
 
 class ProgressLog {
  public:
-  // Only `is_main` prints and writes. `jsonl_path` is appended to (created with its directory).
+  // Only `is_main` prints and writes. `jsonl_path` (created with its directory) keeps the records up to
+  // `first_step`, the step a resumed run continues from (none for a fresh run), and is appended to.
   ProgressLog(const std::string& jsonl_path, int64_t first_step, int64_t total_steps, bool is_main);
   // Records every step; prints a line when `print` is true (log_every, first and last steps).
   void record(const StepMetrics& metrics, bool print);
@@ -31,6 +32,7 @@ class ProgressLog {
   void record_json(const std::string& json_object);
 
  private:
+  static void keep_records_up_to(const std::string& jsonl_path, int64_t step);
   bool is_main_;
   int64_t first_step_, total_steps_;
   std::ofstream jsonl_;

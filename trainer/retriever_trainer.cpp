@@ -289,8 +289,18 @@ TrainResult train_retriever(const Config& config, bool resume,
   const std::string config_yaml = to_yaml(config);
 
   int64_t start_step = 0;
-  std::optional<std::string> resume_from =
-      resume ? checkpoints::CheckpointManager::agreed_latest_valid(checkpoints.root(), comm) : std::nullopt;
+  const std::optional<std::string> existing =
+      checkpoints::CheckpointManager::agreed_latest_valid(checkpoints.root(), comm);
+  if (!resume && existing) {
+    // A fresh run beside another run's checkpoints would mix with them, and a later --resume would pick up
+    // whichever is newest, the other run's included.
+    throw std::runtime_error(
+        fmt::format("train.out_dir {} already holds checkpoints (the newest: {}). HINT: add --resume to "
+                    "continue that run, "
+                    "or give this one another train.out_dir (or delete {})",
+                    t.out_dir, *existing, checkpoints.root()));
+  }
+  std::optional<std::string> resume_from = resume ? existing : std::nullopt;
   if (resume && !resume_from) {
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   }
@@ -328,6 +338,7 @@ TrainResult train_retriever(const Config& config, bool resume,
 
   ProgressLog log(t.out_dir + "/metrics.jsonl", start_step, t.steps, is_main(comm));
   TrainResult result;
+  result.last_step = start_step;  // a resumed run with no step left reports its checkpoint's step
   int64_t total_corrupt = 0;
   for (int64_t step = start_step + 1; step <= t.steps; ++step) {
     const Clock::time_point step_start = Clock::now();
@@ -366,7 +377,9 @@ TrainResult train_retriever(const Config& config, bool resume,
           save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
       say(comm, "saved checkpoint " + dir);
     }
-    if (t.eval_every > 0 && step % t.eval_every == 0 && !last) {
+    // Not at the last step, which the held-out test covers; but at train.stop_after too, as the run that
+    // does not stop there evaluates it.
+    if (t.eval_every > 0 && step % t.eval_every == 0 && step != t.steps) {
       const RetrievalMetrics m = evaluate_retrieval(model, test_set, comm);
       say(comm, fmt::format("eval step {}: {}", step, m.summary()));
       log.record_json(fmt::format("{{\"step\": {}, \"eval\": {}}}", step, m.json()));

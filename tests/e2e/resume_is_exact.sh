@@ -5,18 +5,38 @@
 # the sampler position exactly. Ranks that see different checkpoints refuse to resume, naming the others.
 source "$(dirname "$0")/common.sh"
 config="$source_dir/configs/demo/retriever_action.yaml"
-run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/straight"
-run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/resumed" train.stop_after=8
+run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/straight" train.eval_every=4
+run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/resumed" train.eval_every=4 train.stop_after=8
 [ -f "$work/resumed/checkpoints/step_00000008/manifest.json" ] || fail "no checkpoint at the stop step"
 [ "$(losses "$work/resumed/metrics.jsonl" | wc -l)" -eq 8 ] || fail "the stopped run did not stop after 8 steps"
-run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/resumed" --resume | tee "$work/resume.log"
+run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/resumed" train.eval_every=4 --resume |
+  tee "$work/resume.log"
 grep -q "resumed from .*step_00000008 (step 8" "$work/resume.log" || fail "the run did not resume from step 8"
 diff <(losses "$work/straight/metrics.jsonl") <(losses "$work/resumed/metrics.jsonl") || fail "losses differ after resume"
+# The evaluations too (steps 4, 8, 12), the one at the stop step included.
+evals() { grep -o '"step": [0-9]*, "eval"' "$1" | tr -dc '0-9\n'; }
+diff <(evals "$work/straight/metrics.jsonl") <(evals "$work/resumed/metrics.jsonl") || fail "evaluations differ after resume"
+[ "$(evals "$work/straight/metrics.jsonl" | wc -l)" -eq 3 ] || fail "expected evaluations at steps 4, 8 and 12"
+# A run that went on past its last checkpoint and died resumes from that checkpoint: its log then holds each
+# step once, as the straight run's (the records after the checkpoint are dropped, not repeated).
+died=(train "$config" $tiny train.steps=16 train.out_dir="$work/died" train.eval_every=4 train.checkpoint_every=4)
+run_ranks 2 "${died[@]}" train.stop_after=6 > /dev/null
+rm -rf "$work/died/checkpoints/step_00000006"  # as if it died after step 6, before saving
+run_ranks 2 "${died[@]}" --resume | tee "$work/died.log"
+grep -q "resumed from .*step_00000004 (step 4" "$work/died.log" || fail "the run did not resume from step 4"
+diff <(losses "$work/straight/metrics.jsonl") <(losses "$work/died/metrics.jsonl") || fail "the log repeats steps"
+diff <(evals "$work/straight/metrics.jsonl") <(evals "$work/died/metrics.jsonl") || fail "the log repeats evaluations"
 [ "$(losses "$work/straight/metrics.jsonl" | wc -l)" -eq 16 ] || fail "expected 16 logged steps"
 # Loss must fall (first vs last step of the straight run).
 first=$(losses "$work/straight/metrics.jsonl" | head -1 | cut -d' ' -f2)
 last=$(losses "$work/straight/metrics.jsonl" | tail -1 | cut -d' ' -f2)
 python3 -c "import sys; sys.exit(0 if $last < $first else 1)" || fail "loss did not fall ($first -> $last)"
+# A fresh run (no --resume) refuses an out_dir that holds checkpoints, which it would mix with.
+if run_ranks 2 train "$config" $tiny train.steps=16 train.out_dir="$work/resumed" > "$work/fresh.log" 2>&1; then
+  fail "a fresh run started beside another run's checkpoints"
+fi
+grep -q "already holds checkpoints (the newest: .*step_00000016). HINT: add --resume" "$work/fresh.log" ||
+  fail "the refusal did not say why: $(tail -3 "$work/fresh.log")"
 # Every rank resumes from the checkpoint rank 0 picks, or none does (Note [One checkpoint for every rank]):
 # with a relative out_dir and each rank in a working directory of its own, as on node-local disks, only rank 0
 # sees the checkpoint, and both ranks fail naming rank 1 instead of training from different steps.
