@@ -4,13 +4,17 @@
 
 #include <ATen/Parallel.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/utils.h>
+#include <yaml-cpp/yaml.h>
 
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <vector>
 
 #include "checkpoints/checkpoint.h"
 #include "comm/gradient_reducer.h"
@@ -163,11 +167,39 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
   return checkpoints.save(step, state, loader_json, config_yaml);
 }
 
-// Restores model, AdamW moments and sampler position from `directory`; returns its step.
+// The model.* keys whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in the
+// checkpoint, 2 now". A resumed run must build the model it saved: shapes are checked when the tensors
+// load, but not the rest (a scale, a clamp, dropout), which would change the run silently.
+std::vector<std::string> model_differences(const std::string& saved_yaml, const std::string& current_yaml) {
+  const YAML::Node saved = YAML::Load(saved_yaml)["model"], current = YAML::Load(current_yaml)["model"];
+  std::map<std::string, std::pair<std::string, std::string>> values;  // key -> (saved, current)
+  const auto text = [](const YAML::Node& node) { return YAML::Dump(node); };
+  for (const auto& entry : saved) values[entry.first.as<std::string>()].first = text(entry.second);
+  for (const auto& entry : current) values[entry.first.as<std::string>()].second = text(entry.second);
+  std::vector<std::string> differences;
+  for (const auto& [key, pair] : values) {
+    if (pair.first == pair.second) continue;
+    differences.push_back(fmt::format("model.{}: {} in the checkpoint, {} now", key,
+                                      pair.first.empty() ? "(absent)" : pair.first,
+                                      pair.second.empty() ? "(absent)" : pair.second));
+  }
+  return differences;
+}
+
+// Restores model, AdamW moments and sampler position from `directory`; returns its step. `config_yaml` is
+// this run's resolved config, whose model.* keys must be the checkpoint's.
 int64_t restore_training_state(const std::string& directory, const std::string& stage,
-                               models::GeminiMVR& model, RunOptimizer& optimizer,
-                               data::StreamingLoader& loader) {
+                               const std::string& config_yaml, models::GeminiMVR& model,
+                               RunOptimizer& optimizer, data::StreamingLoader& loader) {
   const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
+  if (const std::vector<std::string> differences = model_differences(ckpt.config_yaml, config_yaml);
+      !differences.empty()) {
+    throw std::runtime_error(
+        fmt::format("{}/config.yaml: the checkpoint was trained with another model: {}. HINT: --resume "
+                    "continues the same "
+                    "run; use train.init_from to start a new one from its weights",
+                    directory, fmt::join(differences, "; ")));
+  }
   const std::string saved_stage = ckpt.state.metadata.count("stage") ? ckpt.state.metadata.at("stage") : "?";
   if (saved_stage != stage) {
     throw std::runtime_error(
@@ -305,7 +337,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   }
   if (resume_from) {
-    start_step = restore_training_state(*resume_from, t.stage, model, optimizer, loader);
+    start_step = restore_training_state(*resume_from, t.stage, config_yaml, model, optimizer, loader);
     say(comm, fmt::format("resumed from {} (step {}, now on {} ranks)", *resume_from, start_step, world));
   } else if (!t.init_from.empty()) {
     const std::string source = resolve_checkpoint(t.init_from);

@@ -49,4 +49,10 @@ if mpirun --oversubscribe --bind-to none -np 1 -wdir "$work/node0" "$vimo" "${sp
 fi
 grep -q "rank 0 resumes from .*step_00000008, but rank(s) 1 cannot read it" "$work/split.log" ||
   fail "the split resume did not name rank 1: $(tail -5 "$work/split.log")"
+# A resume with another model (a changed model.* key) is refused, naming the key, both values and the file.
+if (cd "$work/node0" && run_ranks 2 "${split[@]}" model.action_scale=10 > "$work/other_model.log" 2>&1); then
+  fail "a run resumed with another model"
+fi
+grep -q "step_00000008/config.yaml: the checkpoint was trained with another model: model.action_scale: 100" \
+  "$work/other_model.log" || fail "the refusal did not name the key: $(tail -3 "$work/other_model.log")"
 echo "1 passed, 0 failed"
