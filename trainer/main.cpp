@@ -18,6 +18,7 @@
 #include "trainer/bench_kernels.h"
 #include "trainer/config.h"
 #include "trainer/data_cli.h"
+#include "trainer/preemption.h"
 #include "trainer/retriever_trainer.h"
 #ifdef VIMO_HAVE_CUDA
 #include "comm/nccl_communicator.h"
@@ -59,8 +60,8 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
     std::ofstream(config.train.out_dir + "/config.yaml") << yaml << "\n";
     std::fflush(stdout);
   }
-  trainer::train_retriever(config, resume, comm);
-  return 0;
+  const trainer::TrainResult result = trainer::train_retriever(config, resume, comm);
+  return result.preempted ? trainer::kExitPreempted : 0;
 }
 
 void print_version() {

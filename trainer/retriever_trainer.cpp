@@ -25,6 +25,7 @@
 #include "trainer/job_watch.h"
 #include "trainer/metrics.h"
 #include "trainer/optimizer.h"
+#include "trainer/preemption.h"
 #include "trainer/zero_optimizer.h"
 
 namespace vimo::trainer {
@@ -279,6 +280,9 @@ TrainResult train_retriever(const Config& config, bool resume,
                     config.data.global_batch, world));
   }
   at::set_num_threads(static_cast<int>(t.threads));
+  // SIGTERM / SIGUSR1 stop the run at a step boundary, with a checkpoint (Note [Preemption at a step
+  // boundary] in trainer/preemption.h).
+  const PreemptionSignals preemption;
   // A dead, stopped or stuck rank ends the job with a message naming it, instead of a hang.
   std::unique_ptr<JobWatch> watch;
   if (comm && world > 1 && t.watchdog_timeout_s > 0) {
@@ -393,21 +397,31 @@ TrainResult train_retriever(const Config& config, bool resume,
     const double grad_norm = optimizer.step(trainable, lr, config.optim.grad_clip);
     optimizer.zero_grad();
 
-    at::Tensor global_loss = loss.detach().reshape({1}).clone();
-    if (comm && world > 1) comm->allreduce(global_loss, comm::ReduceOp::Avg);
+    // [loss, 1 if a preemption signal reached this rank], summed over the ranks: the collective that
+    // averages the loss also tells every rank whether any was signalled.
+    const int signal = preemption.received();
+    at::Tensor totals = at::tensor({loss.detach().item<double>(), signal != 0 ? 1.0 : 0.0}, at::kDouble);
+    if (comm && world > 1) comm->allreduce(totals, comm::ReduceOp::Sum);
     result.last_step = step;
-    result.last_loss = global_loss.item<double>();
+    result.last_loss = totals[0].item<double>() / world;
+    const auto signalled_ranks = static_cast<int64_t>(totals[1].item<double>());
+    if (signal != 0) {
+      std::fprintf(stderr,
+                   "[rank %d] received %s by the end of step %lld: saving a checkpoint, then exiting\n", rank,
+                   PreemptionSignals::name(signal).c_str(), static_cast<long long>(step));
+      std::fflush(stderr);
+    }
     const bool last = step == t.steps || step == t.stop_after;
-    const bool print = step % t.log_every == 0 || step == start_step + 1 || last;
+    const bool print = step % t.log_every == 0 || step == start_step + 1 || last || signalled_ranks > 0;
     if (print) check_replicas_agree(model, comm, step);
     log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds,
                 config.data.global_batch, batch_hash, total_corrupt},
                print);
 
-    if (step % t.checkpoint_every == 0 || last) {
-      const std::string dir =
-          save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
-      say(comm, "saved checkpoint " + dir);
+    std::string saved;
+    if (step % t.checkpoint_every == 0 || last || signalled_ranks > 0) {
+      saved = save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
+      say(comm, "saved checkpoint " + saved);
     }
     // Not at the last step, which the held-out test covers; but at train.stop_after too, as the run that
     // does not stop there evaluates it.
@@ -415,6 +429,14 @@ TrainResult train_retriever(const Config& config, bool resume,
       const RetrievalMetrics m = evaluate_retrieval(model, test_set, comm);
       say(comm, fmt::format("eval step {}: {}", step, m.summary()));
       log.record_json(fmt::format("{{\"step\": {}, \"eval\": {}}}", step, m.json()));
+    }
+    if (signalled_ranks > 0) {  // after the evaluation due at this step, which the resumed run will not make
+      say(comm, fmt::format("preempted: a SIGTERM or SIGUSR1 reached {} of {} rank{} by the end of step {}; "
+                            "checkpoint {} holds it. Exiting with status {}: a requeued job continues "
+                            "with --resume",
+                            signalled_ranks, world, world == 1 ? "" : "s", step, saved, kExitPreempted));
+      result.preempted = true;
+      break;
     }
     if (step == t.stop_after) {
       say(comm, fmt::format("stopping after step {} as train.stop_after says; continue with --resume", step));
@@ -444,7 +466,7 @@ TrainResult train_retriever(const Config& config, bool resume,
   say(comm,
       fmt::format("data: {} batches, waited {:.2f} s in total ({:.2f} ms per step)", d.batches,
                   d.wait_seconds, d.batches ? 1e3 * d.wait_seconds / static_cast<double>(d.batches) : 0.0));
-  if (!result.stopped_early) {  // a run stopped early is evaluated when it finishes
+  if (!result.stopped_early && !result.preempted) {  // a run stopped early is evaluated when it finishes
     result.test = evaluate_retrieval(model, test_set, comm);
     log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
     say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));

@@ -16,6 +16,7 @@ struct TrainResult {
   int64_t last_step = 0;
   double last_loss = 0;
   bool stopped_early = false;  // train.stop_after was reached
+  bool preempted = false;      // stopped by SIGTERM / SIGUSR1 after saving (trainer/preemption.h)
   RetrievalMetrics test;       // held-out metrics (empty when stopped early)
 };
 
