@@ -52,6 +52,7 @@
 #include "kernels/fused_contrastive_internal.h"
 
 #if defined(VIMO_HAVE_CUDA)
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "kernels/cuda/fused_contrastive.cuh"
@@ -299,6 +300,9 @@ void cuda_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient,
   const int64_t n = m.rows.size(0), N = m.columns.size(0), K = m.rows.size(1);
   strip_rows = std::min(strip_rows, n);
   const at::TensorOptions options = m.rows.options();
+  // The element kernels launch on the current device: make it the inputs' (at::mm guards itself, they do
+  // not).
+  const c10::cuda::CUDAGuard device_guard(m.rows.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(m.rows.device().index()).stream();
   const at::Tensor columns_t = m.columns.t();               // [K, N]
   at::Tensor buffer = at::empty({strip_rows, N}, options);  // [tile, N]

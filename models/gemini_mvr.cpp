@@ -112,9 +112,12 @@ at::Tensor ActionVideoEncoderImpl::forward(const at::Tensor& keypoints, const at
     h = frame_blocks_[i]->as<TransformerBlock>()->forward(h, joint_sequence_mask, false);
     h = h.view({batch, joints, frames, width}).transpose(1, 2).contiguous();  // [B, F, J, Wk]
   }
-  at::Tensor x = flatten_joints_->forward(h.reshape({batch, frames, joints * width}));  // [B, F, D]
-  x = x + temporal_positions_.narrow(0, 0, frames);
-  x = x + temporal_->forward(x, frame_mask, false);  // residual around the temporal transformer
+  const at::Tensor per_frame =
+      flatten_joints_->forward(h.reshape({batch, frames, joints * width}));  // [B, F, D]
+  // The residual skips the positions, as in the paper's code (CLIP4Clip's seqTransf): out = T(h + pos) + h,
+  // so no video-length-dependent mean of the position table enters the embedding.
+  const at::Tensor x =
+      per_frame + temporal_->forward(per_frame + temporal_positions_.narrow(0, 0, frames), frame_mask, false);
   return normalize(masked_mean(x, frame_mask));
 }
 
@@ -160,13 +163,18 @@ GeminiEmbeddings GeminiMVRImpl::encode_videos(const at::Tensor& frames, const at
   return out;
 }
 
+void GeminiMVRImpl::clamp_logit_scale() {
+  at::NoGradGuard no_grad;
+  logit_scale_.clamp_max_(config_.logit_scale_max);
+}
+
 at::Tensor GeminiMVRImpl::score(const GeminiEmbeddings& texts, const GeminiEmbeddings& videos) {
   at::Tensor s_act, s_obj;
   if (stage_ != GeminiStage::Object) {
     s_act = config_.action_scale * at::matmul(texts.text_action, videos.video_action.t());  // [n_t, n_v]
   }
   if (stage_ != GeminiStage::Action) {
-    at::Tensor scale = logit_scale_.clamp_max(config_.logit_scale_max).exp();
+    at::Tensor scale = logit_scale_.exp();  // τ ≤ logit_scale_max: see clamp_logit_scale()
     s_obj = scale * at::matmul(texts.text_object, videos.video_object.t());  // [n_t, n_v]
   }
   if (stage_ == GeminiStage::Action) return s_act;
@@ -188,7 +196,7 @@ at::Tensor GeminiMVRImpl::contrastive_loss(const GeminiEmbeddings& texts, const 
   const at::Tensor any_embedding = texts.text_action.defined() ? texts.text_action : texts.text_object;
   const at::Tensor action_scale = at::scalar_tensor(config_.action_scale, any_embedding.options());
   at::Tensor object_scale;
-  if (stage_ != GeminiStage::Action) object_scale = logit_scale_.clamp_max(config_.logit_scale_max).exp();
+  if (stage_ != GeminiStage::Action) object_scale = logit_scale_.exp();
   switch (stage_) {
     case GeminiStage::Action:
       return kernels::fused_symmetric_infonce(texts.text_action, all_texts.text_action, videos.video_action,

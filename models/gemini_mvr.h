@@ -98,6 +98,10 @@ class GeminiMVRImpl : public torch::nn::Module {
   // Parameters that train in the current stage, by name (sorted, as named_parameters gives them).
   std::vector<std::pair<std::string, at::Tensor>> trainable_parameters() const;
   at::Tensor logit_scale() const { return logit_scale_; }
+  // τ ← min(τ, logit_scale_max): after each optimizer step and after weights load, as the paper's code does.
+  // The scores use e^τ as it is: a clamp in the forward pass would pass no gradient at or above the bound,
+  // and τ, once there, could never come back down.
+  void clamp_logit_scale();
 
  private:
   GeminiConfig config_;

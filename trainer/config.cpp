@@ -46,6 +46,7 @@ Rule any_value() { return {}; }
 Rule greater_than(double low) { return {Bound{low, false}, std::nullopt, {}, false}; }
 Rule at_least(double low) { return {Bound{low, true}, std::nullopt, {}, false}; }
 Rule zero_to_one(bool one_allowed) { return {Bound{0, true}, Bound{1, one_allowed}, {}, false}; }
+Rule between(double low, double high) { return {Bound{low, true}, Bound{high, true}, {}, false}; }
 Rule one_of(std::vector<std::string_view> choices) {
   return {std::nullopt, std::nullopt, std::move(choices), false};
 }
@@ -72,6 +73,10 @@ std::vector<Field> fields_of(Config& c) {
   const Rule count = at_least(1);
   const Rule non_negative = at_least(0);
   const Rule positive = greater_than(0);
+  // Values the code narrows to int (thread and queue counts), bounded far below where that would wrap.
+  const Rule small_count = between(0, 4096);
+  // exp(logit scale) must stay a sane float32 (e^88 overflows); CLIP caps it at ln 100 ≈ 4.6.
+  const Rule log_scale = between(-10, 10);
   return {
       {"model", "vocab_size", &m.vocab_size, count},
       {"model", "max_text_len", &m.max_text_len, count},
@@ -86,15 +91,15 @@ std::vector<Field> fields_of(Config& c) {
       {"model", "keypoint_width", &m.keypoint_width, count},
       {"model", "spatio_temporal_layers", &m.spatio_temporal_layers, count},
       {"model", "temporal_layers", &m.temporal_layers, count},
-      {"model", "action_scale", &m.action_scale, positive},
-      {"model", "logit_scale_init", &m.logit_scale_init, any_value()},
-      {"model", "logit_scale_max", &m.logit_scale_max, any_value()},
+      {"model", "action_scale", &m.action_scale, Rule{Bound{0, false}, Bound{1e4, true}, {}, false}},
+      {"model", "logit_scale_init", &m.logit_scale_init, log_scale},
+      {"model", "logit_scale_max", &m.logit_scale_max, log_scale},
       {"data", "dir", &d.dir, non_empty()},
       {"data", "global_batch", &d.global_batch, count},
       {"data", "seed", &d.seed, any_value()},
       {"data", "shuffle_block", &d.shuffle_block, count},
-      {"data", "workers", &d.workers, non_negative},
-      {"data", "prefetch", &d.prefetch, non_negative},
+      {"data", "workers", &d.workers, small_count},
+      {"data", "prefetch", &d.prefetch, small_count},
       {"data", "skip_corrupt", &d.skip_corrupt, any_value()},
       {"data", "verify", &d.verify, one_of({"every_read", "first_read"})},
       {"data", "drop_last", &d.drop_last, any_value()},
@@ -117,13 +122,14 @@ std::vector<Field> fields_of(Config& c) {
       {"train", "stop_after", &t.stop_after, non_negative},
       {"train", "out_dir", &t.out_dir, non_empty()},
       {"train", "init_from", &t.init_from, any_value()},
-      {"train", "threads", &t.threads, count},
+      {"train", "threads", &t.threads, between(1, 4096)},
       {"train", "seed", &t.seed, any_value()},
       {"train", "bucket_mib", &t.bucket_mib, positive},
       {"train", "first_bucket_mib", &t.first_bucket_mib, positive},
       {"train", "shared_memory_allreduce", &t.shared_memory_allreduce, any_value()},
-      {"train", "watchdog_timeout_s", &t.watchdog_timeout_s, at_least(0)},
-      {"train", "heartbeat_s", &t.heartbeat_s, positive},
+      // Seconds, turned into int64 milliseconds: a day at most.
+      {"train", "watchdog_timeout_s", &t.watchdog_timeout_s, between(0, 86400)},
+      {"train", "heartbeat_s", &t.heartbeat_s, between(0.001, 3600)},
   };
 }
 
@@ -352,7 +358,15 @@ YAML::Node read_yaml_file(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw ConfigError(fmt::format("config file '{}' cannot be read", path));
   try {
-    return YAML::Load(in);
+    // Every document is parsed, so that nothing after a `---` or `...` goes unread and unchecked.
+    const std::vector<YAML::Node> documents = YAML::LoadAll(in);
+    if (documents.size() > 1) {
+      throw ConfigError(
+          fmt::format("{}: holds {} YAML documents (separated by --- or ...); a config is one. "
+                      "HINT: merge them, or keep the others in files of their own",
+                      path, documents.size()));
+    }
+    return documents.empty() ? YAML::Node() : documents.front();
   } catch (const YAML::Exception& e) {
     if (e.mark.is_null()) throw ConfigError(fmt::format("{}: invalid YAML: {}", path, e.msg));
     throw ConfigError(fmt::format("{}:{}: invalid YAML: {}", path, e.mark.line + 1, e.msg));
@@ -494,6 +508,13 @@ void validate(const Config& config, const std::string& source) {
   require_at_most(source, "model.logit_scale_init", model.logit_scale_init, "model.logit_scale_max",
                   model.logit_scale_max);
   require_at_most(source, "train.stop_after", config.train.stop_after, "train.steps", config.train.steps);
+  if (config.train.watchdog_timeout_s > 0 && config.train.heartbeat_s >= config.train.watchdog_timeout_s) {
+    throw ConfigError(
+        fmt::format("{}: train.heartbeat_s ({}) must be < train.watchdog_timeout_s ({}): a rank is "
+                    "declared missing after that many seconds without a heartbeat. HINT: a "
+                    "timeout of several heartbeats, or train.watchdog_timeout_s=0 for no watchdog",
+                    source, config.train.heartbeat_s, config.train.watchdog_timeout_s));
+  }
   require_at_most(source, "optim.warmup_steps", config.optim.warmup_steps, "train.steps", config.train.steps);
 }
 

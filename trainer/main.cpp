@@ -6,8 +6,6 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
-#include <filesystem>
-#include <fstream>
 #include <iostream>
 
 #include "build_info.h"
@@ -56,8 +54,6 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
         "---\n%s\n-----------------------\n",
         VIMO_VERSION, comm->size(), launched.launcher.c_str(), world.how.c_str(), config_path.c_str(),
         yaml.c_str());
-    std::filesystem::create_directories(config.train.out_dir);
-    std::ofstream(config.train.out_dir + "/config.yaml") << yaml << "\n";
     std::fflush(stdout);
   }
   const trainer::TrainResult result = trainer::train_retriever(config, resume, comm);

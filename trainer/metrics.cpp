@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -48,6 +49,15 @@ void ProgressLog::keep_records_up_to(const std::string& jsonl_path, int64_t step
   std::filesystem::rename(temporary, jsonl_path);
 }
 
+namespace {
+// A number of metrics.jsonl: %.17g, so that losses round-trip exactly and two runs' logs compare bit for bit;
+// null when not finite, which JSON has no number for (a "-nan" made the line unreadable, and a resumed run
+// dropped it).
+std::string json_number(double value) {
+  return std::isfinite(value) ? fmt::format("{:.17g}", value) : "null";
+}
+}  // namespace
+
 void ProgressLog::record(const StepMetrics& m, bool print) {
   if (!is_main_) return;
   window_seconds_ += m.step_seconds;
@@ -55,12 +65,12 @@ void ProgressLog::record(const StepMetrics& m, bool print) {
   window_samples_ += m.samples;
   window_steps_ += 1;
   if (jsonl_.is_open()) {
-    // %.17g: losses round-trip exactly, so two runs' logs can be compared bit for bit.
     jsonl_ << fmt::format(
-        "{{\"step\": {}, \"loss\": {:.17g}, \"lr\": {:.17g}, \"grad_norm\": {:.17g}, \"step_seconds\": "
+        "{{\"step\": {}, \"loss\": {}, \"lr\": {}, \"grad_norm\": {}, \"step_seconds\": "
         "{:.6f}, "
         "\"data_seconds\": {:.6f}, \"batch_hash\": \"{}\", \"corrupt_skipped\": {}}}\n",
-        m.step, m.loss, m.lr, m.grad_norm, m.step_seconds, m.data_seconds, m.batch_hash, m.corrupt_skipped);
+        m.step, json_number(m.loss), json_number(m.lr), json_number(m.grad_norm), m.step_seconds,
+        m.data_seconds, m.batch_hash, m.corrupt_skipped);
     jsonl_.flush();
   }
   if (!print) return;

@@ -9,6 +9,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -19,6 +20,7 @@
 #include "checkpoints/checkpoint.h"
 #include "comm/gradient_reducer.h"
 #include "data/loader.h"
+#include "data/manifest.h"
 #include "data/retrieval_dataset.h"
 #include "models/gemini_mvr.h"
 #include "trainer/data_parallel.h"
@@ -348,7 +350,14 @@ TrainResult train_retriever(const Config& config, bool resume,
     load_model_tensors(model, checkpoints::CheckpointManager::load(source).state, source);
     say(comm, "initialized model weights from " + source);
   }
+  model->clamp_logit_scale();  // weights from a run with a higher bound (a no-op otherwise)
 
+  // The resolved config beside the run's outputs, written only now that the run goes ahead: a refused run
+  // (checkpoints of another run, another model) must leave the config of the run it named as it was.
+  if (is_main(comm)) {
+    fs::create_directories(t.out_dir);
+    data::write_file_atomically((fs::path(t.out_dir) / "config.yaml").string(), config_yaml + "\n");
+  }
   say(comm,
       fmt::format("stage {}: {} trainable parameters of {}; {} train / {} test samples; global batch {} "
                   "on {} ranks; steps {} → {}",
@@ -396,6 +405,7 @@ TrainResult train_retriever(const Config& config, bool resume,
                                        config.optim.min_lr_ratio);
     const double grad_norm = optimizer.step(trainable, lr, config.optim.grad_clip);
     optimizer.zero_grad();
+    model->clamp_logit_scale();  // the same on every rank: their τ agree
 
     // [loss, 1 if a preemption signal reached this rank], summed over the ranks: the collective that
     // averages the loss also tells every rank whether any was signalled.
@@ -405,6 +415,14 @@ TrainResult train_retriever(const Config& config, bool resume,
     result.last_step = step;
     result.last_loss = totals[0].item<double>() / world;
     const auto signalled_ranks = static_cast<int64_t>(totals[1].item<double>());
+    // Every rank holds the same sum, so all stop here together; nothing of this step is saved.
+    if (!std::isfinite(result.last_loss)) {
+      throw std::runtime_error(
+          fmt::format("the loss is {} at step {}: the model diverged. HINT: lower optim.lr (now {}) or set "
+                      "optim.grad_clip, "
+                      "and start again or --resume from a checkpoint before it",
+                      result.last_loss, step, config.optim.lr));
+    }
     if (signal != 0) {
       std::fprintf(stderr,
                    "[rank %d] received %s by the end of step %lld: saving a checkpoint, then exiting\n", rank,

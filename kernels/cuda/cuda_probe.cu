@@ -24,6 +24,11 @@ std::string run_probe_kernel() {
   cudaError_t status = cudaMalloc(&device_buffer, n * sizeof(int));
   if (status != cudaSuccess) return "cudaMalloc: " + error_text(status);
   write_lane_ids<<<(n + 127) / 128, 128>>>(device_buffer, n);
+  status = cudaGetLastError();  // a launch that failed (no kernel image for this device) says so here
+  if (status != cudaSuccess) {
+    cudaFree(device_buffer);
+    return "launch: " + error_text(status);
+  }
   int host[n] = {};
   status = cudaMemcpy(host, device_buffer, sizeof(host), cudaMemcpyDeviceToHost);
   cudaFree(device_buffer);
@@ -49,15 +54,24 @@ std::string describe_cuda_devices() {
     return text + ", no usable device (" + (status != cudaSuccess ? error_text(status) : "0 devices") + ")";
   }
   text += ", " + std::to_string(count) + " devices:";
+  // The probe visits each device; the caller's current device must be current again afterwards (work the
+  // caller launches next, and device synchronizes, go to the current device).
+  int current = 0;
+  cudaGetDevice(&current);
   for (int device = 0; device < count; ++device) {
     cudaDeviceProp properties{};
-    cudaGetDeviceProperties(&properties, device);
-    cudaSetDevice(device);
+    cudaError_t device_status = cudaGetDeviceProperties(&properties, device);
+    if (device_status == cudaSuccess) device_status = cudaSetDevice(device);
+    if (device_status != cudaSuccess) {
+      text += " device " + std::to_string(device) + " (unusable: " + error_text(device_status) + ")";
+      continue;
+    }
     const std::string probe = run_probe_kernel();
     text += std::string(" ") + properties.name + " (sm_" + std::to_string(properties.major) +
             std::to_string(properties.minor) +
             (probe.empty() ? ", kernel ok)" : ", kernel FAILED: " + probe + ")");
   }
+  cudaSetDevice(current);
   return text;
 }
 

@@ -95,21 +95,23 @@ __global__ void __launch_bounds__(kThreads)
 // blockIdx.y = token row, blockIdx.x · 256 + threadIdx.x strides over its columns.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gradient_tile_kernel(T* tile, int64_t vc, int64_t v0, const int64_t* target_column, const T* lse,
-                         const T* target_logit, const T* token_weight, const T* exp_scale) {
-  const int64_t k = blockIdx.y;
-  T* row = tile + k * vc;
-  const T w = token_weight[k], l = lse[k];
-  const int64_t y = target_column[k] - v0;
-  const T scale = exp_scale != nullptr ? exp_scale[k] : T(0);
-  for (int64_t j = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; j < vc;
-       j += static_cast<int64_t>(gridDim.x) * kThreads) {
-    if (j == y) {
-      row[j] = dpo_math::logit_gradient(target_logit[k], l, true, w);
-    } else if (exp_scale != nullptr) {
-      row[j] *= scale;
-    } else {
-      row[j] = dpo_math::logit_gradient(row[j], l, false, w);
+    gradient_tile_kernel(T* tile, int64_t rows, int64_t vc, int64_t v0, const int64_t* target_column,
+                         const T* lse, const T* target_logit, const T* token_weight, const T* exp_scale) {
+  // Rows stride over gridDim.y, which CUDA caps at 65535, so a chunk may hold any number of tokens.
+  for (int64_t k = blockIdx.y; k < rows; k += gridDim.y) {
+    T* row = tile + k * vc;
+    const T w = token_weight[k], l = lse[k];
+    const int64_t y = target_column[k] - v0;
+    const T scale = exp_scale != nullptr ? exp_scale[k] : T(0);
+    for (int64_t j = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; j < vc;
+         j += static_cast<int64_t>(gridDim.x) * kThreads) {
+      if (j == y) {
+        row[j] = dpo_math::logit_gradient(target_logit[k], l, true, w);
+      } else if (exp_scale != nullptr) {
+        row[j] *= scale;
+      } else {
+        row[j] = dpo_math::logit_gradient(row[j], l, false, w);
+      }
     }
   }
 }
@@ -131,11 +133,12 @@ cudaError_t launch_gradient_tile(T* tile, int64_t c, int64_t vc, int64_t v0, con
                                  const T* lse, const T* target_logit, const T* token_weight,
                                  const T* exp_scale, cudaStream_t stream) {
   if (c == 0 || vc == 0) return cudaSuccess;
-  // Enough blocks per row to cover it with ~4 elements per thread, at most 64 (gridDim.y = c ≤ 65535 rows).
+  // Enough blocks per row to cover it with ~4 elements per thread, at most 64; one block row per token up to
+  // CUDA's gridDim.y limit, past which the kernel's rows stride.
   const int64_t per_block = 4 * static_cast<int64_t>(kThreads);
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>((vc + per_block - 1) / per_block, 64)),
-                  static_cast<unsigned>(c));
-  gradient_tile_kernel<T><<<grid, kThreads, 0, stream>>>(tile, vc, v0, target_column, lse, target_logit,
+                  static_cast<unsigned>(std::min<int64_t>(c, 65535)));
+  gradient_tile_kernel<T><<<grid, kThreads, 0, stream>>>(tile, c, vc, v0, target_column, lse, target_logit,
                                                          token_weight, exp_scale);
   return cudaGetLastError();
 }

@@ -4,6 +4,7 @@
 // router form, in float64, float32 and bfloat16; logits of ±1e4. Built only with CUDA; skips where no device
 // is visible.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -121,6 +122,21 @@ TEST(FusedContrastiveCuda, SingleBranchMatchesCpu) {
       expect_same(run_single(v, p, dtype, at::Device(at::kCUDA, 0)),
                   run_single(v, p, dtype, at::Device(at::kCPU)), p, dtype, scale / (2.0 * p.n), 1);
     }
+  }
+}
+
+// Inputs on a device other than the current one: the element kernels must run on the inputs' device (they
+// launched on the current device before, reading another GPU's memory). Needs two GPUs.
+TEST(FusedContrastiveCuda, InputsOnAnotherDeviceThanTheCurrentOne) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  if (torch::cuda::device_count() < 2) GTEST_SKIP() << "needs two GPUs (this machine has one)";
+  vimo::testing::seed_torch();
+  const at::Device other(at::kCUDA, static_cast<c10::DeviceIndex>(torch::cuda::device_count() - 1));
+  ASSERT_EQ(c10::cuda::current_device(), 0);
+  for (const Problem& p : {kCases[2], kCases[4]}) {
+    const Values v = single_values(p, 1 / 0.07);
+    expect_same(run_single(v, p, at::kDouble, other), run_single(v, p, at::kDouble, at::Device(at::kCPU)), p,
+                at::kDouble, 1 / 0.07 / (2.0 * p.n), 1);
   }
 }
 

@@ -184,6 +184,22 @@ TEST(FusedLinearDpoCuda, AllMaskedRowsAndLogitsOfTenThousand) {
                run_mcdpo(large, at::kDouble, at::kCPU, {}, {5, 0}), 1e-10, "logits 1e4");
 }
 
+// A chunk of more answer tokens than CUDA's 65535 grid rows: the gradient kernel's rows stride over the grid
+// (its launch failed with an invalid configuration before). 2 × 36000 tokens, most of them answer tokens,
+// in one chunk of 80000; a small head keeps it cheap on both devices.
+TEST(FusedLinearDpoCuda, AChunkOfMoreTokensThanGridRows) {
+  SKIP_WITHOUT_CUDA();
+  vimo::testing::seed_torch();
+  const Problem p{1, 36000, 8, 40, {80000, 0}};
+  Inputs x = random_inputs(p);
+  x.mask.fill_(true);
+  x.targets = at::randint(0, p.V, {2, p.T}, at::kLong);
+  x.reference = vimo::kernels::eager_sequence_logps(x.hidden, x.weight, x.targets, x.mask) +
+                3 * at::randn({2}, at::kDouble);
+  expect_close(run_mcdpo(x, at::kDouble, at::kCUDA, {}, p.chunking),
+               run_mcdpo(x, at::kDouble, at::kCPU, {}, p.chunking), 1e-10, describe(p));
+}
+
 TEST(FusedLinearDpoCuda, SequenceLogProbsAndCrossEntropyMatchCpu) {
   SKIP_WITHOUT_CUDA();
   vimo::testing::seed_torch();

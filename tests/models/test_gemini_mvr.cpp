@@ -136,13 +136,15 @@ TEST(GeminiMVR, RouterLossIsSymmetricInfoNCEOfFusedScores) {
   EXPECT_NEAR(loss, expected, 1e-10);
 }
 
-// The learnable log-scale above its clamp ln 100 (DESIGN.md: τ clamped ≤ ln 100), where training can push
-// it: the object branch's scale is exp(ln 100) = 100, not exp(τ), and dL/dτ is exactly 0 (clamp_max passes
-// no gradient above its bound), in the object stage (τ trains) and the router stage (τ frozen, value only).
-// The reference is plain LibTorch on the same embeddings, detached into leaves: s = 100·⟨t, v⟩, the symmetric
-// cross-entropy, autograd. Float64; the loss and the embeddings' gradients within 1e-10 (the fused kernel
-// sums in another order, ~1e-14 relative).
-TEST(GeminiMVR, LogScaleAboveTheClampUsesTheClampAndGetsNoGradient) {
+// The learnable log-scale τ and its bound ln 100 (DESIGN.md), as in the paper's code: the scores use e^τ as
+// it is, and clamp_logit_scale() (after every optimizer step, and after weights load) sets τ ← min(τ, ln
+// 100). A clamp in the forward pass instead passes no gradient at or above its bound (LibTorch's clamp_max
+// backward is 0 at equality too), so τ, once there, could never come back down. Here τ is pushed above the
+// bound, clamped, and then must train: the loss and dL/dτ in the object stage (τ trains) and the loss in
+// the router stage (τ frozen) against plain LibTorch on the same embeddings detached into leaves, with the
+// scale e^(ln 100) = 100 as a leaf, dL/dτ = e^τ · dL/d(e^τ). Float64; within 1e-10 (the fused kernel sums in
+// another order, ~1e-14 relative).
+TEST(GeminiMVR, TheLogScaleIsClampedAfterStepsAndTrainsAtItsBound) {
   vimo::testing::seed_torch();
   GeminiConfig c = tiny();
   GeminiMVR model(c);
@@ -151,6 +153,8 @@ TEST(GeminiMVR, LogScaleAboveTheClampUsesTheClampAndGetsNoGradient) {
     at::NoGradGuard no_grad;
     model->logit_scale().fill_(c.logit_scale_max + 0.5);
   }
+  model->clamp_logit_scale();
+  EXPECT_EQ(model->logit_scale().item<double>(), c.logit_scale_max);
   Inputs in = random_inputs(6, c);
   const at::Tensor targets = at::arange(6, at::kLong);
   auto symmetric_cross_entropy = [&](const at::Tensor& S) {  // S [captions, videos]
@@ -164,16 +168,19 @@ TEST(GeminiMVR, LogScaleAboveTheClampUsesTheClampAndGetsNoGradient) {
   const at::Tensor loss = model->contrastive_loss(texts, videos, nullptr);
   const std::vector<at::Tensor> grads =
       torch::autograd::grad({loss}, {texts.text_object, videos.video_object, model->logit_scale()});
-  ASSERT_TRUE(grads[2].defined());
-  EXPECT_EQ(grads[2].item<double>(), 0.0) << "dL/dτ with τ = ln 100 + 0.5";
   const at::Tensor t = texts.text_object.detach().requires_grad_(),
                    v = videos.video_object.detach().requires_grad_();
-  const at::Tensor expected = symmetric_cross_entropy(std::exp(c.logit_scale_max) * t.matmul(v.t()));
+  const at::Tensor scale = at::full({}, std::exp(c.logit_scale_max), at::kDouble).requires_grad_();
+  const at::Tensor expected = symmetric_cross_entropy(scale * t.matmul(v.t()));
   expected.backward();
   EXPECT_NEAR(loss.item<double>(), expected.item<double>(), 1e-10);
   EXPECT_LE((grads[0] - t.grad()).abs().max().item<double>(), 1e-10 * t.grad().abs().max().item<double>());
   EXPECT_LE((grads[1] - v.grad()).abs().max().item<double>(), 1e-10 * v.grad().abs().max().item<double>());
-  // Router stage: the fused score uses the clamped scale too.
+  const double expected_tau_grad = std::exp(c.logit_scale_max) * scale.grad().item<double>();
+  ASSERT_NE(expected_tau_grad, 0.0);
+  EXPECT_NEAR(grads[2].item<double>(), expected_tau_grad, 1e-10 * std::abs(expected_tau_grad))
+      << "dL/dτ at τ = ln 100";
+  // Router stage: the fused score uses the same scale.
   model->set_stage(GeminiStage::Router);
   texts = model->encode_texts(in.text_ids, in.text_mask);
   videos = model->encode_videos(in.frames.to(at::kDouble), in.keypoints.to(at::kDouble), in.frame_mask);
@@ -184,6 +191,40 @@ TEST(GeminiMVR, LogScaleAboveTheClampUsesTheClampAndGetsNoGradient) {
           (std::exp(c.logit_scale_max) * texts.text_object.matmul(videos.video_object.t()));
   EXPECT_NEAR(model->contrastive_loss(texts, videos, nullptr).item<double>(),
               symmetric_cross_entropy(S).item<double>(), 1e-10);
+  // Below the bound the clamp leaves τ alone.
+  {
+    at::NoGradGuard no_grad;
+    model->logit_scale().fill_(c.logit_scale_max - 1);
+  }
+  model->clamp_logit_scale();
+  EXPECT_EQ(model->logit_scale().item<double>(), c.logit_scale_max - 1);
+}
+
+// The action branch's residual skips the frame positions, as in the paper's code: out = T(h + pos) + h.
+// With the temporal transformer's output forced to 0 (its final LayerNorm's weight and bias zeroed), the
+// embedding is the normalized masked mean of h alone, so new positions must leave it bit for bit the same;
+// with the residual taken after the positions (h + pos + T(h + pos)) they moved it by ~0.04.
+TEST(GeminiMVR, ActionResidualSkipsTheFramePositions) {
+  vimo::testing::seed_torch();
+  GeminiConfig c = tiny();
+  GeminiMVR model(c);
+  model->set_stage(GeminiStage::Action);
+  const auto parameters = model->named_parameters();
+  {
+    at::NoGradGuard no_grad;
+    parameters["video_action.temporal.final_norm.weight"].zero_();
+    parameters["video_action.temporal.final_norm.bias"].zero_();
+  }
+  const Inputs in = random_inputs(4, c);
+  const at::Tensor before =
+      model->encode_videos(in.frames, in.keypoints, in.frame_mask).video_action.detach();
+  {
+    at::NoGradGuard no_grad;
+    at::Tensor positions = parameters["video_action.temporal_positions"];
+    positions.add_(at::randn_like(positions));
+  }
+  const at::Tensor after = model->encode_videos(in.frames, in.keypoints, in.frame_mask).video_action.detach();
+  EXPECT_TRUE(at::equal(before, after)) << "max difference " << (before - after).abs().max().item<double>();
 }
 
 }  // namespace

@@ -356,7 +356,20 @@ TEST(Config, OutOfRangeNamesKeyLineAndRange) {
       {"optim", "grad_clip: -0.5", "optim.grad_clip: expected a number >= 0, found '-0.5'"},
       {"optim", "zero_stage: 2", "optim.zero_stage: expected an integer in [0, 1], found '2'"},
       {"model", "heads: 0", "model.heads: expected an integer >= 1, found '0'"},
-      {"model", "action_scale: 0", "model.action_scale: expected a number > 0, found '0'"},
+      {"model", "action_scale: 0", "model.action_scale: expected a number in (0, 10000], found '0'"},
+      {"model", "action_scale: 1e5", "model.action_scale: expected a number in (0, 10000], found '1e5'"},
+      // exp(100) is not a float32: a scale like that trains NaN.
+      {"model", "logit_scale_max: 100", "model.logit_scale_max: expected a number in [-10, 10], found '100'"},
+      {"model", "logit_scale_init: -11",
+       "model.logit_scale_init: expected a number in [-10, 10], found '-11'"},
+      // Counts the code keeps as int: 2^32 + 1 would become 1.
+      {"data", "workers: 4294967297", "data.workers: expected an integer in [0, 4096], found '4294967297'"},
+      {"data", "prefetch: 5000", "data.prefetch: expected an integer in [0, 4096], found '5000'"},
+      {"train", "threads: 4294967296", "train.threads: expected an integer in [1, 4096], found '4294967296'"},
+      {"train", "heartbeat_s: 0.0001",
+       "train.heartbeat_s: expected a number in [0.001, 3600], found '0.0001'"},
+      {"train", "watchdog_timeout_s: 1e300",
+       "train.watchdog_timeout_s: expected a number in [0, 86400], found '1e300'"},
       {"train", "eval_every: -5", "train.eval_every: expected an integer >= 0, found '-5'"},
       {"train", "stage: pretrain", "train.stage: expected one of action, object, router, found 'pretrain'"},
       {"train", "out_dir: ''", "train.out_dir: expected a non-empty string, found ''"},
@@ -373,6 +386,18 @@ TEST(Config, FileStructureErrors) {
   const TempYaml list("- model\n");
   EXPECT_EQ(load_error(list),
             list.path() + ":1: expected a map of sections (" + kSections + "), found a list");
+  // Nothing after the first document may go unread: a second document, or text after `...`.
+  const TempYaml two_documents("optim:\n  lr: 0.5\n---\noptim:\n  lr: 7\n  bogus: 1\n");
+  EXPECT_EQ(
+      load_error(two_documents),
+      two_documents.path() +
+          ": holds 2 YAML documents (separated by --- or ...); a config is one. HINT: merge them, or keep "
+          "the others in files of their own");
+  const TempYaml after_end("optim:\n  lr: 0.25\n...\ngarbage: [\n");
+  expect_starts_with(load_error(after_end), after_end.path() + ":");
+  EXPECT_NE(load_error(after_end), "(no ConfigError)");
+  const TempYaml one_marked_document("---\noptim:\n  lr: 0.25\n...\n");
+  EXPECT_EQ(load_error(one_marked_document), "(no ConfigError)");
   expect_starts_with(error_of([] { load_config("/nonexistent/vimo.yaml"); }),
                      "config file '/nonexistent/vimo.yaml' not found (relative paths start at ");
 }
@@ -396,6 +421,15 @@ TEST(Config, CrossFieldRules) {
             file.path() + ": optim.warmup_steps (20) must be <= train.steps (10)");
   EXPECT_EQ(load_error(file, {"model.heads=8", "train.stop_after=200", "optim.warmup_steps=200"}),
             "(no ConfigError)");
+  // A heartbeat as long as the watchdog's timeout would declare every rank missing (checked on one rank too,
+  // where no watchdog runs, so that the config fails before it reaches a cluster).
+  EXPECT_EQ(
+      load_error(file, {"train.heartbeat_s=5", "train.watchdog_timeout_s=2"}),
+      file.path() +
+          ": train.heartbeat_s (5) must be < train.watchdog_timeout_s (2): a rank is declared missing after "
+          "that many seconds without a heartbeat. HINT: a timeout of several heartbeats, or "
+          "train.watchdog_timeout_s=0 for no watchdog");
+  EXPECT_EQ(load_error(file, {"train.heartbeat_s=5", "train.watchdog_timeout_s=0"}), "(no ConfigError)");
 
   // validate() also applies the per-field rules to a config built in code.
   Config config;
@@ -439,7 +473,7 @@ Config random_config(std::mt19937_64& rng) {
   m.embed_dim = m.heads * integer(1, 1 << 20);
   m.action_scale = log_number(-3, 3);
   m.logit_scale_init = number(-10, 10);
-  m.logit_scale_max = m.logit_scale_init + number(0, 10);
+  m.logit_scale_max = number(m.logit_scale_init, 10);
   c.data.dir = text(1);
   c.data.global_batch = integer(1, big);
   c.data.seed = rng();
