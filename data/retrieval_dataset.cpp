@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -138,6 +139,10 @@ RetrievalDataset::RetrievalDataset(const std::string& dir, const std::string& sp
   RecordSchema schema;
   std::optional<Collator> collator;
   int64_t key = 0;
+  // Note [Videos of a retrieval split]: the video of each record, and where each record is, for errors.
+  std::map<std::string, int64_t> video_of_id;
+  std::vector<int64_t> record_videos;
+  std::vector<std::string> origins;
   for (const std::unique_ptr<ShardReader>& reader : readers) {
     for (uint64_t i = 0; i < reader->size(); ++i) {
       const Record record = reader->read_record(i);
@@ -151,9 +156,41 @@ RetrievalDataset::RetrievalDataset(const std::string& dir, const std::string& sp
       }
       collator->add(view, key++, origin);
       captions_.push_back(record.get("caption").text());
+      origins.push_back(origin.describe());
+      const FieldView* video = view.find("video");
+      if (video && (video->dtype != DType::UInt8 || video->shape.size() != 1)) {
+        throw CorruptDataError(
+            fmt::format("{}: field 'video' is {} [{}], expected uint8 [len] (the video id, FORMAT.md)",
+                        origins.back(), dtype_name(video->dtype), fmt::join(video->shape, ", ")),
+            std::string(origin.source), origin.record, origin.offset());
+      }
+      const auto next = static_cast<int64_t>(video_records_.size());
+      int64_t v = next;  // a video of its own, unless its id was seen before
+      if (video) {
+        const std::string id(reinterpret_cast<const char*>(video->bytes.data()), video->bytes.size());
+        v = video_of_id.try_emplace(id, next).first->second;
+      }
+      if (v == next) video_records_.push_back(static_cast<int64_t>(record_videos.size()));
+      record_videos.push_back(v);
     }
   }
   all_ = to_retrieval_batch(collator->finish(), dims_, fmt::format("dataset {} split '{}'", dir, split));
+  record_videos_ = at::tensor(record_videos, at::kLong);
+  // The first record of a video stands for it in evaluation: the others must hold the same video.
+  for (size_t r = 0; r < record_videos.size(); ++r) {
+    const int64_t first = video_records_[static_cast<size_t>(record_videos[r])];
+    const auto i = static_cast<int64_t>(r);
+    if (first == i) continue;
+    if (!at::equal(all_.frames[i], all_.frames[first]) ||
+        !at::equal(all_.keypoints[i], all_.keypoints[first]) ||
+        !at::equal(all_.frame_mask[i], all_.frame_mask[first])) {
+      throw std::runtime_error(fmt::format(
+          "dataset {} split '{}': {} and {} name the same video but hold different frames, keypoints or "
+          "frame counts. HINT: records of one video must carry the same video (`vimo data import videos` "
+          "copies it into each); were corpora that reuse video ids merged into this split?",
+          dir, split, origins[static_cast<size_t>(first)], origins[r]));
+    }
+  }
 }
 
 RetrievalBatch RetrievalDataset::batch(const std::vector<int64_t>& indices) const {

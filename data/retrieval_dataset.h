@@ -15,7 +15,7 @@ namespace vimo::data {
 
 // Record kind of retrieval datasets (manifest "kind"). Fields of each record:
 //   id Int64 [1], caption UInt8 [len], text_ids Int64 [L], frames Float32 [F, Dv],
-//   keypoints Float32 [F, 17, 3], num_frames Int64 [1]
+//   keypoints Float32 [F, 17, 3], num_frames Int64 [1], and optionally video UInt8 [len] (the video id)
 inline constexpr const char* kRetrievalKind = "retrieval";
 
 struct RetrievalBatch {
@@ -48,6 +48,16 @@ RetrievalBatch to_retrieval_batch(const CollatedBatch& batch, const RetrievalDim
 
 // All records of one split, held in memory as stacked tensors; shapes are taken from its first record, and a
 // record that does not fit them is a CorruptDataError naming its file, record and offset.
+//
+// Note [Videos of a retrieval split]
+// A record is one (caption, video) pair, and a video may have several captions: `vimo data import videos`
+// writes one record per line of captions.tsv, copying the video into each and naming it in the record's
+// `video` field. Evaluation must rank each caption among the distinct videos, not among the records (a
+// competing video with k captions would count k times), so the split numbers its videos: records with the
+// same `video` id are one video, in the order of their first record. A record without the field (the
+// synthetic generator writes none: each of its samples is a video of its own) is a video by itself. Records
+// of one video must hold the same frames, keypoints and frame count; the constructor refuses a split where
+// they differ, since the video's first record stands for all of them.
 class RetrievalDataset {
  public:
   RetrievalDataset(const std::string& dir, const std::string& split);
@@ -61,10 +71,19 @@ class RetrievalDataset {
   RetrievalBatch batch(const std::vector<int64_t>& indices) const;
   const std::string& caption(int64_t index) const { return captions_[static_cast<size_t>(index)]; }
 
+  // The distinct videos of the split (Note [Videos of a retrieval split]).
+  int64_t num_videos() const { return static_cast<int64_t>(video_records_.size()); }
+  // [size()] int64: the video (0 <= v < num_videos()) of each record.
+  const at::Tensor& record_videos() const { return record_videos_; }
+  // The first record of each video, which stands for it [num_videos()].
+  const std::vector<int64_t>& video_records() const { return video_records_; }
+
  private:
   RetrievalDims dims_;
   RetrievalBatch all_;
   std::vector<std::string> captions_;
+  at::Tensor record_videos_;
+  std::vector<int64_t> video_records_;
 };
 
 }  // namespace vimo::data
