@@ -4,6 +4,17 @@
 //   <dir>/manifest.json             written by finish(), after every shard and extra file is in place
 //   <dir>/<split>/shard_00000.bin   shards of one split, in order
 //   <dir>/<name>                    extra files (vocab.txt, mean.npy, tokenizer.model, ...)
+//
+// Note [Replacing a dataset directory]: everything is written into the hidden sibling `.<dir>.vimo-tmp`, and
+// finish() swaps that whole directory in for <dir> with one renameat2(RENAME_EXCHANGE) (on a filesystem
+// without it, NFS or Lustre: <dir> is renamed to `.<dir>.vimo-old`, the new one to <dir>, and the old one is
+// deleted). So an import that fails on bad input half-way, or is killed, leaves a dataset already in <dir>
+// whole and verifiable, and <dir> holds the old dataset or the new one at every instant (an importer used to
+// delete the old manifest first, and a junk input file destroyed a good dataset). The next writer for <dir>
+// deletes a leftover `.vimo-tmp`, and renames back a `.vimo-old` that a crash between the two renames left
+// without a <dir>. The swap replaces the whole directory, so a writer refuses at once a <dir> that holds
+// anything besides a dataset (files its manifest does not list, or no manifest at all): it would delete them.
+// One writer per directory at a time.
 #pragma once
 
 #include <cstdint>
@@ -28,10 +39,10 @@ struct DatasetWriterOptions {
 class DatasetWriter {
  public:
   // `kind` names the record schema ("retrieval", "motion", ...); it goes into the manifest and loaders check
-  // it. Shards of an earlier dataset in `dir` are replaced; the old manifest is removed first so a crash
-  // never leaves a manifest that lists shards of two runs.
+  // it. `dir` may be new, empty, or hold a dataset, which finish() replaces as a whole (Note [Replacing a
+  // dataset directory]); anything else there is refused with an error naming it.
   DatasetWriter(std::string dir, std::string kind, DatasetWriterOptions options = {});
-  ~DatasetWriter();  // an unfinished writer leaves no manifest (and no partial shard under a final name)
+  ~DatasetWriter();  // an unfinished writer deletes what it wrote and leaves `dir` as it found it
   DatasetWriter(const DatasetWriter&) = delete;
   DatasetWriter& operator=(const DatasetWriter&) = delete;
 
@@ -41,7 +52,8 @@ class DatasetWriter {
   void add_file(const std::string& name, const std::string& bytes);
   // Free-form metadata stored under "metadata" in the manifest (importer options, dimensions, ...).
   void set_metadata(const std::string& key, nlohmann::json value);
-  // Closes every split's last shard, fsyncs, and writes manifest.json last (temp + fsync + rename).
+  // Closes every split's last shard, writes manifest.json last (temp + fsync + rename), and swaps the new
+  // dataset in for `dir`.
   void finish();
 
   uint64_t records(const std::string& split) const;
@@ -49,7 +61,10 @@ class DatasetWriter {
  private:
   struct Split;
   void close_shard(Split& split);
+  void swap_in();
   std::string dir_, kind_;
+  // The real directory (symbolic links resolved) and its two hidden siblings.
+  std::string final_dir_, staging_dir_, old_dir_;
   DatasetWriterOptions options_;
   std::map<std::string, std::unique_ptr<Split>> splits_;
   std::map<std::string, FileEntry> files_;

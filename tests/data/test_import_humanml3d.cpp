@@ -264,5 +264,24 @@ TEST(ImportHumanML3D, NamesBadMotionFiles) {
                {"nowhere", "not a HumanML3D directory"});
 }
 
+// A re-import that fails on a junk motion leaves the dataset of the last good import whole and verifiable
+// (an audit's repro: the writer deleted the old manifest when it was made, before any input was read).
+TEST(ImportHumanML3D, AFailedReimportKeepsTheDataset) {
+  const fs::path dir = test_dir();
+  const Tree tree = make_tree(dir / "HumanML3D");
+  const std::string out = (dir / "out").string();
+  import_humanml3d(tree.root.string(), out);
+  const std::vector<Record> before = read_split(out, "val");
+  write_text(tree.root / "new_joint_vecs" / "000006.npy", "junk");
+  expect_error([&] { import_humanml3d(tree.root.string(), out); }, {"000006.npy"});
+  const DatasetManifest manifest = read_manifest(out);
+  EXPECT_NO_THROW(verify_dataset(manifest, /*hashes=*/true));
+  EXPECT_EQ(manifest.split("train").records, 3u);
+  const std::vector<Record> after = read_split(out, "val");
+  ASSERT_EQ(after.size(), before.size());
+  for (size_t i = 0; i < after.size(); ++i)
+    EXPECT_EQ(after[i].get("name").text(), before[i].get("name").text());
+}
+
 }  // namespace
 }  // namespace vimo::data

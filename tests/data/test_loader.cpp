@@ -161,19 +161,73 @@ TEST(DatasetWriter, RollsShardsBySizeAndListsHashes) {
   EXPECT_NO_THROW(verify_dataset(m, true));
 }
 
-TEST(DatasetWriter, UnfinishedWriterLeavesNoManifestAndRewriteDropsOldShards) {
-  const fs::path dir = test_dir();
+// A writer abandoned half-way (as by an exception on bad input) leaves the dataset already in its directory
+// whole: it wrote into a hidden sibling that finish() would have swapped in (Note [Replacing a dataset
+// directory]). Before, the old manifest was deleted when the writer was made, and a failed re-import
+// destroyed a good dataset.
+TEST(DatasetWriter, AnUnfinishedWriterLeavesTheOldDatasetWholeAndARewriteReplacesIt) {
+  const fs::path dir = test_dir() / "data";
+  const fs::path staging = dir.parent_path() / ".data.vimo-tmp";
   write_keyed_dataset(dir, 30, 4);
   EXPECT_TRUE(fs::exists(dir / "train" / "shard_00007.bin"));
   {
     DatasetWriter writer(dir.string(), "keyed");
-    writer.append("train", keyed_record(0));
-  }  // abandoned, as by an exception: the old manifest is gone, so the half-written dataset is never read
-  EXPECT_FALSE(fs::exists(dir / "manifest.json"));
-  expect_error([&] { read_manifest(dir.string()); }, {"manifest.json", "import"});
+    for (int64_t k = 0; k < 9; ++k) writer.append("train", keyed_record(k));
+    writer.add_file("notes.txt", "replaced\n");
+    EXPECT_TRUE(fs::exists(staging));
+  }
+  EXPECT_FALSE(fs::exists(staging));
+  const DatasetManifest kept = read_manifest(dir.string());
+  EXPECT_EQ(kept.split("train").records, 30u);
+  EXPECT_NO_THROW(verify_dataset(kept, /*hashes=*/true));
+
   write_keyed_dataset(dir, 6, 4);
   EXPECT_FALSE(fs::exists(dir / "train" / "shard_00002.bin"));
+  EXPECT_FALSE(fs::exists(staging));
   EXPECT_EQ(read_manifest(dir.string()).split("train").records, 6u);
+  EXPECT_NO_THROW(verify_dataset(read_manifest(dir.string()), /*hashes=*/true));
+}
+
+// Leftovers of a killed writer: its staging copy is deleted, and an old dataset that a crash between the two
+// renames of the fallback swap left only as .<dir>.vimo-old is put back before anything else.
+TEST(DatasetWriter, CleansUpAfterAKilledWriter) {
+  const fs::path root = test_dir(), dir = root / "data";
+  write_keyed_dataset(dir, 10, 4);
+  fs::create_directories(root / ".data.vimo-tmp" / "train");
+  std::ofstream(root / ".data.vimo-tmp" / "train" / "shard_00000.bin.tmp") << "half a shard";
+  fs::rename(dir, root / ".data.vimo-old");
+  {
+    DatasetWriter writer(dir.string(), "keyed");
+    writer.append("train", keyed_record(0));
+  }
+  EXPECT_FALSE(fs::exists(root / ".data.vimo-tmp"));
+  EXPECT_FALSE(fs::exists(root / ".data.vimo-old"));
+  EXPECT_EQ(read_manifest(dir.string()).split("train").records, 10u);
+  EXPECT_NO_THROW(verify_dataset(read_manifest(dir.string()), /*hashes=*/true));
+  // A .vimo-old beside its directory is the rest of an old dataset whose deletion was cut: it goes.
+  fs::create_directories(root / ".data.vimo-old" / "train");
+  write_keyed_dataset(dir, 3, 4);
+  EXPECT_FALSE(fs::exists(root / ".data.vimo-old"));
+  EXPECT_EQ(read_manifest(dir.string()).split("train").records, 3u);
+}
+
+// finish() replaces the whole directory, so a writer refuses one holding anything but a dataset, up front.
+TEST(DatasetWriter, RefusesADirectoryHoldingMoreThanADataset) {
+  const fs::path root = test_dir();
+  fs::create_directories(root / "mine");
+  std::ofstream(root / "mine" / "thesis.tex") << "years of work";
+  expect_error([&] { DatasetWriter((root / "mine").string(), "keyed"); },
+               {"mine", "no manifest.json", "not a vimo dataset", "HINT"});
+  write_keyed_dataset(root / "data", 5, 4);
+  std::ofstream(root / "data" / "README") << "notes";
+  expect_error([&] { DatasetWriter((root / "data").string(), "keyed"); },
+               {(root / "data" / "README").string(), "does not list", "HINT"});
+  EXPECT_TRUE(fs::exists(root / "mine" / "thesis.tex"));
+  fs::remove(root / "data" / "README");
+  fs::create_directories(root / "empty");
+  write_keyed_dataset(root / "empty", 5, 4);  // an empty directory, and a dataset with only its own files
+  write_keyed_dataset(root / "data", 7, 4);
+  EXPECT_EQ(read_manifest((root / "data").string()).split("train").records, 7u);
 }
 
 TEST(Manifest, VerifyFindsChangedMissingAndMiscountedFiles) {
@@ -281,10 +335,15 @@ TEST(Pack, ADamagedExtraFileIsRefusedNotRehashed) {
   source.add_file("vocab.txt", "walk\nrun\njump\n");
   source.finish();
   const std::string listed = read_manifest((dir / "source").string()).files.at("vocab.txt").xxh3;
+  repack_dataset((dir / "source").string(), (dir / "out").string(), {});
   std::ofstream(dir / "source" / "vocab.txt", std::ios::binary | std::ios::trunc) << "walk\nrun\njumq\n";
-  expect_error([&] { repack_dataset((dir / "source").string(), (dir / "out").string(), {}); },
+  expect_error([&] { repack_dataset((dir / "source").string(), (dir / "fresh").string(), {}); },
                {"vocab.txt", "holds 14 bytes with xxh3", "lists 14 bytes with xxh3 " + listed, "damaged"});
-  EXPECT_FALSE(fs::exists(dir / "out" / "manifest.json"));
+  EXPECT_FALSE(fs::exists(dir / "fresh"));
+  // A pack that fails leaves the dataset an earlier pack wrote where it was, whole (Note [Replacing a dataset
+  // directory]).
+  expect_error([&] { repack_dataset((dir / "source").string(), (dir / "out").string(), {}); }, {"damaged"});
+  EXPECT_NO_THROW(verify_dataset(read_manifest((dir / "out").string()), /*hashes=*/true));
 }
 
 // ---------------------------------------------------------------------------------------------------------
