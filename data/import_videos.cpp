@@ -213,10 +213,10 @@ std::string VideoImportReport::summary() const {
   return fmt::format(
       "{} records ({}) from {} videos and {} caption lines; skipped {} videos missing features, {} missing "
       "keypoints{}, {} empty, {} in no split; {} videos subsampled to max_frames, {} captions truncated; "
-      "vocabulary {}\n",
+      "vocabulary {}, {} unknown tokens\n",
       total, per_split, videos, captions, missing_features, missing_keypoints,
       missing_names.empty() ? "" : fmt::format(" (e.g. {})", fmt::join(missing_names, ", ")), empty_videos,
-      unassigned_videos, subsampled_videos, truncated_captions, vocab_size);
+      unassigned_videos, subsampled_videos, truncated_captions, vocab_size, unknown_tokens);
 }
 
 VideoImportReport import_videos(const std::string& source, const std::string& out,
@@ -290,6 +290,7 @@ VideoImportReport import_videos(const std::string& source, const std::string& ou
         const std::vector<int64_t> text_ids =
             tokenizer.encode_padded(line->caption, options.max_text_len, &truncated);
         report.truncated_captions += truncated ? 1 : 0;
+        report.unknown_tokens += std::count(text_ids.begin(), text_ids.end(), kUnkId);
         Record record;
         record.fields.push_back(Field::from_int64s("id", {1}, {next_id++}));
         record.fields.push_back(Field::from_string("caption", line->caption));
@@ -323,7 +324,8 @@ VideoImportReport import_videos(const std::string& source, const std::string& ou
                                    {"unassigned_videos", report.unassigned_videos},
                                    {"empty_videos", report.empty_videos},
                                    {"subsampled_videos", report.subsampled_videos},
-                                   {"truncated_captions", report.truncated_captions}}}});
+                                   {"truncated_captions", report.truncated_captions},
+                                   {"unknown_tokens", report.unknown_tokens}}}});
   writer.finish();
   return report;
 }

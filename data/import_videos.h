@@ -60,6 +60,7 @@ struct VideoImportReport {
   int64_t empty_videos = 0;                             // videos with zero frames (skipped)
   int64_t subsampled_videos = 0;                        // videos longer than max_frames
   int64_t truncated_captions = 0;                       // captions cut to max_text_len
+  int64_t unknown_tokens = 0;  // <unk> ids in the records' text_ids: words or characters the tokenizer lacks
   int64_t vocab_size = 0;
   std::vector<std::string> missing_names;  // the first 20 skipped video ids
   std::string summary() const;

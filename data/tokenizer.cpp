@@ -12,6 +12,7 @@
 #include <map>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 #include <unordered_map>
 
 // Exported by libsentencepiece (0.1.97) but not declared in its public headers.
@@ -25,7 +26,8 @@ namespace {
 
 constexpr const char* kSpecialPieces[] = {"<pad>", "<bos>", "<eot>", "<unk>"};
 constexpr int64_t kSpecialCount = 4;
-constexpr size_t kMaxSentenceBytes = 4192;  // SentencePiece's default max_sentence_length
+constexpr size_t kMaxSentenceBytes = 4192;                   // SentencePiece's default max_sentence_length
+constexpr const char* kSentencePieceSpace = "\xe2\x96\x81";  // U+2581, UTF-8
 
 // Lowercased runs of ASCII letters, digits and apostrophes; bytes >= 0x80 (UTF-8) count as letters, so
 // non-ASCII words stay whole. Everything else separates words.
@@ -43,6 +45,110 @@ std::vector<std::string> split_words(const std::string& text) {
   }
   if (!word.empty()) words.push_back(std::move(word));
   return words;
+}
+
+// Note [Reading the model type from the proto]: a loaded SentencePiece model must report the kind it was
+// trained as (the metadata of a dataset imported with a BPE model said "unigram"). The kind is
+// TrainerSpec.model_type in the serialized ModelProto, but libsentencepiece-dev ships no
+// sentencepiece_model.pb.h to read it through, so the two fields are read from the protobuf wire format
+// here: ModelProto field 2 (trainer_spec, a length-delimited message), in it field 3 (model_type, a varint
+// enum: UNIGRAM 1, BPE 2, WORD 3, CHAR 4; absent means UNIGRAM, the proto's default). Only called on bytes
+// that LoadFromSerializedProto accepted, so a malformed field just stops the scan.
+class WireReader {
+ public:
+  explicit WireReader(std::string_view bytes) : bytes_(bytes) {}
+  bool done() const { return position_ >= bytes_.size(); }
+  bool varint(uint64_t* value) {
+    *value = 0;
+    for (int shift = 0; shift < 64 && position_ < bytes_.size(); shift += 7) {
+      const auto byte = static_cast<unsigned char>(bytes_[position_++]);
+      *value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if (!(byte & 0x80)) return true;
+    }
+    return false;
+  }
+  // Reads one field's key and value: a varint's value into *number, a length-delimited field's bytes into
+  // *bytes; other wire types are skipped. False at the end or on a malformed field.
+  bool field(uint64_t* number, uint64_t* wire_type, uint64_t* value, std::string_view* bytes) {
+    uint64_t key = 0;
+    if (!varint(&key)) return false;
+    *number = key >> 3;
+    *wire_type = key & 7;
+    switch (*wire_type) {
+      case 0:
+        return varint(value);
+      case 1:
+        return skip(8);
+      case 2:
+        if (!varint(value) || *value > bytes_.size() - position_) return false;
+        *bytes = bytes_.substr(position_, *value);
+        position_ += *value;
+        return true;
+      case 5:
+        return skip(4);
+      default:
+        return false;
+    }
+  }
+
+ private:
+  bool skip(size_t n) {
+    if (n > bytes_.size() - position_) return false;
+    position_ += n;
+    return true;
+  }
+  std::string_view bytes_;
+  size_t position_ = 0;
+};
+
+// TrainerSpec.model_type of a serialized ModelProto (Note [Reading the model type from the proto]).
+constexpr uint64_t kUnigramModel = 1, kBpeModel = 2;  // TrainerSpec.ModelType (WORD 3, CHAR 4)
+
+uint64_t sentencepiece_model_type(std::string_view model) {
+  constexpr uint64_t kTrainerSpecField = 2, kModelTypeField = 3;
+  uint64_t model_type = kUnigramModel;
+  WireReader outer(model);
+  uint64_t number = 0, wire_type = 0, value = 0;
+  std::string_view spec;
+  while (outer.field(&number, &wire_type, &value, &spec)) {
+    if (number != kTrainerSpecField || wire_type != 2) continue;
+    WireReader inner(spec);
+    std::string_view unused;
+    while (inner.field(&number, &wire_type, &value, &unused)) {
+      if (number == kModelTypeField && wire_type == 0)
+        model_type = value;  // the last one wins, as in protobuf
+    }
+  }
+  return model_type;
+}
+
+// A SentencePiece dataset's vocab.txt (pieces such as "▁walk", U+2581 marking a word start) is the likely
+// wrong file for a word vocabulary: read as words, nearly every caption word became <unk>. Throws naming the
+// first line with the mark, wherever it is (a line like "." earlier would otherwise get a vaguer error).
+void refuse_sentencepiece_pieces(const std::string& bytes, const std::string& name) {
+  const size_t mark = bytes.find(kSentencePieceSpace);
+  if (mark == std::string::npos) return;
+  const size_t begin = bytes.rfind('\n', mark) == std::string::npos ? 0 : bytes.rfind('\n', mark) + 1;
+  const size_t end = std::min(bytes.find('\n', mark), bytes.size());
+  std::string piece = bytes.substr(begin, end - begin);
+  if (!piece.empty() && piece.back() == '\r') piece.pop_back();
+  throw std::runtime_error(
+      fmt::format("{}:{}: '{}' is a SentencePiece piece (U+2581 marks a word start), not a word: this is the "
+                  "vocab.txt of a "
+                  "SentencePiece dataset, which lists its pieces for reading only. HINT: pass that dataset's "
+                  "tokenizer.model as the tokenizer model",
+                  name, 1 + std::count(bytes.begin(), bytes.begin() + begin, '\n'), piece));
+}
+
+// Throws unless `word` (line `line` of the word vocabulary `name`) is one split_words can produce: any other
+// line never matches a caption word.
+void check_vocabulary_word(const std::string& word, const std::string& name, int64_t line) {
+  if (split_words(word) != std::vector<std::string>{word}) {
+    throw std::runtime_error(fmt::format(
+        "{}:{}: '{}' can never match a caption word (words are lowercased runs of letters, digits and "
+        "apostrophes). HINT: a word vocabulary is the vocab.txt of a dataset imported with --tokenizer word",
+        name, line, word));
+  }
 }
 
 class VectorIterator : public sentencepiece::SentenceIterator {
@@ -166,6 +272,7 @@ Tokenizer Tokenizer::from_bytes(TokenizerKind kind, const std::string& bytes, co
   impl->name = name;
   if (kind == TokenizerKind::Word) {
     impl->kind = kind;
+    refuse_sentencepiece_pieces(bytes, name);
     std::istringstream lines(bytes);
     std::string word;
     while (std::getline(lines, word)) {
@@ -180,6 +287,7 @@ Tokenizer Tokenizer::from_bytes(TokenizerKind kind, const std::string& bytes, co
         throw std::runtime_error(fmt::format("{}: line {}: {} word", name, id + 1,
                                              word.empty() ? "empty" : "repeated '" + word + "'"));
       }
+      if (id >= kSpecialCount) check_vocabulary_word(word, name, id + 1);
       impl->words.push_back(word);
     }
     if (impl->words.size() < kSpecialCount) {
@@ -202,7 +310,18 @@ Tokenizer Tokenizer::from_bytes(TokenizerKind kind, const std::string& bytes, co
                     "spm_train --pad_id=0 --bos_id=1 --eos_id=2 --unk_id=3)",
                     name, p.pad_id(), p.bos_id(), p.eos_id(), p.unk_id(), kPadId, kBosId, kEotId, kUnkId));
   }
-  impl->kind = kind == TokenizerKind::Bpe ? TokenizerKind::Bpe : TokenizerKind::Unigram;
+  // Note [Reading the model type from the proto]
+  const uint64_t model_type = sentencepiece_model_type(bytes);
+  if (model_type != kUnigramModel && model_type != kBpeModel) {
+    throw std::runtime_error(fmt::format(
+        "{}: a SentencePiece {} model; vimo reads unigram and BPE models. HINT: train one with `vimo data "
+        "import videos --tokenizer unigram|bpe` (or spm_train --model_type=unigram|bpe)",
+        name,
+        model_type == 3   ? "word"
+        : model_type == 4 ? "char"
+                          : fmt::format("model_type {}", model_type)));
+  }
+  impl->kind = model_type == kBpeModel ? TokenizerKind::Bpe : TokenizerKind::Unigram;
   impl->serialized = bytes;
   return Tokenizer(std::move(impl));
 }

@@ -41,13 +41,15 @@ class Tokenizer {
   static Tokenizer train(const std::vector<std::string>& texts, const TokenizerTrainOptions& options);
   // Loads `path`: a SentencePiece model (*.model) or a word vocabulary (*.txt, one token per line, the
   // first four lines <pad> <bos> <eot> <unk>). A SentencePiece model must use our special ids (pad 0, bos 1,
-  // eos 2, unk 3); the error says so otherwise.
+  // eos 2, unk 3) and be a unigram or BPE model; a word vocabulary must hold only words the caption splitter
+  // produces (a SentencePiece dataset's vocab.txt of pieces is refused); the errors say which line.
   static Tokenizer load(const std::string& path);
-  // The same from bytes (what model_bytes() returns); `name` appears in errors.
+  // The same from bytes (what model_bytes() returns); `name` appears in errors. `kind` says whether the bytes
+  // are a word vocabulary (Word) or a SentencePiece model (Unigram or Bpe: the model's own type is used).
   static Tokenizer from_bytes(TokenizerKind kind, const std::string& bytes, const std::string& name);
 
-  // Word, or the SentencePiece kind it was trained as (a loaded .model reports Unigram unless from_bytes was
-  // told Bpe: the kind does not change how a model encodes).
+  // Word, or the SentencePiece kind the model was trained as (read from the model: Note [Reading the model
+  // type from the proto] in tokenizer.cpp).
   TokenizerKind kind() const;
   int64_t vocab_size() const;
   // Piece or word ids of `text`, without special ids.

@@ -106,8 +106,10 @@ DataCommands::DataCommands(CLI::App& data) : options_(std::make_unique<Options>(
       ->capture_default_str();
   o.videos->add_option("--vocab-size", v.tokenizer.vocab_size, "Tokenizer vocabulary (upper bound)")
       ->capture_default_str();
-  o.videos->add_option("--tokenizer-model", v.tokenizer_model,
-                       "Use this .model / vocab.txt instead of training");
+  o.videos->add_option(
+      "--tokenizer-model", v.tokenizer_model,
+      "Use this tokenizer instead of training: another import's tokenizer.model (SentencePiece), or "
+      "the vocab.txt of one imported with --tokenizer word");
   o.videos->add_option("--test-every", v.test_every, "Without splits/: every n-th video goes to test")
       ->capture_default_str();
   o.videos->add_flag("--strict", v.strict, "Videos missing a file are errors");

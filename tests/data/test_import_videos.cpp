@@ -159,7 +159,10 @@ TEST(ImportVideos, ImportsACorpusWithSplitsAndWordVocabulary) {
   EXPECT_EQ(report.unassigned_videos, 1);
   EXPECT_EQ(report.subsampled_videos, 1);
   EXPECT_EQ(report.truncated_captions, 0);
+  EXPECT_EQ(report.unknown_tokens, 3);  // man, kicks, ball
   EXPECT_NE(report.summary().find("4 records (1 test, 3 train)"), std::string::npos) << report.summary();
+  EXPECT_NE(report.summary().find("3 unknown tokens"), std::string::npos) << report.summary();
+  EXPECT_EQ(manifest.metadata.at("videos").at("report").at("unknown_tokens"), 3);
 
   // The retriever's dataset reads the import like the synthetic data.
   const RetrievalDataset dataset(out, "train");
@@ -241,6 +244,42 @@ TEST(ImportVideos, NamesBadInputs) {
   expect_error([&] { import_videos(root.string(), out, options); },
                {"test.txt:1", "'v2' is already assigned", "train.txt:2"});
   EXPECT_FALSE(fs::exists(dir / "out" / "manifest.json"));
+}
+
+// --tokenizer-model with another import's model: the dataset is labelled with the model's own type (a BPE
+// model was labelled "unigram"), and that import's vocab.txt, a list of SentencePiece pieces, is refused
+// with a hint instead of being read as words (nearly every word became <unk>).
+TEST(ImportVideos, ReusesTheTokenizerOfAnotherImport) {
+  const fs::path dir = test_dir(), root = dir / "corpus";
+  std::string captions;
+  const std::vector<std::string> verbs = {"walks", "jumps", "waves", "kicks", "turns", "runs"};
+  for (int v = 0; v < 6; ++v) {
+    const std::string id = "clip" + std::to_string(v);
+    add_video(root, id, 4, v);
+    captions += id + "\ta person " + verbs[v] + " forward and then " + verbs[(v + 1) % 6] + " back\n";
+  }
+  write_text(root / "captions.tsv", captions);
+  VideoImportOptions options;
+  options.tokenizer.kind = TokenizerKind::Bpe;
+  options.tokenizer.vocab_size = 60;
+  options.test_every = 3;
+  const std::string first = (dir / "first").string(), second = (dir / "second").string();
+  import_videos(root.string(), first, options);
+  EXPECT_EQ(read_manifest(first).metadata.at("videos").at("tokenizer"), "bpe");
+
+  options.tokenizer.kind = TokenizerKind::Unigram;  // ignored: the model says what it is
+  options.tokenizer_model = (fs::path(first) / "tokenizer.model").string();
+  const VideoImportReport report = import_videos(root.string(), second, options);
+  const DatasetManifest manifest = read_manifest(second);
+  EXPECT_EQ(manifest.metadata.at("videos").at("tokenizer"), "bpe");
+  EXPECT_EQ(manifest.files.at("tokenizer.model").xxh3, read_manifest(first).files.at("tokenizer.model").xxh3);
+  EXPECT_EQ(read_split(second, "train").at(0).get("text_ids").int64s(),
+            read_split(first, "train").at(0).get("text_ids").int64s());
+  EXPECT_EQ(report.unknown_tokens, 0);
+
+  options.tokenizer_model = (fs::path(first) / "vocab.txt").string();
+  expect_error([&] { import_videos(root.string(), (dir / "third").string(), options); },
+               {options.tokenizer_model + ":", "SentencePiece piece", "tokenizer.model"});
 }
 
 }  // namespace

@@ -128,5 +128,72 @@ TEST(Tokenizer, WordVocabulary) {
   expect_error([] { tokenizer_kind_from_name("wordpiece"); }, {"unknown tokenizer kind 'wordpiece'"});
 }
 
+// A loaded model reports the type it was trained as, read from the model itself (a BPE model loaded from a
+// file said "unigram", and a dataset imported with it was labelled so); SentencePiece word and char models
+// are refused by name.
+TEST(Tokenizer, ALoadedModelReportsItsOwnType) {
+  const fs::path dir = vimo::testing::fresh_test_dir("tokenizer", "ALoadedModelReportsItsOwnType");
+  for (TokenizerKind kind : {TokenizerKind::Unigram, TokenizerKind::Bpe}) {
+    SCOPED_TRACE(tokenizer_kind_name(kind));
+    TokenizerTrainOptions options;
+    options.kind = kind;
+    options.vocab_size = 60;
+    const Tokenizer trained = Tokenizer::train(captions(), options);
+    const fs::path path = dir / (std::string(tokenizer_kind_name(kind)) + ".model");
+    std::ofstream(path, std::ios::binary) << trained.model_bytes();
+    EXPECT_EQ(Tokenizer::load(path.string()).kind(), kind);
+    // from_bytes takes the kind from the model, whichever SentencePiece kind it is told.
+    EXPECT_EQ(Tokenizer::from_bytes(TokenizerKind::Unigram, trained.model_bytes(), "m").kind(), kind);
+    EXPECT_EQ(Tokenizer::from_bytes(TokenizerKind::Bpe, trained.model_bytes(), "m").kind(), kind);
+  }
+  TokenizerTrainOptions options;
+  options.vocab_size = 60;
+  const std::string unigram = Tokenizer::train(captions(), options).model_bytes();
+  // A second trainer_spec field is merged into the first (protobuf): model_type 3 (WORD), then 4 (CHAR).
+  for (const auto& [type, name] : {std::pair{'\x03', "word"}, std::pair{'\x04', "char"}}) {
+    const std::string retyped = unigram + std::string("\x12\x02\x18", 3) + type;
+    expect_error(
+        [&] { Tokenizer::from_bytes(TokenizerKind::Unigram, retyped, "retyped.model"); },
+        {"retyped.model", std::string("a SentencePiece ") + name + " model", "unigram and BPE", "HINT"});
+  }
+  const std::string bpe = unigram + std::string("\x12\x02\x18\x02", 4);
+  EXPECT_EQ(Tokenizer::from_bytes(TokenizerKind::Unigram, bpe, "m").kind(), TokenizerKind::Bpe);
+}
+
+// A SentencePiece dataset's vocab.txt lists pieces ("▁walk"): read as a word vocabulary, nearly every word
+// became <unk>. It is refused, naming the line and pointing at the .model; so is any line the word splitter
+// never produces.
+TEST(Tokenizer, AWordVocabularyHoldsOnlyWords) {
+  const fs::path dir = vimo::testing::fresh_test_dir("tokenizer", "AWordVocabularyHoldsOnlyWords");
+  TokenizerTrainOptions options;
+  options.kind = TokenizerKind::Bpe;
+  options.vocab_size = 60;
+  const Tokenizer pieces = Tokenizer::train(captions(), options);
+  std::ofstream(dir / "vocab.txt", std::ios::binary) << pieces.vocab_text();
+  expect_error([&] { Tokenizer::load((dir / "vocab.txt").string()); },
+               {(dir / "vocab.txt").string() + ":", "SentencePiece piece", "U+2581", "tokenizer.model"});
+  const std::string specials = "<pad>\n<bos>\n<eot>\n<unk>\n";
+  expect_error(
+      [&] {
+        Tokenizer::from_bytes(TokenizerKind::Word,
+                              specials +
+                                  "a\n\xe2\x96\x81"
+                                  "a\n",
+                              "v.txt");
+      },
+      {"v.txt:6",
+       "'\xe2\x96\x81"
+       "a'",
+       "SentencePiece piece"});
+  for (const std::string word : {"Walk", "walks.", "two words", "<s>"}) {
+    expect_error(
+        [&] { Tokenizer::from_bytes(TokenizerKind::Word, specials + "man\n" + word + "\n", "v.txt"); },
+        {"v.txt:6", "'" + word + "' can never match", "HINT"});
+  }
+  const Tokenizer words =
+      Tokenizer::from_bytes(TokenizerKind::Word, specials + "don't\n\xc3\xa9t\xc3\xa9\nx2\n", "v.txt");
+  EXPECT_EQ(words.encode("Don't x2"), (std::vector<int64_t>{4, 6}));
+}
+
 }  // namespace
 }  // namespace vimo::data
