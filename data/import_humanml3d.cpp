@@ -3,13 +3,15 @@
 #include "data/import_humanml3d.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <set>
+#include <map>
 #include <stdexcept>
+#include <string_view>
 
 #include "data/npy.h"
 
@@ -19,6 +21,8 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr size_t kMissingNamesShown = 20;
+constexpr std::string_view kUtf8ByteOrderMark = "\xef\xbb\xbf";
+constexpr double kMaxFps = 1000.0;  // frames per second; motion capture runs at 120 at most
 
 std::string strip(const std::string& s) {
   const char* space = " \t\r\n\v\f";
@@ -51,27 +55,32 @@ struct Motion {
   std::vector<float> values;  // [frames, D]
 };
 
+bool is_floating(NpyDType dtype) {
+  return dtype == NpyDType::Float32 || dtype == NpyDType::Float64 || dtype == NpyDType::Float16;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ", "));
+}
+
 Motion read_motion(const std::string& path, int64_t feature_dim) {
   const NpyArray array = read_npy(path);
-  const bool floating = array.dtype == NpyDType::Float32 || array.dtype == NpyDType::Float64 ||
-                        array.dtype == NpyDType::Float16;
-  if (!floating) {
+  if (!is_floating(array.dtype)) {
     throw std::runtime_error(fmt::format("{}: motion features must be floating point ('<f4'), found '{}'",
                                          path, npy_descr(array.dtype)));
   }
   if (array.shape.size() != 2 || array.shape[1] != feature_dim) {
-    std::string shape;
-    for (size_t i = 0; i < array.shape.size(); ++i)
-      shape += fmt::format("{}{}", i ? ", " : "", array.shape[i]);
     throw std::runtime_error(
-        fmt::format("{}: motion features must have shape [T, {}], found [{}]. HINT: "
+        fmt::format("{}: motion features must have shape [T, {}], found {}. HINT: "
                     "HumanML3D has 263 features per frame, KIT-ML 251 (set feature_dim)",
-                    path, feature_dim, shape));
+                    path, feature_dim, shape_text(array.shape)));
   }
   return {array.shape[0], array.to_floats()};
 }
 
-std::vector<float> read_statistics(const fs::path& path, int64_t feature_dim) {
+enum class Statistic { Mean, StdDev };
+
+std::vector<float> read_statistics(const fs::path& path, int64_t feature_dim, Statistic statistic) {
   if (!fs::exists(path)) {
     throw std::runtime_error(
         fmt::format("{}: missing. HINT: HumanML3D ships Mean.npy and Std.npy at its root "
@@ -79,12 +88,27 @@ std::vector<float> read_statistics(const fs::path& path, int64_t feature_dim) {
                     path.string()));
   }
   const NpyArray array = read_npy(path.string());
-  if (array.shape != std::vector<int64_t>{feature_dim} || array.dtype == NpyDType::Bool) {
+  if (array.shape != std::vector<int64_t>{feature_dim} || !is_floating(array.dtype)) {
     throw std::runtime_error(
-        fmt::format("{}: expected a float array of shape [{}], found {} elements of '{}'", path.string(),
-                    feature_dim, array.numel(), npy_descr(array.dtype)));
+        fmt::format("{}: expected a float array ('<f4') of shape [{}], found '{}' of shape {}. HINT: "
+                    "HumanML3D's Mean.npy and "
+                    "Std.npy hold one value per feature (263, KIT-ML 251: set feature_dim)",
+                    path.string(), feature_dim, npy_descr(array.dtype), shape_text(array.shape)));
   }
-  return array.to_floats();
+  std::vector<float> values = array.to_floats();
+  // Features are normalized as (x - mean) / std: a zero, negative or non-finite std (or a non-finite mean)
+  // turns every sample into inf or NaN at training time, far from this file.
+  const bool is_std = statistic == Statistic::StdDev;
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i]) || (is_std && values[i] <= 0.0f)) {
+      throw std::runtime_error(fmt::format(
+          "{}: element {} is {}; {}. HINT: recompute the statistics of the "
+          "training set, or restore the file from the HumanML3D release",
+          path.string(), i, values[i],
+          is_std ? "every standard deviation must be finite and positive" : "every mean must be finite"));
+    }
+  }
+  return values;
 }
 
 // One output sample before it becomes a record.
@@ -120,22 +144,38 @@ void check_options(const HumanML3DImportOptions& o) {
   };
   require(!o.splits.empty(), "splits must name at least one split file (train, val, test)");
   require(o.feature_dim > 0, fmt::format("feature_dim must be positive, found {}", o.feature_dim));
-  require(o.fps > 0 && std::isfinite(o.fps), fmt::format("fps must be positive, found {}", o.fps));
+  // from/to are at most 1e9 s (parse_seconds), so int(to * fps) stays far inside int64 up to this rate.
+  require(o.fps > 0 && o.fps <= kMaxFps, fmt::format("fps must be in (0, {}], found {}", kMaxFps, o.fps));
   require(o.min_length >= 1 && o.min_length < o.max_length,
           fmt::format("need 1 <= min_length < max_length, found {} and {}", o.min_length, o.max_length));
 }
 
-// Imports one split's names; appends records to `writer` and counts everything in `report`.
+// Where a motion name was first listed, across all split files.
+struct Listing {
+  std::string split, where;  // "train", "SRC/train.txt:12"
+};
+
+// Imports one split's names; appends records to `writer` and counts everything in `report`. `listed` holds
+// the names of the splits imported before: a motion in two splits would be trained on and evaluated on.
 void import_split(const fs::path& source, const std::string& split, const HumanML3DImportOptions& options,
-                  DatasetWriter& writer, HumanML3DSplitReport& report) {
+                  DatasetWriter& writer, std::map<std::string, Listing>& listed,
+                  HumanML3DSplitReport& report) {
   const fs::path split_file = source / (split + ".txt");
-  std::set<std::string> seen;
   int64_t next_id = 0;
   for (const NumberedLine& line : read_trimmed_lines(split_file.string())) {
     const std::string& name = line.text;
-    if (!seen.insert(name).second) {
+    const std::string where = fmt::format("{}:{}", split_file.string(), line.number);
+    check_file_stem(name, "motion name", where);
+    const auto [it, fresh] = listed.emplace(name, Listing{split, where});
+    if (!fresh && it->second.split == split) {
       ++report.duplicate_names;
       continue;
+    }
+    if (!fresh) {
+      throw std::runtime_error(
+          fmt::format("{}: motion '{}' is already listed at {}. HINT: a motion belongs to one split; remove "
+                      "one of the two lines",
+                      where, name, it->second.where));
     }
     ++report.names;
     const fs::path motion_path = source / "new_joint_vecs" / (name + ".npy");
@@ -145,9 +185,9 @@ void import_split(const fs::path& source, const std::string& split, const HumanM
       const fs::path& absent = has_motion ? text_path : motion_path;
       if (options.strict) {
         throw std::runtime_error(
-            fmt::format("{}:{}: '{}' is listed but {} does not exist. HINT: the download "
+            fmt::format("{}: '{}' is listed but {} does not exist. HINT: the download "
                         "is incomplete; unset strict to skip (and count) such names",
-                        split_file.string(), line.number, name, absent.string()));
+                        where, name, absent.string()));
       }
       ++(has_motion ? report.missing_text : report.missing_motion);
       if (report.missing_names.size() < kMissingNamesShown) report.missing_names.push_back(name);
@@ -231,11 +271,20 @@ std::vector<NumberedLine> read_trimmed_lines(const std::string& path) {
   std::vector<NumberedLine> lines;
   std::string line;
   for (int64_t number = 1; std::getline(file, line); ++number) {
+    if (number == 1 && line.rfind(kUtf8ByteOrderMark, 0) == 0) line.erase(0, kUtf8ByteOrderMark.size());
     std::string text = strip(line);
     if (!text.empty()) lines.push_back({number, std::move(text)});
   }
   if (file.bad()) throw std::runtime_error(fmt::format("{}: read error", path));
   return lines;
+}
+
+void check_file_stem(const std::string& stem, const std::string& what, const std::string& where) {
+  if (stem.empty() || stem == "." || stem == ".." || stem.find('/') != std::string::npos ||
+      stem.find('\0') != std::string::npos) {
+    throw std::runtime_error(fmt::format("{}: invalid {} '{}' ({}s are file stems: no '/', not '.' or '..')",
+                                         where, what, stem, what));
+  }
 }
 
 HumanML3DCaption parse_humanml3d_caption(const std::string& line, const std::string& where) {
@@ -295,13 +344,15 @@ HumanML3DImportReport import_humanml3d(const std::string& source, const std::str
                       (root / (split + ".txt")).string()));
     }
   }
-  const std::vector<float> mean = read_statistics(root / "Mean.npy", options.feature_dim);
-  const std::vector<float> std_dev = read_statistics(root / "Std.npy", options.feature_dim);
+  const std::vector<float> mean = read_statistics(root / "Mean.npy", options.feature_dim, Statistic::Mean);
+  const std::vector<float> std_dev =
+      read_statistics(root / "Std.npy", options.feature_dim, Statistic::StdDev);
 
   DatasetWriter writer(out, "motion", options.writer);
   HumanML3DImportReport report;
+  std::map<std::string, Listing> listed;
   for (const std::string& split : options.splits) {
-    import_split(root, split, options, writer, report.splits[split]);
+    import_split(root, split, options, writer, listed, report.splits[split]);
   }
   writer.add_file("mean.npy", npy_bytes({options.feature_dim}, mean));
   writer.add_file("std.npy", npy_bytes({options.feature_dim}, std_dev));

@@ -21,7 +21,10 @@
 // motion or text file is missing (an error with `strict`); lines that do not parse (fewer than 4 '#'
 // fields, a from/to that is not a number, negative or infinite; an error with `strict`). Extra '#' inside
 // a caption are kept: the last three fields are tokens, from and to. Blank lines, trailing whitespace and
-// CRLF are ignored in text and split files. A name listed twice in a split is imported once.
+// CRLF are ignored in text and split files, and so is a UTF-8 byte order mark. A name listed twice in a split
+// is imported once; a name listed in two splits is an error naming both lines (the motion would be trained on
+// and tested on), and so is a name that is not a file stem ("../x"). Mean.npy and Std.npy must be float
+// [feature_dim], finite, with every std positive.
 //
 // Output records (one per sample), in split-file order, a motion's whole sample before its segments:
 //   id        Int64   [1]        sample index within the split
@@ -46,7 +49,7 @@ namespace vimo::data {
 struct HumanML3DImportOptions {
   std::vector<std::string> splits = {"train", "val", "test"};  // SRC/<split>.txt each, all required
   int64_t feature_dim = 263;                                   // 251 for KIT-ML
-  double fps = 20.0;                                           // 12.5 for KIT-ML
+  double fps = 20.0;                                           // 12.5 for KIT-ML; at most 1000
   int64_t min_length = 40;                                     // frames; shorter samples are dropped
   int64_t max_length = 200;  // frames; samples this long or longer are dropped
   bool strict = false;       // missing files and unparsable caption lines are errors instead of counted skips
@@ -95,12 +98,18 @@ struct HumanML3DCaption {
 HumanML3DCaption parse_humanml3d_caption(const std::string& line, const std::string& where);
 
 // The non-blank lines of a text file, each with its 1-based line number, with leading and trailing
-// whitespace (and the CR of CRLF) removed as Python's str.strip() does. Shared by the importers; throws
-// std::runtime_error naming the file when it cannot be read.
+// whitespace (and the CR of CRLF) removed as Python's str.strip() does, and a UTF-8 byte order mark at the
+// start of the file dropped (Windows editors write one; it would stick to the first name). Shared by the
+// importers; throws std::runtime_error naming the file when it cannot be read.
 struct NumberedLine {
   int64_t number;
   std::string text;
 };
 std::vector<NumberedLine> read_trimmed_lines(const std::string& path);
+
+// Throws std::runtime_error "<where>: invalid <what> '<stem>'" unless `stem` names a file inside one folder:
+// not empty, no '/' or NUL, not "." or "..". Names read from input files become paths (<folder>/<stem>.npy),
+// and "../x" would read from outside the folder.
+void check_file_stem(const std::string& stem, const std::string& what, const std::string& where);
 
 }  // namespace vimo::data

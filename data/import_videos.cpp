@@ -29,11 +29,7 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 }
 
 void check_video_id(const std::string& id, const std::string& where) {
-  if (id.empty() || id == "." || id == ".." || id.find('/') != std::string::npos ||
-      id.find('\0') != std::string::npos) {
-    throw std::runtime_error(
-        fmt::format("{}: invalid video id '{}' (ids are file stems: no '/', not '.' or '..')", where, id));
-  }
+  check_file_stem(id, "video id", where);
 }
 
 std::vector<CaptionLine> read_captions(const fs::path& path) {

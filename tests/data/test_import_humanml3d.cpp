@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -281,6 +282,91 @@ TEST(ImportHumanML3D, AFailedReimportKeepsTheDataset) {
   ASSERT_EQ(after.size(), before.size());
   for (size_t i = 0; i < after.size(); ++i)
     EXPECT_EQ(after[i].get("name").text(), before[i].get("name").text());
+}
+
+// A motion in two split files would be trained on and tested on: an error naming both lines (the video
+// importer refuses this too). Twice in one split stays a counted duplicate.
+TEST(ImportHumanML3D, AMotionInTwoSplitsIsAnError) {
+  const fs::path dir = test_dir();
+  const Tree tree = make_tree(dir / "HumanML3D");
+  write_text(tree.root / "test.txt", "000007\n\nM000001\n");
+  expect_error([&] { import_humanml3d(tree.root.string(), (dir / "out").string()); },
+               {(tree.root / "test.txt").string() + ":3", "'M000001'",
+                "already listed at " + (tree.root / "train.txt").string() + ":3", "one split"});
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+// Split entries become paths (new_joint_vecs/<name>.npy): one that leaves the folder is refused.
+TEST(ImportHumanML3D, SplitNamesMustBeFileStems) {
+  const fs::path dir = test_dir();
+  const Tree tree = make_tree(dir / "HumanML3D");
+  fs::create_directories(dir / "elsewhere");
+  write_npy((dir / "elsewhere" / "x.npy").string(), {60, kDim}, tree.m1);
+  write_text(tree.root / "val.txt", "000006\n../../elsewhere/x\n");
+  expect_error([&] { import_humanml3d(tree.root.string(), (dir / "out").string()); },
+               {"val.txt:2", "invalid motion name '../../elsewhere/x'", "file stems"});
+  write_text(tree.root / "val.txt", "..\n");
+  expect_error([&] { import_humanml3d(tree.root.string(), (dir / "out").string()); },
+               {"val.txt:1", "invalid motion name '..'"});
+}
+
+// Windows editors start a file with a UTF-8 byte order mark; it must not stick to the first name.
+TEST(ImportHumanML3D, AByteOrderMarkIsNotPartOfTheFirstLine) {
+  const fs::path dir = test_dir();
+  write_text(dir / "bom.txt",
+             "\xef\xbb\xbf"
+             "000001\r\n\xef\xbb\xbf"
+             "000002\n");
+  const std::vector<NumberedLine> lines = read_trimmed_lines((dir / "bom.txt").string());
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[0].text, "000001");
+  EXPECT_EQ(lines[1].text,
+            "\xef\xbb\xbf"
+            "000002");  // only at the start of the file
+  const Tree tree = make_tree(dir / "HumanML3D");
+  write_text(tree.root / "test.txt",
+             "\xef\xbb\xbf"
+             "000007\n");
+  HumanML3DImportOptions options;
+  options.strict = true;  // a name with the mark would be a missing motion
+  write_text(tree.root / "texts" / "M000001.txt", "a man#walks.#a/DET man/NOUN#0.0#0.0\n");
+  write_text(tree.root / "train.txt", "000001\nM000001\n");
+  import_humanml3d(tree.root.string(), (dir / "out").string(), options);
+  EXPECT_EQ(read_split((dir / "out").string(), "test").at(0).get("name").text(), "000007[0:199]");
+}
+
+// Mean.npy / Std.npy: float [feature_dim], finite, every std positive (features are divided by it); and an
+// fps so large that int(seconds * fps) overflows is refused.
+TEST(ImportHumanML3D, NamesBadStatisticsAndOptions) {
+  const fs::path dir = test_dir();
+  const Tree tree = make_tree(dir / "HumanML3D");
+  const std::string out = (dir / "out").string();
+  const std::string mean = (tree.root / "Mean.npy").string(), std_dev = (tree.root / "Std.npy").string();
+  write_npy(mean, {kDim}, std::vector<int64_t>(kDim, 1));
+  expect_error([&] { import_humanml3d(tree.root.string(), out); }, {mean, "float", "'<i8'", "[263]"});
+  write_npy(mean, {1, kDim}, tree.mean);
+  expect_error([&] { import_humanml3d(tree.root.string(), out); },
+               {mean, "[263]", "found '<f4' of shape [1, 263]"});
+  std::vector<float> bad = tree.mean;
+  bad[7] = std::numeric_limits<float>::quiet_NaN();
+  write_npy(mean, {kDim}, bad);
+  expect_error([&] { import_humanml3d(tree.root.string(), out); }, {mean, "element 7 is nan", "finite"});
+  write_npy(mean, {kDim}, tree.mean);
+  for (const float value : {0.0f, -1.0f, std::numeric_limits<float>::quiet_NaN()}) {
+    bad = tree.std_dev;
+    bad[200] = value;
+    write_npy(std_dev, {kDim}, bad);
+    expect_error([&] { import_humanml3d(tree.root.string(), out); },
+                 {std_dev, "element 200 is", "finite and positive", "HINT"});
+  }
+  write_npy(std_dev, {kDim}, tree.std_dev);
+  HumanML3DImportOptions options;
+  options.fps = 1e300;
+  expect_error([&] { import_humanml3d(tree.root.string(), out, options); },
+               {"fps must be in (0, 1000]", "1e+300"});
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  options.fps = 1000;
+  EXPECT_NO_THROW(import_humanml3d(tree.root.string(), out, options));
 }
 
 }  // namespace
