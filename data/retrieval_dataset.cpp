@@ -18,7 +18,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr int64_t kJoints = 17;
 
 // `batch`'s field `spec.name` is [B] + spec.shape of spec.dtype (an extent of kAnyExtent matches any).
 void expect_field(const CollatedBatch& batch, const FieldSpec& spec, const std::string& where) {
@@ -68,7 +67,7 @@ RecordSchema retrieval_schema(const RetrievalDims& dims, const std::string& dims
                        {"caption", DType::UInt8, {kAnyExtent}},
                        {"text_ids", DType::Int64, {dims.max_text_len}},
                        {"frames", DType::Float32, {dims.frames, dims.feature_dim}},
-                       {"keypoints", DType::Float32, {dims.frames, kJoints, 3}},
+                       {"keypoints", DType::Float32, {dims.frames, kKeypointJoints, 3}},
                        {"num_frames", DType::Int64, {1}}},
                       "a retrieval record with the shapes of " + dims_source};
   // Token ids within the vocabulary and frame counts within the frames, where those are known: a record

@@ -29,6 +29,9 @@ struct RetrievalBatch {
 };
 
 // Shapes every record of a retrieval dataset must have.
+// Keypoints per frame in retrieval records: the 17 COCO joints of the 2D pose detector (DESIGN.md, Data).
+inline constexpr int64_t kKeypointJoints = 17;
+
 struct RetrievalDims {
   int64_t max_text_len = 0, frames = 0, feature_dim = 0, vocab_size = 0;
 };

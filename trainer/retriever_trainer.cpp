@@ -58,6 +58,8 @@ void check_dataset_fits(const models::GeminiConfig& m, const data::RetrievalData
     fail(fmt::format("captions have {} tokens > model.max_text_len {}", d.max_text_len(), m.max_text_len));
   if (d.frames() > m.frames)
     fail(fmt::format("videos have {} frames > model.frames {}", d.frames(), m.frames));
+  if (m.joints != data::kKeypointJoints)
+    fail(fmt::format("keypoints have {} joints, model.joints is {}", data::kKeypointJoints, m.joints));
   if (d.feature_dim() != m.feature_dim)
     fail(fmt::format("frame features have {} dims, model.feature_dim is {}", d.feature_dim(), m.feature_dim));
 }

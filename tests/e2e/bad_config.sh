@@ -13,6 +13,13 @@ set -e
 [ "$code" -ne 0 ] || fail "an unknown override key was accepted"
 echo "$out" | grep -q "optim.lrr" || fail "error does not name the override key: $out"
 echo "$out" | grep -qi "segmentation\|core dumped\|terminate called" && fail "crashed: $out"
+# A model whose shapes do not fit the dataset is named before it trains (model.joints crashed in the forward).
+set +e
+out=$(run_ranks 2 train "$source_dir/configs/demo/retriever_action.yaml" $tiny model.joints=16 2>&1); code=$?
+set -e
+[ "$code" -ne 0 ] || fail "a model of 16 joints trained on 17-joint keypoints"
+echo "$out" | grep -q "does not fit the model config: keypoints have 17 joints, model.joints is 16" ||
+  fail "the joints mismatch was not named: $(echo "$out" | tail -3)"
 # A run that diverges stops at the first step whose loss is not finite, on every rank, saying so and saving
 # nothing of it (it trained on with NaN, and its evaluation then reported R@1 100 %).
 set +e
