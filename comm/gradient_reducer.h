@@ -53,13 +53,13 @@ struct ReducerStats {
   int64_t buckets_launched = 0;              // all-reduces started
   int64_t buckets_launched_in_backward = 0;  // ... of which before finalize() was called
   int64_t bytes_reduced = 0;                 // payload of those all-reduces
-  double communication_s = 0;                // Σ first launch → every bucket done
-  double exposed_s = 0;  // Σ finalize() called → every bucket done (what backward did not hide)
+  // Σ first launch → every bucket done. Not the reduction's cost: the first bucket launches early in
+  // backward, so the span holds backward's own time as well (Note [Overlap statistics]).
+  double span_s = 0;
+  double exposed_s = 0;  // Σ finalize() called → every bucket done (what the step waited for after backward)
   double last_launch_to_done_s = 0;          // Σ last launch → every bucket done
   int64_t buckets_done_before_finalize = 0;  // seen complete before finalize() was called
   int64_t progress_polls = 0;                // rounds of the progress thread that found buckets in flight
-  // The share of the communication time that ran behind backward, in [0, 1].
-  double hidden_fraction() const;
 };
 
 class GradientReducer {

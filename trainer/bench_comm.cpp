@@ -405,10 +405,17 @@ void print_comm_bench(const nlohmann::json& report) {
         "\noverlap at DP = {} through {}: {} ({} parameters, {} buckets, {} thread(s) per rank, {}, "
         "gradients "
         "{})\n"
-        "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians)\n"
-        "  per step: communication {:.1f} ms, exposed {:.1f} ms, {:.1f} of {} buckets launched in backward, "
-        "{:.1f} done before finalize\n"
-        "  hidden fraction: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = 2\n"
+        "  step {:.1f} ms = forward {:.1f} + backward {:.1f} + finalize {:.1f} (medians); without the "
+        "reducer "
+        "{:.1f} ms\n"
+        "  per step: the reduction alone {:.1f} ms, exposed {:.1f} ms (first launch to done {:.1f} ms), "
+        "{:.1f} "
+        "of {} buckets launched in backward, {:.1f} done before finalize\n"
+        "  hidden = 1 - exposed / alone: {:.1f} % (rank 0), {:.1f} % (worst rank); goal >= {:.0f} % at DP = "
+        "2\n"
+        "  from step times, 1 - (step - step without the reducer) / alone: {:.1f} % (rank 0), {:.1f} % "
+        "(worst "
+        "rank)\n"
         "  the last bucket, all-reduced only once backward is over, holds {:.1f} % of the bytes\n",
         o["dp"].get<int>(), o["transport"].get<std::string>(), o["model"].get<std::string>(),
         o["parameters"].get<int64_t>(), o["buckets"].get<int64_t>(), o["threads_per_rank"].get<int>(),
@@ -417,10 +424,13 @@ void print_comm_bench(const nlohmann::json& report) {
             : fmt::format("progress every {} us", o["progress_interval_us"].get<int>()),
         o.value("gradients", std::string("copied")), o["step_ms"].get<double>(),
         o["forward_ms"].get<double>(), o["backward_ms"].get<double>(), o["finalize_ms"].get<double>(),
-        o["communication_ms_per_step"].get<double>(), o["exposed_ms_per_step"].get<double>(),
+        o["compute_only_step_ms"].get<double>(), o["isolated_reduction_ms"].get<double>(),
+        o["exposed_ms_per_step"].get<double>(), o["span_ms_per_step"].get<double>(),
         o["buckets_launched_in_backward_per_step"].get<double>(), o["buckets"].get<int64_t>(),
         o["buckets_done_before_finalize_per_step"].get<double>(), 100 * o["hidden_fraction"].get<double>(),
         100 * o["hidden_fraction_min_over_ranks"].get<double>(), 100 * o["goal"].get<double>(),
+        100 * o["hidden_by_step_time"].get<double>(),
+        100 * o["hidden_by_step_time_min_over_ranks"].get<double>(),
         100 * o.value("last_bucket_share_of_bytes", 0.0));
   }
 }

@@ -465,22 +465,23 @@ TrainResult train_retriever(const Config& config, bool resume,
     }
   }
   if (reducer) {
-    // Every rank has its own share (Note [Overlap statistics]); the slowest to reduce bounds the step.
-    const double hidden = reducer->stats().hidden_fraction();
-    at::Tensor worst = at::full({1}, hidden, at::kFloat);
-    comm->allreduce(worst, comm::ReduceOp::Min);
+    // What each step waited for the gradient all-reduce once backward was over (Note [Overlap statistics] in
+    // comm/gradient_reducer.cpp); the slowest rank's wait bounds the step.
+    const comm::ReducerStats stats = reducer->stats();
+    const double exposed_ms = stats.steps > 0 ? 1e3 * stats.exposed_s / static_cast<double>(stats.steps) : 0;
+    at::Tensor worst = at::full({1}, exposed_ms, at::kDouble);
+    comm->allreduce(worst, comm::ReduceOp::Max);
     const size_t buckets = reducer->bucket_parameters().size();
     // A bucket is launched when its last gradient arrives: with one or two buckets, most of the reduction
-    // usually waits for the end of backward. Say so when the share is low, instead of leaving it unexplained.
-    const std::string few =
-        buckets <= 2 && worst.item<double>() < 0.5
-            ? " (with so few buckets, most gradients are all-reduced after backward ends; a smaller "
-              "train.bucket_mib or train.first_bucket_mib makes more)"
-            : "";
+    // waits for the end of backward. Say so, instead of leaving a long wait unexplained.
+    const std::string few = buckets <= 2
+                                ? " (with so few buckets, most gradients are all-reduced after backward "
+                                  "ends; a smaller train.bucket_mib or train.first_bucket_mib makes more)"
+                                : "";
     say(comm,
-        fmt::format("gradient all-reduce: {} bucket{} per step, {:.0f}% of its time hidden behind "
-                    "backward on rank 0, {:.0f}% on the worst rank{}",
-                    buckets, buckets == 1 ? "" : "s", 100.0 * hidden, 100.0 * worst.item<double>(), few));
+        fmt::format("gradient all-reduce: {} bucket{} per step; after backward, steps waited {:.2f} ms for "
+                    "it on rank 0, {:.2f} ms on the slowest rank{}",
+                    buckets, buckets == 1 ? "" : "s", exposed_ms, worst.item<double>(), few));
   }
   const data::LoaderStats d = loader.stats();
   say(comm,
