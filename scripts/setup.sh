@@ -20,6 +20,7 @@ DEBIAN_PACKAGES=(
   libxxhash-dev libzstd-dev libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev  # libFuzzer and ASan for tests/fuzz/run_fuzz.sh
+  slurmctld slurmd slurm-client munge  # the private Slurm cluster of tests/e2e/slurm_cluster.sh
 )
 
 log() { echo "[setup] $*" >&2; }
@@ -32,8 +33,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   export DEBIAN_FRONTEND=noninteractive
+  # Installing slurmd, slurmctld and munge would start them as system services (munged with the machine's
+  # key, slurmd failing without /etc/slurm/slurm.conf); the test starts its own. A policy-rc.d that answers
+  # 101 ("action forbidden") stops invoke-rc.d and deb-systemd-invoke from starting any; Docker images ship
+  # one, so it is written only where there is none, and removed after.
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    trap '$SUDO rm -f "$policy"' EXIT
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 755 "$policy"
+  fi
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT; fi
 else
   log "Debian packages present"
 fi
