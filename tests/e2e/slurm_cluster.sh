@@ -15,7 +15,10 @@ done
 for client in sbatch scontrol scancel sinfo squeue; do
   command -v "$client" > /dev/null || fail "$client is missing. HINT: apt-get install --no-install-recommends slurm-client"
 done
-[ "$(id -u)" -eq 0 ] || fail "a Slurm cluster needs root here: slurmd starts the job's processes as its user"
+if [ "$(id -u)" -ne 0 ]; then  # ctest counts status 77 as skipped (SKIP_RETURN_CODE in CMakeLists.txt)
+  echo "SKIPPED: a private Slurm cluster needs root (slurmd starts each job's processes as the job's user)"
+  exit 77
+fi
 
 cluster="$work/cluster"
 mkdir -p "$cluster/state" "$cluster/spool"
