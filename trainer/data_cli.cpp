@@ -40,7 +40,7 @@ struct DataCommands::Options {
   void add_shard_options(CLI::App* command) {
     command->add_option("--max-shard-mb", max_shard_mb, "Close a shard once it reaches this size")
         ->capture_default_str()
-        ->check(CLI::PositiveNumber);
+        ->check(CLI::Range(1.0 / 1024, 1024.0 * 1024));  // 1 KiB to 1 TiB: bytes fit a uint64 with room
     command->add_option("--max-shard-records", max_shard_records, "... or this many records (0: no limit)")
         ->capture_default_str();
     command->add_flag("--zstd", zstd, "Compress records with zstd");

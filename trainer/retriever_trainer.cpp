@@ -483,10 +483,18 @@ TrainResult train_retriever(const Config& config, bool resume,
                     "it on rank 0, {:.2f} ms on the slowest rank{}",
                     buckets, buckets == 1 ? "" : "s", exposed_ms, worst.item<double>(), few));
   }
+  // Rank 0's wait, and the slowest rank's: a rank that waits longer holds every other one up in the next
+  // collective, where rank 0 counts it as compute.
   const data::LoaderStats d = loader.stats();
-  say(comm,
-      fmt::format("data: {} batches, waited {:.2f} s in total ({:.2f} ms per step)", d.batches,
-                  d.wait_seconds, d.batches ? 1e3 * d.wait_seconds / static_cast<double>(d.batches) : 0.0));
+  at::Tensor slowest_wait = at::full({1}, d.wait_seconds, at::kDouble);
+  if (comm && world > 1) comm->allreduce(slowest_wait, comm::ReduceOp::Max);
+  const auto per_step_ms = [&](double seconds) {
+    return d.batches ? 1e3 * seconds / static_cast<double>(d.batches) : 0.0;
+  };
+  say(comm, fmt::format("data: {} batches, waited {:.2f} s in total ({:.2f} ms per step) on rank 0, {:.2f} s "
+                        "({:.2f} ms per step) on the slowest rank",
+                        d.batches, d.wait_seconds, per_step_ms(d.wait_seconds), slowest_wait.item<double>(),
+                        per_step_ms(slowest_wait.item<double>())));
   if (!result.stopped_early && !result.preempted) {  // a run stopped early is evaluated when it finishes
     result.test = evaluate_retrieval(model, test_set, comm);
     log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
