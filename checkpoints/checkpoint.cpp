@@ -195,66 +195,108 @@ void CheckpointManager::clean_up_crashed_saves() const {
   fsync_path(root_);
 }
 
+void CheckpointManager::write_checkpoint(int64_t step, const TensorFile& state,
+                                         const std::string& loader_json,
+                                         const std::string& config_yaml) const {
+  const fs::path final_dir = fs::path(root_) / step_name(step);
+  fs::create_directories(root_);
+  clean_up_crashed_saves();
+  const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
+  fs::create_directories(temp_dir);
+  write_safetensors((temp_dir / kStateFile).string(), state);
+  write_text_file(temp_dir / "loader.json", loader_json);
+  write_text_file(temp_dir / "config.yaml", config_yaml);
+  nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"},
+                                     {"version", kFormatVersion},
+                                     {"step", step},
+                                     {"world_size", comm_ ? comm_->size() : 1}};
+  for (const char* name : {kStateFile, "loader.json", "config.yaml"}) {
+    manifest["files"][name] = {{"bytes", fs::file_size(temp_dir / name)},
+                               {"xxh3", file_checksum(temp_dir / name)}};
+  }
+  write_text_file(temp_dir / "manifest.json.tmp", manifest.dump(2));
+  fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
+  fsync_path(temp_dir);
+  if (fs::exists(final_dir)) {
+    // Re-saving a step (after resuming from it): one renameat2(RENAME_EXCHANGE) swaps the whole new copy
+    // in, so step_NNNNNNNN names a complete checkpoint at every instant; the old copy ends up under the
+    // temporary name. Filesystems without the exchange (EINVAL: NFS, some FUSE) fall back to two renames
+    // (Note [A re-save cut between its two renames]).
+    if (exchange_allowed() &&
+        ::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
+      fs::remove_all(temp_dir);
+    } else if (!exchange_allowed() || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+      const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
+      if (fs::exists(old_dir)) delete_out_of_sight(old_dir);
+      fs::rename(final_dir, old_dir);
+      fs::rename(temp_dir, final_dir);
+      delete_out_of_sight(old_dir);
+    } else {
+      throw std::runtime_error(fmt::format("cannot swap {} into {}: {}", temp_dir.string(),
+                                           final_dir.string(), std::strerror(errno)));
+    }
+  } else {
+    fs::rename(temp_dir, final_dir);
+  }
+  fsync_path(root_);
+  prune(step);
+}
+
+// Note [Saving in the background]
+// A save must not hold training up for as long as writing, checksumming and fsyncing take (seconds for a
+// large model on a shared filesystem). So save_async() copies the state's tensors into memory of its own on
+// rank 0, the one rank that writes (a snapshot: the step after it changes the parameters and moments in
+// place), and a thread writes the checkpoint from that copy with the same atomic-directory protocol as before
+// (Note [Atomic checkpoint directories]) while training goes on. The cost is one copy of the state in host
+// memory while a save is in flight. One save is in flight at a time: the next save_async() waits for the one
+// before. A failure is learnt by every rank at the next wait() (the next save, or the end of the run), and a
+// crash while the thread writes leaves the previous checkpoint as a crash mid-save always did. The trainer
+// waits before it reports a checkpoint as holding a stopped or preempted run, and before the run ends.
 std::string CheckpointManager::save(int64_t step, const TensorFile& state, const std::string& loader_json,
                                     const std::string& config_yaml) {
-  const fs::path final_dir = fs::path(root_) / step_name(step);
-  const bool writer = !comm_ || comm_->rank() == 0;
-  std::string error;
-  if (writer) {
+  save_async(step, state, loader_json, config_yaml);
+  return wait();
+}
+
+std::string CheckpointManager::save_async(int64_t step, const TensorFile& state,
+                                          const std::string& loader_json, const std::string& config_yaml) {
+  wait();
+  pending_dir_ = (fs::path(root_) / step_name(step)).string();
+  if (comm_ && comm_->rank() != 0) return pending_dir_;
+  TensorFile snapshot;
+  snapshot.metadata = state.metadata;
+  for (const auto& [name, tensor] : state.tensors) snapshot.tensors[name] = tensor.detach().clone();
+  writer_error_.clear();
+  writer_ = std::thread([this, step, snapshot = std::move(snapshot), loader_json, config_yaml] {
     try {
-      fs::create_directories(root_);
-      clean_up_crashed_saves();
-      const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
-      fs::create_directories(temp_dir);
-      write_safetensors((temp_dir / kStateFile).string(), state);
-      write_text_file(temp_dir / "loader.json", loader_json);
-      write_text_file(temp_dir / "config.yaml", config_yaml);
-      nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"},
-                                         {"version", kFormatVersion},
-                                         {"step", step},
-                                         {"world_size", comm_ ? comm_->size() : 1}};
-      for (const char* name : {kStateFile, "loader.json", "config.yaml"}) {
-        manifest["files"][name] = {{"bytes", fs::file_size(temp_dir / name)},
-                                   {"xxh3", file_checksum(temp_dir / name)}};
-      }
-      write_text_file(temp_dir / "manifest.json.tmp", manifest.dump(2));
-      fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
-      fsync_path(temp_dir);
-      if (fs::exists(final_dir)) {
-        // Re-saving a step (after resuming from it): one renameat2(RENAME_EXCHANGE) swaps the whole new copy
-        // in, so step_NNNNNNNN names a complete checkpoint at every instant; the old copy ends up under the
-        // temporary name. Filesystems without the exchange (EINVAL: NFS, some FUSE) fall back to two renames
-        // (Note [A re-save cut between its two renames]).
-        if (exchange_allowed() &&
-            ::renameat2(AT_FDCWD, temp_dir.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0) {
-          fs::remove_all(temp_dir);
-        } else if (!exchange_allowed() || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
-          const fs::path old_dir = fs::path(root_) / ("." + step_name(step) + ".old");
-          if (fs::exists(old_dir)) delete_out_of_sight(old_dir);
-          fs::rename(final_dir, old_dir);
-          fs::rename(temp_dir, final_dir);
-          delete_out_of_sight(old_dir);
-        } else {
-          throw std::runtime_error(fmt::format("cannot swap {} into {}: {}", temp_dir.string(),
-                                               final_dir.string(), std::strerror(errno)));
-        }
-      } else {
-        fs::rename(temp_dir, final_dir);
-      }
-      fsync_path(root_);
-      prune(step);
+      write_checkpoint(step, snapshot, loader_json, config_yaml);
     } catch (const std::exception& e) {
-      error = e.what();
+      writer_error_ = e.what();
     }
-  }
+  });
+  return pending_dir_;
+}
+
+std::string CheckpointManager::wait() {
+  if (pending_dir_.empty()) return "";
+  if (writer_.joinable()) writer_.join();
+  std::string error = writer_error_;
+  writer_error_.clear();
+  const std::string dir = std::exchange(pending_dir_, "");
   if (comm_ && comm_->size() > 1) {
     // Every rank learns whether rank 0's save succeeded, so no rank continues past a failed checkpoint.
     at::Tensor failed = at::full({1}, error.empty() ? 0 : 1, at::kInt);
     comm_->allreduce(failed, comm::ReduceOp::Max);
-    if (failed.item<int>() != 0 && error.empty()) error = "rank 0 failed to save " + final_dir.string();
+    if (failed.item<int>() != 0 && error.empty()) error = "rank 0 failed to save " + dir;
   }
   if (!error.empty()) throw std::runtime_error("checkpoint save failed: " + error);
-  return final_dir.string();
+  return dir;
+}
+
+CheckpointManager::~CheckpointManager() {
+  if (!writer_.joinable()) return;
+  writer_.join();  // a save in flight finishes, or fails, before the process can end
+  if (!writer_error_.empty()) std::fprintf(stderr, "checkpoint save failed: %s\n", writer_error_.c_str());
 }
 
 // Keeps the checkpoint just saved and the newest keep - 1 complete ones before it. Directories of later

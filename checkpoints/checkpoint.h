@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "checkpoints/safetensors.h"
@@ -40,10 +41,25 @@ class CheckpointManager {
   // `root` holds the step directories; the newest `keep` are retained. `comm` may be null (one process).
   CheckpointManager(std::string root, int64_t keep, std::shared_ptr<comm::Communicator> comm);
 
+  ~CheckpointManager();  // waits for a save in flight (its error, if any, is logged: wait() reports it)
+  CheckpointManager(const CheckpointManager&) = delete;
+  CheckpointManager& operator=(const CheckpointManager&) = delete;
+
   // Collective: rank 0 writes (DP-replicated state needs one copy), every rank returns once the
-  // checkpoint is durable. Returns the checkpoint directory.
+  // checkpoint is durable. Returns the checkpoint directory. save_async() then wait().
   std::string save(int64_t step, const TensorFile& state, const std::string& loader_json,
                    const std::string& config_yaml);
+
+  // Note [Saving in the background]: collective. Waits for the save before it (wait()), copies `state`'s
+  // tensors into host memory of its own (a snapshot: training may change the originals as soon as this
+  // returns), and writes the checkpoint from that copy on a thread of rank 0 while training goes on. One save
+  // is in flight at a time. Returns the directory the checkpoint will have.
+  std::string save_async(int64_t step, const TensorFile& state, const std::string& loader_json,
+                         const std::string& config_yaml);
+
+  // Collective: waits until the save in flight (if any) is durable, and throws on every rank if it failed.
+  // Returns its directory ("" when none was in flight).
+  std::string wait();
 
   // The newest step directory under `root` that verifies, skipping (and logging to stderr) corrupt ones.
   static std::optional<std::string> latest_valid(const std::string& root);
@@ -62,9 +78,15 @@ class CheckpointManager {
  private:
   void prune(int64_t saved_step) const;
   void clean_up_crashed_saves() const;
+  // Writes, renames into place and prunes; rank 0's part of a save. Throws on error.
+  void write_checkpoint(int64_t step, const TensorFile& state, const std::string& loader_json,
+                        const std::string& config_yaml) const;
   std::string root_;
   int64_t keep_;
   std::shared_ptr<comm::Communicator> comm_;
+  std::thread writer_;        // rank 0: the save in flight
+  std::string writer_error_;  // set by writer_ before it ends
+  std::string pending_dir_;   // the directory of the save in flight, on every rank; "" when none
 };
 
 // The step directories under `root` (valid or not), oldest first, including a .step_N.old that stands in

@@ -151,8 +151,9 @@ class RunOptimizer {
   std::unique_ptr<ZeroAdamW> sharded_;
 };
 
-// Writes the checkpoint of `step`: model and AdamW moments in one safetensors file, the sampler state, the
-// resolved config. Collective.
+// Starts the checkpoint of `step`: model and AdamW moments in one safetensors file, the sampler state, the
+// resolved config, written in the background from a snapshot (Note [Saving in the background] in
+// checkpoints/checkpoint.cpp). Collective.
 std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int64_t step,
                                 const std::string& stage, models::GeminiMVR& model,
                                 const RunOptimizer& optimizer, const data::StreamingLoader& loader,
@@ -169,7 +170,7 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
       {"samples_consumed", s.samples_consumed},
       {"order",
        loader.order_fingerprint()}}.dump();
-  return checkpoints.save(step, state, loader_json, config_yaml);
+  return checkpoints.save_async(step, state, loader_json, config_yaml);
 }
 
 // The model.* keys whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in the
@@ -441,7 +442,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     std::string saved;
     if (step % t.checkpoint_every == 0 || last || signalled_ranks > 0) {
       saved = save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
-      say(comm, "saved checkpoint " + saved);
+      say(comm, "saving checkpoint " + saved + " in the background");
     }
     // Not at the last step, which the held-out test covers; but at train.stop_after too, as the run that
     // does not stop there evaluates it.
@@ -451,6 +452,7 @@ TrainResult train_retriever(const Config& config, bool resume,
       log.record_json(fmt::format("{{\"step\": {}, \"eval\": {}}}", step, m.json()));
     }
     if (signalled_ranks > 0) {  // after the evaluation due at this step, which the resumed run will not make
+      checkpoints.wait();       // durable before the job may be requeued
       say(comm, fmt::format("preempted: a SIGTERM or SIGUSR1 reached {} of {} rank{} by the end of step {}; "
                             "checkpoint {} holds it. Exiting with status {}: a requeued job continues "
                             "with --resume",
@@ -459,6 +461,7 @@ TrainResult train_retriever(const Config& config, bool resume,
       break;
     }
     if (step == t.stop_after) {
+      checkpoints.wait();
       say(comm, fmt::format("stopping after step {} as train.stop_after says; continue with --resume", step));
       result.stopped_early = true;
       break;
@@ -500,6 +503,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     log.record_json(fmt::format("{{\"step\": {}, \"test\": {}}}", result.last_step, result.test.json()));
     say(comm, fmt::format("held-out retrieval, stage {}: {}", t.stage, result.test.summary()));
   }
+  if (const std::string last = checkpoints.wait(); !last.empty()) say(comm, "saved checkpoint " + last);
   if (watch) watch->finish();
   return result;
 }

@@ -143,7 +143,7 @@ TEST(Checkpoint, ResavingAStepReplacesItWhole) {
   expect_same(second, CheckpointManager::load((root / "step_00000004").string()).state);
 }
 
-}  // namespace
+
 
 // Note [A re-save cut between its two renames]: where the filesystem has no RENAME_EXCHANGE, a crash between
 // the two renames leaves step N only as .step_N.old. Resume must find it, and the next save must put it back.
@@ -224,3 +224,47 @@ TEST(Checkpoint, AStandInThatDoesNotVerifyIsNotRestored) {
   EXPECT_FALSE(fs::exists(root / ".step_00000004.old"));
   EXPECT_EQ(*CheckpointManager::latest_valid(root.string()), (root / "step_00000005").string());
 }
+
+// Note [Saving in the background]: save_async returns before the checkpoint is written, from a snapshot: the
+// state changed in place right after it (as the next training step does) must not reach the file. 32 MiB of
+// float32 take a writer tens of milliseconds, so without the snapshot the zeroing below lands in the file.
+// Then the next save waits for this one, and wait() returns the directory.
+TEST(Checkpoint, ASaveInTheBackgroundWritesTheStateAsItWasWhenAsked) {
+  vimo::testing::seed_torch();
+  const fs::path dir = fresh_dir("background");
+  CheckpointManager manager((dir / "checkpoints").string(), 3, nullptr);
+  TensorFile state = random_state();
+  state.tensors["model.big"] = at::randn({8 * 1024 * 1024});
+  TensorFile expected;
+  expected.metadata = state.metadata;
+  for (const auto& [name, t] : state.tensors) expected.tensors[name] = t.clone();
+  const std::string target = manager.save_async(3, state, "{}", "");
+  for (auto& [name, t] : state.tensors) t.zero_();  // the next step, in place
+  EXPECT_EQ(manager.wait(), target);
+  expect_same(CheckpointManager::load(target).state, expected);
+  EXPECT_EQ(manager.wait(), "");  // none in flight
+  // A second save_async waits for the first: both end up whole.
+  manager.save_async(4, expected, "{}", "");
+  manager.save_async(5, expected, "{}", "");
+  manager.wait();
+  expect_same(CheckpointManager::load((dir / "checkpoints" / "step_00000004").string()).state, expected);
+  expect_same(CheckpointManager::load((dir / "checkpoints" / "step_00000005").string()).state, expected);
+}
+
+// A background save that fails is reported by wait() (and so by the next save), naming the cause.
+TEST(Checkpoint, AFailedBackgroundSaveIsReportedByTheNextWait) {
+  const fs::path dir = fresh_dir("background_failure");
+  std::ofstream(dir / "not_a_directory") << "x";  // the root's parent is a file: nothing can be made under it
+  CheckpointManager manager((dir / "not_a_directory" / "checkpoints").string(), 3, nullptr);
+  manager.save_async(1, random_state(), "{}", "");
+  try {
+    manager.wait();
+    ADD_FAILURE() << "wait() returned after a failed save";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("checkpoint save failed: "), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not_a_directory"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(manager.wait(), "");  // reported once
+}
+
+}  // namespace
