@@ -359,7 +359,11 @@ YAML::Node read_yaml_file(const std::string& path) {
   if (!in) throw ConfigError(fmt::format("config file '{}' cannot be read", path));
   try {
     // Every document is parsed, so that nothing after a `---` or `...` goes unread and unchecked.
-    const std::vector<YAML::Node> documents = YAML::LoadAll(in);
+    std::vector<YAML::Node> documents = YAML::LoadAll(in);
+    // An empty document (a trailing `---`) holds nothing to read.
+    documents.erase(std::remove_if(documents.begin(), documents.end(),
+                                   [](const YAML::Node& node) { return node.IsNull(); }),
+                    documents.end());
     if (documents.size() > 1) {
       throw ConfigError(
           fmt::format("{}: holds {} YAML documents (separated by --- or ...); a config is one. "

@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include "build_info.h"
 #include "comm/communicator.h"
@@ -25,7 +26,8 @@
 
 namespace {
 
-int run_train(const std::string& config_path, const std::vector<std::string>& overrides, bool resume) {
+int run_train(const std::string& config_path, const std::vector<std::string>& overrides, bool resume,
+              const vimo::trainer::PreemptionSignals& preemption) {
   using namespace vimo;
   // mpirun's ranks are MPI's world; torchrun's or srun's (without an MPI built for Slurm) meet through the
   // rendezvous store and talk over TCP.
@@ -56,7 +58,7 @@ int run_train(const std::string& config_path, const std::vector<std::string>& ov
         yaml.c_str());
     std::fflush(stdout);
   }
-  const trainer::TrainResult result = trainer::train_retriever(config, resume, comm);
+  const trainer::TrainResult result = trainer::train_retriever(config, resume, comm, &preemption);
   return result.preempted ? trainer::kExitPreempted : 0;
 }
 
@@ -136,9 +138,14 @@ int main(int argc, char** argv) {
   auto* version = app.add_subcommand("version", "Print the versions of vimo, LibTorch, CUDA, NCCL and MPI");
 
   CLI11_PARSE(app, argc, argv);
+  // `vimo train` takes SIGTERM / SIGUSR1 as a request to save and stop (trainer/preemption.h) from before MPI
+  // starts until the process ends: one arriving while the ranks start, or rendezvous, stops the run after its
+  // first step; one after the last step is ignored. Elsewhere the default action (end the process) stays.
+  std::optional<vimo::trainer::PreemptionSignals> preemption;
+  if (*train) preemption.emplace();
   vimo::comm::MpiRuntime mpi(&argc, &argv);
   try {
-    if (*train) return run_train(config_path, overrides, resume);
+    if (*train) return run_train(config_path, overrides, resume, *preemption);
     if (const std::optional<int> code = data_commands.run()) return *code;
     if (const std::optional<int> code = bench_commands.run()) return *code;
     if (*bench_comm) return comm_bench.run();

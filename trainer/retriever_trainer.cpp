@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -275,7 +276,8 @@ int64_t count_elements(const std::vector<at::Tensor>& tensors) {
 }  // namespace
 
 TrainResult train_retriever(const Config& config, bool resume,
-                            const std::shared_ptr<comm::Communicator>& comm) {
+                            const std::shared_ptr<comm::Communicator>& comm,
+                            const PreemptionSignals* preemption_signals) {
   const TrainConfig& t = config.train;
   const int world = comm ? comm->size() : 1, rank = comm ? comm->rank() : 0;
   if (config.data.global_batch % world != 0) {
@@ -287,7 +289,9 @@ TrainResult train_retriever(const Config& config, bool resume,
   at::set_num_threads(static_cast<int>(t.threads));
   // SIGTERM / SIGUSR1 stop the run at a step boundary, with a checkpoint (Note [Preemption at a step
   // boundary] in trainer/preemption.h).
-  const PreemptionSignals preemption;
+  std::optional<PreemptionSignals> own_signals;
+  if (!preemption_signals) preemption_signals = &own_signals.emplace();
+  const PreemptionSignals& preemption = *preemption_signals;
   // A dead, stopped or stuck rank ends the job with a message naming it, instead of a hang.
   std::unique_ptr<JobWatch> watch;
   if (comm && world > 1 && t.watchdog_timeout_s > 0) {
@@ -433,14 +437,17 @@ TrainResult train_retriever(const Config& config, bool resume,
       std::fflush(stderr);
     }
     const bool last = step == t.steps || step == t.stop_after;
-    const bool print = step % t.log_every == 0 || step == start_step + 1 || last || signalled_ranks > 0;
+    // At the last step (or train.stop_after) the run ends here anyway, with its checkpoint: a signal then
+    // changes nothing (a requeue would only repeat the end), so the run finishes as it would have.
+    const bool preempted = signalled_ranks > 0 && !last;
+    const bool print = step % t.log_every == 0 || step == start_step + 1 || last || preempted;
     if (print) check_replicas_agree(model, comm, step);
     log.record({step, result.last_loss, lr, grad_norm, seconds_since(step_start), data_seconds,
                 config.data.global_batch, batch_hash, total_corrupt},
                print);
 
     std::string saved;
-    if (step % t.checkpoint_every == 0 || last || signalled_ranks > 0) {
+    if (step % t.checkpoint_every == 0 || last || preempted) {
       saved = save_training_state(checkpoints, step, t.stage, model, optimizer, loader, config_yaml);
       say(comm, "saving checkpoint " + saved + " in the background");
     }
@@ -451,8 +458,8 @@ TrainResult train_retriever(const Config& config, bool resume,
       say(comm, fmt::format("eval step {}: {}", step, m.summary()));
       log.record_json(fmt::format("{{\"step\": {}, \"eval\": {}}}", step, m.json()));
     }
-    if (signalled_ranks > 0) {  // after the evaluation due at this step, which the resumed run will not make
-      checkpoints.wait();       // durable before the job may be requeued
+    if (preempted) {       // after the evaluation due at this step, which the resumed run will not make
+      checkpoints.wait();  // durable before the job may be requeued
       say(comm, fmt::format("preempted: a SIGTERM or SIGUSR1 reached {} of {} rank{} by the end of step {}; "
                             "checkpoint {} holds it. Exiting with status {}: a requeued job continues "
                             "with --resume",

@@ -8,6 +8,7 @@
 
 #include "comm/communicator.h"
 #include "trainer/config.h"
+#include "trainer/preemption.h"
 #include "trainer/retrieval_eval.h"
 
 namespace vimo::trainer {
@@ -21,8 +22,10 @@ struct TrainResult {
 };
 
 // Runs (or with `resume`, continues from the newest valid checkpoint under train.out_dir) one stage.
-// Collective over `comm` (null = one process). Rank 0 prints progress.
+// Collective over `comm` (null = one process). Rank 0 prints progress. `preemption`: the process's handlers,
+// installed before MPI starts (trainer/main.cpp); null installs them for the call.
 TrainResult train_retriever(const Config& config, bool resume,
-                            const std::shared_ptr<comm::Communicator>& comm);
+                            const std::shared_ptr<comm::Communicator>& comm,
+                            const PreemptionSignals* preemption = nullptr);
 
 }  // namespace vimo::trainer

@@ -52,4 +52,20 @@ term_to_rank_1() {
 }
 preempt_and_resume usr1 usr1_to_mpirun 2
 preempt_and_resume term term_to_rank_1 1
+# A signal before the first step (here once the ranks have read the config) stops the run after step 1, with
+# its checkpoint. (`vimo train` takes the signals from before MPI starts; that earlier window is not timed here.)
+mpirun --oversubscribe --bind-to none -np 2 "$vimo" "${args[@]}" train.out_dir="$work/early" > "$work/early.log" 2>&1 &
+pid=$!
+waited=0
+until grep -q "^vimo .* | 2 ranks" "$work/early.log" 2> /dev/null; do
+  sleep 0.01
+  waited=$((waited + 1))
+  [ "$waited" -lt 6000 ] || fail "early: the run did not start within 60 s"
+done
+kill -USR1 "$pid"
+status=0
+wait "$pid" || status=$?
+[ "$status" -eq 75 ] || fail "early: mpirun exited with status $status, not 75: $(tail -5 "$work/early.log")"
+[ -f "$work/early/checkpoints/step_00000001/manifest.json" ] || fail "early: no checkpoint of step 1"
+echo "early: a signal during start-up stopped the run after step 1 with status 75"
 echo "1 passed, 0 failed"

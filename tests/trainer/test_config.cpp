@@ -398,6 +398,8 @@ TEST(Config, FileStructureErrors) {
   EXPECT_NE(load_error(after_end), "(no ConfigError)");
   const TempYaml one_marked_document("---\noptim:\n  lr: 0.25\n...\n");
   EXPECT_EQ(load_error(one_marked_document), "(no ConfigError)");
+  const TempYaml trailing_marker("optim:\n  lr: 0.25\n---\n");  // an empty second document
+  EXPECT_EQ(load_error(trailing_marker), "(no ConfigError)");
   expect_starts_with(error_of([] { load_config("/nonexistent/vimo.yaml"); }),
                      "config file '/nonexistent/vimo.yaml' not found (relative paths start at ");
 }
