@@ -1,10 +1,14 @@
 // Symmetric InfoNCE forward + backward on CPU: the fused two-pass kernel (kernels::fused_symmetric_infonce)
-// against the eager composition (kernels::symmetric_infonce on the full [n, N] score matrices, autograd).
+// against the eager composition (kernels::eager_symmetric_infonce: the full [n, N] score matrices, autograd).
 // float32, D = 768. Args: N gathered rows, ranks R (n = N / R local rows), strip rows (fused only).
-//   R = 1: one process, the same tensors are local and gathered (n = N): the fused kernel uses one score
-//          matrix for both directions (4 products of N·N·D), eager makes 6.
+//   R = 1: one process, the same tensors are local and gathered (n = N): one score matrix serves both
+//          directions, in the fused kernel (3 to 4 products of N·N·D) as in eager (3: S, then dL/dS · V and
+//          dL/dSᵀ · T; Note [The eager baseline computes S once] in kernels/contrastive_loss.cpp).
+//          BM_EagerSeparateProductsSymmetricInfoNCE is a reference only: OpenCLIP's single-process
+//          composition, both directions as separate products (6), the baseline of the figures before
+//          2026-11-25.
 //   R = 4: rank 0's view in data parallelism (n = N / 4 local rows, distinct gathered tensors): two score
-//          matrices (8 products of n·N·D), eager 6.
+//          matrices (6 to 8 products of n·N·D), eager 6.
 //   build/bench/bench_contrastive --benchmark_min_time=0.3 --benchmark_repetitions=3
 //       --benchmark_report_aggregates_only=true                                        (one command line)
 // Threads: VIMO_BENCH_THREADS (default 1, so the figures compare kernels and not thread scheduling). "Time"
@@ -97,17 +101,30 @@ void BM_FusedSymmetricInfoNCE(benchmark::State& state) {
   });
 }
 
+// The loss is built by a function that returns it, as in a training step, so the score matrices autograd does
+// not save are freed before backward and stay out of peak_MiB.
 void BM_EagerSymmetricInfoNCE(benchmark::State& state) {
   Leaves x = make_leaves(state.range(0), state.range(1));
   run(state, x, [&] {
-    at::Tensor text_to_video = x.scale * at::mm(x.text_local, x.video_all.t());  // [n, N]
-    at::Tensor video_to_text = x.scale * at::mm(x.video_local, x.text_all.t());  // [n, N]
-    vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
+    vimo::kernels::eager_symmetric_infonce(x.text_local, x.text_all, x.video_local, x.video_all, x.scale, 0)
+        .backward();
   });
 }
 
-// One bare score-shaped product, [N, D] · [D, N]: eager makes 6 of them (2 forward, 4 backward), the fused
-// kernel 3 to 4 in one process (Note [Two-pass symmetric InfoNCE]), so this is the unit both are measured in.
+at::Tensor separate_products_loss(const Leaves& x) {
+  const at::Tensor text_to_video = x.scale * at::mm(x.text_local, x.video_all.t());  // [n, N]
+  const at::Tensor video_to_text = x.scale * at::mm(x.video_local, x.text_all.t());  // [n, N]
+  return vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0);
+}
+
+void BM_EagerSeparateProductsSymmetricInfoNCE(benchmark::State& state) {
+  Leaves x = make_leaves(state.range(0), state.range(1));
+  run(state, x, [&] { separate_products_loss(x).backward(); });
+}
+
+// One bare score-shaped product, [N, D] · [D, N]: in one process eager makes 3 of them (1 forward, 2
+// backward), the fused kernel 3 to 4 (Note [Two-pass symmetric InfoNCE]), the separate-products reference 6,
+// so this is the unit all are measured in.
 void BM_ScoreProduct(benchmark::State& state) {
   Leaves x = make_leaves(state.range(0), 1);
   const at::Tensor texts = x.text_all.detach(), videos = x.video_all.detach();
@@ -129,6 +146,10 @@ BENCHMARK(BM_EagerSymmetricInfoNCE)
     ->Args({1024, 1})
     ->Args({4096, 1})
     ->Args({4096, 4})
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EagerSeparateProductsSymmetricInfoNCE)
+    ->Args({1024, 1})
+    ->Args({4096, 1})
     ->Unit(benchmark::kMillisecond);
 
 }  // namespace

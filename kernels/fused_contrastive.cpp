@@ -22,10 +22,11 @@
 //           dL/dC̃ += Gᵀ · R̃_strip (GEMM, per-thread accumulator, summed at the end).
 // Without the column softmax a strip's rows are finished inside it, so its pass 2 follows its pass 1 at once,
 // without recomputing S. On CPU each visit takes one exponential per score (Note [Shared exponentials]).
-// GEMMs of n·N·K each: 4 in one process (eager autograd makes 6: two score products, four in backward), 6 in
-// data parallelism (eager 6); in one process one fewer for the strips kept in the score cache (Note [Score
-// cache]): 3 when N ≤ 4K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G, and G needs S. The
-// chain rule back through R̃ and C̃ is O((n + N)·K):
+// GEMMs of n·N·K each: 4 in one process (eager autograd makes 3 with S once and Sᵀ for video→text, Note [The
+// eager baseline computes S once] in contrastive_loss.cpp; 6 with the two directions as products of their
+// own), 6 in data parallelism (eager 6); in one process one fewer for the strips kept in the score cache
+// (Note [Score cache]): 3 when N ≤ 4K. Fewer is impossible: dL/dR̃ and dL/dC̃ are each a product with G, and G
+// needs S. The chain rule back through R̃ and C̃ is O((n + N)·K):
 //   dL/dR_b = s_b ρ_b ⊙ X_b   dL/dC_b = γ_b ⊙ Y_b   dL/ds_b = Σ_i ρ_b,i ⟨R_b,i, X_b,i⟩
 //   dL/dρ_b,i = s_b ⟨R_b,i, X_b,i⟩   dL/dγ_b,j = ⟨C_b,j, Y_b,j⟩       (X = dL/dR̃, Y = dL/dC̃, columns of b)
 // so no per-branch dot products are ever formed. The gradients are computed in the forward pass (Liger's
@@ -357,9 +358,10 @@ void cuda_passes(const ScoreMatrix& m, int64_t strip_rows, scalar_t coefficient,
 // On the CPU a strip of 256 rows keeps its scores in cache while the element passes run. On a GPU the same
 // strip makes cuBLAS products too small to fill the device, and each strip costs its launches: on an H100, N
 // = 4096, D = 768, float32, the fused loss was 1.06x faster than eager with 256-row strips, 1.36x with 1024
-// and 1.48x with 4096; at N = 1024 (4 products against eager's 6 either way) 0.72x, 1.41x and 1.41x
-// (bench/README.md, "On a GPU machine"). So tile 0 picks, on CUDA, enough rows for kCudaStripScores scores
-// (16 MiB in float32) and at least kCpuTile: memory stays one strip of bounded size beyond the inputs.
+// and 1.48x with 4096; at N = 1024 (4 products against eager's 6 either way: that eager computed S twice)
+// 0.72x, 1.41x and 1.41x (bench/README.md, "On a GPU machine"). So tile 0 picks, on CUDA, enough rows for
+// kCudaStripScores scores (16 MiB in float32) and at least kCpuTile: memory stays one strip of bounded size
+// beyond the inputs.
 constexpr int64_t kCpuTile = 256;
 constexpr int64_t kCudaStripScores = int64_t{4} << 20;
 

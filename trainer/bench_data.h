@@ -66,8 +66,9 @@ PassResult loader_pass(const BenchDataset& dataset, int workers, int64_t batch, 
                        data::Verification verify = data::Verification::EveryRead);
 
 // Writes the plain and zstd datasets, times every row `repetitions` times (files in page cache), and returns
-// the report: rows with records/s and MB/s (median, min, max), the ratio loader / raw, the options and the
-// machine (nproc, CPU model, load average). Writes it to options.out when set.
+// the report: rows with records/s and MB/s (median, min, max), the ratio of records/s to raw read()'s (paired
+// per round), the options and the machine (nproc, CPU model, load average). Writes it to options.out when
+// set.
 nlohmann::json run_data_bench(const DataBenchOptions& options);
 // Prints the report as a table on stdout.
 void print_data_bench(const nlohmann::json& report);

@@ -11,13 +11,24 @@
 // (BLAS workspaces, std::vector) excluded. The same method as bench/bench_dpo.cpp. Blocks allocated before
 // the counter was installed are freed through their own allocator and never counted. The McDPO floor: the
 // three LM-head products (X·Wᵀ, G·W, Gᵀ·X) on the answer tokens only, the minimum any implementation must
-// compute; the fused kernel visits answer tokens only, eager every position.
+// compute; the fused kernel visits answer tokens only, eager every position. The contrastive eager baseline
+// is the plain composition, S computed once (Note [The eager baseline computes S once] in
+// kernels/contrastive_loss.cpp), with the two-product composition as a reference row beside it.
 //
 // On CUDA (`--device cuda`) the same rows run on the GPU: each step is bracketed by device synchronizes, its
 // time is wall time (process CPU time there is the host waiting) and its peak is the high-water mark of
 // LibTorch's CUDA caching allocator (allocated bytes, not reserved) above what was allocated before it.
 // cuBLAS workspaces are allocated through that allocator on first use, so the warm-up run takes them out of
 // the counts. Ratios and goals then use wall time.
+//
+// Note [CPU time with more than one thread]
+// LibTorch's OpenMP (libgomp) workers spin for a while after each parallel region before they sleep, and
+// that spinning is process CPU time: on the 2-core machine with 2 threads it added up to 174 % to the
+// contrastive rows' CPU time, unevenly between fused and eager, so that it moved their ratio (measured in
+// bench/README.md, "(2026-11-25) The eager baseline computed S twice"). Runs with more than one thread are
+// therefore taken with OMP_WAIT_POLICY=passive (workers sleep at once; bench/README.md gives the commands),
+// and the report records the policy in effect (machine.omp_wait_policy, "unset" = libgomp's spinning
+// default) so that a CPU time is never read without it. Wall time, also reported, has no such term.
 #include "trainer/bench_kernels.h"
 
 #include <ATen/ATen.h>
@@ -36,12 +47,14 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <stdexcept>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "bench/counting_allocator.h"
 #include "kernels/contrastive_loss.h"
@@ -261,6 +274,21 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, const BenchDevice& bench_d
   return row;
 }
 
+// max |got − want| / max(max |want|, floor): the error relative to the tensor's largest entry (the floor
+// keeps a scalar near 0 from demanding an absolute error below rounding).
+double relative_difference(const at::Tensor& got, const at::Tensor& want, double floor) {
+  const at::Tensor w = want.detach().to(at::kCPU, at::kDouble), g = got.detach().to(at::kCPU, at::kDouble);
+  return (g - w).abs().max().item<double>() / std::max(w.abs().max().item<double>(), floor);
+}
+
+// Note [Checking the contrastive contenders]
+// A baseline that computes something else times something else, so before a contrastive row is timed every
+// eager contender's loss and gradients (texts, videos, scale) are compared with the fused kernel's, in
+// float32 on the row's own inputs; the row records the largest relative difference and the benchmark stops
+// above kContrastiveAgreement. The tests compare the two in float64
+// (tests/kernels/test_fused_contrastive.cpp); this guards the benchmark's own wiring at its sizes.
+constexpr double kContrastiveAgreement = 1e-3;
+
 nlohmann::json contrastive_row(const KernelBenchOptions& o, const BenchDevice& bench_device, int64_t N) {
   at::manual_seed(0);
   const int64_t D = o.contrastive_dim;
@@ -274,32 +302,81 @@ nlohmann::json contrastive_row(const KernelBenchOptions& o, const BenchDevice& b
   const auto reset = [&] {
     for (at::Tensor* t : {&texts, &videos, &scale}) t->mutable_grad().reset();
   };
-  const std::vector<nlohmann::json> measured = measure_side_by_side(
-      bench_device, o.repetitions,
-      {{[&] {
-          vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, o.contrastive_tile)
-              .backward();
-        },
-        reset},
-       {[&] {
-          const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
-          const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
-          vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0).backward();
-        },
-        reset}});
-  const nlohmann::json &fused = measured[0], &eager = measured[1];
+  // Each returns the loss, as a training step's loss function does, so that the score matrices autograd does
+  // not save are freed before backward and stay out of the peak.
+  const std::function<at::Tensor()> fused = [&] {
+    return vimo::kernels::fused_symmetric_infonce(texts, texts, videos, videos, scale, 0, o.contrastive_tile);
+  };
+  // The plain composition: S once, Sᵀ for video→text (Note [The eager baseline computes S once] in
+  // kernels/contrastive_loss.cpp). The goal is judged against it.
+  const std::function<at::Tensor()> eager = [&] {
+    return vimo::kernels::eager_symmetric_infonce(texts, texts, videos, videos, scale, 0);
+  };
+  // A reference only: OpenCLIP's single-process composition, both directions as separate products (6 instead
+  // of 3), the baseline of the figures before 2026-11-25.
+  const std::function<at::Tensor()> separate_products = [&] {
+    const at::Tensor text_to_video = scale * at::mm(texts, videos.t());  // [N, N]
+    const at::Tensor video_to_text = scale * at::mm(videos, texts.t());  // [N, N]
+    return vimo::kernels::symmetric_infonce(text_to_video, video_to_text, 0);
+  };
+
+  // Note [Checking the contrastive contenders]
+  const auto loss_and_gradients = [&](const std::function<at::Tensor()>& loss_of) {
+    const at::Tensor loss = loss_of();
+    loss.backward();
+    std::vector<at::Tensor> values = {loss.detach(), texts.grad(), videos.grad(), scale.grad()};
+    reset();
+    return values;
+  };
+  const std::vector<at::Tensor> want = loss_and_gradients(fused);
+  const double gradient_unit = (1 / 0.07) / (2.0 * static_cast<double>(N));  // one term's size
+  double agreement = 0;
+  for (const auto& [name, loss_of] :
+       {std::pair{"eager", eager}, std::pair{"eager, separate products", separate_products}}) {
+    const std::vector<at::Tensor> got = loss_and_gradients(loss_of);
+    for (size_t i = 0; i < got.size(); ++i) {
+      const double difference = relative_difference(got[i], want[i], i == 1 || i == 2 ? gradient_unit : 1.0);
+      agreement = std::max(agreement, difference);
+      if (!(difference <= kContrastiveAgreement)) {
+        constexpr const char* kValues[] = {"loss", "dL/dtexts", "dL/dvideos", "dL/dscale"};
+        throw std::logic_error(fmt::format(
+            "bench kernels: the {} contrastive composition differs from the fused kernel at N = {}: "
+            "{} relative difference {:.3g} > {:.0e}",
+            name, N, kValues[i], difference, kContrastiveAgreement));
+      }
+    }
+  }
+
+  const std::vector<nlohmann::json> measured =
+      measure_side_by_side(bench_device, o.repetitions,
+                           {{[&] { fused().backward(); }, reset},
+                            {[&] { eager().backward(); }, reset},
+                            {[&] { separate_products().backward(); }, reset}});
+  const nlohmann::json &fused_times = measured[0], &eager_times = measured[1], &separate = measured[2];
   nlohmann::json row = {{"loss", "contrastive"},
                         {"shape", {{"N", N}, {"D", D}, {"tile", o.contrastive_tile}}},
-                        {"fused", fused},
-                        {"eager", eager}};
-  const double speedup = paired_times_ratio(eager, fused, bench_device.time_key());
-  row["eager_over_fused_cpu_time"] = paired_times_ratio(eager, fused, "cpu_ms");
-  row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
-  row["eager_over_fused_memory"] = ratio(eager, fused, "peak_MiB");
+                        {"fused", fused_times},
+                        {"eager", eager_times},
+                        {"eager_separate_products", separate},
+                        {"largest_relative_difference_to_fused", agreement}};
+  const double speedup = paired_times_ratio(eager_times, fused_times, bench_device.time_key());
+  row["eager_over_fused_cpu_time"] = paired_times_ratio(eager_times, fused_times, "cpu_ms");
+  row["eager_over_fused_wall_time"] = paired_times_ratio(eager_times, fused_times, "wall_ms");
+  row["eager_over_fused_memory"] = ratio(eager_times, fused_times, "peak_MiB");
+  row["separate_products_over_fused_cpu_time"] = paired_times_ratio(separate, fused_times, "cpu_ms");
+  row["separate_products_over_fused_wall_time"] = paired_times_ratio(separate, fused_times, "wall_ms");
   row["goals"] = {{{"goal", "≥ 2× faster than eager (" + time_words(bench_device) + ")"},
                    {"value", speedup},
                    {"met", speedup >= kContrastiveSpeedupGoal}}};
   return row;
+}
+
+// Note [CPU time with more than one thread]
+constexpr const char* kOmpWaitPolicyVariable = "OMP_WAIT_POLICY";
+
+std::string omp_wait_policy() {
+  const char* value = std::getenv(kOmpWaitPolicyVariable);
+  return value ? value : "unset";
 }
 
 std::string load_average() {
@@ -341,6 +418,7 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
   report["machine"] = {{"device", device.describe()},
                        {"nproc", std::thread::hardware_concurrency()},
                        {"torch_threads", at::get_num_threads()},
+                       {"omp_wait_policy", omp_wait_policy()},
                        {"load_average_before", load_average()}};
   report["options"] = {{"dpo_pairs", options.dpo_pairs},
                        {"dpo_positions", options.dpo_positions},
@@ -376,11 +454,11 @@ nlohmann::json run_kernel_bench(const KernelBenchOptions& options) {
 void print_kernel_bench(const nlohmann::json& report) {
   const nlohmann::json& m = report["machine"];
   fmt::print(
-      "fused kernels vs eager, forward + backward, float32, on {}, {} torch threads, {} cores, load average "
-      "{} "
-      "before, {} after (medians of {} interleaved rounds; ratios: median of the rounds' ratios; CPU time = "
-      "all threads)\n",
-      m["device"].get<std::string>(), m["torch_threads"].get<int>(), m["nproc"].get<unsigned>(),
+      "fused kernels vs eager, forward + backward, float32, on {}, {} torch threads ({}={}), {} cores, load "
+      "average {} before, {} after (medians of {} interleaved rounds; ratios: median of the rounds' ratios; "
+      "CPU time = all threads)\n",
+      m["device"].get<std::string>(), m["torch_threads"].get<int>(), kOmpWaitPolicyVariable,
+      m.value("omp_wait_policy", std::string("unknown")), m["nproc"].get<unsigned>(),
       m["load_average_before"].get<std::string>(), m["load_average_after"].get<std::string>(),
       report["options"]["repetitions"].get<int>());
   const auto cell = [](const nlohmann::json& r) {
@@ -399,9 +477,18 @@ void print_kernel_bench(const nlohmann::json& report) {
     fmt::print("  {:<34} {:<13} {}\n", "", "eager", cell(row["eager"]));
     if (row.contains("bare_products"))
       fmt::print("  {:<34} {:<13} {}\n", "", "bare products", cell(row["bare_products"]));
+    if (row.contains("eager_separate_products"))
+      fmt::print("  {:<34} {:<13} {}\n", "", "eager, 2 mm", cell(row["eager_separate_products"]));
     fmt::print("  {:<34} eager/fused: {:.2f}× CPU time, {:.2f}× wall time, {:.2f}× peak memory\n", "",
                row["eager_over_fused_cpu_time"].get<double>(),
                row["eager_over_fused_wall_time"].get<double>(), row["eager_over_fused_memory"].get<double>());
+    if (row.contains("eager_separate_products")) {
+      fmt::print(
+          "  {:<34} eager, 2 mm / fused: {:.2f}× CPU time, {:.2f}× wall time (a reference: OpenCLIP's "
+          "single-process composition, both directions as separate products)\n",
+          "", row["separate_products_over_fused_cpu_time"].get<double>(),
+          row["separate_products_over_fused_wall_time"].get<double>());
+    }
     for (const nlohmann::json& goal : row["goals"]) {
       fmt::print("  {:<34} goal {:<52} {:>6.2f}  {}\n", "", goal["goal"].get<std::string>(),
                  goal["value"].get<double>(), goal["met"].get<bool>() ? "met" : "NOT met");

@@ -1,9 +1,10 @@
 // Defines the fused-kernel benchmark behind `vimo bench kernels`: forward + backward of each fused loss and
 // of its eager LibTorch composition, side by side in one process (McDPO: fused linear kernel vs eager logits
 // + log_softmax + autograd, plus the bare LM-head products as the floor; Gemini-MVR contrastive: the tiled
-// symmetric InfoNCE vs the eager composition), with time (median of the repetitions, wall and process CPU)
-// and peak memory measured by a counting CPU allocator, the ratios, and issue 4's goals met or not. See Note
-// [What the kernel benchmark measures] in bench_kernels.cpp.
+// symmetric InfoNCE vs the eager composition with S computed once, plus the composition that computes both
+// directions as separate products as a reference), with time (median of the repetitions, wall and process
+// CPU) and peak memory measured by a counting CPU allocator, the ratios, and issue 4's goals met or not. See
+// Note [What the kernel benchmark measures] in bench_kernels.cpp.
 #pragma once
 
 #include <cstdint>
@@ -38,10 +39,11 @@ struct KernelBenchOptions {
 // Runs every row and returns the report: per row the fused and eager (and, for McDPO, bare-product) median
 // wall and CPU times, peak MiB, the ratios (medians of per-round ratios, Note [What the kernel benchmark
 // measures]) and the goals (McDPO: ≥ 1.5× faster and ≥ 3× less peak memory than eager, within 1.3× of the
-// bare products on the same tokens; contrastive: ≥ 2× faster than eager), with the options and the machine
-// (threads, nproc, load average). Writes it to options.out when set (parent directories created). Installs
-// the counting allocator (c10::SetCPUAllocator) on first use. Throws std::invalid_argument for a device that
-// is not "cpu" or "cuda[:K]", and when CUDA was asked for but is not built in or not visible.
+// bare products on the same tokens; contrastive: ≥ 2× faster than eager, the one-product composition), with
+// the options and the machine (threads, OMP_WAIT_POLICY, nproc, load average). Writes it to options.out when
+// set (parent directories created). Installs the counting allocator (c10::SetCPUAllocator) on first use.
+// Throws std::invalid_argument for a device that is not "cpu" or "cuda[:K]", and when CUDA was asked for but
+// is not built in or not visible.
 nlohmann::json run_kernel_bench(const KernelBenchOptions& options);
 
 // Prints the report as tables on stdout.

@@ -9,7 +9,7 @@ fail() { echo "FAIL: $*" >&2; exit 1; }
 "$vimo" bench kernels --quick --out "$work/kernels.json" > "$work/kernels.log"
 # Every row of each report, with its measured figures and ratios (times and ratios positive: they were measured).
 python3 - "$work/kernels.json" <<'PY' || fail "bad kernels.json"
-import json, sys
+import json, os, sys
 r = json.load(open(sys.argv[1]))
 assert [row["loss"] for row in r["rows"]] == ["mcdpo", "mcdpo", "contrastive", "contrastive"], r["rows"]
 for row in r["rows"]:
@@ -18,7 +18,11 @@ for row in r["rows"]:
         assert row[who]["cpu_ms"] > 0 and row[who]["peak_MiB"] > 0, (who, row[who])
     assert row["eager_over_fused_cpu_time"] > 0 and row["eager_over_fused_memory"] > 0, row
     assert all("met" in goal for goal in row["goals"]), row["goals"]
+    if row["loss"] == "contrastive":  # the two-product reference row, and both eager losses checked against fused
+        assert row["eager_separate_products"]["cpu_ms"] > 0 and row["separate_products_over_fused_cpu_time"] > 0, row
+        assert 0 <= row["largest_relative_difference_to_fused"] <= 1e-3, row
 assert r["options"]["device"] == "cpu", r["options"]
+assert r["machine"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "unset"), r["machine"]
 PY
 # A device that is not cpu / cuda[:K] is refused by name (a CUDA device where none is visible: the same path).
 if "$vimo" bench kernels --quick --device tpu --out "$work/tpu.json" > "$work/tpu.log" 2>&1; then

@@ -1,8 +1,12 @@
 // The contrastive loss composition against an element-by-element float64 reference written with plain
 // loops (an independent formulation: explicit log-sum-exp per row), on fresh random inputs.
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/function.h>
 
 #include <cmath>
+#include <set>
+#include <string>
+#include <vector>
 
 #include "kernels/contrastive_loss.h"
 #include "tests/random_seed.h"
@@ -70,6 +74,58 @@ TEST(ContrastiveLoss, FuseScoresWeighsEachVideo) {
                   w_cols[j][0].item<double>() * a + w_cols[j][1].item<double>() * o, 1e-14);
       EXPECT_NEAR(by_row[i][j].item<double>(),
                   w_rows[i][0].item<double>() * a + w_rows[i][1].item<double>() * o, 1e-14);
+    }
+  }
+}
+
+// The matrix products in the autograd graph of `loss` (each node once).
+int count_products(const at::Tensor& loss) {
+  std::set<torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> stack = {loss.grad_fn().get()};
+  int products = 0;
+  while (!stack.empty()) {
+    torch::autograd::Node* node = stack.back();
+    stack.pop_back();
+    if (node == nullptr || !seen.insert(node).second) continue;
+    if (node->name().rfind("MmBackward", 0) == 0) ++products;
+    for (const torch::autograd::Edge& edge : node->next_edges()) stack.push_back(edge.function.get());
+  }
+  return products;
+}
+
+// Note [The eager baseline computes S once] in kernels/contrastive_loss.cpp: in one process the
+// video→text scores are Sᵀ (one product), in data parallelism a product of their own; both equal the
+// composition with the two directions as separate products, loss and gradients.
+TEST(ContrastiveLoss, EagerFromEmbeddingsComputesTheScoresOnceInOneProcess) {
+  vimo::testing::seed_torch();
+  for (const bool one_process : {true, false}) {
+    const int64_t n = one_process ? 9 : 3, N = 9, D = 5, offset = one_process ? 0 : 6;
+    const auto leaf = [](const at::Tensor& t) { return t.detach().clone().requires_grad_(); };
+    const at::Tensor texts = at::randn({N, D}, at::kDouble), videos = at::randn({N, D}, at::kDouble);
+    at::Tensor text_all = leaf(texts), video_all = leaf(videos);
+    at::Tensor text_local = one_process ? text_all : leaf(texts.narrow(0, offset, n));
+    at::Tensor video_local = one_process ? video_all : leaf(videos.narrow(0, offset, n));
+    at::Tensor scale = at::scalar_tensor(1 / 0.07, at::kDouble).requires_grad_();
+    const std::vector<at::Tensor> leaves =
+        one_process ? std::vector<at::Tensor>{text_all, video_all, scale}
+                    : std::vector<at::Tensor>{text_local, text_all, video_local, video_all, scale};
+
+    const at::Tensor got =
+        vimo::kernels::eager_symmetric_infonce(text_local, text_all, video_local, video_all, scale, offset);
+    EXPECT_EQ(count_products(got), one_process ? 1 : 2) << (one_process ? "one process" : "data parallel");
+    got.backward();
+    std::vector<at::Tensor> got_grads;
+    for (at::Tensor t : leaves) {
+      got_grads.push_back(t.grad().clone());
+      t.mutable_grad().reset();
+    }
+    const at::Tensor want = vimo::kernels::symmetric_infonce(
+        scale * at::mm(text_local, video_all.t()), scale * at::mm(video_local, text_all.t()), offset);
+    EXPECT_NEAR(got.item<double>(), want.item<double>(), 1e-12);
+    want.backward();
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      EXPECT_TRUE(at::allclose(got_grads[i], leaves[i].grad(), 1e-12, 1e-12))
+          << (one_process ? "one process" : "data parallel") << ", leaf " << i;
     }
   }
 }
