@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <fmt/format.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -106,7 +107,20 @@ DatasetWriter::DatasetWriter(std::string dir, std::string kind, DatasetWriterOpt
     }
   }
   fs::remove_all(staging_dir_);
+  fs::remove_all(old_dir_ + ".deleting");
   check_replaceable(dir_, final_dir);
+  // A mount point cannot be renamed, nor a directory renamed onto it: the swap at the end would fail after
+  // the whole import was written (into the parent's filesystem). Refuse before.
+  struct stat own {
+  }, above{};
+  if (::stat(final_dir.c_str(), &own) == 0 && ::stat(parent.c_str(), &above) == 0 &&
+      own.st_dev != above.st_dev) {
+    throw std::runtime_error(
+        fmt::format("dataset {}: is a mount point, which the finished dataset cannot be swapped in for (Note "
+                    "[Replacing a "
+                    "dataset directory]). HINT: write into a directory inside it, e.g. {}/dataset",
+                    dir_, final_dir.string()));
+  }
   fs::create_directories(staging_dir_);
 }
 
@@ -217,7 +231,11 @@ void DatasetWriter::swap_in() {
       errno = error;
       fail("rename the new dataset into place");
     }
-    fs::remove_all(old_dir_);
+    // Out of sight before it is deleted: a crash while deleting must not leave a half-deleted `.vimo-old`,
+    // which the next writer would put back as <dir> if <dir> were gone by then.
+    const std::string doomed = old_dir_ + ".deleting";
+    fs::remove_all(doomed);
+    if (std::rename(old_dir_.c_str(), doomed.c_str()) == 0) fs::remove_all(doomed);
   } else {
     fail("swap the new dataset in for the old one");
   }

@@ -9,10 +9,12 @@
 // finish() swaps that whole directory in for <dir> with one renameat2(RENAME_EXCHANGE) (on a filesystem
 // without it, NFS or Lustre: <dir> is renamed to `.<dir>.vimo-old`, the new one to <dir>, and the old one is
 // deleted). So an import that fails on bad input half-way, or is killed, leaves a dataset already in <dir>
-// whole and verifiable, and <dir> holds the old dataset or the new one at every instant (an importer used to
-// delete the old manifest first, and a junk input file destroyed a good dataset). The next writer for <dir>
-// deletes a leftover `.vimo-tmp`, and renames back a `.vimo-old` that a crash between the two renames left
-// without a <dir>. The swap replaces the whole directory, so a writer refuses at once a <dir> that holds
+// whole and verifiable (an importer used to delete the old manifest first, and a junk input file destroyed a
+// good dataset). With the exchange, <dir> holds the old dataset or the new one at every instant; with two
+// renames there is a moment with no <dir>, and a crash in it leaves the old dataset as `.vimo-old`, which the
+// next writer for <dir> renames back (readers do not look for it). The next writer also deletes a leftover
+// `.vimo-tmp`; the old copy is renamed out of sight before it is deleted, so no half-deleted copy is put
+// back. A mount point cannot be swapped: a writer refuses one at the start. The swap replaces the whole directory, so a writer refuses at once a <dir> that holds
 // anything besides a dataset (files its manifest does not list, or no manifest at all): it would delete them.
 // One writer per directory at a time.
 #pragma once

@@ -20,8 +20,12 @@ DEBIAN_PACKAGES=(
   libxxhash-dev libzstd-dev libsentencepiece-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang-14 libclang-rt-14-dev  # libFuzzer and ASan for tests/fuzz/run_fuzz.sh
-  slurmctld slurmd slurm-client munge  # the private Slurm cluster of tests/e2e/slurm_cluster.sh
 )
+# Only for the tests (scripts/test.sh sets VIMO_SETUP_TESTS=1): the private Slurm cluster of
+# tests/e2e/slurm_cluster.sh. A build or the demo does not need Slurm daemons on the machine.
+if [ "${VIMO_SETUP_TESTS:-0}" = 1 ]; then
+  DEBIAN_PACKAGES+=(slurmctld slurmd slurm-client munge)
+fi
 
 log() { echo "[setup] $*" >&2; }
 
@@ -41,12 +45,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     policy=/usr/sbin/policy-rc.d
     trap '$SUDO rm -f "$policy"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM  # through the EXIT trap: an interrupted install must not leave the policy behind
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
     $SUDO chmod 755 "$policy"
   fi
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT; fi
+  if [ -n "$policy" ]; then $SUDO rm -f "$policy"; trap - EXIT INT TERM; fi
 else
   log "Debian packages present"
 fi

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -87,7 +88,17 @@ double isolated_reduction_seconds(const comm::GradientReducer& reducer, const st
     capacity += numel * 4 + 64;  // float32, each allocation aligned to 64 bytes
   }
   std::unique_ptr<comm::ShmAllreduce> shm;
-  if (shared_memory) shm = comm::ShmAllreduce::create(*comm, capacity, nullptr);
+  if (shared_memory) {
+    // A second segment beside the reducer's: where it cannot be made, the cost alone would be MPI's,
+    // compared against a wait through shared memory.
+    std::string why_not;
+    shm = comm::ShmAllreduce::create(*comm, capacity, &why_not);
+    if (!shm) {
+      throw std::runtime_error(
+          "cannot time the reduction alone through shared memory, as the reducer all-reduces: " + why_not +
+          ". HINT: more room in /dev/shm (it holds two segments of the gradients' size here), or --no-shm");
+    }
+  }
   std::vector<at::Tensor> buffers;
   for (const int64_t numel : numels) {
     buffers.push_back(shm ? shm->allocate(numel, at::kFloat).zero_() : at::zeros({numel}));
@@ -150,9 +161,9 @@ nlohmann::json bench_overlap(const CommBenchOptions& options, const std::shared_
     added_s.push_back(total - compute_only);
   }
   const comm::ReducerStats after = reducer.stats();
-  const double isolated =
-      isolated_reduction_seconds(reducer, model.params, comm, reducer.transport().rfind("mpi", 0) != 0,
-                                 std::max(options.overlap_steps, 5));
+  const double isolated = isolated_reduction_seconds(reducer, model.params, comm,
+                                                     reducer.transport().rfind("shared memory", 0) == 0,
+                                                     std::max(options.overlap_steps, 5));
   if (options.threads > 0) at::set_num_threads(previous_threads);
 
   // The last bucket holds what backward makes last (the first layer's weight gradient): its all-reduce can

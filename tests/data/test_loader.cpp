@@ -1,11 +1,13 @@
 // Tests the dataset writer and manifest, collation, the epoch order, and the streaming loader: elastic
 // determinism, exact resume (twice, on other DP sizes, by sample keys), and every bad-data case.
 #include <gtest/gtest.h>
+#include <sys/mount.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -228,6 +230,27 @@ TEST(DatasetWriter, RefusesADirectoryHoldingMoreThanADataset) {
   write_keyed_dataset(root / "empty", 5, 4);  // an empty directory, and a dataset with only its own files
   write_keyed_dataset(root / "data", 7, 4);
   EXPECT_EQ(read_manifest((root / "data").string()).split("train").records, 7u);
+}
+
+// A mount point (an empty mounted volume is a common output directory in containers) cannot be swapped for
+// the finished dataset: the writer refuses it before writing anything, where the swap used to fail after the
+// whole import had been written into the parent's filesystem. Needs the right to mount a tmpfs (root).
+TEST(DatasetWriter, RefusesAMountPointBeforeWriting) {
+  const fs::path root = test_dir();
+  fs::create_directories(root / "volume");
+  if (::mount("tmpfs", (root / "volume").c_str(), "tmpfs", 0, "size=4m") != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here (" << std::strerror(errno) << "): needs root";
+  }
+  std::string error;
+  try {
+    DatasetWriter((root / "volume").string(), "keyed");
+  } catch (const std::runtime_error& e) {
+    error = e.what();
+  }
+  EXPECT_FALSE(fs::exists(root / ".volume.vimo-tmp"));
+  ::umount((root / "volume").c_str());
+  EXPECT_NE(error.find("is a mount point"), std::string::npos) << error;
+  EXPECT_NE(error.find("HINT: write into a directory inside it"), std::string::npos) << error;
 }
 
 TEST(Manifest, VerifyFindsChangedMissingAndMiscountedFiles) {
