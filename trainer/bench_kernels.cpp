@@ -233,6 +233,27 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, const BenchDevice& bench_d
   const int64_t answer_tokens = R * (T - prompt);
   const at::Tensor x = hidden.detach().narrow(1, prompt, T - prompt).reshape({answer_tokens, H});  // [N, H]
   const at::Tensor w = weight.detach();                                                            // [V, H]
+  // Eager on the answer positions only: the same composition on the rows' answer span (every row's answer
+  // here is positions prompt..T-1), so it makes [N, V] logits instead of [2B, T, V]. A reference row: the
+  // goals are judged against the eager composition of the whole sequence, as a trainer without the kernel
+  // runs it (TRL-style), which the kernel's "never materializes [2B, T, V]" is measured against.
+  const auto answers_only = [&] {
+    return vimo::kernels::eager_mcdpo(hidden.narrow(1, prompt, T - prompt), weight,
+                                      targets.narrow(1, prompt, T - prompt),
+                                      mask.narrow(1, prompt, T - prompt), reference);
+  };
+  {
+    at::NoGradGuard no_grad;
+    const double whole =
+        vimo::kernels::eager_mcdpo(hidden, weight, targets, mask, reference).loss.item<double>();
+    const double answers = answers_only().loss.item<double>();
+    if (std::abs(whole - answers) > 1e-4 * std::max(1.0, std::abs(whole))) {
+      throw std::runtime_error(
+          fmt::format("McDPO eager on the answer positions gives loss {}, on the whole "
+                      "sequence {}: the benchmark's contenders disagree",
+                      answers, whole));
+    }
+  }
   const std::vector<nlohmann::json> measured = measure_side_by_side(
       bench_device, o.repetitions,
       {{[&] {
@@ -247,20 +268,26 @@ nlohmann::json mcdpo_row(const KernelBenchOptions& o, const BenchDevice& bench_d
           const at::Tensor grad_x = at::mm(logits, w);      // [N, H]
           const at::Tensor grad_w = at::mm(logits.t(), x);  // [V, H]
         },
-        [] {}}});
-  const nlohmann::json &fused = measured[0], &eager = measured[1], &products = measured[2];
+        [] {}},
+       {[&] { answers_only().loss.backward(); }, reset}});
+  const nlohmann::json &fused = measured[0], &eager = measured[1], &products = measured[2],
+                       &eager_answers = measured[3];
   nlohmann::json row = {{"loss", "mcdpo"},
                         {"shape", {{"B", o.dpo_pairs}, {"T", T}, {"H", H}, {"V", V}, {"prompt", prompt}}},
                         {"answer_tokens", answer_tokens},
                         {"fused", fused},
                         {"eager", eager},
-                        {"bare_products", products}};
+                        {"bare_products", products},
+                        {"eager_answer_positions", eager_answers}};
   const std::string time = bench_device.time_key(), time_name = time_words(bench_device);
   const double speedup = paired_times_ratio(eager, fused, time), memory = ratio(eager, fused, "peak_MiB"),
                floor = paired_times_ratio(fused, products, time);
   row["eager_over_fused_cpu_time"] = paired_times_ratio(eager, fused, "cpu_ms");
   row["eager_over_fused_wall_time"] = paired_times_ratio(eager, fused, "wall_ms");
   row["eager_over_fused_memory"] = memory;
+  row["eager_answer_positions_over_fused_cpu_time"] = paired_times_ratio(eager_answers, fused, "cpu_ms");
+  row["eager_answer_positions_over_fused_wall_time"] = paired_times_ratio(eager_answers, fused, "wall_ms");
+  row["eager_answer_positions_over_fused_memory"] = ratio(eager_answers, fused, "peak_MiB");
   row["fused_over_products_cpu_time"] = paired_times_ratio(fused, products, "cpu_ms");
   row["fused_over_products_wall_time"] = paired_times_ratio(fused, products, "wall_ms");
   row["goals"] = {
@@ -479,6 +506,8 @@ void print_kernel_bench(const nlohmann::json& report) {
       fmt::print("  {:<34} {:<13} {}\n", "", "bare products", cell(row["bare_products"]));
     if (row.contains("eager_separate_products"))
       fmt::print("  {:<34} {:<13} {}\n", "", "eager, 2 mm", cell(row["eager_separate_products"]));
+    if (row.contains("eager_answer_positions"))
+      fmt::print("  {:<34} {:<13} {}\n", "", "eager, answers", cell(row["eager_answer_positions"]));
     fmt::print("  {:<34} eager/fused: {:.2f}× CPU time, {:.2f}× wall time, {:.2f}× peak memory\n", "",
                row["eager_over_fused_cpu_time"].get<double>(),
                row["eager_over_fused_wall_time"].get<double>(), row["eager_over_fused_memory"].get<double>());
@@ -488,6 +517,14 @@ void print_kernel_bench(const nlohmann::json& report) {
           "single-process composition, both directions as separate products)\n",
           "", row["separate_products_over_fused_cpu_time"].get<double>(),
           row["separate_products_over_fused_wall_time"].get<double>());
+    }
+    if (row.contains("eager_answer_positions")) {
+      fmt::print(
+          "  {:<34} eager, answers / fused: {:.2f}× CPU time, {:.2f}× wall time, {:.2f}× peak memory (a "
+          "reference: eager on the answer positions only)\n",
+          "", row["eager_answer_positions_over_fused_cpu_time"].get<double>(),
+          row["eager_answer_positions_over_fused_wall_time"].get<double>(),
+          row["eager_answer_positions_over_fused_memory"].get<double>());
     }
     for (const nlohmann::json& goal : row["goals"]) {
       fmt::print("  {:<34} goal {:<52} {:>6.2f}  {}\n", "", goal["goal"].get<std::string>(),

@@ -13,7 +13,7 @@ import json, os, sys
 r = json.load(open(sys.argv[1]))
 assert [row["loss"] for row in r["rows"]] == ["mcdpo", "mcdpo", "contrastive", "contrastive"], r["rows"]
 for row in r["rows"]:
-    for who in ["fused", "eager"] + (["bare_products"] if row["loss"] == "mcdpo" else []):
+    for who in ["fused", "eager"] + (["bare_products", "eager_answer_positions"] if row["loss"] == "mcdpo" else []):
         assert len(row[who]["cpu_ms_runs"]) == r["options"]["repetitions"], (who, row[who])
         assert row[who]["cpu_ms"] > 0 and row[who]["peak_MiB"] > 0, (who, row[who])
     assert row["eager_over_fused_cpu_time"] > 0 and row["eager_over_fused_memory"] > 0, row
