@@ -174,11 +174,11 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
   return checkpoints.save_async(step, state, loader_json, config_yaml);
 }
 
-// The model.* keys whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in the
-// checkpoint, 2 now". A resumed run must build the model it saved: shapes are checked when the tensors
-// load, but not the rest (a scale, a clamp, dropout), which would change the run silently.
-std::vector<std::string> model_differences(const std::string& saved_yaml, const std::string& current_yaml) {
-  const YAML::Node saved = YAML::Load(saved_yaml)["model"], current = YAML::Load(current_yaml)["model"];
+// The keys of `section` whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in
+// the checkpoint, 2 now".
+std::vector<std::string> section_differences(const std::string& saved_yaml, const std::string& current_yaml,
+                                             const std::string& section) {
+  const YAML::Node saved = YAML::Load(saved_yaml)[section], current = YAML::Load(current_yaml)[section];
   std::map<std::string, std::pair<std::string, std::string>> values;  // key -> (saved, current)
   const auto text = [](const YAML::Node& node) { return YAML::Dump(node); };
   for (const auto& entry : saved) values[entry.first.as<std::string>()].first = text(entry.second);
@@ -186,7 +186,7 @@ std::vector<std::string> model_differences(const std::string& saved_yaml, const 
   std::vector<std::string> differences;
   for (const auto& [key, pair] : values) {
     if (pair.first == pair.second) continue;
-    differences.push_back(fmt::format("model.{}: {} in the checkpoint, {} now", key,
+    differences.push_back(fmt::format("{}.{}: {} in the checkpoint, {} now", section, key,
                                       pair.first.empty() ? "(absent)" : pair.first,
                                       pair.second.empty() ? "(absent)" : pair.second));
   }
@@ -197,9 +197,13 @@ std::vector<std::string> model_differences(const std::string& saved_yaml, const 
 // this run's resolved config, whose model.* keys must be the checkpoint's.
 int64_t restore_training_state(const std::string& directory, const std::string& stage,
                                const std::string& config_yaml, models::GeminiMVR& model,
-                               RunOptimizer& optimizer, data::StreamingLoader& loader) {
+                               RunOptimizer& optimizer, data::StreamingLoader& loader,
+                               const std::shared_ptr<comm::Communicator>& comm) {
   const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
-  if (const std::vector<std::string> differences = model_differences(ckpt.config_yaml, config_yaml);
+  // A resumed run must build the model it saved: shapes are checked when the tensors load, but not the rest
+  // (a scale, a clamp), which would change the run silently.
+  if (const std::vector<std::string> differences =
+          section_differences(ckpt.config_yaml, config_yaml, "model");
       !differences.empty()) {
     throw std::runtime_error(
         fmt::format("{}/config.yaml: the checkpoint was trained with another model: {}. HINT: --resume "
@@ -213,6 +217,14 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
         fmt::format("{} was saved by stage '{}' but train.stage is '{}'. HINT: --resume "
                     "continues the same stage; use train.init_from to start the next one",
                     directory, saved_stage, stage));
+  }
+  // Other optimizer settings may change on purpose (a lower lr after a spike), but never unseen.
+  if (const std::vector<std::string> differences =
+          section_differences(ckpt.config_yaml, config_yaml, "optim");
+      !differences.empty()) {
+    say(comm, fmt::format("note: resuming with other optimizer settings than {} was saved with ({}); the new "
+                          "values apply from here",
+                          directory, fmt::join(differences, "; ")));
   }
   load_model_tensors(model, ckpt.state, directory);
   optimizer.load_checkpoint_tensors(ckpt.state.tensors,
@@ -350,7 +362,7 @@ TrainResult train_retriever(const Config& config, bool resume,
     say(comm, "--resume: no valid checkpoint under " + checkpoints.root() + ", starting fresh");
   }
   if (resume_from) {
-    start_step = restore_training_state(*resume_from, t.stage, config_yaml, model, optimizer, loader);
+    start_step = restore_training_state(*resume_from, t.stage, config_yaml, model, optimizer, loader, comm);
     say(comm, fmt::format("resumed from {} (step {}, now on {} ranks)", *resume_from, start_step, world));
   } else if (!t.init_from.empty()) {
     const std::string source = resolve_checkpoint(t.init_from);

@@ -55,4 +55,8 @@ if (cd "$work/node0" && run_ranks 2 "${split[@]}" model.action_scale=10 > "$work
 fi
 grep -q "step_00000008/config.yaml: the checkpoint was trained with another model: model.action_scale: 100" \
   "$work/other_model.log" || fail "the refusal did not name the key: $(tail -3 "$work/other_model.log")"
+# Other optimizer settings on resume are allowed, and said: the key, both values and the checkpoint.
+(cd "$work/node0" && run_ranks 2 "${split[@]}" optim.lr=0.0005 > "$work/other_lr.log")
+grep -q "note: resuming with other optimizer settings than .*step_00000008 was saved with (optim.lr: 0.001 in the checkpoint, 5e-04 now)" \
+  "$work/other_lr.log" || fail "the changed lr was not said: $(grep -m2 -i "resum" "$work/other_lr.log")"
 echo "1 passed, 0 failed"
