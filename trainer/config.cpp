@@ -486,7 +486,12 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
   const std::vector<Field> fields = fields_of(config);
   apply_file(root, fields, path);
   for (const std::string& override_text : overrides) apply_override(override_text, fields);
-  validate(config, path);
+  // A rule that relates two keys can fail because of an override as much as because of the file: name both.
+  std::string source = path;
+  for (size_t i = 0; i < overrides.size(); ++i) {
+    source += fmt::format("{}'{}'", i == 0 ? " with override " : ", ", overrides[i]);
+  }
+  validate(config, source);
   return config;
 }
 

@@ -412,25 +412,31 @@ TEST(Config, SyntaxErrorNamesFileAndLine) {
 TEST(Config, CrossFieldRules) {
   const TempYaml file("model:\n  width: 64\n  keypoint_width: 32\n");
   EXPECT_EQ(load_error(file, {"model.heads=3"}),
-            file.path() + ": model.heads (3) must divide model.width (64)");
-  EXPECT_EQ(load_error(file, {"model.keypoint_width=30"}),
-            file.path() + ": model.heads (4) must divide model.keypoint_width (30)");
+            file.path() + " with override 'model.heads=3': model.heads (3) must divide model.width (64)");
+  EXPECT_EQ(
+      load_error(file, {"model.keypoint_width=30"}),
+      file.path() +
+          " with override 'model.keypoint_width=30': model.heads (4) must divide model.keypoint_width (30)");
   EXPECT_EQ(load_error(file, {"model.logit_scale_init=5", "model.logit_scale_max=4.5"}),
-            file.path() + ": model.logit_scale_init (5) must be <= model.logit_scale_max (4.5)");
+            file.path() +
+                " with override 'model.logit_scale_init=5', 'model.logit_scale_max=4.5': "
+                "model.logit_scale_init (5) must be <= model.logit_scale_max (4.5)");
   EXPECT_EQ(load_error(file, {"train.stop_after=300"}),
-            file.path() + ": train.stop_after (300) must be <= train.steps (200)");
-  EXPECT_EQ(load_error(file, {"train.steps=10"}),
-            file.path() + ": optim.warmup_steps (20) must be <= train.steps (10)");
+            file.path() +
+                " with override 'train.stop_after=300': train.stop_after (300) must be <= train.steps (200)");
+  EXPECT_EQ(
+      load_error(file, {"train.steps=10"}),
+      file.path() + " with override 'train.steps=10': optim.warmup_steps (20) must be <= train.steps (10)");
   EXPECT_EQ(load_error(file, {"model.heads=8", "train.stop_after=200", "optim.warmup_steps=200"}),
             "(no ConfigError)");
   // A heartbeat as long as the watchdog's timeout would declare every rank missing (checked on one rank too,
   // where no watchdog runs, so that the config fails before it reaches a cluster).
-  EXPECT_EQ(
-      load_error(file, {"train.heartbeat_s=5", "train.watchdog_timeout_s=2"}),
-      file.path() +
-          ": train.heartbeat_s (5) must be < train.watchdog_timeout_s (2): a rank is declared missing after "
-          "that many seconds without a heartbeat. HINT: a timeout of several heartbeats, or "
-          "train.watchdog_timeout_s=0 for no watchdog");
+  EXPECT_EQ(load_error(file, {"train.heartbeat_s=5", "train.watchdog_timeout_s=2"}),
+            file.path() +
+                " with override 'train.heartbeat_s=5', 'train.watchdog_timeout_s=2': train.heartbeat_s (5) "
+                "must be < train.watchdog_timeout_s (2): a rank is declared missing after "
+                "that many seconds without a heartbeat. HINT: a timeout of several heartbeats, or "
+                "train.watchdog_timeout_s=0 for no watchdog");
   EXPECT_EQ(load_error(file, {"train.heartbeat_s=5", "train.watchdog_timeout_s=0"}), "(no ConfigError)");
 
   // validate() also applies the per-field rules to a config built in code.
