@@ -14,9 +14,9 @@
 // renames there is a moment with no <dir>, and a crash in it leaves the old dataset as `.vimo-old`, which the
 // next writer for <dir> renames back (readers do not look for it). The next writer also deletes a leftover
 // `.vimo-tmp`; the old copy is renamed out of sight before it is deleted, so no half-deleted copy is put
-// back. A mount point cannot be swapped: a writer refuses one at the start. The swap replaces the whole directory, so a writer refuses at once a <dir> that holds
-// anything besides a dataset (files its manifest does not list, or no manifest at all): it would delete them.
-// One writer per directory at a time.
+// back. A mount point cannot be swapped: a writer refuses one at the start. The swap replaces the whole
+// directory, so a writer refuses at once a <dir> that holds anything besides a dataset (files its manifest
+// does not list, or no manifest at all): it would delete them. One writer per directory at a time.
 #pragma once
 
 #include <cstdint>

@@ -18,7 +18,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-
 // `batch`'s field `spec.name` is [B] + spec.shape of spec.dtype (an extent of kAnyExtent matches any).
 void expect_field(const CollatedBatch& batch, const FieldSpec& spec, const std::string& where) {
   const at::Tensor& t = batch.field(spec.name);

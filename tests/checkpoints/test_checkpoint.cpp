@@ -143,8 +143,6 @@ TEST(Checkpoint, ResavingAStepReplacesItWhole) {
   expect_same(second, CheckpointManager::load((root / "step_00000004").string()).state);
 }
 
-
-
 // Note [A re-save cut between its two renames]: where the filesystem has no RENAME_EXCHANGE, a crash between
 // the two renames leaves step N only as .step_N.old. Resume must find it, and the next save must put it back.
 TEST(Checkpoint, AReSaveCutBetweenItsTwoRenamesIsFoundAndRestored) {
