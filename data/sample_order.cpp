@@ -5,6 +5,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <stdexcept>
@@ -117,6 +118,51 @@ SampleRef SampleOrder::locate(int64_t epoch, int64_t position) const {
   ref.record = static_cast<uint64_t>(source - *it);
   ref.key = shard_keys_[ref.shard] + static_cast<int64_t>(ref.record);
   return ref;
+}
+
+std::string sampler_state_json(const SamplerState& state, const std::string& order) {
+  return nlohmann::json{{"seed", state.seed},
+                        {"epoch", state.epoch},
+                        {"samples_consumed", state.samples_consumed},
+                        {"order", order}}
+      .dump();
+}
+
+SamplerState parse_sampler_state_json(const std::string& text, const std::string& source,
+                                      std::string* order) {
+  const nlohmann::json json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!json.is_object()) {
+    throw std::runtime_error(
+        fmt::format("{}: not a JSON object of the loader state (seed, epoch, "
+                    "samples_consumed). HINT: the checkpoint was not written by vimo",
+                    source));
+  }
+  const auto number = [&](const char* key) -> const nlohmann::json& {
+    if (!json.contains(key))
+      throw std::runtime_error(fmt::format("{}: the key '{}' is missing", source, key));
+    const nlohmann::json& value = json[key];
+    if (!value.is_number_integer() ||
+        (value.is_number_integer() && !value.is_number_unsigned() && value.get<int64_t>() < 0)) {
+      throw std::runtime_error(
+          fmt::format("{}: '{}' must be a non-negative integer, found {}", source, key, value.dump()));
+    }
+    return value;
+  };
+  SamplerState state;
+  state.seed = number("seed").get<uint64_t>();
+  state.epoch = number("epoch").get<int64_t>();
+  state.samples_consumed = number("samples_consumed").get<int64_t>();
+  if (order) {
+    order->clear();
+    if (json.contains("order")) {
+      if (!json["order"].is_string()) {
+        throw std::runtime_error(
+            fmt::format("{}: 'order' must be a string, found {}", source, json["order"].dump()));
+      }
+      *order = json["order"].get<std::string>();
+    }
+  }
+  return state;
 }
 
 }  // namespace vimo::data

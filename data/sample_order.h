@@ -24,6 +24,14 @@ struct SamplerState {
   int64_t samples_consumed = 0;  // global samples handed to the trainer in this epoch
 };
 
+// The loader state a checkpoint keeps (its loader.json): `state` and the fingerprint of the sample order it
+// counts in (StreamingLoader::order_fingerprint).
+std::string sampler_state_json(const SamplerState& state, const std::string& order);
+// Reads sampler_state_json's text back. Throws naming `source` (the file) and the key on any error: text
+// that is not JSON, a missing key, a value of the wrong type or sign. `order` returns the fingerprint, ""
+// when absent (checkpoints written before it was kept).
+SamplerState parse_sampler_state_json(const std::string& text, const std::string& source, std::string* order);
+
 // Note [Block shuffle across shards]: an epoch's order is built in two levels. (1) The shards are permuted
 // with a generator seeded by (seed, epoch). (2) Their records, concatenated in that order, are cut into
 // blocks of `block` consecutive samples and each block is permuted with a generator seeded by (seed, epoch,

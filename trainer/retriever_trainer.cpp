@@ -164,14 +164,8 @@ std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int
   state.metadata = {{"step", std::to_string(step)},
                     {"stage", stage},
                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
-  const data::SamplerState s = loader.state();
-  const std::string loader_json = nlohmann::json{
-      {"seed", s.seed},
-      {"epoch", s.epoch},
-      {"samples_consumed", s.samples_consumed},
-      {"order",
-       loader.order_fingerprint()}}.dump();
-  return checkpoints.save_async(step, state, loader_json, config_yaml);
+  return checkpoints.save_async(
+      step, state, data::sampler_state_json(loader.state(), loader.order_fingerprint()), config_yaml);
 }
 
 // The keys of `section` whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in
@@ -227,20 +221,38 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
                           directory, fmt::join(differences, "; ")));
   }
   load_model_tensors(model, ckpt.state, directory);
-  optimizer.load_checkpoint_tensors(ckpt.state.tensors,
-                                    std::stoll(ckpt.state.metadata.at("optimizer_steps")));
-  const nlohmann::json state = nlohmann::json::parse(ckpt.loader_json);
-  if (state.contains("order") && state["order"].get<std::string>() != loader.order_fingerprint()) {
+  const std::string state_file = directory + "/rank_00000.safetensors";
+  const auto steps_text = ckpt.state.metadata.find("optimizer_steps");
+  int64_t optimizer_steps = -1;
+  if (steps_text != ckpt.state.metadata.end()) {
+    try {
+      size_t used = 0;
+      optimizer_steps = std::stoll(steps_text->second, &used);
+      if (used != steps_text->second.size()) optimizer_steps = -1;
+    } catch (const std::exception&) {
+      optimizer_steps = -1;
+    }
+  }
+  if (optimizer_steps < 0) {
+    throw std::runtime_error(
+        fmt::format("{}: the metadata key 'optimizer_steps' is missing or not a count "
+                    "(found '{}')",
+                    state_file, steps_text == ckpt.state.metadata.end() ? "" : steps_text->second));
+  }
+  optimizer.load_checkpoint_tensors(ckpt.state.tensors, optimizer_steps);
+  std::string order;
+  const data::SamplerState sampler =
+      data::parse_sampler_state_json(ckpt.loader_json, directory + "/loader.json", &order);
+  if (!order.empty() && order != loader.order_fingerprint()) {
     throw std::runtime_error(
         fmt::format("{}: the training split's shards or data.shuffle_block differ from the run that saved "
                     "this checkpoint "
                     "(sample order {} there, {} now); resuming would read other batches. HINT: resume on the "
                     "same dataset "
                     "(`vimo data verify` it) and the same data.* settings",
-                    directory, state["order"].get<std::string>(), loader.order_fingerprint()));
+                    directory, order, loader.order_fingerprint()));
   }
-  loader.load_state({state.at("seed").get<uint64_t>(), state.at("epoch").get<int64_t>(),
-                     state.at("samples_consumed").get<int64_t>()});
+  loader.load_state(sampler);
   return ckpt.step;
 }
 

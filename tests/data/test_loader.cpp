@@ -478,6 +478,42 @@ TEST(TensorPool, ThreadsAllocatingAndFreeingSeeOnlyTheirOwnValues) {
 // ---------------------------------------------------------------------------------------------------------
 // SampleOrder
 
+// The loader state of a checkpoint (loader.json): it round-trips, and a bad one is an error naming the file
+// and the key (a bare nlohmann exception named neither).
+TEST(SamplerStateJson, RoundTripsAndNamesTheFileAndKeyOfABadOne) {
+  const SamplerState state{std::numeric_limits<uint64_t>::max() - 3, 7, 12345};
+  std::string order = "(none)";
+  const SamplerState back =
+      parse_sampler_state_json(sampler_state_json(state, "abc123"), "ckpt/loader.json", &order);
+  EXPECT_EQ(back.seed, state.seed);
+  EXPECT_EQ(back.epoch, state.epoch);
+  EXPECT_EQ(back.samples_consumed, state.samples_consumed);
+  EXPECT_EQ(order, "abc123");
+  parse_sampler_state_json(R"({"seed": 1, "epoch": 0, "samples_consumed": 0})", "old.json", &order);
+  EXPECT_EQ(order, "") << "a checkpoint without the fingerprint";
+  for (const auto& [text, expected] : std::vector<std::pair<std::string, std::string>>{
+           {"{", "ckpt/loader.json: not a JSON object of the loader state"},
+           {"[1, 2]", "ckpt/loader.json: not a JSON object of the loader state"},
+           {R"({"seed": 1, "epoch": 2})", "ckpt/loader.json: the key 'samples_consumed' is missing"},
+           {R"({"seed": 1, "epoch": "2", "samples_consumed": 0})",
+            "ckpt/loader.json: 'epoch' must be a non-negative integer, found \"2\""},
+           {R"({"seed": 1, "epoch": 2, "samples_consumed": -5})",
+            "ckpt/loader.json: 'samples_consumed' must be a non-negative integer, found -5"},
+           {R"({"seed": 1.5, "epoch": 2, "samples_consumed": 0})",
+            "ckpt/loader.json: 'seed' must be a non-negative integer, found 1.5"},
+           {R"({"seed": 1, "epoch": 2, "samples_consumed": 0, "order": 7})",
+            "ckpt/loader.json: 'order' must be a string, found 7"},
+       }) {
+    std::string error;
+    try {
+      parse_sampler_state_json(text, "ckpt/loader.json", &order);
+    } catch (const std::runtime_error& e) {
+      error = e.what();
+    }
+    EXPECT_EQ(error.substr(0, expected.size()), expected) << "for " << text << ": " << error;
+  }
+}
+
 TEST(SampleOrder, EachEpochIsAPermutationThatDependsOnlyOnSeedAndEpoch) {
   const uint64_t seed = vimo::testing::fresh_seed();
   const std::vector<uint64_t> shards = {5, 0, 9, 3, 7};  // an empty shard too
