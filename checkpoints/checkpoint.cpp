@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>  // renameat2, RENAME_EXCHANGE (glibc 2.28)
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
+#include <thread>
 
 namespace vimo::checkpoints {
 namespace fs = std::filesystem;
@@ -25,7 +27,18 @@ namespace {
 
 constexpr const char* kManifest = "manifest.json";
 constexpr const char* kStateFile = "rank_00000.safetensors";
-constexpr int kFormatVersion = 1;
+// Version 2 adds "rank_files" (Note [Every rank writes its own part]); version 1 had rank 0's file only.
+constexpr int kFormatVersion = 2;
+
+std::string rank_file_name(int rank) { return fmt::format("rank_{:05d}.safetensors", rank); }
+// The mark a rank other than 0 leaves beside its file once that is durable: {"bytes": .., "xxh3": ".."}.
+std::string rank_mark_name(int rank) { return fmt::format(".rank_{:05d}.done", rank); }
+
+int64_t steady_now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 void fsync_path(const fs::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY);
@@ -95,7 +108,7 @@ nlohmann::json verify(const fs::path& directory) {
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error(manifest_path.string() + " is malformed: " + e.what());
   }
-  if (manifest.value("version", 0) != kFormatVersion) {
+  if (const int version = manifest.value("version", 0); version < 1 || version > kFormatVersion) {
     throw std::runtime_error(manifest_path.string() + ": unsupported checkpoint version " +
                              manifest.value("version", nlohmann::json(0)).dump());
   }
@@ -161,7 +174,7 @@ CheckpointManager::CheckpointManager(std::string root, int64_t keep, std::shared
 // between the two leaves step N only as .step_N.old, complete. So list_step_directories (and thus
 // latest_valid and resume) takes a .step_N.old whose step_N does not exist as step N, and the next save
 // renames it back before anything else. Other leftovers of crashed saves (.step_*.tmp, a .step_N.old beside
-// its step_N) are deleted then: only rank 0 writes, one save at a time.
+// its step_N) are deleted then: rank 0 does this before any rank writes, one save at a time.
 void CheckpointManager::clean_up_crashed_saves() const {
   std::vector<fs::directory_entry> entries;  // listed first: the loop renames and deletes among them
   for (const auto& entry : fs::directory_iterator(root_)) entries.push_back(entry);
@@ -196,23 +209,44 @@ void CheckpointManager::clean_up_crashed_saves() const {
 }
 
 void CheckpointManager::write_checkpoint(int64_t step, const TensorFile& state,
-                                         const std::string& loader_json,
-                                         const std::string& config_yaml) const {
+                                         const std::string& loader_json, const std::string& config_yaml,
+                                         int rank_files) const {
   const fs::path final_dir = fs::path(root_) / step_name(step);
-  fs::create_directories(root_);
-  clean_up_crashed_saves();
-  const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
-  fs::create_directories(temp_dir);
+  const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");  // made by save_async()
   write_safetensors((temp_dir / kStateFile).string(), state);
   write_text_file(temp_dir / "loader.json", loader_json);
   write_text_file(temp_dir / "config.yaml", config_yaml);
   nlohmann::ordered_json manifest = {{"format", "vimo-checkpoint"},
                                      {"version", kFormatVersion},
                                      {"step", step},
-                                     {"world_size", comm_ ? comm_->size() : 1}};
+                                     {"world_size", comm_ ? comm_->size() : 1},
+                                     {"rank_files", rank_files}};
   for (const char* name : {kStateFile, "loader.json", "config.yaml"}) {
     manifest["files"][name] = {{"bytes", fs::file_size(temp_dir / name)},
                                {"xxh3", file_checksum(temp_dir / name)}};
+  }
+  // The other ranks' parts (Note [Every rank writes its own part]): each is complete once its mark is there.
+  for (int r = 1; r < rank_files; ++r) {
+    const fs::path mark = temp_dir / rank_mark_name(r);
+    while (!fs::exists(mark)) {
+      if (steady_now_ns() >= give_up_at_ns_.load()) {
+        std::vector<int> missing;
+        for (int m = r; m < rank_files; ++m) {
+          if (!fs::exists(temp_dir / rank_mark_name(m))) missing.push_back(m);
+        }
+        throw std::runtime_error(fmt::format("rank(s) {} did not write their part of {}",
+                                             fmt::join(missing, ", "), final_dir.string()));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    try {
+      const nlohmann::json done = nlohmann::json::parse(read_text_file(mark));
+      manifest["files"][rank_file_name(r)] = {{"bytes", done.at("bytes").get<uint64_t>()},
+                                              {"xxh3", done.at("xxh3").get<std::string>()}};
+    } catch (const nlohmann::json::exception& e) {
+      throw std::runtime_error(mark.string() + " is malformed: " + e.what());
+    }
+    fs::remove(mark);
   }
   write_text_file(temp_dir / "manifest.json.tmp", manifest.dump(2));
   fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
@@ -245,49 +279,135 @@ void CheckpointManager::write_checkpoint(int64_t step, const TensorFile& state,
 // Note [Saving in the background]
 // A save must not hold training up for as long as writing, checksumming and fsyncing take (seconds for a
 // large model on a shared filesystem). So save_async() copies the state's tensors into memory of its own on
-// rank 0, the one rank that writes (a snapshot: the step after it changes the parameters and moments in
-// place), and a thread writes the checkpoint from that copy with the same atomic-directory protocol as before
-// (Note [Atomic checkpoint directories]) while training goes on. The cost is one copy of the state in host
-// memory while a save is in flight. One save is in flight at a time: the next save_async() waits for the one
-// before. A failure is learnt by every rank at the next wait() (the next save, or the end of the run), and a
-// crash while the thread writes leaves the previous checkpoint as a crash mid-save always did. The trainer
-// waits before it reports a checkpoint as holding a stopped or preempted run, and before the run ends.
+// each rank that writes (a snapshot: the step after it changes the parameters and moments in place): rank 0
+// its replicated state, and with a sharded state every rank its own part (Note [Every rank writes its own
+// part] in checkpoint.h). A thread on each writes from that copy with the same atomic-directory protocol as
+// before (Note [Atomic checkpoint directories]) while training goes on. The cost is one copy of what the rank
+// writes in host memory while a save is in flight. One save is in flight at a time: the next save_async()
+// waits for the one before. A failure is learnt by every rank at the next wait() (the next save, or the end
+// of the run), and a crash while a thread writes leaves the previous checkpoint as a crash mid-save always
+// did. The trainer waits before it reports a checkpoint as holding a stopped or preempted run, and before the
+// run ends. Only the file system carries the other ranks' marks to rank 0's thread: a thread must not take
+// part in collectives that the training thread is making at the same time.
 std::string CheckpointManager::save(int64_t step, const TensorFile& state, const std::string& loader_json,
-                                    const std::string& config_yaml) {
-  save_async(step, state, loader_json, config_yaml);
+                                    const std::string& config_yaml, const TensorFile* own) {
+  save_async(step, state, loader_json, config_yaml, own);
   return wait();
 }
 
 std::string CheckpointManager::save_async(int64_t step, const TensorFile& state,
-                                          const std::string& loader_json, const std::string& config_yaml) {
+                                          const std::string& loader_json, const std::string& config_yaml,
+                                          const TensorFile* own) {
   wait();
-  pending_dir_ = (fs::path(root_) / step_name(step)).string();
-  if (comm_ && comm_->rank() != 0) return pending_dir_;
+  const int ranks = comm_ ? comm_->size() : 1;
+  const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
+  // Rank 0 snapshots what it writes, clears what crashed saves left and makes the temporary directory, all
+  // before any rank writes into it.
   TensorFile snapshot;
-  snapshot.metadata = state.metadata;
-  for (const auto& [name, tensor] : state.tensors) snapshot.tensors[name] = tensor.detach().clone();
-  writer_error_.clear();
-  writer_ = std::thread([this, step, snapshot = std::move(snapshot), loader_json, config_yaml] {
+  std::string problem;
+  if (rank() == 0) {
     try {
-      write_checkpoint(step, snapshot, loader_json, config_yaml);
+      snapshot.metadata = state.metadata;
+      for (const auto& [name, tensor] : state.tensors) snapshot.tensors[name] = tensor.detach().clone();
+      if (own) {
+        for (const auto& [name, tensor] : own->tensors) {
+          if (!snapshot.tensors.emplace(name, tensor.detach().clone()).second)
+            throw std::invalid_argument("'" + name +
+                                        "' is both in the replicated state and in rank 0's part");
+        }
+        for (const auto& [key, value] : own->metadata) snapshot.metadata[key] = value;
+      }
+      fs::create_directories(root_);
+      clean_up_crashed_saves();
+      fs::create_directories(temp_dir);
     } catch (const std::exception& e) {
-      writer_error_ = e.what();
+      problem = e.what();
     }
-  });
+  }
+  int rank_files = own ? ranks : 1;
+  if (ranks > 1) {
+    // One all-reduce orders rank 0's directory before the other ranks' writes, tells them whether rank 0
+    // could make it, and checks that the ranks agree on whether each writes a part.
+    at::Tensor flags = at::tensor({own ? 1 : 0, own ? 0 : 1, problem.empty() ? 0 : 1}, at::kInt);
+    comm_->allreduce(flags, comm::ReduceOp::Max);
+    if (flags[2].item<int>() != 0) {
+      throw std::runtime_error(fmt::format("checkpoint save failed: rank 0 cannot save {}{}",
+                                           temp_dir.string(), problem.empty() ? "" : ": " + problem));
+    }
+    if (flags[0].item<int>() != 0 && flags[1].item<int>() != 0) {
+      throw std::invalid_argument(
+          fmt::format("[rank {}] CheckpointManager::save_async: some ranks pass a part of their own and "
+                      "others none (this "
+                      "rank: {}); every rank passes one, or none does",
+                      rank(), own ? "a part" : "none"));
+    }
+  } else if (!problem.empty()) {
+    throw std::runtime_error("checkpoint save failed: " + problem);
+  }
+  pending_dir_ = (fs::path(root_) / step_name(step)).string();
+  give_up_at_ns_ = std::numeric_limits<int64_t>::max();
+  writer_error_.clear();
+  if (rank() == 0) {
+    writer_ = std::thread([this, step, snapshot = std::move(snapshot), loader_json, config_yaml, rank_files] {
+      try {
+        write_checkpoint(step, snapshot, loader_json, config_yaml, rank_files);
+      } catch (const std::exception& e) {
+        writer_error_ = e.what();
+      }
+    });
+  } else if (own) {
+    TensorFile part;
+    part.metadata = own->metadata;
+    for (const auto& [name, tensor] : own->tensors) part.tensors[name] = tensor.detach().clone();
+    writer_ = std::thread([this, temp_dir, part = std::move(part), r = rank()] {
+      try {
+        // Rank 0 made the directory; making it again is harmless, and helps a filesystem that shows it late.
+        fs::create_directories(temp_dir);
+        const fs::path file = temp_dir / rank_file_name(r);
+        write_safetensors(file.string(), part);
+        const nlohmann::json done = {{"bytes", fs::file_size(file)}, {"xxh3", file_checksum(file)}};
+        const fs::path mark = temp_dir / rank_mark_name(r);
+        write_text_file(mark.string() + ".tmp", done.dump());
+        fs::rename(mark.string() + ".tmp", mark);  // the mark appears whole or not at all
+        fsync_path(temp_dir);
+      } catch (const std::exception& e) {
+        writer_error_ = fmt::format("rank {}: {}", r, e.what());
+      }
+    });
+  }
   return pending_dir_;
 }
 
 std::string CheckpointManager::wait() {
   if (pending_dir_.empty()) return "";
-  if (writer_.joinable()) writer_.join();
-  std::string error = writer_error_;
-  writer_error_.clear();
   const std::string dir = std::exchange(pending_dir_, "");
+  // The other ranks' writers end on their own; rank 0's waits for their parts, so it must learn when one
+  // will never come.
+  if (rank() != 0 && writer_.joinable()) writer_.join();
+  std::string error = rank() != 0 ? writer_error_ : "";
+  std::vector<int> failed;
   if (comm_ && comm_->size() > 1) {
-    // Every rank learns whether rank 0's save succeeded, so no rank continues past a failed checkpoint.
-    at::Tensor failed = at::full({1}, error.empty() ? 0 : 1, at::kInt);
-    comm_->allreduce(failed, comm::ReduceOp::Max);
-    if (failed.item<int>() != 0 && error.empty()) error = "rank 0 failed to save " + dir;
+    const at::Tensor flags = comm_->allgather(at::full({1}, error.empty() ? 0 : 1, at::kLong));  // [ranks]
+    for (int r = 1; r < comm_->size(); ++r) {
+      if (flags[r].item<int64_t>() != 0) failed.push_back(r);
+    }
+    if (!failed.empty()) give_up_at_ns_ = steady_now_ns();
+  }
+  if (rank() == 0) {
+    if (writer_.joinable()) writer_.join();
+    error = writer_error_;
+  }
+  writer_error_.clear();
+  if (comm_ && comm_->size() > 1) {
+    // Every rank learns whether rank 0 published the checkpoint, so no rank continues past a failed one.
+    at::Tensor rank0_failed = at::full({1}, rank() == 0 && !error.empty() ? 1 : 0, at::kInt);
+    comm_->broadcast(rank0_failed, 0);
+    if (error.empty() && !failed.empty()) {
+      error = fmt::format("rank(s) {} failed to write their part of {} (their errors say why)",
+                          fmt::join(failed, ", "), dir);
+    } else if (error.empty() && rank0_failed.item<int>() != 0) {
+      error = "rank 0 failed to save " + dir;
+    }
   }
   if (!error.empty()) throw std::runtime_error("checkpoint save failed: " + error);
   return dir;
@@ -295,7 +415,11 @@ std::string CheckpointManager::wait() {
 
 CheckpointManager::~CheckpointManager() {
   if (!writer_.joinable()) return;
-  writer_.join();  // a save in flight finishes, or fails, before the process can end
+  // A save in flight finishes, or fails, before the process can end; rank 0 gives the other ranks' parts
+  // (which their destructors let finish) a bounded time.
+  give_up_at_ns_ =
+      std::min<int64_t>(give_up_at_ns_.load(), steady_now_ns() + kGiveUpAfterS * 1'000'000'000LL);
+  writer_.join();
   if (!writer_error_.empty()) std::fprintf(stderr, "checkpoint save failed: %s\n", writer_error_.c_str());
 }
 
@@ -369,6 +493,15 @@ Checkpoint CheckpointManager::load(const std::string& directory) {
   checkpoint.directory = directory;
   checkpoint.step = manifest.at("step").get<int64_t>();
   checkpoint.world_size = manifest.at("world_size").get<int>();
+  const int rank_files = manifest.value("rank_files", 1);
+  for (int r = 0; r < rank_files; ++r) {
+    const std::string name = rank_file_name(r);
+    if (!manifest.at("files").contains(name)) {
+      throw std::runtime_error(fmt::format("{}/{}: the manifest gives {} rank files but does not list {}",
+                                           directory, kManifest, rank_files, name));
+    }
+    checkpoint.rank_files.push_back((fs::path(directory) / name).string());
+  }
   checkpoint.state = read_safetensors((fs::path(directory) / kStateFile).string());
   checkpoint.loader_json = read_text_file(fs::path(directory) / "loader.json");
   checkpoint.config_yaml = read_text_file(fs::path(directory) / "config.yaml");

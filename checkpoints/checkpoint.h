@@ -1,7 +1,8 @@
 // Defines atomic, checksummed checkpoint directories and the manager that saves, finds, loads and
 // retains them (DESIGN.md, "Checkpoints").
 //
-//   <root>/step_00000100/rank_00000.safetensors   model.* and optim.* tensors (+ metadata)
+//   <root>/step_00000100/rank_00000.safetensors   model.* and optim.* tensors (+ metadata), from rank 0
+//                        rank_00001.safetensors   ... sharded state only: rank 1's own part (and so on)
 //                        loader.json               data sampler state
 //                        config.yaml               the resolved config
 //                        manifest.json             written last: step, world size, every file's size and xxh3
@@ -13,9 +14,19 @@
 // Re-saving an existing step swaps the new copy in with renameat2(RENAME_EXCHANGE), or where that is
 // missing with two renames (Note [A re-save cut between its two renames] in checkpoint.cpp). Leftovers of
 // crashed saves are removed by the next save. tests/checkpoints/test_checkpoint_crash.cpp SIGKILLs saves.
+//
+// Note [Every rank writes its own part]: state that is replicated over the ranks (the model, AdamW's
+// moments) is written once, by rank 0. State that each rank holds a part of (ZeRO-1's moments) is written by
+// the rank that holds it, in pieces (Note [Tensors saved in pieces] in sharded_state.h), into the same
+// temporary directory: no rank gathers the whole, and the ranks write at once. Each rank marks its file done
+// (its size and xxh3 in a small marker file beside it) and rank 0 waits for every mark before it writes the
+// manifest and renames the directory into place, so the atomicity above covers every rank's file. A rank
+// whose write fails leaves no mark; the failure reaches every rank at the next wait().
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -30,9 +41,10 @@ namespace vimo::checkpoints {
 struct Checkpoint {
   int64_t step = 0;
   int world_size = 1;
-  TensorFile state;         // rank 0's state file
-  std::string loader_json;  // sampler state
-  std::string config_yaml;  // resolved config of the run that saved it
+  TensorFile state;                     // rank 0's state file
+  std::vector<std::string> rank_files;  // paths: rank 0's state file, then, if sharded, every other rank's
+  std::string loader_json;              // sampler state
+  std::string config_yaml;              // resolved config of the run that saved it
   std::string directory;
 };
 
@@ -41,21 +53,28 @@ class CheckpointManager {
   // `root` holds the step directories; the newest `keep` are retained. `comm` may be null (one process).
   CheckpointManager(std::string root, int64_t keep, std::shared_ptr<comm::Communicator> comm);
 
-  ~CheckpointManager();  // waits for a save in flight (its error, if any, is logged: wait() reports it)
+  // Waits for a save in flight (its error, if any, is logged: wait() reports it); rank 0 waits at most
+  // kGiveUpAfterS for the other ranks' parts.
+  ~CheckpointManager();
+  static constexpr int kGiveUpAfterS = 120;
   CheckpointManager(const CheckpointManager&) = delete;
   CheckpointManager& operator=(const CheckpointManager&) = delete;
 
-  // Collective: rank 0 writes (DP-replicated state needs one copy), every rank returns once the
-  // checkpoint is durable. Returns the checkpoint directory. save_async() then wait().
+  // Collective: rank 0 writes `state` (DP-replicated state needs one copy); with `own`, every rank writes its
+  // own part too (Note [Every rank writes its own part]). Every rank returns once the checkpoint is durable.
+  // Returns the checkpoint directory. save_async() then wait().
   std::string save(int64_t step, const TensorFile& state, const std::string& loader_json,
-                   const std::string& config_yaml);
+                   const std::string& config_yaml, const TensorFile* own = nullptr);
 
   // Note [Saving in the background]: collective. Waits for the save before it (wait()), copies `state`'s
-  // tensors into host memory of its own (a snapshot: training may change the originals as soon as this
-  // returns), and writes the checkpoint from that copy on a thread of rank 0 while training goes on. One save
-  // is in flight at a time. Returns the directory the checkpoint will have.
+  // tensors (rank 0) and `own`'s (every rank) into host memory of their own (a snapshot: training may change
+  // the originals as soon as this returns), and writes the checkpoint from those copies on a thread of each
+  // writing rank while training goes on. `state` matters on rank 0 only. `own` is this rank's part of a
+  // sharded state (pieces, add_pieces() in sharded_state.h), saved as rank_0000R.safetensors (on rank 0, in
+  // the same file as `state`); every rank passes one, possibly empty, or none does. One save is in flight at
+  // a time. Returns the directory the checkpoint will have.
   std::string save_async(int64_t step, const TensorFile& state, const std::string& loader_json,
-                         const std::string& config_yaml);
+                         const std::string& config_yaml, const TensorFile* own = nullptr);
 
   // Collective: waits until the save in flight (if any) is durable, and throws on every rank if it failed.
   // Returns its directory ("" when none was in flight).
@@ -79,14 +98,19 @@ class CheckpointManager {
   void prune(int64_t saved_step) const;
   void clean_up_crashed_saves() const;
   // Writes, renames into place and prunes; rank 0's part of a save. Throws on error.
+  // `rank_files` state files: rank 0's (`state`) and, past 1, the other ranks', waited for by their marks.
   void write_checkpoint(int64_t step, const TensorFile& state, const std::string& loader_json,
-                        const std::string& config_yaml) const;
+                        const std::string& config_yaml, int rank_files) const;
+  int rank() const { return comm_ ? comm_->rank() : 0; }
   std::string root_;
   int64_t keep_;
   std::shared_ptr<comm::Communicator> comm_;
-  std::thread writer_;        // rank 0: the save in flight
+  std::thread writer_;        // the save in flight: rank 0's whole save, or another rank's own part
   std::string writer_error_;  // set by writer_ before it ends
   std::string pending_dir_;   // the directory of the save in flight, on every rank; "" when none
+  // Rank 0's writer stops waiting for the other ranks' parts at this steady_clock time (ns): never, until
+  // wait() learns that a rank failed, or the destructor runs.
+  std::atomic<int64_t> give_up_at_ns_{std::numeric_limits<int64_t>::max()};
 };
 
 // The step directories under `root` (valid or not), oldest first, including a .step_N.old that stands in

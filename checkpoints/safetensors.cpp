@@ -2,6 +2,7 @@
 #include "checkpoints/safetensors.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -69,7 +70,7 @@ void write_safetensors(const std::string& path, const TensorFile& file) {
   if (!ok) throw std::runtime_error("writing " + path + " failed: " + std::strerror(errno) + " (disk full?)");
 }
 
-TensorFile read_safetensors(const std::string& path) {
+TensorFileIndex read_safetensors_index(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error("cannot open " + path);
   in.seekg(0, std::ios::end);
@@ -89,27 +90,62 @@ TensorFile read_safetensors(const std::string& path) {
     throw std::runtime_error(path + ": malformed safetensors header: " + e.what());
   }
   const uint64_t data_start = 8 + header_length, data_size = file_size - data_start;
-  TensorFile file;
+  TensorFileIndex index;
+  index.path = path;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
-      for (const auto& [key, value] : entry.items()) file.metadata[key] = value.get<std::string>();
+      for (const auto& [key, value] : entry.items()) index.metadata[key] = value.get<std::string>();
       continue;
     }
-    const at::ScalarType dtype = name_to_dtype(entry.at("dtype").get<std::string>(), path, name);
-    const std::vector<int64_t> shape = entry.at("shape").get<std::vector<int64_t>>();
+    TensorEntry tensor;
+    tensor.dtype = name_to_dtype(entry.at("dtype").get<std::string>(), path, name);
+    tensor.shape = entry.at("shape").get<std::vector<int64_t>>();
     const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype));
-    const uint64_t bytes = t.numel() * t.element_size();
-    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != bytes ||
+    uint64_t elements = 1;
+    for (const int64_t size : tensor.shape) {
+      if (size < 0) throw std::runtime_error(path + ": tensor '" + name + "' has a negative size");
+      elements *= static_cast<uint64_t>(size);
+    }
+    tensor.bytes = elements * at::elementSize(tensor.dtype);
+    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != tensor.bytes ||
         offsets[1] > data_size) {
       throw std::runtime_error(path + ": tensor '" + name +
                                "' has data offsets that do not match its shape or the file size");
     }
-    in.seekg(data_start + offsets[0]);
-    if (bytes && !in.read(static_cast<char*>(t.data_ptr()), bytes)) {
-      throw std::runtime_error(path + ": tensor '" + name + "' is truncated");
-    }
-    file.tensors[name] = t;
+    tensor.offset = data_start + offsets[0];
+    index.tensors[name] = std::move(tensor);
+  }
+  return index;
+}
+
+at::Tensor read_safetensors_elements(const TensorFileIndex& index, const std::string& name, int64_t first,
+                                     int64_t count) {
+  const auto it = index.tensors.find(name);
+  if (it == index.tensors.end()) throw std::runtime_error(index.path + ": no tensor '" + name + "'");
+  const TensorEntry& entry = it->second;
+  const uint64_t element = at::elementSize(entry.dtype), elements = entry.bytes / element;
+  if (first < 0 || count < 0 || static_cast<uint64_t>(first + count) > elements) {
+    throw std::runtime_error(fmt::format("{}: elements [{}, {}) of tensor '{}' are out of its {}", index.path,
+                                         first, first + count, name, elements));
+  }
+  at::Tensor out = at::empty({count}, at::TensorOptions().dtype(entry.dtype));  // [count]
+  if (count == 0) return out;
+  std::ifstream in(index.path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + index.path);
+  in.seekg(static_cast<std::streamoff>(entry.offset + first * element));
+  if (!in.read(static_cast<char*>(out.data_ptr()), static_cast<std::streamsize>(count * element))) {
+    throw std::runtime_error(index.path + ": tensor '" + name + "' is truncated");
+  }
+  return out;
+}
+
+TensorFile read_safetensors(const std::string& path) {
+  const TensorFileIndex index = read_safetensors_index(path);
+  TensorFile file;
+  file.metadata = index.metadata;
+  for (const auto& [name, entry] : index.tensors) {
+    const int64_t elements = static_cast<int64_t>(entry.bytes / at::elementSize(entry.dtype));
+    file.tensors[name] = read_safetensors_elements(index, name, 0, elements).view(entry.shape);
   }
   return file;
 }

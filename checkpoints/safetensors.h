@@ -9,6 +9,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace vimo::checkpoints {
 
@@ -23,5 +24,27 @@ void write_safetensors(const std::string& path, const TensorFile& file);
 
 // Reads `path`; errors name the file and the tensor that is malformed.
 TensorFile read_safetensors(const std::string& path);
+
+// Where one tensor's bytes lie in a safetensors file.
+struct TensorEntry {
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> shape;
+  uint64_t offset = 0;  // of its first byte, from the start of the file
+  uint64_t bytes = 0;
+};
+
+// A file's header alone: every tensor's dtype, shape and place, checked against the file's size, and the
+// metadata. Reads no tensor data.
+struct TensorFileIndex {
+  std::string path;
+  std::map<std::string, TensorEntry> tensors;
+  std::map<std::string, std::string> metadata;
+};
+TensorFileIndex read_safetensors_index(const std::string& path);
+
+// Elements [first, first + count) of tensor `name` of an indexed file, flattened: a 1-D tensor of `count`.
+// Errors name the file and the tensor.
+at::Tensor read_safetensors_elements(const TensorFileIndex& index, const std::string& name, int64_t first,
+                                     int64_t count);
 
 }  // namespace vimo::checkpoints

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/sharded_state.h"
 #include "comm/gradient_reducer.h"
 #include "data/loader.h"
 #include "data/manifest.h"
@@ -103,8 +104,9 @@ std::string resolve_checkpoint(const std::string& path) {
 
 // The run's optimizer: AdamW with its whole moments on every rank, the gradients averaged during backward by
 // the GradientReducer (optim.zero_stage 0), or ZeroAdamW, which averages them in its step and keeps 1/DP of
-// the moments per rank (1). Both write whole moments under AdamW's names into checkpoints, so a checkpoint
-// resumes with either, on any DP size.
+// the moments per rank (1). AdamW's moments go into rank 0's checkpoint file whole; ZeroAdamW's go in pieces
+// into each rank's own file (Note [Every rank writes its own part] in checkpoints/checkpoint.h), under the
+// same names, so a checkpoint resumes with either, on any DP size.
 class RunOptimizer {
  public:
   RunOptimizer(const std::vector<std::pair<std::string, at::Tensor>>& parameters, const OptimConfig& o,
@@ -135,16 +137,29 @@ class RunOptimizer {
     for (const auto& [name, t] : replicated_->state_tensors()) bytes += t.numel() * t.element_size();
     return bytes;
   }
-  // Whole moments as AdamW names them. Collective when sharded.
-  std::map<std::string, at::Tensor> checkpoint_tensors() const {
-    return sharded_ ? sharded_->full_state_tensors() : replicated_->state_tensors();
+  // AdamW's whole moments, for rank 0's file (replicated), or nothing.
+  std::map<std::string, at::Tensor> replicated_state() const {
+    return sharded_ ? std::map<std::string, at::Tensor>{} : replicated_->state_tensors();
   }
-  void load_checkpoint_tensors(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken) {
+  // ZeroAdamW's part of the moments on this rank, for its own file (sharded), or nothing.
+  std::optional<checkpoints::TensorFile> own_state() const {
+    if (!sharded_) return std::nullopt;
+    checkpoints::TensorFile own;
+    checkpoints::add_pieces(own, sharded_->state_pieces());
+    return own;
+  }
+  void load_checkpoint(const checkpoints::StateReader& reader, int64_t steps_taken) {
     if (sharded_) {
-      sharded_->load_full_state_tensors(tensors, steps_taken);
-    } else {
-      replicated_->load_state_tensors(tensors, steps_taken);
+      sharded_->load_state(reader, steps_taken);
+      return;
     }
+    std::map<std::string, at::Tensor> whole;
+    for (const auto& [key, moment] : replicated_->state_tensors()) {
+      if (!reader.contains(key))
+        throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
+      whole[key] = reader.read_whole(key);  // AdamW checks its shape
+    }
+    replicated_->load_state_tensors(whole, steps_taken);
   }
 
  private:
@@ -152,20 +167,22 @@ class RunOptimizer {
   std::unique_ptr<ZeroAdamW> sharded_;
 };
 
-// Starts the checkpoint of `step`: model and AdamW moments in one safetensors file, the sampler state, the
-// resolved config, written in the background from a snapshot (Note [Saving in the background] in
-// checkpoints/checkpoint.cpp). Collective.
+// Starts the checkpoint of `step`: model and AdamW moments in rank 0's safetensors file (ZeRO-1's moments in
+// every rank's own), the sampler state, the resolved config, written in the background from a snapshot (Note
+// [Saving in the background] in checkpoints/checkpoint.cpp). Collective.
 std::string save_training_state(checkpoints::CheckpointManager& checkpoints, int64_t step,
                                 const std::string& stage, models::GeminiMVR& model,
                                 const RunOptimizer& optimizer, const data::StreamingLoader& loader,
                                 const std::string& config_yaml) {
   checkpoints::TensorFile state = model_tensors(model);
-  for (auto& [name, tensor] : optimizer.checkpoint_tensors()) state.tensors[name] = tensor;
+  for (auto& [name, tensor] : optimizer.replicated_state()) state.tensors[name] = tensor;
   state.metadata = {{"step", std::to_string(step)},
                     {"stage", stage},
                     {"optimizer_steps", std::to_string(optimizer.steps_taken())}};
-  return checkpoints.save_async(
-      step, state, data::sampler_state_json(loader.state(), loader.order_fingerprint()), config_yaml);
+  const std::optional<checkpoints::TensorFile> own = optimizer.own_state();
+  return checkpoints.save_async(step, state,
+                                data::sampler_state_json(loader.state(), loader.order_fingerprint()),
+                                config_yaml, own ? &*own : nullptr);
 }
 
 // The keys of `section` whose values differ between two resolved configs (to_yaml's), as "model.heads: 4 in
@@ -239,7 +256,7 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
                     "(found '{}')",
                     state_file, steps_text == ckpt.state.metadata.end() ? "" : steps_text->second));
   }
-  optimizer.load_checkpoint_tensors(ckpt.state.tensors, optimizer_steps);
+  optimizer.load_checkpoint(checkpoints::StateReader(ckpt), optimizer_steps);
   std::string order;
   const data::SamplerState sampler =
       data::parse_sampler_state_json(ckpt.loader_json, directory + "/loader.json", &order);

@@ -131,25 +131,42 @@ std::map<std::string, at::Tensor> ZeroAdamW::full_state_tensors() const {
   return whole;
 }
 
-void ZeroAdamW::load_full_state_tensors(const std::map<std::string, at::Tensor>& tensors,
-                                        int64_t steps_taken) {
+std::map<std::string, checkpoints::TensorPiece> ZeroAdamW::state_pieces() const {
+  const std::map<std::string, at::Tensor> mine = state_tensors();  // this rank's segments
+  std::map<std::string, checkpoints::TensorPiece> pieces;
+  for (const Segment& s : segments_) {
+    const auto& [name, p] = parameters_[s.parameter];
+    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+      const std::string key = "optim." + name + suffix;
+      pieces[key] = {mine.at(key), s.first - offsets_[s.parameter], p.sizes().vec()};
+    }
+  }
+  return pieces;
+}
+
+void ZeroAdamW::load_state(const checkpoints::StateReader& reader, int64_t steps_taken) {
   std::map<std::string, at::Tensor> mine;  // this rank's segments, as the two AdamWs name them
   for (const Segment& s : segments_) {
     const auto& [name, p] = parameters_[s.parameter];
     for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
       const std::string key = "optim." + name + suffix;
-      const auto it = tensors.find(key);
-      if (it == tensors.end())
+      if (!reader.contains(key))
         throw std::runtime_error("optimizer state '" + key + "' is missing from the checkpoint");
-      if (!it->second.sizes().equals(p.sizes())) {
-        throw std::runtime_error("optimizer state '" + key + "' has shape " + c10::str(it->second.sizes()) +
-                                 ", the parameter has " + c10::str(p.sizes()));
+      if (!p.sizes().equals(reader.shape(key))) {
+        throw std::runtime_error("optimizer state '" + key + "' has shape " +
+                                 c10::str(at::IntArrayRef(reader.shape(key))) + ", the parameter has " +
+                                 c10::str(p.sizes()));
       }
-      mine[key] = it->second.reshape(-1).narrow(0, s.first - offsets_[s.parameter], s.last - s.first);
+      mine[key] = reader.read(key, s.first - offsets_[s.parameter], s.last - s.first);
     }
   }
   decayed_->load_state_tensors(mine, steps_taken);
   undecayed_->load_state_tensors(mine, steps_taken);
+}
+
+void ZeroAdamW::load_full_state_tensors(const std::map<std::string, at::Tensor>& tensors,
+                                        int64_t steps_taken) {
+  load_state(checkpoints::StateReader(tensors), steps_taken);
 }
 
 int64_t ZeroAdamW::state_bytes() const {

@@ -10,8 +10,10 @@
 //   optimizer.step(lr, /*max_norm=*/1.0);  // clipping too: only the step sees the averaged gradient
 //   optimizer.zero_grad();
 //
-// Checkpoints hold whole moments (full_state_tensors), named and shaped as AdamW's, so a checkpoint moves
-// between ZeroAdamW and AdamW and between DP sizes.
+// Checkpoints hold each rank's moments as pieces of AdamW's whole moments (state_pieces(), Note [Tensors
+// saved in pieces] in checkpoints/sharded_state.h), written by every rank at once; load_state() reads this
+// rank's range from whichever pieces hold it, so a checkpoint moves between ZeroAdamW and AdamW and between
+// DP sizes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "checkpoints/sharded_state.h"
 #include "comm/communicator.h"
 #include "trainer/optimizer.h"
 
@@ -46,11 +49,16 @@ class ZeroAdamW {
 
   // This rank's moments, "optim.<name>.exp_avg" / ".exp_avg_sq" for the part of each parameter in its shard.
   std::map<std::string, at::Tensor> state_tensors() const;
+  // The same as pieces of the whole moments that AdamW::state_tensors() names and shapes, for
+  // CheckpointManager::save_async's `own` (add_pieces()).
+  std::map<std::string, checkpoints::TensorPiece> state_pieces() const;
   // The whole moments, gathered from every rank, as AdamW::state_tensors() names and shapes them (same on
   // every rank). Collective.
   std::map<std::string, at::Tensor> full_state_tensors() const;
-  // Keeps this rank's part of whole moments (full_state_tensors() of a ZeroAdamW over any number of ranks, or
-  // AdamW::state_tensors()); a missing name or a wrong shape is an error naming it.
+  // Keeps this rank's part of the moments `reader` holds (whole, as AdamW saves them, or in pieces from a
+  // ZeroAdamW over any number of ranks); a missing name or a wrong shape is an error naming it.
+  void load_state(const checkpoints::StateReader& reader, int64_t steps_taken);
+  // The same from whole moments (full_state_tensors() or AdamW::state_tensors()).
   void load_full_state_tensors(const std::map<std::string, at::Tensor>& tensors, int64_t steps_taken);
   // Bytes of those moment tensors: about 1/DP of AdamW's over the same parameters.
   int64_t state_bytes() const;

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoints/checkpoint.h"
+#include "checkpoints/sharded_state.h"
 #include "tests/random_seed.h"
 #include "tests/test_support.h"
 
@@ -249,20 +250,139 @@ TEST(Checkpoint, ASaveInTheBackgroundWritesTheStateAsItWasWhenAsked) {
   expect_same(CheckpointManager::load((dir / "checkpoints" / "step_00000005").string()).state, expected);
 }
 
-// A background save that fails is reported by wait() (and so by the next save), naming the cause.
+// A background save that fails is reported by wait() (and so by the next save), naming the cause; one that
+// cannot even make its directory fails in save_async(), before a thread starts.
 TEST(Checkpoint, AFailedBackgroundSaveIsReportedByTheNextWait) {
   const fs::path dir = fresh_dir("background_failure");
-  std::ofstream(dir / "not_a_directory") << "x";  // the root's parent is a file: nothing can be made under it
-  CheckpointManager manager((dir / "not_a_directory" / "checkpoints").string(), 3, nullptr);
-  manager.save_async(1, random_state(), "{}", "");
-  try {
-    manager.wait();
-    ADD_FAILURE() << "wait() returned after a failed save";
-  } catch (const std::runtime_error& e) {
-    EXPECT_NE(std::string(e.what()).find("checkpoint save failed: "), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("not_a_directory"), std::string::npos) << e.what();
-  }
+  CheckpointManager manager((dir / "checkpoints").string(), 3, nullptr);
+  TensorFile unwritable = random_state();
+  unwritable.tensors["model.flags"] = at::ones({3}, at::kBool);  // a dtype safetensors files here cannot hold
+  manager.save_async(1, unwritable, "{}", "");
+  vimo::testing::expect_error([&] { manager.wait(); }, {"checkpoint save failed: ", "unsupported dtype"});
   EXPECT_EQ(manager.wait(), "");  // reported once
+  EXPECT_FALSE(CheckpointManager::latest_valid((dir / "checkpoints").string()));
+
+  std::ofstream(dir / "not_a_directory") << "x";  // the root's parent is a file: nothing can be made under it
+  CheckpointManager nowhere((dir / "not_a_directory" / "checkpoints").string(), 3, nullptr);
+  vimo::testing::expect_error([&] { nowhere.save_async(1, random_state(), "{}", ""); },
+                              {"checkpoint save failed: ", "not_a_directory"});
+  EXPECT_EQ(nowhere.wait(), "");
+}
+
+// Ranges read through a file's index are the tensor's flattened elements, in its dtype.
+TEST(Safetensors, ElementRangesReadThroughTheIndexAreTheTensorsOwn) {
+  vimo::testing::seed_torch();
+  const fs::path dir = fresh_dir("ranges");
+  TensorFile f;
+  f.tensors["a"] = at::randn({7, 5});
+  f.tensors["b"] = at::randn({13}, at::kDouble);
+  f.tensors["c"] = at::randn({3, 2, 2}).to(at::kBFloat16);
+  const std::string path = (dir / "r.safetensors").string();
+  vimo::checkpoints::write_safetensors(path, f);
+  const vimo::checkpoints::TensorFileIndex index = vimo::checkpoints::read_safetensors_index(path);
+  ASSERT_EQ(index.tensors.size(), 3u);
+  for (const auto& [name, t] : f.tensors) {
+    const at::Tensor flat = t.reshape(-1);
+    for (int trial = 0; trial < 10; ++trial) {
+      const int64_t first = at::randint(0, flat.numel() + 1, {1}).item<int64_t>();
+      const int64_t count = at::randint(0, flat.numel() - first + 1, {1}).item<int64_t>();
+      const at::Tensor got = vimo::checkpoints::read_safetensors_elements(index, name, first, count);
+      EXPECT_EQ(got.scalar_type(), t.scalar_type()) << name;
+      EXPECT_TRUE(at::equal(got, flat.narrow(0, first, count)))
+          << name << " [" << first << ", +" << count << ")";
+    }
+  }
+  vimo::testing::expect_error([&] { vimo::checkpoints::read_safetensors_elements(index, "a", 30, 6); },
+                              {path, "'a'", "[30, 36)", "35"});
+}
+
+// Note [Tensors saved in pieces]: tensors cut at random places into pieces spread over several files, beside
+// tensors saved whole, read back in any range and whole as they were.
+TEST(StateReader, ReadsAnyRangeAcrossPiecesInSeveralFiles) {
+  vimo::testing::seed_torch();
+  const fs::path dir = fresh_dir("pieces");
+  const int files = 3;
+  std::map<std::string, at::Tensor> whole = {{"optim.w.exp_avg", at::randn({9, 7})},
+                                             {"optim.b.exp_avg", at::randn({11}, at::kDouble)},
+                                             {"optim.h.exp_avg", at::randn({4, 3}).to(at::kBFloat16)},
+                                             {"optim.one.exp_avg", at::randn({1})}};
+  std::vector<TensorFile> parts(files);
+  parts[0].tensors["model.kept_whole"] = at::randn({2, 3});
+  for (const auto& [name, t] : whole) {
+    // Cut points 0, two random ones (equal ones give empty pieces) and numel: one piece per file (a file
+    // holds one piece of a tensor), to the files in a random order.
+    std::vector<int64_t> cuts = {0, t.numel()};
+    for (int i = 0; i + 1 < files; ++i) cuts.push_back(at::randint(0, t.numel() + 1, {1}).item<int64_t>());
+    std::sort(cuts.begin(), cuts.end());
+    const at::Tensor order = at::randperm(files, at::kLong);
+    std::vector<std::map<std::string, vimo::checkpoints::TensorPiece>> pieces(files);
+    for (int i = 0; i < files; ++i) {
+      pieces[order[i].item<int64_t>()][name] = {t.reshape(-1).narrow(0, cuts[i], cuts[i + 1] - cuts[i]),
+                                                cuts[i], t.sizes().vec()};
+    }
+    for (int f = 0; f < files; ++f) vimo::checkpoints::add_pieces(parts[f], pieces[f]);
+  }
+  std::vector<std::string> paths;
+  for (int f = 0; f < files; ++f) {
+    paths.push_back((dir / ("rank_" + std::to_string(f) + ".safetensors")).string());
+    vimo::checkpoints::write_safetensors(paths.back(), parts[f]);
+  }
+  const vimo::checkpoints::StateReader reader(paths);
+  whole["model.kept_whole"] = parts[0].tensors.at("model.kept_whole");
+  for (const auto& [name, t] : whole) {
+    ASSERT_TRUE(reader.contains(name)) << name;
+    EXPECT_EQ(reader.shape(name), t.sizes().vec()) << name;
+    const at::Tensor got = reader.read_whole(name);
+    EXPECT_EQ(got.scalar_type(), t.scalar_type()) << name;
+    EXPECT_TRUE(at::equal(got, t)) << name;
+    for (int trial = 0; trial < 10; ++trial) {
+      const int64_t first = at::randint(0, t.numel() + 1, {1}).item<int64_t>();
+      const int64_t count = at::randint(0, t.numel() - first + 1, {1}).item<int64_t>();
+      EXPECT_TRUE(at::equal(reader.read(name, first, count), t.reshape(-1).narrow(0, first, count)))
+          << name << " [" << first << ", +" << count << ")";
+    }
+  }
+  EXPECT_FALSE(reader.contains("optim.absent.exp_avg"));
+  vimo::testing::expect_error([&] { reader.shape("optim.absent.exp_avg"); },
+                              {"'optim.absent.exp_avg' is missing from the checkpoint"});
+}
+
+// A tensor whose pieces leave a gap, overlap or disagree on its shape is an error naming it and the files.
+TEST(StateReader, AGapAnOverlapOrADisagreementBetweenPiecesIsNamed) {
+  const fs::path dir = fresh_dir("bad_pieces");
+  const at::Tensor t = at::arange(10, at::kFloat);
+  const auto write = [&](const std::string& name, int64_t offset, int64_t count, std::vector<int64_t> shape) {
+    TensorFile f;
+    vimo::checkpoints::add_pieces(f, {{"optim.x", {t.narrow(0, offset, count), offset, std::move(shape)}}});
+    const std::string path = (dir / name).string();
+    vimo::checkpoints::write_safetensors(path, f);
+    return path;
+  };
+  const std::string first = write("a", 0, 4, {10}), gap = write("b", 6, 4, {10}),
+                    overlap = write("c", 3, 7, {10}), other = write("d", 4, 6, {2, 5}),
+                    short_end = write("e", 4, 5, {10});
+  vimo::testing::expect_error(
+      [&] {
+        vimo::checkpoints::StateReader(std::vector<std::string>{first, gap});
+      },
+      {"'optim.x'", "no piece holding", "[4, 6)", first, gap});
+  vimo::testing::expect_error(
+      [&] {
+        vimo::checkpoints::StateReader(std::vector<std::string>{first, overlap});
+      },
+      {"'optim.x'", "two copies of", "[3, 4)"});
+  vimo::testing::expect_error(
+      [&] {
+        vimo::checkpoints::StateReader(std::vector<std::string>{first, other});
+      },
+      {"'optim.x'", "[10]", "[2, 5]", other});
+  vimo::testing::expect_error(
+      [&] {
+        vimo::checkpoints::StateReader(std::vector<std::string>{first, short_end});
+      },
+      {"'optim.x'", "no piece holding", "[9, 10)"});
+  TensorFile misfit;
+  EXPECT_THROW(vimo::checkpoints::add_pieces(misfit, {{"optim.x", {t, 1, {10}}}}), std::invalid_argument);
 }
 
 }  // namespace

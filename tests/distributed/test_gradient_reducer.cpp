@@ -11,11 +11,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "checkpoints/checkpoint.h"
+#include "checkpoints/sharded_state.h"
 #include "comm/communicator.h"
 #include "comm/gradient_reducer.h"
 #include "tests/comm/collective_reference.h"
@@ -646,6 +649,68 @@ TEST(ZeroOne, WholeMomentsMoveBetweenAdamWAndDpSizesAndClippingMatches) {
   } catch (const std::runtime_error& e) {
     EXPECT_NE(std::string(e.what()).find("is missing from the checkpoint"), std::string::npos) << e.what();
   }
+}
+
+// Note [Every rank writes its own part]: ZeroAdamW's moments saved by every rank in pieces through a real
+// CheckpointManager, with no gather: each rank's file holds only its shard's moments (about 1/DP of AdamW's),
+// and the checkpoint reads back into AdamW (whole, equal to the gathered moments) and into a ZeroAdamW over
+// half the ranks (equal, bit for bit, to one loaded from the gathered moments).
+TEST(ZeroOne, MomentsSavedInPiecesByEveryRankLoadIntoAdamWAndAnotherDpSize) {
+  const uint64_t seed = shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  Mlp sharded(seed);
+  vimo::trainer::ZeroAdamW zero(sharded.named, mpi_world(), {});
+  for (int step = 0; step < 2; ++step) {
+    const Batch mine = global_batch(seed + 20 + step, 3 * ranks).rows(rank * 3, 3);
+    sharded.loss(mine.x, mine.y).backward();
+    zero.step(1e-2);
+    zero.zero_grad();
+  }
+  std::string root = rank == 0 ? (::testing::TempDir() + "/vimo_zero_pieces_" + std::to_string(seed)) : "";
+  int length = static_cast<int>(root.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  root.resize(length);
+  MPI_Bcast(root.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  if (rank == 0) std::filesystem::remove_all(root);
+  mpi_world()->barrier();
+
+  vimo::checkpoints::TensorFile own, replicated;
+  vimo::checkpoints::add_pieces(own, zero.state_pieces());
+  const std::string dir =
+      vimo::checkpoints::CheckpointManager(root, 1, mpi_world()).save(2, replicated, "{}", "", &own);
+  const std::map<std::string, at::Tensor> gathered = zero.full_state_tensors();
+  const vimo::checkpoints::Checkpoint checkpoint = vimo::checkpoints::CheckpointManager::load(dir);
+  ASSERT_EQ(checkpoint.rank_files.size(), static_cast<size_t>(ranks));
+  int64_t whole_elements = 0, file_elements = 0;
+  for (const auto& [name, t] : gathered) whole_elements += t.numel();
+  for (const auto& [name, t] : vimo::checkpoints::read_safetensors(checkpoint.rank_files[rank]).tensors)
+    file_elements += t.numel();
+  EXPECT_EQ(file_elements, 2 * std::min(zero.shard_elements(), 826 - rank * zero.shard_elements()))
+      << "rank " << rank << "'s file holds other than its shard's two moments (" << whole_elements
+      << " in all)";
+
+  const vimo::checkpoints::StateReader reader(checkpoint);
+  Mlp resumed(seed), resharded(seed), reference(seed);
+  vimo::trainer::AdamW adamw(resumed.named, {});
+  adamw.load_state_tensors(
+      [&] {
+        std::map<std::string, at::Tensor> whole;
+        for (const auto& [name, t] : gathered) whole[name] = reader.read_whole(name);
+        return whole;
+      }(),
+      zero.steps_taken());
+  for (const auto& [name, t] : adamw.state_tensors()) EXPECT_TRUE(at::equal(t, gathered.at(name))) << name;
+  const std::shared_ptr<vimo::comm::Communicator> half = mpi_world()->split(rank % 2, rank);
+  vimo::trainer::ZeroAdamW from_pieces(resharded.named, half, {}), from_whole(reference.named, half, {});
+  from_pieces.load_state(reader, zero.steps_taken());
+  from_whole.load_full_state_tensors(gathered, zero.steps_taken());
+  const std::map<std::string, at::Tensor> got = from_pieces.state_tensors(),
+                                          want = from_whole.state_tensors();
+  ASSERT_EQ(got.size(), want.size());
+  for (const auto& [name, t] : want) EXPECT_TRUE(at::equal(got.at(name), t)) << name;
+  EXPECT_EQ(from_pieces.steps_taken(), 2);
+  mpi_world()->barrier();
+  if (rank == 0) std::filesystem::remove_all(root);
 }
 
 }  // namespace
