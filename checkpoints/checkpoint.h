@@ -38,6 +38,13 @@
 
 namespace vimo::checkpoints {
 
+// Which files a verification checksums; it checks every file's size in any case.
+enum class Checksums {
+  kAll,     // every file
+  kShared,  // the files every rank reads whole: rank 0's state file, loader.json, config.yaml
+  kNone,
+};
+
 struct Checkpoint {
   int64_t step = 0;
   int world_size = 1;
@@ -90,7 +97,9 @@ class CheckpointManager {
                                                         const std::shared_ptr<comm::Communicator>& comm);
 
   // Verifies the manifest's sizes and checksums and reads the checkpoint; throws naming the file on error.
-  static Checkpoint load(const std::string& directory);
+  // After agreed_latest_valid(), which checksummed every file on rank 0, Checksums::kShared checksums only
+  // the files that every rank reads whole, and checks the other ranks' files' sizes.
+  static Checkpoint load(const std::string& directory, Checksums checksums = Checksums::kAll);
 
   const std::string& root() const { return root_; }
 

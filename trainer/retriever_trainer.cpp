@@ -210,7 +210,9 @@ int64_t restore_training_state(const std::string& directory, const std::string& 
                                const std::string& config_yaml, models::GeminiMVR& model,
                                RunOptimizer& optimizer, data::StreamingLoader& loader,
                                const std::shared_ptr<comm::Communicator>& comm) {
-  const checkpoints::Checkpoint ckpt = checkpoints::CheckpointManager::load(directory);
+  // agreed_latest_valid() checksummed every file on rank 0 (Note [One checkpoint for every rank]).
+  const checkpoints::Checkpoint ckpt =
+      checkpoints::CheckpointManager::load(directory, checkpoints::Checksums::kShared);
   // A resumed run must build the model it saved: shapes are checked when the tensors load, but not the rest
   // (a scale, a clamp), which would change the run silently.
   if (const std::vector<std::string> differences =

@@ -2,10 +2,12 @@
 // rank writes its own pieces of tensors at once, rank 0 publishes the directory once every part is durable,
 // and any range reads back from whichever files hold it; a rank that fails to write fails the save on every
 // rank and leaves the previous checkpoint the newest.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -150,6 +152,54 @@ TEST(ShardedCheckpoint, RanksThatDisagreeOnWritingPartsAreRefused) {
   }
   EXPECT_EQ(manager.wait(), "");
   EXPECT_FALSE(CheckpointManager::latest_valid(root.string()));
+  mpi_world()->barrier();
+}
+
+// Bytes this process has read through read(2) and the like so far (rchar in /proc/self/io).
+int64_t bytes_read_so_far() {
+  std::ifstream io("/proc/self/io");
+  std::string key;
+  int64_t value = 0;
+  while (io >> key >> value) {
+    if (key == "rchar:") return value;
+  }
+  return -1;
+}
+
+// Note [One checkpoint for every rank]: rank 0 checksums every file when it picks the checkpoint, so a file
+// corrupted in place (same size) sends every rank back to the previous checkpoint; the other ranks only check
+// sizes there, reading next to nothing of a large checkpoint, and load() with Checksums::kShared checksums
+// only the files every rank reads whole.
+TEST(ShardedCheckpoint, RankZeroAloneChecksumsTheWholeCheckpointWhenTheRanksAgreeOnIt) {
+  const uint64_t seed = vimo::testing::shared_seed();
+  const int rank = mpi_world()->rank(), ranks = mpi_world()->size();
+  const fs::path root = shared_dir("agree") / "checkpoints";
+  std::map<std::string, at::Tensor> whole = whole_state(seed);
+  whole["optim.big.exp_avg"] = at::randn({2 * 1024 * 1024});  // 8 MiB over the ranks' files
+  CheckpointManager manager(root.string(), 3, mpi_world());
+  const TensorFile own = own_part(whole, rank, ranks);
+  const std::string first = manager.save(1, replicated_state(), "{}", "", &own);
+  const std::string second = manager.save(2, replicated_state(), "{}", "", &own);
+
+  const int64_t before = bytes_read_so_far();
+  EXPECT_EQ(CheckpointManager::agreed_latest_valid(root.string(), mpi_world()), second);
+  const int64_t agreement = bytes_read_so_far() - before;
+  if (rank != 0) EXPECT_LT(agreement, 64 * 1024) << "rank " << rank << " read the checkpoint to agree on it";
+
+  // Flip one byte of the last rank's file: same size, another checksum.
+  const fs::path last = fs::path(second) / fmt::format("rank_{:05d}.safetensors", ranks - 1);
+  mpi_world()->barrier();
+  if (rank == 0) {
+    std::fstream file(last, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekg(-1, std::ios::end);
+    const char byte = static_cast<char>(file.get() ^ 0x5a);
+    file.seekp(-1, std::ios::end);
+    file.put(byte);
+  }
+  mpi_world()->barrier();
+  EXPECT_EQ(CheckpointManager::agreed_latest_valid(root.string(), mpi_world()), first);
+  EXPECT_NO_THROW(CheckpointManager::load(second, vimo::checkpoints::Checksums::kShared));
+  vimo::testing::expect_error([&] { CheckpointManager::load(second); }, {last.string(), "checksum"});
   mpi_world()->barrier();
 }
 
