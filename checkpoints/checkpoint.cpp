@@ -17,6 +17,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -31,6 +32,9 @@ constexpr const char* kStateFile = "rank_00000.safetensors";
 constexpr int kFormatVersion = 2;
 
 std::string rank_file_name(int rank) { return fmt::format("rank_{:05d}.safetensors", rank); }
+// The token rank 0 leaves in the temporary directory for the other ranks to find (Note [Every rank writes its
+// own part] in checkpoint.h); removed before the directory is published.
+constexpr const char* kTokenFile = ".rank_00000.token";
 // The mark a rank other than 0 leaves beside its file once that is durable: {"bytes": .., "xxh3": ".."}.
 std::string rank_mark_name(int rank) { return fmt::format(".rank_{:05d}.done", rank); }
 
@@ -113,6 +117,29 @@ nlohmann::json verify(const fs::path& directory, Checksums checksums = Checksums
   if (const int version = manifest.value("version", 0); version < 1 || version > kFormatVersion) {
     throw std::runtime_error(manifest_path.string() + ": unsupported checkpoint version " +
                              manifest.value("version", nlohmann::json(0)).dump());
+  }
+  try {
+    if (!manifest.at("files").is_object()) throw std::runtime_error("'files' is not an object");
+    const int world_size = manifest.at("world_size").get<int>();
+    manifest.at("step").get<int64_t>();
+    const nlohmann::json rank_files = manifest.value("rank_files", nlohmann::json(1));
+    if (!rank_files.is_number_integer() || rank_files.get<int64_t>() < 1 ||
+        rank_files.get<int64_t>() > world_size)
+      throw std::runtime_error(fmt::format("'rank_files' is {}, not a count from 1 to world_size {}",
+                                           rank_files.dump(), world_size));
+    for (int r = 0; r < rank_files.get<int>(); ++r) {
+      if (!manifest["files"].contains(rank_file_name(r)))
+        throw std::runtime_error(fmt::format("it gives {} rank files but does not list {}",
+                                             rank_files.get<int>(), rank_file_name(r)));
+    }
+    for (const auto& [name, entry] : manifest["files"].items()) {
+      entry.at("bytes").get<uint64_t>();
+      entry.at("xxh3").get<std::string>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error(manifest_path.string() + " is malformed: " + e.what());
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(manifest_path.string() + " is malformed: " + e.what());
   }
   for (const auto& [name, entry] : manifest.at("files").items()) {
     const fs::path file = directory / name;
@@ -254,6 +281,7 @@ void CheckpointManager::write_checkpoint(int64_t step, const TensorFile& state,
     }
     fs::remove(mark);
   }
+  fs::remove(temp_dir / kTokenFile);
   write_text_file(temp_dir / "manifest.json.tmp", manifest.dump(2));
   fs::rename(temp_dir / "manifest.json.tmp", temp_dir / kManifest);
   fsync_path(temp_dir);
@@ -301,52 +329,93 @@ std::string CheckpointManager::save(int64_t step, const TensorFile& state, const
   return wait();
 }
 
+// Note [How long the ranks wait for a save]: the collectives of a save wait for the slowest rank's clean-up
+// or write (rank 0's whole replicated state at the end of a run, say), which may take longer than the
+// communicator's timeout for a collective (600 s by default) on a slow shared filesystem. They run with at
+// least kSaveTimeoutS instead; a rank that dies meanwhile is still reported by the heartbeat watchdog.
+class CheckpointManager::LongTimeout {
+ public:
+  explicit LongTimeout(comm::Communicator& comm) : comm_(comm), saved_(comm.timeout()) {
+    comm_.set_timeout(std::max<std::chrono::milliseconds>(saved_, std::chrono::seconds(kSaveTimeoutS)));
+  }
+  ~LongTimeout() { comm_.set_timeout(saved_); }
+  LongTimeout(const LongTimeout&) = delete;
+  LongTimeout& operator=(const LongTimeout&) = delete;
+
+ private:
+  comm::Communicator& comm_;
+  std::chrono::milliseconds saved_;
+};
+
 std::string CheckpointManager::save_async(int64_t step, const TensorFile& state,
                                           const std::string& loader_json, const std::string& config_yaml,
                                           const TensorFile* own) {
   wait();
+  if (writer_.joinable()) {  // left by a wait() that an error cut short: nothing of it is published now
+    give_up_at_ns_ = steady_now_ns();
+    writer_.join();
+  }
   const int ranks = comm_ ? comm_->size() : 1;
   const fs::path temp_dir = fs::path(root_) / ("." + step_name(step) + ".tmp");
-  // Rank 0 snapshots what it writes, clears what crashed saves left and makes the temporary directory, all
-  // before any rank writes into it.
+  // Every rank snapshots what it writes. Rank 0 also clears what crashed saves left and makes the temporary
+  // directory, with a token in it by which the other ranks know that they see that very directory (not a
+  // node-local one of the same name). All of this before any rank writes.
   TensorFile snapshot;
   std::string problem;
-  if (rank() == 0) {
-    try {
+  int64_t token = 0;
+  try {
+    if (rank() == 0) {
       snapshot.metadata = state.metadata;
       for (const auto& [name, tensor] : state.tensors) snapshot.tensors[name] = tensor.detach().clone();
-      if (own) {
-        for (const auto& [name, tensor] : own->tensors) {
-          if (!snapshot.tensors.emplace(name, tensor.detach().clone()).second)
-            throw std::invalid_argument("'" + name +
-                                        "' is both in the replicated state and in rank 0's part");
-        }
-        for (const auto& [key, value] : own->metadata) snapshot.metadata[key] = value;
+    }
+    if (own) {
+      for (const auto& [name, tensor] : own->tensors) {
+        if (!snapshot.tensors.emplace(name, tensor.detach().clone()).second)
+          throw std::invalid_argument("'" + name + "' is both in the replicated state and in rank 0's part");
       }
+      for (const auto& [key, value] : own->metadata) snapshot.metadata[key] = value;
+    }
+    if (rank() == 0) {
       fs::create_directories(root_);
       clean_up_crashed_saves();
       fs::create_directories(temp_dir);
-    } catch (const std::exception& e) {
-      problem = e.what();
+      std::random_device random;
+      token = static_cast<int64_t>((static_cast<uint64_t>(random()) << 31) ^ random());  // < 2^63
+      write_text_file(temp_dir / kTokenFile, std::to_string(token));
     }
+  } catch (const std::exception& e) {
+    problem = e.what();
   }
-  int rank_files = own ? ranks : 1;
+  const int rank_files = own ? ranks : 1;
   if (ranks > 1) {
-    // One all-reduce orders rank 0's directory before the other ranks' writes, tells them whether rank 0
-    // could make it, and checks that the ranks agree on whether each writes a part.
-    at::Tensor flags = at::tensor({own ? 1 : 0, own ? 0 : 1, problem.empty() ? 0 : 1}, at::kInt);
-    comm_->allreduce(flags, comm::ReduceOp::Max);
-    if (flags[2].item<int>() != 0) {
-      throw std::runtime_error(fmt::format("checkpoint save failed: rank 0 cannot save {}{}",
-                                           temp_dir.string(), problem.empty() ? "" : ": " + problem));
+    // One all-gather orders rank 0's directory before the other ranks' writes, hands out its token, tells
+    // every rank which ranks could not prepare, and checks that the ranks agree on whether each writes a
+    // part.
+    const LongTimeout long_timeout(*comm_);
+    const at::Tensor all =
+        comm_
+            ->allgather(
+                at::tensor(std::vector<int64_t>{own ? 1 : 0, problem.empty() ? 0 : 1, token}, at::kLong))
+            .view({ranks, 3});  // [ranks, (has a part, failed, token)]
+    std::vector<int> failed;
+    int with_part = 0;
+    for (int r = 0; r < ranks; ++r) {
+      with_part += all[r][0].item<int64_t>() != 0 ? 1 : 0;
+      if (all[r][1].item<int64_t>() != 0) failed.push_back(r);
     }
-    if (flags[0].item<int>() != 0 && flags[1].item<int>() != 0) {
+    if (!failed.empty()) {
+      throw std::runtime_error(fmt::format(
+          "checkpoint save failed: rank(s) {} cannot save {}{}", fmt::join(failed, ", "), temp_dir.string(),
+          problem.empty() ? "" : fmt::format(" (rank {}: {})", rank(), problem)));
+    }
+    if (with_part != 0 && with_part != ranks) {
       throw std::invalid_argument(
           fmt::format("[rank {}] CheckpointManager::save_async: some ranks pass a part of their own and "
                       "others none (this "
                       "rank: {}); every rank passes one, or none does",
                       rank(), own ? "a part" : "none"));
     }
+    token = all[0][2].item<int64_t>();
   } else if (!problem.empty()) {
     throw std::runtime_error("checkpoint save failed: " + problem);
   }
@@ -362,20 +431,26 @@ std::string CheckpointManager::save_async(int64_t step, const TensorFile& state,
       }
     });
   } else if (own) {
-    TensorFile part;
-    part.metadata = own->metadata;
-    for (const auto& [name, tensor] : own->tensors) part.tensors[name] = tensor.detach().clone();
-    writer_ = std::thread([this, temp_dir, part = std::move(part), r = rank()] {
+    writer_ = std::thread([this, temp_dir, token, part = std::move(snapshot), r = rank()] {
       try {
-        // Rank 0 made the directory; making it again is harmless, and helps a filesystem that shows it late.
-        fs::create_directories(temp_dir);
+        std::string seen;
+        try {
+          seen = read_text_file(temp_dir / kTokenFile);
+        } catch (const std::exception&) {
+        }
+        if (seen != std::to_string(token)) {
+          throw std::runtime_error(fmt::format(
+              "this rank does not see rank 0's {} ({}). HINT: every rank must see the same train.out_dir (a "
+              "shared filesystem, or an absolute path that is the same on every node)",
+              temp_dir.string(), seen.empty() ? "it is missing here" : "another save's token is in it"));
+        }
         const fs::path file = temp_dir / rank_file_name(r);
         write_safetensors(file.string(), part);
+        fsync_path(temp_dir);  // before the mark: once the mark is there, rank 0 may rename the directory
         const nlohmann::json done = {{"bytes", fs::file_size(file)}, {"xxh3", file_checksum(file)}};
         const fs::path mark = temp_dir / rank_mark_name(r);
         write_text_file(mark.string() + ".tmp", done.dump());
-        fs::rename(mark.string() + ".tmp", mark);  // the mark appears whole or not at all
-        fsync_path(temp_dir);
+        fs::rename(mark.string() + ".tmp", mark);  // the mark appears whole or not at all; nothing follows it
       } catch (const std::exception& e) {
         writer_error_ = fmt::format("rank {}: {}", r, e.what());
       }
@@ -387,32 +462,36 @@ std::string CheckpointManager::save_async(int64_t step, const TensorFile& state,
 std::string CheckpointManager::wait() {
   if (pending_dir_.empty()) return "";
   const std::string dir = std::exchange(pending_dir_, "");
-  // The other ranks' writers end on their own; rank 0's waits for their parts, so it must learn when one
-  // will never come.
+  // The other ranks' writers end on their own; rank 0's waits for their parts, so it must learn when one will
+  // never come, and once every part is done it waits a bounded time for the marks to show.
   if (rank() != 0 && writer_.joinable()) writer_.join();
-  std::string error = rank() != 0 ? writer_error_ : "";
+  const std::string own_error = rank() != 0 ? std::exchange(writer_error_, "") : "";
   std::vector<int> failed;
+  std::optional<LongTimeout> long_timeout;
   if (comm_ && comm_->size() > 1) {
-    const at::Tensor flags = comm_->allgather(at::full({1}, error.empty() ? 0 : 1, at::kLong));  // [ranks]
+    long_timeout.emplace(*comm_);
+    const at::Tensor flags =
+        comm_->allgather(at::full({1}, own_error.empty() ? 0 : 1, at::kLong));  // [ranks]
     for (int r = 1; r < comm_->size(); ++r) {
       if (flags[r].item<int64_t>() != 0) failed.push_back(r);
     }
-    if (!failed.empty()) give_up_at_ns_ = steady_now_ns();
   }
+  give_up_at_ns_ = failed.empty() ? steady_now_ns() + kGiveUpAfterS * 1'000'000'000LL : steady_now_ns();
+  std::string error;
   if (rank() == 0) {
     if (writer_.joinable()) writer_.join();
-    error = writer_error_;
+    error = std::exchange(writer_error_, "");
   }
-  writer_error_.clear();
   if (comm_ && comm_->size() > 1) {
-    // Every rank learns whether rank 0 published the checkpoint, so no rank continues past a failed one.
+    // The save is what rank 0 made of it: every rank learns whether it published the checkpoint.
     at::Tensor rank0_failed = at::full({1}, rank() == 0 && !error.empty() ? 1 : 0, at::kInt);
     comm_->broadcast(rank0_failed, 0);
-    if (error.empty() && !failed.empty()) {
-      error = fmt::format("rank(s) {} failed to write their part of {} (their errors say why)",
-                          fmt::join(failed, ", "), dir);
-    } else if (error.empty() && rank0_failed.item<int>() != 0) {
-      error = "rank 0 failed to save " + dir;
+    if (rank() != 0 && rank0_failed.item<int>() != 0) {
+      error = !own_error.empty() ? own_error
+              : !failed.empty()
+                  ? fmt::format("rank(s) {} failed to write their part of {} (their errors say why)",
+                                fmt::join(failed, ", "), dir)
+                  : "rank 0 failed to save " + dir;
     }
   }
   if (!error.empty()) throw std::runtime_error("checkpoint save failed: " + error);
@@ -505,15 +584,9 @@ Checkpoint CheckpointManager::load(const std::string& directory, Checksums check
   checkpoint.directory = directory;
   checkpoint.step = manifest.at("step").get<int64_t>();
   checkpoint.world_size = manifest.at("world_size").get<int>();
-  const int rank_files = manifest.value("rank_files", 1);
-  for (int r = 0; r < rank_files; ++r) {
-    const std::string name = rank_file_name(r);
-    if (!manifest.at("files").contains(name)) {
-      throw std::runtime_error(fmt::format("{}/{}: the manifest gives {} rank files but does not list {}",
-                                           directory, kManifest, rank_files, name));
-    }
-    checkpoint.rank_files.push_back((fs::path(directory) / name).string());
-  }
+  const int rank_files = manifest.value("rank_files", 1);  // checked by verify()
+  for (int r = 0; r < rank_files; ++r)
+    checkpoint.rank_files.push_back((fs::path(directory) / rank_file_name(r)).string());
   checkpoint.state = read_safetensors((fs::path(directory) / kStateFile).string());
   checkpoint.loader_json = read_text_file(fs::path(directory) / "loader.json");
   checkpoint.config_yaml = read_text_file(fs::path(directory) / "config.yaml");

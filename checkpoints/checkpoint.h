@@ -18,10 +18,14 @@
 // Note [Every rank writes its own part]: state that is replicated over the ranks (the model, AdamW's
 // moments) is written once, by rank 0. State that each rank holds a part of (ZeRO-1's moments) is written by
 // the rank that holds it, in pieces (Note [Tensors saved in pieces] in sharded_state.h), into the same
-// temporary directory: no rank gathers the whole, and the ranks write at once. Each rank marks its file done
-// (its size and xxh3 in a small marker file beside it) and rank 0 waits for every mark before it writes the
-// manifest and renames the directory into place, so the atomicity above covers every rank's file. A rank
-// whose write fails leaves no mark; the failure reaches every rank at the next wait().
+// temporary directory: no rank gathers the whole, and the ranks write at once. Rank 0 makes that directory
+// and puts a random token in it; a rank that does not find the token there (an out_dir that is not shared)
+// fails rather than write elsewhere. Each rank marks its file done (its size and xxh3 in a small marker file
+// beside it) and rank 0 waits for every mark before it writes the manifest and renames the directory into
+// place, so the atomicity above covers every rank's file. A rank whose write fails leaves no mark; the
+// failure reaches every rank at the next wait(), where rank 0 stops waiting for marks (at the latest
+// kGiveUpAfterS after every rank said its part was done). The outcome is rank 0's: a checkpoint it published
+// is whole.
 #pragma once
 
 #include <atomic>
@@ -64,6 +68,8 @@ class CheckpointManager {
   // kGiveUpAfterS for the other ranks' parts.
   ~CheckpointManager();
   static constexpr int kGiveUpAfterS = 120;
+  // The least timeout of a save's collectives (Note [How long the ranks wait for a save] in checkpoint.cpp).
+  static constexpr int kSaveTimeoutS = 3600;
   CheckpointManager(const CheckpointManager&) = delete;
   CheckpointManager& operator=(const CheckpointManager&) = delete;
 
@@ -111,6 +117,7 @@ class CheckpointManager {
   void write_checkpoint(int64_t step, const TensorFile& state, const std::string& loader_json,
                         const std::string& config_yaml, int rank_files) const;
   int rank() const { return comm_ ? comm_->rank() : 0; }
+  class LongTimeout;
   std::string root_;
   int64_t keep_;
   std::shared_ptr<comm::Communicator> comm_;

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <vector>
@@ -92,28 +93,37 @@ TensorFileIndex read_safetensors_index(const std::string& path) {
   const uint64_t data_start = 8 + header_length, data_size = file_size - data_start;
   TensorFileIndex index;
   index.path = path;
+  if (!header.is_object())
+    throw std::runtime_error(path + ": malformed safetensors header: not a JSON object");
   for (const auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      for (const auto& [key, value] : entry.items()) index.metadata[key] = value.get<std::string>();
-      continue;
+    try {
+      if (name == "__metadata__") {
+        for (const auto& [key, value] : entry.items()) index.metadata[key] = value.get<std::string>();
+        continue;
+      }
+      TensorEntry tensor;
+      tensor.dtype = name_to_dtype(entry.at("dtype").get<std::string>(), path, name);
+      tensor.shape = entry.at("shape").get<std::vector<int64_t>>();
+      const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
+      uint64_t elements = 1;
+      for (const int64_t size : tensor.shape) {
+        if (size < 0 || __builtin_mul_overflow(elements, static_cast<uint64_t>(size), &elements) ||
+            elements > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+          throw std::runtime_error(path + ": tensor '" + name + "' has a negative or overflowing shape");
+        }
+      }
+      if (__builtin_mul_overflow(elements, static_cast<uint64_t>(at::elementSize(tensor.dtype)),
+                                 &tensor.bytes) ||
+          offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != tensor.bytes ||
+          offsets[1] > data_size) {
+        throw std::runtime_error(path + ": tensor '" + name +
+                                 "' has data offsets that do not match its shape or the file size");
+      }
+      tensor.offset = data_start + offsets[0];
+      index.tensors[name] = std::move(tensor);
+    } catch (const nlohmann::json::exception& e) {
+      throw std::runtime_error(path + ": malformed safetensors header entry '" + name + "': " + e.what());
     }
-    TensorEntry tensor;
-    tensor.dtype = name_to_dtype(entry.at("dtype").get<std::string>(), path, name);
-    tensor.shape = entry.at("shape").get<std::vector<int64_t>>();
-    const auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
-    uint64_t elements = 1;
-    for (const int64_t size : tensor.shape) {
-      if (size < 0) throw std::runtime_error(path + ": tensor '" + name + "' has a negative size");
-      elements *= static_cast<uint64_t>(size);
-    }
-    tensor.bytes = elements * at::elementSize(tensor.dtype);
-    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] - offsets[0] != tensor.bytes ||
-        offsets[1] > data_size) {
-      throw std::runtime_error(path + ": tensor '" + name +
-                               "' has data offsets that do not match its shape or the file size");
-    }
-    tensor.offset = data_start + offsets[0];
-    index.tensors[name] = std::move(tensor);
   }
   return index;
 }

@@ -13,9 +13,12 @@ namespace {
 
 constexpr const char* kPiecePrefix = "piece:";
 
+// The number of elements of `shape`; -1 when a size is negative or the product overflows int64.
 int64_t element_count(const std::vector<int64_t>& shape) {
   int64_t count = 1;
-  for (const int64_t size : shape) count *= size;
+  for (const int64_t size : shape) {
+    if (size < 0 || __builtin_mul_overflow(count, size, &count)) return -1;
+  }
   return count;
 }
 
@@ -26,7 +29,7 @@ void add_pieces(TensorFile& file, const std::map<std::string, TensorPiece>& piec
     if (file.tensors.count(name))
       throw std::invalid_argument("add_pieces: '" + name + "' is already in the file");
     const int64_t count = piece.data.numel(), whole = element_count(piece.shape);
-    if (piece.data.dim() != 1 || piece.offset < 0 || piece.offset + count > whole) {
+    if (piece.data.dim() != 1 || whole < 0 || piece.offset < 0 || count > whole - piece.offset) {
       throw std::invalid_argument(fmt::format(
           "add_pieces: the piece of '{}' ({} elements at offset {}, {}-D) does not fit its shape [{}]", name,
           count, piece.offset, piece.data.dim(), fmt::join(piece.shape, ", ")));
@@ -76,6 +79,12 @@ void StateReader::add_file(const std::string& path) {
         throw std::runtime_error(fmt::format("{}: '{}' is a piece but has shape [{}], not 1-D", path, name,
                                              fmt::join(entry.shape, ", ")));
       }
+      const int64_t whole = element_count(shape);
+      if (whole < 0 || offset < 0 || entry.shape[0] > whole - offset) {
+        throw std::runtime_error(fmt::format(
+            "{}: the piece of '{}' ({} elements at offset {}) does not fit the shape [{}] its metadata gives",
+            path, name, entry.shape[0], offset, fmt::join(shape, ", ")));
+      }
     }
     Saved& saved = tensors_[name];
     if (saved.pieces.empty()) {
@@ -107,17 +116,16 @@ void StateReader::check_pieces() {
       if (piece.count == 0) continue;
       if (piece.offset != next) {
         throw std::runtime_error(fmt::format(
-            "'{}' (shape [{}]) has {} of its elements [{}, {}) in {}", name, fmt::join(saved.shape, ", "),
+            "'{}' (shape [{}]) has {} its elements [{}, {}) in {}", name, fmt::join(saved.shape, ", "),
             piece.offset < next ? "two copies of" : "no piece holding", std::min(piece.offset, next),
             std::max(piece.offset, next), saved.where));
       }
       next = piece.offset + piece.count;
     }
-    if (next != whole) {
-      throw std::runtime_error(fmt::format("'{}' (shape [{}]) has {} of its elements [{}, {}) in {}", name,
-                                           fmt::join(saved.shape, ", "),
-                                           next < whole ? "no piece holding" : "more than",
-                                           std::min(next, whole), std::max(next, whole), saved.where));
+    if (next != whole) {  // pieces end within their tensor (add_file), so next < whole
+      throw std::runtime_error(
+          fmt::format("'{}' (shape [{}]) has no piece holding its elements [{}, {}) in {}", name,
+                      fmt::join(saved.shape, ", "), next, whole, saved.where));
     }
   }
 }
@@ -133,7 +141,7 @@ at::Tensor StateReader::read(const std::string& name, int64_t first, int64_t cou
   if (it == tensors_.end()) throw std::runtime_error("'" + name + "' is missing from the checkpoint");
   const Saved& saved = it->second;
   const int64_t whole = element_count(saved.shape);
-  if (first < 0 || count < 0 || first + count > whole) {
+  if (first < 0 || count < 0 || first > whole || count > whole - first) {
     throw std::runtime_error(fmt::format("elements [{}, {}) of '{}' are out of its {} (in {})", first,
                                          first + count, name, whole, saved.where));
   }

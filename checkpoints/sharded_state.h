@@ -1,17 +1,19 @@
 // Defines how a rank that holds only part of a tensor (ZeRO-1's moments) saves that part, and a reader that
 // gives any range of a saved tensor back, whether it was saved whole or in parts by any number of ranks.
 //
-//   rank r:  TensorFile own;  add_pieces(own, optimizer.state_pieces());   // written as
-//   rank_0000r.safetensors resume:  StateReader reader(checkpoint);                                // over
-//   every rank's file
-//            at::Tensor mine = reader.read("optim.w.exp_avg", first, count); // from whichever files hold it
+//   // rank r: its pieces, written as rank_0000r.safetensors
+//   TensorFile own;
+//   add_pieces(own, optimizer.state_pieces());
+//   // on resume, over every rank's file: any range, from whichever files hold it
+//   StateReader reader(checkpoint);
+//   at::Tensor mine = reader.read("optim.w.exp_avg", first, count);
 //
 // Note [Tensors saved in pieces]: a piece is a 1-D run of a tensor's flattened elements. It is stored in its
 // rank's safetensors file under the tensor's own name, and the file's metadata says where it lies:
 // "piece:<name>" = {"offset": <first element>, "shape": [<the whole tensor's shape>]}. Every element of a
-// tensor is in exactly one piece. A reader on another number of ranks cuts other ranges, so it reads across
-// pieces; a tensor saved whole (no "piece:" entry) is one piece at offset 0. Python's `safetensors` reads
-// each file; the metadata says how to join them.
+// tensor is in exactly one piece (a tensor of no elements in one empty piece). A reader on another number of
+// ranks cuts other ranges, so it reads across pieces; a tensor saved whole (no "piece:" entry) is one piece
+// at offset 0. Python's `safetensors` reads each file; the metadata says how to join them.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -141,6 +141,16 @@ std::map<std::string, checkpoints::TensorPiece> ZeroAdamW::state_pieces() const 
       pieces[key] = {mine.at(key), s.first - offsets_[s.parameter], p.sizes().vec()};
     }
   }
+  // A parameter of no elements lies in no shard; rank 0 names it with an empty piece, so that the checkpoint
+  // holds every moment AdamW has.
+  if (comm_->rank() == 0) {
+    for (const auto& [name, p] : parameters_) {
+      if (p.numel() != 0) continue;
+      for (const char* suffix : {".exp_avg", ".exp_avg_sq"})
+        pieces["optim." + name + suffix] = {at::empty({0}, p.options().requires_grad(false)), 0,
+                                            p.sizes().vec()};
+    }
+  }
   return pieces;
 }
 

@@ -24,15 +24,8 @@ using vimo::checkpoints::TensorFile;
 using vimo::checkpoints::TensorPiece;
 using vimo::testing::mpi_world;
 
-// An empty directory that every rank names the same (rank 0 makes it and broadcasts its path).
 fs::path shared_dir(const std::string& name) {
-  std::string path =
-      mpi_world()->rank() == 0 ? vimo::testing::fresh_test_dir("checkpoint_sharded", name).string() : "";
-  int length = static_cast<int>(path.size());
-  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  path.resize(length);
-  MPI_Bcast(path.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
-  return path;
+  return vimo::testing::shared_test_dir("checkpoint_sharded", name);
 }
 
 // Whole tensors, the same on every rank (made from the shared seed): some smaller than the number of ranks,
@@ -184,7 +177,9 @@ TEST(ShardedCheckpoint, RankZeroAloneChecksumsTheWholeCheckpointWhenTheRanksAgre
   const int64_t before = bytes_read_so_far();
   EXPECT_EQ(CheckpointManager::agreed_latest_valid(root.string(), mpi_world()), second);
   const int64_t agreement = bytes_read_so_far() - before;
-  if (rank != 0) EXPECT_LT(agreement, 64 * 1024) << "rank " << rank << " read the checkpoint to agree on it";
+  if (rank != 0) {
+    EXPECT_LT(agreement, 64 * 1024) << "rank " << rank << " read the checkpoint to agree on it";
+  }
 
   // Flip one byte of the last rank's file: same size, another checksum.
   const fs::path last = fs::path(second) / fmt::format("rank_{:05d}.safetensors", ranks - 1);

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <ostream>
@@ -23,6 +24,7 @@
 #include "comm/job_store.h"
 #include "comm/tcp_communicator.h"
 #include "tests/random_seed.h"
+#include "tests/test_support.h"
 #if defined(VIMO_HAVE_CUDA)
 #include <torch/cuda.h>
 
@@ -138,6 +140,17 @@ inline constexpr const char* kOnlyEnqueued =
 inline at::ScalarType accumulation_of(at::ScalarType dtype) {
   if (backend_under_test() == "nccl") return dtype;
   return dtype == at::kBFloat16 || dtype == at::kHalf ? at::kFloat : dtype;
+}
+
+// An empty scratch directory that every rank names the same: rank 0 makes it (fresh_test_dir) and sends its
+// path with plain MPI. The ranks share one host under mpirun, so they share its file system.
+inline std::filesystem::path shared_test_dir(const std::string& suite, const std::string& name) {
+  std::string path = mpi_world()->rank() == 0 ? fresh_test_dir(suite, name).string() : "";
+  int length = static_cast<int>(path.size());
+  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  path.resize(length);
+  MPI_Bcast(path.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
+  return path;
 }
 
 // A seed fresh per run (or VIMO_TEST_SEED), drawn by rank 0 and sent to all ranks with plain MPI, so that the

@@ -666,14 +666,8 @@ TEST(ZeroOne, MomentsSavedInPiecesByEveryRankLoadIntoAdamWAndAnotherDpSize) {
     zero.step(1e-2);
     zero.zero_grad();
   }
-  std::string root = rank == 0 ? (::testing::TempDir() + "/vimo_zero_pieces_" + std::to_string(seed)) : "";
-  int length = static_cast<int>(root.size());
-  MPI_Bcast(&length, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  root.resize(length);
-  MPI_Bcast(root.data(), length, MPI_CHAR, 0, MPI_COMM_WORLD);
-  if (rank == 0) std::filesystem::remove_all(root);
-  mpi_world()->barrier();
-
+  const std::string root =
+      (vimo::testing::shared_test_dir("zero_pieces", "checkpoints") / "checkpoints").string();
   vimo::checkpoints::TensorFile own, replicated;
   vimo::checkpoints::add_pieces(own, zero.state_pieces());
   const std::string dir =
@@ -710,7 +704,6 @@ TEST(ZeroOne, MomentsSavedInPiecesByEveryRankLoadIntoAdamWAndAnotherDpSize) {
   for (const auto& [name, t] : want) EXPECT_TRUE(at::equal(got.at(name), t)) << name;
   EXPECT_EQ(from_pieces.steps_taken(), 2);
   mpi_world()->barrier();
-  if (rank == 0) std::filesystem::remove_all(root);
 }
 
 }  // namespace
