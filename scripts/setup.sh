@@ -22,7 +22,7 @@ DEBIAN_PACKAGES=(
   clang-14 libclang-rt-14-dev  # libFuzzer and ASan for tests/fuzz/run_fuzz.sh
 )
 # Only for the tests (scripts/test.sh sets VIMO_SETUP_TESTS=1): the private Slurm cluster of
-# tests/e2e/slurm_cluster.sh. A build or the demo does not need Slurm daemons on the machine.
+# tests/e2e/slurm_common.sh. A build or the demo does not need Slurm daemons on the machine.
 if [ "${VIMO_SETUP_TESTS:-0}" = 1 ]; then
   DEBIAN_PACKAGES+=(slurmctld slurmd slurm-client munge)
 fi
