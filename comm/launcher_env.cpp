@@ -280,6 +280,22 @@ LaunchEnvironment launch_environment() {
   return launch_environment([](const char* name) { return std::getenv(name); });
 }
 
+// Note [srun without PMI]
+// Open MPI 4 decides in MPI_Init how its process was started. A process of a job step (SLURM_STEP_ID set,
+// with the allocation's SLURM_JOBID and SLURM_NODELIST) is to it a rank of an MPI job that srun launched
+// directly, whose world it must learn from the PMI server srun runs with --mpi=pmix or --mpi=pmi2. Without
+// one (--mpi=none, most clusters' default) MPI_Init aborts the process ("The application appears to have
+// been direct launched using "srun", but OMPI was not built with SLURM's PMI support"), where vimo wants MPI
+// to see the process alone and forms the world through its own store (comm/world.cpp). So MpiRuntime unsets
+// SLURM_STEP_ID in such a process before MPI_Init: Open MPI then takes it for a program that the batch
+// script runs in the allocation outside a step, which it runs as a singleton; vimo reads nothing from the
+// variable. With a server (PMIX_RANK or PMI_RANK set, as under mpirun too) nothing changes: MPI forms the
+// world, and vimo uses it.
+bool srun_started_without_pmi(const EnvironmentLookup& lookup) {
+  return lookup(env::kSlurmStepId) != nullptr && lookup(env::kPmixRank) == nullptr &&
+         lookup(env::kPmiRank) == nullptr;
+}
+
 // Note [Slurm host lists]
 // Slurm compresses node lists: "gpu[01-04,07],login1" names gpu01..gpu04, gpu07 and login1. The grammar we
 // accept (Slurm's hostlist.c accepts the same for the lists it writes):

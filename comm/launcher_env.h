@@ -37,6 +37,10 @@ constexpr const char* kSlurmTasksPerNode = "SLURM_TASKS_PER_NODE";
 constexpr const char* kSlurmStepNodeList = "SLURM_STEP_NODELIST";
 constexpr const char* kSlurmJobNodeList = "SLURM_JOB_NODELIST";
 constexpr const char* kSlurmJobId = "SLURM_JOB_ID";
+constexpr const char* kSlurmStepId = "SLURM_STEP_ID";  // read by Open MPI, not by us: Note [srun without PMI]
+// The rank a PMI server gives each process: srun's with --mpi=pmix or --mpi=pmi2, and mpirun's (PMIx).
+constexpr const char* kPmixRank = "PMIX_RANK";
+constexpr const char* kPmiRank = "PMI_RANK";
 // vimo's own.
 constexpr const char* kRendezvousPort = "VIMO_RENDEZVOUS_PORT";    // overrides MASTER_PORT and the default
 constexpr const char* kRendezvousToken = "VIMO_RENDEZVOUS_TOKEN";  // per-job secret every store peer presents
@@ -71,6 +75,10 @@ using EnvironmentLookup = std::function<const char*(const char*)>;
 // out of range or missing from an otherwise present launcher's set.
 LaunchEnvironment launch_environment(const EnvironmentLookup& lookup);
 LaunchEnvironment launch_environment();
+
+// Whether srun started this process without a PMI server, where Open MPI 4's MPI_Init fails unless
+// SLURM_STEP_ID is unset first (MpiRuntime does): Note [srun without PMI] in comm/launcher_env.cpp.
+bool srun_started_without_pmi(const EnvironmentLookup& lookup);
 
 // Every host of a Slurm host list, in order, e.g. "gpu[01-03,07],login1" → gpu01 gpu02 gpu03 gpu07 login1.
 // Several bracket groups in one name expand as a product, the last group fastest ("r[1-2]n[1-2]" → r1n1 r1n2

@@ -1,6 +1,6 @@
 // Defines MpiRuntime, the owner of MPI_Init_thread / MPI_Finalize (with the thread level and the Open MPI
-// parameters it sets first), mpi_library_version, and the Communicator base class's defaults that backends
-// may override (split, allgather_into, reduce_scatter_into).
+// parameters and environment it sets first), mpi_library_version, and the Communicator base class's defaults
+// that backends may override (split, allgather_into, reduce_scatter_into).
 #include <ATen/core/grad_mode.h>
 #include <fmt/format.h>
 #include <mpi.h>
@@ -11,6 +11,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/launcher_env.h"
 #include "comm/mpi_internal.h"
 
 namespace vimo::comm {
@@ -98,6 +99,10 @@ MpiRuntime::MpiRuntime(int* argc, char*** argv) {
   if (initialized) return;  // someone else (a host program, a test harness) owns MPI
   // See Note [Open MPI's non-blocking all-reduce algorithm]; 0 keeps a value the user set.
   setenv(kIallreduceAlgorithmVariable, kIallreduceRing, 0);
+  // Note [srun without PMI] in comm/launcher_env.cpp: else Open MPI 4 aborts a process srun started alone.
+  if (srun_started_without_pmi([](const char* name) { return std::getenv(name); })) {
+    unsetenv(launcher_env::kSlurmStepId);
+  }
   int provided = MPI_THREAD_SINGLE;
   VIMO_MPI_CHECK(MPI_Init_thread(argc, argv, kRequiredThreadLevel, &provided));
   if (provided < kRequiredThreadLevel) {

@@ -1,5 +1,6 @@
-// launch_environment() for each launcher (OpenMPI, torchrun, Slurm), their precedence, malformed values, and
-// the Slurm host-list parser. One process: the environment is a map handed to the function, never setenv.
+// launch_environment() for each launcher (OpenMPI, torchrun, Slurm), their precedence, malformed values,
+// srun_started_without_pmi, and the Slurm host-list parser. One process: the environment is a map handed to
+// the function, never setenv.
 #include <gtest/gtest.h>
 
 #include <map>
@@ -16,11 +17,15 @@ using vimo::comm::LaunchEnvironment;
 using vimo::testing::expect_error;
 using Environment = std::map<std::string, std::string>;
 
-LaunchEnvironment launch(const Environment& environment) {
-  return vimo::comm::launch_environment([&](const char* name) -> const char* {
+// Looks names up in `environment`, which must outlive the lookup.
+vimo::comm::EnvironmentLookup lookup_in(const Environment& environment) {
+  return [&environment](const char* name) -> const char* {
     const auto found = environment.find(name);
     return found == environment.end() ? nullptr : found->second.c_str();
-  });
+  };
+}
+LaunchEnvironment launch(const Environment& environment) {
+  return vimo::comm::launch_environment(lookup_in(environment));
 }
 
 const Environment kOpenMpi = {{"OMPI_COMM_WORLD_RANK", "5"},
@@ -140,6 +145,20 @@ TEST(LaunchEnvironment, Precedence) {
         launch(merged({with(kOpenMpi, "OMPI_COMM_WORLD_RANK", "x"), kSlurm}));
       },
       {"OMPI_COMM_WORLD_RANK='x' is not an integer"});
+}
+
+// Note [srun without PMI]: a task srun started, unless a PMI server (srun --mpi=pmix or pmi2, mpirun) runs.
+TEST(SrunStartedWithoutPmi, NeedsAStepAndNoPmiServer) {
+  const auto started_alone = [](const Environment& environment) {
+    return vimo::comm::srun_started_without_pmi(lookup_in(environment));
+  };
+  const Environment task = with(kSlurm, "SLURM_STEP_ID", "0");
+  EXPECT_TRUE(started_alone(task));
+  EXPECT_TRUE(started_alone(merged({kTorchrun, task}))) << "srun torchrun ...: its workers inherit the step";
+  EXPECT_FALSE(started_alone(kSlurm)) << "the batch script's own processes are in no step";
+  EXPECT_FALSE(started_alone(with(task, "PMIX_RANK", "6"))) << "srun --mpi=pmix, or mpirun";
+  EXPECT_FALSE(started_alone(with(task, "PMI_RANK", "6"))) << "srun --mpi=pmi2";
+  EXPECT_FALSE(started_alone({}));
 }
 
 TEST(LaunchEnvironment, MissingVariablesAreNamed) {

@@ -42,12 +42,14 @@ for run in shm tcp; do
 done
 
 # Slurm's srun without PMI: the same, from SLURM_* variables (the store on the job's first host, its port
-# derived from the job id).
+# derived from the job id). SLURM_JOBID, SLURM_NODELIST and SLURM_STEP_ID, which srun sets too, make Open MPI 4
+# abort a process that vimo did not shield (Note [srun without PMI] in comm/launcher_env.cpp).
 job=$((RANDOM + 1))
 pids=()
 for r in 0 1; do
   env -u OMPI_COMM_WORLD_RANK -u OMPI_COMM_WORLD_SIZE SLURM_PROCID=$r SLURM_NTASKS=2 SLURM_LOCALID=$r SLURM_NODEID=0 \
     SLURM_NTASKS_PER_NODE=2 SLURM_JOB_NODELIST="$(hostname)" SLURM_STEP_NODELIST="$(hostname)" SLURM_JOB_ID=$job \
+    SLURM_JOBID=$job SLURM_NODELIST="$(hostname)" SLURM_STEP_ID=0 \
     "$vimo" train "$config" $args train.steps=4 train.out_dir="$work/srun" > "$work/srun.rank$r.log" 2>&1 &
   pids+=($!)
 done
