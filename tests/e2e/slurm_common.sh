@@ -1,5 +1,5 @@
-# Shared by the e2e tests that submit a job script to a private single-node Slurm cluster (slurm_cluster.sh):
-# starts munged, slurmctld and slurmd from Debian on free ports, with all state in the
+# Shared by the e2e tests that submit a job script to a private single-node Slurm cluster (slurm_cluster.sh,
+# slurm_srun_cluster.sh): starts munged, slurmctld and slurmd from Debian on free ports, with all state in the
 # scratch directory and every daemon stopped on exit, and defines preempt_requeue_resume, the check they
 # share. Runs as root (slurmd must); skips with status 77 otherwise.
 # Note [A fast requeue]: Slurm holds a requeued job until its credentials expire (AuthInfo cred_expire, 120 s
@@ -41,11 +41,13 @@ stop_cluster() {
 }
 trap stop_cluster EXIT
 
-# Two free TCP ports, from $$ onward: parallel runs and leftover clusters pick others.
+# Three free TCP ports, from $$ onward: parallel runs and leftover clusters pick others. slurmctld's,
+# slurmd's, and one for the rendezvous store of ranks that srun starts (its default, derived from the job id,
+# would be the same in two clusters run at once: each numbers its jobs from 1).
 port_free() { [ -z "$(ss -Hltn "sport = :$1")" ]; }
 ports=()
-port=$((20000 + ($$ * 2) % 20000))
-while [ "${#ports[@]}" -lt 2 ]; do
+port=$((20000 + ($$ * 3) % 20000))
+while [ "${#ports[@]}" -lt 3 ]; do
   port_free "$port" && ports+=("$port")
   port=$((port + 1))
 done
