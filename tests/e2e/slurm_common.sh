@@ -97,11 +97,15 @@ export SLURM_CONF="$cluster/slurm.conf"  # the job inherits it, and with it its 
 /usr/sbin/slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start: $(tail -3 "$cluster/slurmctld.log")"
 /usr/sbin/slurmd -f "$SLURM_CONF" || fail "slurmd did not start: $(tail -3 "$cluster/slurmd.log")"
 # Polls `$1` (a command) every 0.1 s for up to `$2` seconds; fails with `$3` and the cluster's state if it
-# never succeeds, or with `$3` as soon as `$4` (a command, optional) does.
+# never succeeds, or with `$3` as soon as `$4` (a command, optional) does and `$1` still does not: the job
+# may have reached both between the two questions (COMPLETED after `completed` saw it RUNNING).
 wait_until() {
   local tries=0
   until "$1"; do
-    if [ -n "${4:-}" ] && "$4"; then fail "$3:"$'\n'"$(cluster_facts)"; fi
+    if [ -n "${4:-}" ] && "$4"; then
+      "$1" && return 0
+      fail "$3:"$'\n'"$(cluster_facts)"
+    fi
     tries=$((tries + 1))
     [ "$tries" -lt $(($2 * 10)) ] || fail "$3 within $2 s:"$'\n'"$(cluster_facts)"
     sleep 0.1
