@@ -101,10 +101,22 @@ int64_t step_of(const std::string& path) {
   return std::strtoll(name.c_str() + digits, nullptr, 10);
 }
 
+// Throws naming `file` when `checksum` is not the one `manifest` gives it.
+void check_checksum(const fs::path& file, const std::string& checksum, const nlohmann::json& manifest) {
+  const std::string expected =
+      manifest.at("files").at(file.filename().string()).at("xxh3").get<std::string>();
+  if (checksum != expected) {
+    throw std::runtime_error(
+        fmt::format("{} checksum {} does not match the manifest's {}", file.string(), checksum, expected));
+  }
+}
+
 // Throws std::runtime_error naming the file that does not match the manifest. Checks every file's size, and
 // the checksums of every file (kAll), of the files every rank reads whole (kShared: rank 0's state file,
-// loader.json, config.yaml), or of none (kNone).
-nlohmann::json verify(const fs::path& directory, Checksums checksums = Checksums::kAll) {
+// loader.json, config.yaml), or of none (kNone); but not of `hashed_by_caller`, which the caller checksums as
+// it reads it (check_checksum()).
+nlohmann::json verify(const fs::path& directory, Checksums checksums = Checksums::kAll,
+                      const std::string& hashed_by_caller = "") {
   const fs::path manifest_path = directory / kManifest;
   if (!fs::exists(manifest_path))
     throw std::runtime_error(manifest_path.string() + " is missing (incomplete save)");
@@ -149,15 +161,12 @@ nlohmann::json verify(const fs::path& directory, Checksums checksums = Checksums
       throw std::runtime_error(fmt::format("{} has {} bytes, the manifest says {}", file.string(), bytes,
                                            entry.at("bytes").get<uint64_t>()));
     }
-    if (checksums == Checksums::kNone || (checksums == Checksums::kShared && name != kStateFile &&
-                                          name != "loader.json" && name != "config.yaml")) {
+    if (checksums == Checksums::kNone || name == hashed_by_caller ||
+        (checksums == Checksums::kShared && name != kStateFile && name != "loader.json" &&
+         name != "config.yaml")) {
       continue;
     }
-    const std::string checksum = file_checksum(file);
-    if (checksum != entry.at("xxh3").get<std::string>()) {
-      throw std::runtime_error(fmt::format("{} checksum {} does not match the manifest's {}", file.string(),
-                                           checksum, entry.at("xxh3").get<std::string>()));
-    }
+    check_checksum(file, file_checksum(file), manifest);
   }
   return manifest;
 }
@@ -579,7 +588,9 @@ std::optional<std::string> CheckpointManager::agreed_latest_valid(
 }
 
 Checkpoint CheckpointManager::load(const std::string& directory, Checksums checksums) {
-  const nlohmann::json manifest = verify(directory, checksums);
+  // Rank 0's state file is checksummed as it is read: one pass over it, not two.
+  const nlohmann::json manifest =
+      verify(directory, checksums, checksums == Checksums::kNone ? "" : kStateFile);
   Checkpoint checkpoint;
   checkpoint.directory = directory;
   checkpoint.step = manifest.at("step").get<int64_t>();
@@ -587,7 +598,11 @@ Checkpoint CheckpointManager::load(const std::string& directory, Checksums check
   const int rank_files = manifest.value("rank_files", 1);  // checked by verify()
   for (int r = 0; r < rank_files; ++r)
     checkpoint.rank_files.push_back((fs::path(directory) / rank_file_name(r)).string());
-  checkpoint.state = read_safetensors((fs::path(directory) / kStateFile).string());
+  const fs::path state_file = fs::path(directory) / kStateFile;
+  std::string checksum;
+  checkpoint.state =
+      read_safetensors(state_file.string(), checksums == Checksums::kNone ? nullptr : &checksum);
+  if (checksums != Checksums::kNone) check_checksum(state_file, checksum, manifest);
   checkpoint.loader_json = read_text_file(fs::path(directory) / "loader.json");
   checkpoint.config_yaml = read_text_file(fs::path(directory) / "config.yaml");
   return checkpoint;

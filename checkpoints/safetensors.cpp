@@ -4,11 +4,15 @@
 #include <fcntl.h>
 #include <fmt/format.h>
 #include <unistd.h>
+#include <xxhash.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <vector>
@@ -149,13 +153,47 @@ at::Tensor read_safetensors_elements(const TensorFileIndex& index, const std::st
   return out;
 }
 
-TensorFile read_safetensors(const std::string& path) {
+TensorFile read_safetensors(const std::string& path, std::string* xxh3) {
   const TensorFileIndex index = read_safetensors_index(path);
   TensorFile file;
   file.metadata = index.metadata;
+  std::vector<std::pair<const std::string*, const TensorEntry*>> by_offset;
   for (const auto& [name, entry] : index.tensors) {
-    const int64_t elements = static_cast<int64_t>(entry.bytes / at::elementSize(entry.dtype));
-    file.tensors[name] = read_safetensors_elements(index, name, 0, elements).view(entry.shape);
+    file.tensors[name] = at::empty(entry.shape, at::TensorOptions().dtype(entry.dtype));
+    by_offset.emplace_back(&name, &entry);
+  }
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const auto& a, const auto& b) { return a.second->offset < b.second->offset; });
+  // One pass from the first byte to the last, hashing all of it when asked (the checksum the manifest gives
+  // costs no second read of the file). Tensors are read straight into their memory; bytes between them (a
+  // file of another writer may have some) are read into `gap`.
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + path);
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> state(XXH3_createState(), &XXH3_freeState);
+  XXH3_64bits_reset(state.get());
+  std::vector<char> gap;
+  uint64_t at_byte = 0;
+  const auto take = [&](char* into, uint64_t bytes, const std::string& what) {
+    if (bytes != 0 && !in.read(into, static_cast<std::streamsize>(bytes)))
+      throw std::runtime_error(path + ": " + what + " is truncated");
+    if (xxh3) XXH3_64bits_update(state.get(), into, bytes);
+    at_byte += bytes;
+  };
+  const auto skip_to = [&](uint64_t offset, const std::string& what) {
+    while (at_byte < offset) {
+      gap.resize(std::min<uint64_t>(offset - at_byte, 1 << 20));
+      take(gap.data(), gap.size(), what);
+    }
+  };
+  for (const auto& [name, entry] : by_offset) {
+    if (entry->offset < at_byte)  // the format forbids overlaps
+      throw std::runtime_error(path + ": tensor '" + *name + "' overlaps the tensor before it");
+    skip_to(entry->offset, "the data before tensor '" + *name + "'");
+    take(static_cast<char*>(file.tensors[*name].data_ptr()), entry->bytes, "tensor '" + *name + "'");
+  }
+  if (xxh3) {
+    skip_to(std::filesystem::file_size(path), "the end of the file");  // the header too, if no tensor came
+    *xxh3 = fmt::format("{:016x}", XXH3_64bits_digest(state.get()));
   }
   return file;
 }

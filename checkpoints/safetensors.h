@@ -22,8 +22,9 @@ struct TensorFile {
 // U8).
 void write_safetensors(const std::string& path, const TensorFile& file);
 
-// Reads `path`; errors name the file and the tensor that is malformed.
-TensorFile read_safetensors(const std::string& path);
+// Reads `path` in one pass; errors name the file and the tensor that is malformed. With `xxh3`, also the
+// file's checksum (XXH3-64 as 16 hex digits, as checkpoint manifests give it), from the same pass.
+TensorFile read_safetensors(const std::string& path, std::string* xxh3 = nullptr);
 
 // Where one tensor's bytes lie in a safetensors file.
 struct TensorEntry {

@@ -385,4 +385,42 @@ TEST(StateReader, AGapAnOverlapOrADisagreementBetweenPiecesIsNamed) {
   EXPECT_THROW(vimo::checkpoints::add_pieces(misfit, {{"optim.x", {t, 1, {10}}}}), std::invalid_argument);
 }
 
+// Bytes this process has read through read(2) and the like so far (rchar in /proc/self/io).
+int64_t bytes_read_so_far() {
+  std::ifstream io("/proc/self/io");
+  std::string key;
+  int64_t value = 0;
+  while (io >> key >> value) {
+    if (key == "rchar:") return value;
+  }
+  return -1;
+}
+
+// load() checksums rank 0's state file as it reads it: one pass over the file, not a pass to verify and
+// another to read. A corrupted byte is still an error naming the file.
+TEST(Checkpoint, LoadReadsTheStateFileOnceAndStillChecksumsIt) {
+  vimo::testing::seed_torch();
+  const fs::path root = fresh_dir("one_pass") / "checkpoints";
+  TensorFile state = random_state();
+  state.tensors["model.big"] = at::randn({4 * 1024 * 1024});  // 16 MiB
+  const std::string dir = CheckpointManager(root.string(), 2, nullptr).save(1, state, "{}", "");
+  const int64_t file_bytes = static_cast<int64_t>(fs::file_size(fs::path(dir) / "rank_00000.safetensors"));
+  const int64_t before = bytes_read_so_far();
+  expect_same(CheckpointManager::load(dir).state, state);
+  const int64_t read = bytes_read_so_far() - before;
+  EXPECT_GE(read, file_bytes);
+  EXPECT_LT(read, file_bytes + file_bytes / 8) << "load() read the state file more than once";
+
+  std::fstream file(fs::path(dir) / "rank_00000.safetensors",
+                    std::ios::in | std::ios::out | std::ios::binary);
+  file.seekg(-3, std::ios::end);
+  const char byte = static_cast<char>(file.get() ^ 0x11);
+  file.seekp(-3, std::ios::end);
+  file.put(byte);
+  file.close();
+  vimo::testing::expect_error([&] { CheckpointManager::load(dir); }, {"rank_00000.safetensors", "checksum"});
+  vimo::testing::expect_error([&] { CheckpointManager::load(dir, vimo::checkpoints::Checksums::kShared); },
+                              {"rank_00000.safetensors", "checksum"});
+}
+
 }  // namespace
