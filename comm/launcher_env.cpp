@@ -156,13 +156,13 @@ LaunchEnvironment from_torchrun(const Reader& reader) {
 
 // The local size from SLURM_TASKS_PER_NODE, e.g. "4(x2),3": 4 tasks on each of 2 nodes, then 3. Known when
 // every node runs the same number of tasks, or when SLURM_NODEID says which entry is ours.
-std::optional<int> slurm_tasks_per_node(const Reader& reader) {
-  const char* raw = reader.raw(env::kSlurmTasksPerNode);
+std::optional<int> slurm_tasks_per_node(const Reader& reader, const char* variable) {
+  const char* raw = reader.raw(variable);
   if (raw == nullptr) return std::nullopt;
   const std::string_view text(raw);
   auto malformed = [&](const std::string& why) {
-    return std::runtime_error(fmt::format("{}='{}' is malformed: {}; expected counts like '4(x2),3'",
-                                          env::kSlurmTasksPerNode, text, why));
+    return std::runtime_error(
+        fmt::format("{}='{}' is malformed: {}; expected counts like '4(x2),3'", variable, text, why));
   };
   auto number = [&](std::string_view digits) {
     int value = 0;
@@ -195,7 +195,7 @@ std::optional<int> slurm_tasks_per_node(const Reader& reader) {
   if (node) {
     require(*node >= 0 && static_cast<size_t>(*node) < per_node.size(),
             fmt::format("{}={} is out of range: expected 0 <= node < {} (the nodes in {}='{}')",
-                        env::kSlurmNodeId, *node, per_node.size(), env::kSlurmTasksPerNode, text),
+                        env::kSlurmNodeId, *node, per_node.size(), variable, text),
             "these variables come from srun; do not set them by hand");
     return per_node[*node];
   }
@@ -212,10 +212,15 @@ LaunchEnvironment from_slurm(const Reader& reader) {
   launch.rank = reader.required_int(env::kSlurmProcId, "Slurm", hint);
   launch.world_size = reader.required_int(env::kSlurmNtasks, "Slurm", hint);
   launch.local_rank = reader.required_int(env::kSlurmLocalId, "Slurm", hint);
-  launch.local_size = reader.has(env::kSlurmNtasksPerNode) ? reader.optional_int(env::kSlurmNtasksPerNode)
-                                                           : slurm_tasks_per_node(reader);
-  const char* local_size_name =
-      reader.has(env::kSlurmNtasksPerNode) ? env::kSlurmNtasksPerNode : env::kSlurmTasksPerNode;
+  // The step's own tasks per node first: srun rewrites SLURM_TASKS_PER_NODE and sets
+  // SLURM_STEP_TASKS_PER_NODE for its step, but leaves the allocation's SLURM_NTASKS_PER_NODE, which a step
+  // of fewer tasks (srun -n 1 in an --ntasks-per-node=2 job) does not run.
+  const char* local_size_name = reader.has(env::kSlurmStepTasksPerNode) ? env::kSlurmStepTasksPerNode
+                                : reader.has(env::kSlurmTasksPerNode)   ? env::kSlurmTasksPerNode
+                                                                        : env::kSlurmNtasksPerNode;
+  launch.local_size = local_size_name == env::kSlurmNtasksPerNode
+                          ? reader.optional_int(local_size_name)
+                          : slurm_tasks_per_node(reader, local_size_name);
   check_ranks(env::kSlurmProcId, launch.rank, env::kSlurmNtasks, launch.world_size, env::kSlurmLocalId,
               launch.local_rank, local_size_name, launch.local_size, hint);
 
@@ -269,7 +274,10 @@ LaunchEnvironment launch_environment(const EnvironmentLookup& lookup) {
     launch = from_openmpi(reader);
   } else if (reader.has(env::kTorchRank) || reader.has(env::kTorchWorldSize)) {
     launch = from_torchrun(reader);
-  } else if (reader.has(env::kSlurmProcId)) {
+  } else if (reader.has(env::kSlurmProcId) &&
+             (reader.has(env::kSlurmStepNodeList) || reader.has(env::kSlurmStepNumTasks))) {
+    // Only a task of a job step is a Slurm rank: the batch shell has SLURM_PROCID=0 and the allocation's
+    // SLURM_NTASKS too, but a program it runs outside srun is one process, not rank 0 of them.
     launch = from_slurm(reader);
   }
   if (const char* token = reader.raw(env::kRendezvousToken)) launch.rendezvous_token = token;

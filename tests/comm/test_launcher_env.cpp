@@ -45,6 +45,7 @@ const Environment kSlurm = {{"SLURM_PROCID", "6"},
                             {"SLURM_TASKS_PER_NODE", "4(x2)"},
                             {"SLURM_JOB_NODELIST", "gpu[01-04,07],login1"},
                             {"SLURM_STEP_NODELIST", "gpu[03-04]"},
+                            {"SLURM_STEP_NUM_TASKS", "8"},
                             {"SLURM_JOB_ID", "123456"}};
 
 Environment merged(std::initializer_list<Environment> parts) {
@@ -121,8 +122,12 @@ TEST(LaunchEnvironment, Slurm) {
 }
 
 TEST(LaunchEnvironment, SlurmLocalSize) {
-  EXPECT_EQ(launch(with(kSlurm, "SLURM_NTASKS_PER_NODE", "3")).local_size, 3)
-      << "NTASKS_PER_NODE comes first";
+  EXPECT_EQ(launch(with(kSlurm, "SLURM_NTASKS_PER_NODE", "3")).local_size, 4)
+      << "SLURM_TASKS_PER_NODE (the step's) comes before SLURM_NTASKS_PER_NODE (the allocation's)";
+  EXPECT_EQ(launch(with(without(kSlurm, "SLURM_TASKS_PER_NODE"), "SLURM_NTASKS_PER_NODE", "3")).local_size,
+            3);
+  EXPECT_EQ(launch(with(kSlurm, "SLURM_STEP_TASKS_PER_NODE", "3(x4)")).local_size, 3)
+      << "the step's own first";
   EXPECT_EQ(launch(with(kSlurm, "SLURM_TASKS_PER_NODE", "5,3(x2)")).local_size, 3) << "node 1's entry";
   const Environment no_node_id = without(kSlurm, "SLURM_NODEID");
   EXPECT_EQ(launch(with(no_node_id, "SLURM_TASKS_PER_NODE", "4(x3),4")).local_size, 4);
@@ -197,7 +202,7 @@ TEST(LaunchEnvironment, MalformedAndOutOfRangeValuesAreNamed) {
       {with(kSlurm, "SLURM_PROCID", "8"),
        "SLURM_PROCID=8 is out of range: expected 0 <= rank < SLURM_NTASKS=8"},
       {with(kSlurm, "SLURM_LOCALID", " 2"), "SLURM_LOCALID=' 2' is not an integer"},
-      {with(kSlurm, "SLURM_NTASKS_PER_NODE", "2"),
+      {with(without(kSlurm, "SLURM_TASKS_PER_NODE"), "SLURM_NTASKS_PER_NODE", "2"),
        "SLURM_LOCALID=2 is out of range: expected 0 <= local rank < SLURM_NTASKS_PER_NODE=2"},
       {with(kSlurm, "SLURM_TASKS_PER_NODE", "4(x)"), "SLURM_TASKS_PER_NODE='4(x)' is malformed"},
       {with(kSlurm, "SLURM_TASKS_PER_NODE", "4,,4"), "SLURM_TASKS_PER_NODE='4,,4' is malformed"},
@@ -253,6 +258,65 @@ TEST(SlurmHostList, MalformedListsSayWhatAndWhere) {
   }
   EXPECT_THROW(expand_slurm_host_list("n[1-5]", 4), std::invalid_argument);
   EXPECT_EQ(expand_slurm_host_list("n[1-4]", 4).size(), 4u);
+}
+
+// Environments Slurm 22.05 gives (captured on the private cluster of tests/e2e/slurm_common.sh; the 2-node
+// one follows the same rules): srun rewrites SLURM_NTASKS and SLURM_TASKS_PER_NODE and sets SLURM_STEP_* for
+// its step but leaves the allocation's SLURM_NTASKS_PER_NODE; the batch shell has SLURM_PROCID=0 and the
+// allocation's SLURM_NTASKS without being a task of any step. Found by an audit; each failed before the fix.
+// `sbatch --nodes=1 --ntasks-per-node=2` and, in its script, `srun -n 1 vimo train ...`: the task's
+// environment as captured.
+const Environment kOneTaskStep = {{"SLURM_JOB_ID", "1"},
+                                  {"SLURM_JOB_NODELIST", "vm"},
+                                  {"SLURM_STEP_ID", "0"},
+                                  {"SLURM_STEP_NODELIST", "vm"},
+                                  {"SLURM_PROCID", "0"},
+                                  {"SLURM_LOCALID", "0"},
+                                  {"SLURM_NODEID", "0"},
+                                  {"SLURM_NTASKS", "1"},
+                                  {"SLURM_STEP_NUM_TASKS", "1"},
+                                  {"SLURM_TASKS_PER_NODE", "1"},
+                                  {"SLURM_STEP_TASKS_PER_NODE", "1"},
+                                  {"SLURM_NTASKS_PER_NODE", "2"}};  // the allocation's, left by srun
+
+TEST(LaunchEnvironment, OneTaskStepInAnAllocationOfTwoPerNode) {
+  vimo::comm::LaunchEnvironment env;
+  ASSERT_NO_THROW(env = launch(kOneTaskStep));
+  EXPECT_EQ(env.world_size, 1);
+  EXPECT_EQ(env.local_size, 1);
+}
+
+// `sbatch --nodes=2 --ntasks-per-node=8`, then `srun -N2 -n8 vimo train ...`: 4 tasks on each node. Task 7.
+TEST(LaunchEnvironment, StepWithFewerTasksPerNodeThanTheAllocation) {
+  const Environment env_vars = {{"SLURM_JOB_ID", "7"},
+                                {"SLURM_JOB_NODELIST", "gpu[01-02]"},
+                                {"SLURM_STEP_ID", "0"},
+                                {"SLURM_STEP_NODELIST", "gpu[01-02]"},
+                                {"SLURM_PROCID", "7"},
+                                {"SLURM_LOCALID", "3"},
+                                {"SLURM_NODEID", "1"},
+                                {"SLURM_NTASKS", "8"},
+                                {"SLURM_STEP_NUM_TASKS", "8"},
+                                {"SLURM_TASKS_PER_NODE", "4(x2)"},
+                                {"SLURM_STEP_TASKS_PER_NODE", "4(x2)"},
+                                {"SLURM_NTASKS_PER_NODE", "8"}};  // the allocation's
+  const vimo::comm::LaunchEnvironment env = launch(env_vars);
+  EXPECT_EQ(env.local_size, 4)
+      << "the step runs 4 tasks per node; 8 is the allocation's SLURM_NTASKS_PER_NODE";
+}
+
+// `vimo train` run in the batch script itself (not through srun or mpirun) of a job with
+// `--nodes=1 --ntasks-per-node=2`, with a token exported as retriever_srun.sbatch does: the batch shell's
+// environment as captured. It is one process, not rank 0 of 2: as rank 0 of 2 it serves the store and waits
+// for a rank 1 that nothing will start.
+TEST(LaunchEnvironment, TheBatchShellIsNotATaskOfAStep) {
+  const Environment batch_shell = {
+      {"SLURM_JOB_ID", "1"},          {"SLURM_JOB_NODELIST", "vm"},  {"SLURM_PROCID", "0"},
+      {"SLURM_LOCALID", "0"},         {"SLURM_NODEID", "0"},         {"SLURM_NTASKS", "2"},
+      {"SLURM_NTASKS_PER_NODE", "2"}, {"SLURM_TASKS_PER_NODE", "2"}, {"VIMO_RENDEZVOUS_TOKEN", "abc"}};
+  const vimo::comm::LaunchEnvironment env = launch(batch_shell);
+  EXPECT_EQ(env.world_size, 1) << "launcher " << env.launcher << " says rank " << env.rank << " of "
+                               << env.world_size;
 }
 
 }  // namespace
